@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+
+from pipeline.models import (
+    CLIP_PRESETS,
+    ModelNotFoundError,
+    autocast,
+    build_clip,
+    load_clip,
+    load_mlm,
+    train_tokenizers,
+)
+
+
+def test_tokenizers_are_word_level_on_the_caption_vocabulary(tiny_captions):
+    clip_tok, bert_tok = train_tokenizers(tiny_captions, vocab_size=300)
+    for caption in tiny_captions[:10]:
+        words = caption.split()
+        assert len(clip_tok.tokenize(caption)) == len(words)
+        assert len(bert_tok.tokenize(caption)) == len(words)
+    # unseen words split into pieces rather than vanishing into [UNK]
+    assert bert_tok.unk_token not in bert_tok.tokenize("zebra")
+    assert clip_tok.eos_token_id != 2 and clip_tok.pad_token_id == clip_tok.eos_token_id
+
+
+def test_model_dir_is_a_standard_hf_directory(tiny_model_dirs):
+    path = tiny_model_dirs["clip"]
+    model = CLIPModel.from_pretrained(path, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    proc = CLIPImageProcessor.from_pretrained(path, local_files_only=True)
+    assert model.config.text_config.vocab_size == len(tok)
+    assert model.config.text_config.eos_token_id == tok.eos_token_id
+    assert proc.crop_size["height"] == CLIP_PRESETS["tiny"]["vision"]["image_size"]
+
+
+def test_save_load_round_trip_gives_identical_embeddings(tiny_captions, tmp_path):
+    clip_tok, _ = train_tokenizers(tiny_captions, vocab_size=300)
+    bundle = build_clip("tiny", clip_tok)
+    images = torch.rand(3, 3, bundle.image_size, bundle.image_size)
+    texts = tiny_captions[:5]
+    loaded = load_clip(str(bundle.save(tmp_path / "clip")))
+    with torch.no_grad():
+        assert torch.equal(bundle.encode_images(images), loaded.encode_images(images))
+        assert torch.equal(bundle.encode_texts(texts), loaded.encode_texts(texts))
+    assert loaded.image_size == bundle.image_size and loaded.mean == pytest.approx(bundle.mean)
+
+
+def test_embeddings_are_normalised_and_padding_does_not_change_them(tiny_clip, tiny_images, tiny_captions):
+    with torch.no_grad():
+        img = tiny_clip.encode_images(tiny_images)
+        batch = tiny_clip.encode_texts(["a red star", tiny_captions[0]])
+        alone = tiny_clip.encode_texts(["a red star"])
+    assert torch.allclose(img.norm(dim=-1), torch.ones(len(img)), atol=1e-5)
+    assert torch.allclose(batch[0], alone[0], atol=1e-5)
+
+
+def test_encode_images_normalises_inside_and_is_differentiable(tiny_clip, tiny_images):
+    x = tiny_images.clone().requires_grad_(True)
+    tiny_clip.encode_images(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    expected = (tiny_images[:, 0] - tiny_clip.mean[0]) / tiny_clip.std[0]
+    assert torch.allclose(tiny_clip.normalize(tiny_images)[:, 0], expected, atol=1e-6)
+
+
+def test_preprocess_resizes_and_crops_to_unnormalised_pixels(tiny_clip):
+    wide = Image.new("RGB", (100, 50), (255, 0, 0))
+    out = tiny_clip.preprocess([wide, Image.new("L", (40, 40), 128)])
+    assert out.shape == (2, 3, tiny_clip.image_size, tiny_clip.image_size)
+    assert torch.allclose(out[0, 0], torch.ones_like(out[0, 0]), atol=1e-2) and out[0, 1].abs().max() < 1e-2
+    assert 0.0 <= out.min() and out.max() <= 1.0
+
+
+def test_tokenize_truncates_to_max_length(tiny_clip):
+    batch = tiny_clip.tokenize(["red " * 200, "a star"])
+    assert batch["input_ids"].shape[1] == tiny_clip.max_length
+    assert batch["attention_mask"][1].sum() < tiny_clip.max_length
+
+
+def test_mlm_round_trip(tiny_model_dirs):
+    mlm = load_mlm(tiny_model_dirs["mlm"])
+    assert mlm.tokenizer.mask_token_id is not None
+    assert mlm.model.config.vocab_size == len(mlm.tokenizer)
+
+
+@pytest.mark.parametrize("loader", [load_clip, load_mlm])
+def test_missing_dir_raises_model_not_found_naming_it(loader, tmp_path):
+    missing = str(tmp_path / "no_such_model")
+    with pytest.raises(ModelNotFoundError, match="no_such_model") as info:
+        loader(missing)
+    assert "make pretrain" in str(info.value) and isinstance(info.value, FileNotFoundError)
+
+
+def test_offline_hub_id_raises_model_not_found(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelNotFoundError, match="nobody/no-such-clip"):
+        load_clip("nobody/no-such-clip")
+
+
+def test_unknown_preset_is_a_value_error(tiny_captions):
+    clip_tok, _ = train_tokenizers(tiny_captions[:4], vocab_size=100)
+    with pytest.raises(ValueError, match="huge"):
+        build_clip("huge", clip_tok)
+
+
+def test_autocast_is_bf16_on_cpu_and_can_be_disabled():
+    a = torch.randn(4, 4)
+    with autocast("cpu"):
+        assert (a @ a).dtype == torch.bfloat16
+    with autocast("cpu", enabled=False):
+        assert (a @ a).dtype == torch.float32
