@@ -1,0 +1,221 @@
+"""EDA: Easy Data Augmentation (Wei & Zou, EMNLP 2019) of captions, through nlpaug, fully offline.
+
+Four operations, each changing about ``alpha`` of the words (at least one; nlpaug's rule ceil(alpha * tokens)):
+synonym replacement with WordNet (nlpaug ``SynonymAug``), random swap and random deletion (nlpaug
+``RandomWordAug``), and random insertion of a WordNet synonym of a word of the caption (``WordNetInsertion``
+below: nlpaug's ``RandomWordAug(action="insert")`` raises NotImplementedError and its other inserters need
+embeddings or a language model). Variant j of caption c uses ``ops[j % len(ops)]``, so the default four
+variants are one of each operation, as in the EDA paper's generator.
+
+WordNet and the POS tagger SynonymAug needs come from Debian packages (see pipeline/wordnet_offline.py: the
+tagger is an HMM over the Lingua::EN::Tagger lexicon); ``nltk.download`` is made to fail loudly.
+nlpaug has no seed argument: Python's and numpy's global RNGs are seeded per variant from
+``seed_for(key, c * variants_per_caption + j)``.
+
+A variant that equals its caption (nothing to swap, no WordNet synonym, ...) or an earlier variant of the same
+caption is recorded in ``skipped`` with the reason, never emitted.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import math
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+
+from pipeline import wordnet_offline
+from pipeline.stage import BaseSample, SampleResult, Stage, StageContext, Variant
+
+log = logging.getLogger(__name__)
+
+# Words are runs of letters/digits joined by inner apostrophes or hyphens ("man's", "black-and-white");
+# every other non-space character is a token of its own. Unicode-aware.
+_TOKEN = re.compile(r"[^\W_]+(?:['’\-][^\W_]+)*|[^\w\s]|_")
+_SPACE_BEFORE = re.compile(r"\s+([.,!?;:%)\]}])")
+_SPACE_AFTER = re.compile(r"([(\[{])\s+")
+_AUXILIARIES = frozenset("be am is are was were been being have has had having do does did".split())
+
+
+def tokenize(text: str) -> list[str]:
+    return _TOKEN.findall(text)
+
+
+def detokenize(tokens: Sequence[str]) -> str:
+    return _SPACE_AFTER.sub(r"\1", _SPACE_BEFORE.sub(r"\1", " ".join(t for t in tokens if t))).strip()
+
+
+def is_word(token: str) -> bool:
+    return any(ch.isalnum() for ch in token)
+
+
+class TextAugmenter(Protocol):
+    def augment(self, data: str) -> list[str]: ...
+
+
+class WordNetInsertion:
+    """EDA random insertion: insert a random WordNet synonym of a random content word at a random position,
+    ceil(aug_p * tokens) times (at least once). Same calling convention as nlpaug augmenters."""
+
+    def __init__(self, wordnet: Any, aug_p: float, stopwords: frozenset[str]):
+        self.wordnet, self.aug_p, self.stopwords = wordnet, aug_p, stopwords
+
+    def synonyms(self, word: str) -> list[str]:
+        low = word.lower()
+        same = {low, (self.wordnet.morphy(low) or low)}
+        names = {lemma.name() for synset in self.wordnet.synsets(low) for lemma in synset.lemmas()}
+        # Sorted: set order depends on the hash seed, and the output must not.
+        return sorted(n.replace("_", " ").lower() for n in names if n.lower() not in same)
+
+    def augment(self, data: str) -> list[str]:
+        tokens = tokenize(data)
+        choices = {t for t in tokens if is_word(t) and t.lower() not in self.stopwords}
+        pool = [(t, syns) for t in sorted(choices) if (syns := self.synonyms(t))]
+        if not pool:
+            return [data]
+        # Insert only among the words, before any closing punctuation.
+        end = max(i for i, t in enumerate(tokens) if is_word(t)) + 1
+        for _ in range(max(1, math.ceil(self.aug_p * len(tokens)))):
+            _, syns = random.choice(pool)
+            position = random.randint(0, end)
+            tokens.insert(position, random.choice(syns))
+            end += 1
+        return [detokenize(tokens)]
+
+
+# op name -> (builder of its augmenter, reason recorded when it leaves the caption unchanged)
+def _synonym(stage: EDAStage) -> TextAugmenter:
+    import nlpaug.augmenter.word as naw
+
+    aug = naw.SynonymAug(aug_src="wordnet", aug_p=stage.config.alpha, aug_min=1, aug_max=None,
+                         stopwords=stage.stopwords, tokenizer=tokenize, reverse_tokenizer=detokenize)
+    aug.model.pos_tag = stage.tagger.tag  # instead of nltk.pos_tag, whose model we cannot download
+    return aug
+
+
+def _random_word(action: str) -> Callable[[EDAStage], TextAugmenter]:
+    def build(stage: EDAStage) -> TextAugmenter:
+        import nlpaug.augmenter.word as naw
+
+        return naw.RandomWordAug(action=action, aug_p=stage.config.alpha, aug_min=1, aug_max=None,
+                                 tokenizer=tokenize, reverse_tokenizer=detokenize)
+    return build
+
+
+def _insert(stage: EDAStage) -> TextAugmenter:
+    return WordNetInsertion(stage.wordnet, stage.config.alpha, stage.stopwords)
+
+
+@dataclass(frozen=True)
+class Op:
+    build: Callable[[EDAStage], TextAugmenter]
+    min_words: int   # captions with fewer words are skipped with reason "fewer than N words"
+    unchanged: str   # reason recorded when the augmenter returns the caption unchanged
+
+
+OPS: dict[str, Op] = {
+    "synonym": Op(_synonym, 1, "no WordNet synonym for the chosen words"),
+    "insert": Op(_insert, 1, "no WordNet synonym for any word"),
+    "swap": Op(_random_word("swap"), 2, "unchanged by swap"),
+    "delete": Op(_random_word("delete"), 2, "unchanged by delete"),
+}
+
+
+def seed_global_rngs(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+class EDAStage(Stage):
+    name: ClassVar[str] = "eda"
+    modality: ClassVar[str] = "text"
+
+    @dataclass(frozen=True)
+    class Config:
+        batch_size: int = 64
+        variants_per_caption: int = 4
+        alpha: float = 0.1
+        ops: tuple[str, ...] = ("synonym", "insert", "swap", "delete")
+        primary_only: bool = False  # augment only the primary caption of each image
+        max_words: int = 200        # longer captions are skipped (CLIP reads 77 tokens anyway)
+
+        def __post_init__(self) -> None:
+            if self.variants_per_caption < 1:
+                raise ValueError(f"variants_per_caption must be >= 1, got {self.variants_per_caption}")
+            if not 0.0 < self.alpha <= 1.0:
+                raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
+            unknown = [op for op in self.ops if op not in OPS]
+            if not self.ops or unknown:
+                raise ValueError(f"ops {list(self.ops)} invalid; choose from {sorted(OPS)}")
+            if self.max_words < 1 or self.batch_size < 1:
+                raise ValueError(f"max_words and batch_size must be >= 1, got {self.max_words}, {self.batch_size}")
+
+    def __init__(self, config: EDAStage.Config, context: StageContext):
+        super().__init__(config, context)
+        self.augmenters: dict[str, TextAugmenter] = {}
+
+    @classmethod
+    def availability(cls, config: Any = None) -> tuple[bool, str]:
+        return wordnet_offline.availability()
+
+    def setup(self) -> None:
+        self.wordnet = wordnet_offline.load_wordnet()
+        self.tagger = wordnet_offline.LinguaTagger.load()
+        words = self.tagger.function_words | _AUXILIARIES
+        self.stopwords = frozenset(words | {w.capitalize() for w in words})
+        self.augmenters = {op: OPS[op].build(self) for op in dict.fromkeys(self.config.ops)}
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "nlpaug": importlib.metadata.version("nlpaug"),
+            "nltk": importlib.metadata.version("nltk"),
+            "wordnet": "3.0 (Debian wordnet-base)",
+            "pos_tagger": "bigram HMM (Viterbi) over the Lingua::EN::Tagger lexicon (Debian liblingua-en-tagger-perl)",
+            "stopwords": "closed-class words of the tagger lexicon + forms of be/have/do",
+            "insert": "WordNetInsertion (EDA random insertion; nlpaug has none)",
+        }
+
+    def augment_batch(self, samples: list[BaseSample]) -> list[SampleResult]:
+        if not self.augmenters:
+            self.setup()
+        return [self.augment_sample(s) for s in samples]
+
+    def augment_sample(self, sample: BaseSample) -> SampleResult:
+        result = SampleResult()
+        primary = int(sample.meta.get("primary", 0))
+        indices = [primary] if self.config.primary_only else range(len(sample.captions))
+        for c in indices:
+            self._augment_caption(sample.key, c, sample.captions[c], result)
+        return result
+
+    def _augment_caption(self, key: str, c: int, caption: str, result: SampleResult) -> None:
+        n = self.config.variants_per_caption
+        tokens = tokenize(caption)
+        n_words = sum(map(is_word, tokens))
+        reason = ("empty caption" if not caption.strip() else "no words (punctuation only)" if not n_words
+                  else f"caption too long: over max_words={self.config.max_words}" if n_words > self.config.max_words
+                  else None)
+        # Closing punctuation stays at the end: the operations act on the words before it.
+        end = max((i for i, t in enumerate(tokens) if is_word(t)), default=-1) + 1
+        body, tail = detokenize(tokens[:end]), tokens[end:]
+        original = detokenize(tokens)
+        seen = {original}
+        for j in range(n):
+            op = self.config.ops[j % len(self.config.ops)]
+            why = reason or (f"fewer than {OPS[op].min_words} words" if n_words < OPS[op].min_words else None)
+            text = None
+            if why is None:
+                seed = self.seed_for(key, c * n + j)
+                seed_global_rngs(seed)
+                text = detokenize([self.augmenters[op].augment(body)[0], *tail])
+                why = OPS[op].unchanged if text == original else "duplicate of an earlier variant" if text in seen else None
+            if why is not None:
+                result.skipped.append({"caption_index": c, "variant": j, "op": f"eda:{op}", "reason": why})
+                continue
+            seen.add(text)
+            result.variants.append(Variant(seed=seed, op=f"eda:{op}", caption_index=c, text=text))

@@ -1,0 +1,101 @@
+"""RandAugment (Cubuk et al. 2020) image variants through torchvision.transforms.v2.RandAugment.
+
+Defaults num_ops=2, magnitude=9 (torchvision's; ALBEF used 2 / 7), N variants per image (default 2), stored as
+JPEG quality 95 (``<key>.v0.jpg``, ...). Image variants pair with every caption: ``caption_index`` is None.
+
+Seeding: torchvision's RandAugment draws its operations and signs from torch's global CPU generator, so each
+variant runs inside ``torch.random.fork_rng`` seeded with ``seed_for(key, variant)``: deterministic, distinct
+per variant, and the caller's RNG state is left untouched.
+
+RandAugment can draw the identity twice, and on tiny or flat images some operations change nothing: a variant
+whose pixels equal the original's or an earlier variant's is skipped with the reason, never stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from pipeline.images import encode_jpeg
+from pipeline.stage import BaseSample, SampleResult, Stage, StageContext, Variant
+
+OP = "randaug"
+
+
+def _digest(image: Image.Image) -> bytes:
+    return hashlib.blake2b(image.tobytes(), digest_size=16).digest()
+
+
+class RandAugmentStage(Stage):
+    name: ClassVar[str] = "randaug"
+    modality: ClassVar[str] = "image"
+
+    @dataclass(frozen=True)
+    class Config:
+        batch_size: int = 16
+        variants_per_image: int = 2
+        num_ops: int = 2
+        magnitude: int = 9
+        num_magnitude_bins: int = 31
+        jpeg_quality: int = 95
+
+        def __post_init__(self) -> None:
+            checks = {
+                "batch_size": self.batch_size >= 1,
+                "variants_per_image": self.variants_per_image >= 1,
+                "num_ops": self.num_ops >= 1,
+                "num_magnitude_bins": self.num_magnitude_bins >= 2,
+                "magnitude": 0 <= self.magnitude < self.num_magnitude_bins,
+                "jpeg_quality": 1 <= self.jpeg_quality <= 100,
+            }
+            bad = [f"{name}={getattr(self, name)}" for name, ok in checks.items() if not ok]
+            if bad:
+                raise ValueError(f"invalid RandAugment config: {', '.join(bad)} (magnitude must be in "
+                                 f"[0, num_magnitude_bins), jpeg_quality in [1, 100], counts >= 1)")
+
+    def __init__(self, config: RandAugmentStage.Config, context: StageContext):
+        super().__init__(config, context)
+        self.transform = v2.RandAugment(num_ops=config.num_ops, magnitude=config.magnitude,
+                                        num_magnitude_bins=config.num_magnitude_bins)
+
+    def describe(self) -> dict[str, Any]:
+        return {"torchvision": importlib.metadata.version("torchvision"),
+                "transform": "torchvision.transforms.v2.RandAugment on PIL RGB, nearest interpolation",
+                "seeding": "torch.random.fork_rng + manual_seed(seed_for(key, variant)) per variant"}
+
+    def augment_batch(self, samples: list[BaseSample]) -> list[SampleResult]:
+        return [self.augment_sample(s) for s in samples]
+
+    def augment_image(self, image: Image.Image, seed: int) -> Image.Image:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(image)
+
+    def augment_sample(self, sample: BaseSample) -> SampleResult:
+        result = SampleResult()
+        try:
+            image = sample.image()
+        except Exception as error:  # PIL raises many types for corrupt data
+            reason = f"cannot decode base image: {type(error).__name__}"
+            result.skipped.extend({"caption_index": None, "variant": v, "reason": reason}
+                                  for v in range(self.config.variants_per_image))
+            return result
+        seen = {_digest(image): "the original"}
+        for v in range(self.config.variants_per_image):
+            seed = self.seed_for(sample.key, v)
+            out = self.augment_image(image, seed)
+            pixels = _digest(out)
+            if pixels in seen:
+                result.skipped.append({"caption_index": None, "variant": v,
+                                       "reason": f"unchanged pixels: same as {seen[pixels]}"})
+                continue
+            seen[pixels] = f"variant {v}"
+            result.variants.append(Variant(seed=seed, op=OP, caption_index=None,
+                                           image_jpeg=encode_jpeg(out, self.config.jpeg_quality)))
+        return result
