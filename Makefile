@@ -1,0 +1,82 @@
+# Thin layer over the CLI (`.venv/bin/mat-pipeline <command>`): every target is a command with the same
+# options, passed as variables, e.g. `make augment DATASET=coco DATA_ROOT=../shared/data/coco-mini`.
+# Variables given on the make command line reach the CLI as environment variables (see `--help`).
+
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+CLI := $(VENV)/bin/mat-pipeline
+STAMP := $(VENV)/.installed
+APT_STAMP := $(VENV)/.apt-installed
+
+export DATASET ?= synth
+export SHARDS_DIR ?= shards
+export MANIFESTS_DIR ?= manifests
+export RUNS_DIR ?= runs
+export MODELS_DIR ?= models
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
+# DATA_ROOT, FORMAT, STAGES, MODE, SCORER, FILTER, CKPT, STEPS, ... are read by the CLI when set.
+
+# Debian packages: WordNet 3.0 for EDA (read by nltk offline) and a Penn-Treebank tagger lexicon.
+APT_PACKAGES := wordnet-base wordnet-sense-index liblingua-en-tagger-perl
+
+.PHONY: setup ingest augment stats filter pretrain train eval report demo test bench clean tiny-models help
+
+help:
+	@echo "make demo | test | setup | ingest | augment | stats | filter | pretrain | train | eval | report | bench | clean"
+	@echo "see README.md; every target takes the CLI options as variables (DATASET=..., STAGES=..., MODE=...)"
+
+setup: $(STAMP) $(APT_STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	@touch $@
+
+$(APT_STAMP):
+	@if dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PACKAGES); \
+	else \
+		echo "Needs Debian packages; run: sudo apt-get update && sudo apt-get install -y --no-install-recommends $(APT_PACKAGES)"; exit 1; \
+	fi
+	@mkdir -p $(VENV) && touch $@
+
+ingest: setup
+	$(CLI) ingest
+
+augment: setup
+	$(CLI) augment
+
+stats: setup
+	$(CLI) stats
+
+filter: setup
+	$(CLI) filter
+
+pretrain: setup
+	$(CLI) pretrain
+
+train: setup
+	$(CLI) train
+
+eval: setup
+	$(CLI) eval
+
+report: setup
+	$(CLI) report
+
+demo: setup
+	$(CLI) demo
+
+bench: setup
+	$(CLI) bench
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	@if [ -x $(CLI) ]; then $(CLI) clean; else rm -rf $(SHARDS_DIR)/*/ $(MANIFESTS_DIR)/*/ $(RUNS_DIR) $(MODELS_DIR); fi
