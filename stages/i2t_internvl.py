@@ -1,0 +1,153 @@
+"""i2t-internvl: new captions for each image, written by an InternVL vision-language model.
+
+Backends (`backend`): `transformers` (InternVL "-hf" checkpoints, runs anywhere, used by the tests) and `lmdeploy`
+(TurboMind / PyTorch engine on an NVIDIA GPU, from its own environment). See pipeline/captioning.py.
+
+Each image gets `captions_per_image` sampled captions; caption n is sampled with seed `seed_for(key, n)`, and the
+sampling of a row depends only on that seed (not on the batch), so reruns and resumes give the same text. All
+(image, n) rows of a batch go through one model call. A generated caption describes the image, so its
+`caption_index` is None (it pairs with the image, not with one human caption). Raw outputs are cleaned
+(first sentence, `max_words`), and empty / too short / repetitive / prompt-echo outputs are not emitted but
+recorded in `skipped` with the reason and the raw text.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from pipeline.captioning import (
+    CAPTIONERS,
+    DEFAULT_PROMPT,
+    DTYPES,
+    LmdeployCaptioner,
+    CaptionSettings,
+    checkpoint_problem,
+    checkpoint_revision,
+    clean_caption,
+    resolve_checkpoint,
+)
+from pipeline.stage import BaseSample, SampleResult, Stage, StageContext, Variant
+
+DEFAULT_MODEL = "OpenGVLab/InternVL3-1B-hf"
+
+
+@dataclass(frozen=True)
+class InternVLCaptionConfig:
+    model: str = field(default_factory=lambda: os.environ.get("I2T_MODEL") or DEFAULT_MODEL)
+    backend: str = "transformers"
+    engine: str = "turbomind"  # lmdeploy only: turbomind | pytorch
+    prompt: str = DEFAULT_PROMPT
+    captions_per_image: int = 2
+    max_new_tokens: int = 40
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 50
+    max_dynamic_patch: int = 1
+    max_words: int = 30
+    min_words: int = 3
+    batch_size: int = 16
+    dtype: str = "auto"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        checks = {
+            "backend": (self.backend in CAPTIONERS, f"one of {sorted(CAPTIONERS)}"),
+            "engine": (self.engine in LmdeployCaptioner.ENGINES, f"one of {sorted(LmdeployCaptioner.ENGINES)}"),
+            "prompt": (bool(self.prompt.strip()), "a non-empty prompt"),
+            "captions_per_image": (self.captions_per_image >= 1, ">= 1"),
+            "max_new_tokens": (self.max_new_tokens >= 1, ">= 1"),
+            "temperature": (0.0 < self.temperature <= 2.0, "in (0, 2]"),
+            "top_p": (0.0 < self.top_p <= 1.0, "in (0, 1]"),
+            "top_k": (self.top_k >= 0, ">= 0 (0 = off)"),
+            "max_dynamic_patch": (self.max_dynamic_patch >= 1, ">= 1"),
+            "max_words": (self.max_words >= self.min_words >= 1, ">= min_words >= 1"),
+            "batch_size": (self.batch_size >= 1, ">= 1"),
+            "dtype": (self.dtype in DTYPES, f"one of {DTYPES}"),
+        }
+        for name, (ok, expected) in checks.items():
+            if not ok:
+                raise ValueError(f"i2t-internvl: {name}={getattr(self, name)!r} must be {expected}")
+
+    def settings(self) -> CaptionSettings:
+        return CaptionSettings(
+            prompt=self.prompt, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+            top_p=self.top_p, top_k=self.top_k, max_dynamic_patch=self.max_dynamic_patch,
+        )
+
+
+class InternVLCaptionStage(Stage):
+    name: ClassVar[str] = "i2t-internvl"
+    modality: ClassVar[str] = "text"
+    Config = InternVLCaptionConfig
+
+    def __init__(self, config: InternVLCaptionConfig, context: StageContext):
+        super().__init__(config, context)
+        self.captioner: Any = None
+
+    @classmethod
+    def availability(cls, config: InternVLCaptionConfig) -> tuple[bool, str]:
+        if config.backend == "lmdeploy":
+            try:
+                importlib.metadata.version("lmdeploy")
+            except importlib.metadata.PackageNotFoundError:
+                return False, "backend lmdeploy needs `pip install lmdeploy` in its own environment on a GPU node"
+            import torch
+
+            if not torch.cuda.is_available():
+                return False, "backend lmdeploy needs an NVIDIA GPU; use backend=transformers on this machine"
+            # lmdeploy resolves hub ids itself; only a missing local directory is caught here
+            problem = checkpoint_problem(config.model, "I2T_MODEL", "config.json") if "/" in config.model else None
+        else:
+            problem = checkpoint_problem(config.model, "I2T_MODEL", "config.json")
+        return (problem is None), (problem or "")
+
+    def setup(self) -> None:
+        c = self.config
+        device = self.context.device if c.device == "auto" else c.device
+        self.captioner = CAPTIONERS[c.backend](
+            resolve_checkpoint(c.model, "I2T_MODEL", "config.json"), c.settings(),
+            device=device, dtype=c.dtype, engine=c.engine, max_batch_size=c.batch_size * c.captions_per_image,
+        )
+
+    def augment_batch(self, samples: list[BaseSample]) -> list[SampleResult]:
+        if self.captioner is None:
+            self.setup()
+        n = self.config.captions_per_image
+        rows = [(sample, v) for sample in samples for v in range(n)]
+        seeds = [self.seed_for(sample.key, v) for sample, v in rows]
+        raw = self.captioner([s.image() for s, _ in rows], [s.image_bytes for s, _ in rows], seeds)
+        results = [SampleResult() for _ in samples]
+        for i, ((_, v), seed, text) in enumerate(zip(rows, seeds, raw)):
+            result = results[i // n]
+            caption, reason = clean_caption(text, self.config.prompt, self.config.max_words, self.config.min_words)
+            if caption is None:
+                result.skipped.append({"caption_index": None, "variant": v, "reason": reason, "raw": text[:200]})
+            elif any(caption == earlier.text for earlier in result.variants):
+                result.skipped.append({"caption_index": None, "variant": v, "reason": "duplicate"})
+            else:
+                result.variants.append(Variant(seed=seed, op=f"internvl-{self.config.backend}", caption_index=None,
+                                               text=caption, extra={"variant": v}))
+        return results
+
+    def describe(self) -> dict[str, Any]:
+        c = self.config
+        info: dict[str, Any] = {
+            "model": c.model, "backend": c.backend, "prompt": c.prompt,
+            "generation": {"captions_per_image": c.captions_per_image, "max_new_tokens": c.max_new_tokens,
+                           "temperature": c.temperature, "top_p": c.top_p, "top_k": c.top_k,
+                           "max_dynamic_patch": c.max_dynamic_patch, "sampler": "per-row seeded Gumbel-max"
+                           if c.backend == "transformers" else "lmdeploy random_seed per request"},
+            "revision": checkpoint_revision(c.model, "config.json"),
+        }
+        for package in ("transformers", "torch", "lmdeploy"):
+            try:
+                info[f"{package}_version"] = importlib.metadata.version(package)
+            except importlib.metadata.PackageNotFoundError:
+                pass
+        if self.captioner is not None:
+            info.update(self.captioner.describe())
+        return info
+
