@@ -1,0 +1,82 @@
+"""SGA: Set-level Guidance Attack.
+
+Lu, Wang, Tang, Wang and Wu, "Set-level Guidance Attack: Boosting Adversarial Transferability of
+Vision-Language Pre-training Models" (ICCV 2023). Three steps, each guided by a *set* from the other modality:
+
+1. text: BERT-Attack on every caption, lowering its cosine to the clean image;
+2. image: PGD lowering the cosine between the image and *all* of its adversarial captions, the loss summed over
+   the image itself and rescaled copies of it (scales 0.5, 0.75, 1.25, 1.5; each copy gets Gaussian noise of
+   std 0.05, is resized bicubically to the scale, clipped to [0, 1] and resized back);
+3. text again: BERT-Attack on the *clean* captions, now lowering their cosine to the adversarial image.
+
+Defaults as published: eps 2/255, 10 steps, step 0.5/255, top-10 candidates, one word, MLM threshold 0.3.
+(The published code divides the gradient by its mean absolute value before the sign; the sign is unchanged.)
+
+Shapes: images01 [B, 3, H, W] in [0, 1], captions grouped per image -> :class:`AttackOutput`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from pipeline.attacks.base import MultimodalAttack, check_positive, embed_texts, make_generator, pair_similarity_loss
+from pipeline.attacks.bert_attack import BERTAttack, image_similarity_goal
+from pipeline.attacks.pgd import PGD
+from pipeline.models import CLIPBundle, MLMBundle
+
+
+def scaled_copies(images01: torch.Tensor, scales: tuple[float, ...], noise_std: float,
+                  generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """The images followed by their noisy rescaled copies (differentiable), each [B, 3, H, W]."""
+    size = list(images01.shape[-2:])
+    out = [images01]
+    for scale in scales:
+        noise = torch.randn(images01.shape, generator=generator, device=images01.device, dtype=images01.dtype)
+        x = images01 + noise_std * noise
+        x = TF.resize(x, [int(scale * size[0]), int(scale * size[1])],
+                      interpolation=TF.InterpolationMode.BICUBIC, antialias=True).clamp(0.0, 1.0)
+        out.append(TF.resize(x, size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True))
+    return out
+
+
+@dataclass(frozen=True)
+class SGA(MultimodalAttack):
+    image: PGD = PGD(eps=2 / 255, steps=10, step_size=0.5 / 255)
+    text: BERTAttack = BERTAttack()
+    scales: tuple[float, ...] = (0.5, 0.75, 1.25, 1.5)
+    noise_std: float = 0.05
+    seed: int | None = 0
+
+    def __post_init__(self) -> None:
+        check_positive("noise_std", self.noise_std, allow_zero=True)
+        for scale in self.scales:
+            check_positive("scales", scale)
+
+    def forward(self, clip: CLIPBundle, mlm: MLMBundle | None, images01: torch.Tensor, texts: list[str],
+                txt2img: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+        if mlm is None:
+            raise ValueError("SGA needs a masked LM (mlm bundle)")
+        generator = make_generator(images01.device, self.seed)
+
+        # 1. Captions guided by the clean image.
+        with torch.no_grad():
+            clean_image = clip.encode_images(images01).float()
+        adv_texts = self.text(clip, mlm, texts, image_similarity_goal(clean_image[txt2img])).texts
+
+        # 2. Image guided by the set of its adversarial captions, over the set of rescaled copies.
+        adv_text = embed_texts(clip, adv_texts, self.text.batch_size)
+
+        def loss_fn(x: torch.Tensor) -> torch.Tensor:
+            copies = scaled_copies(x, self.scales, self.noise_std, generator)
+            emb = clip.encode_images(torch.cat(copies)).float().view(len(copies), len(x), -1)
+            return sum(pair_similarity_loss(e, adv_text, txt2img) for e in emb)
+
+        adv_images = self.image(images01, loss_fn, generator)
+
+        # 3. Clean captions again, guided by the adversarial image.
+        with torch.no_grad():
+            adv_image = clip.encode_images(adv_images).float()
+        return adv_images, self.text(clip, mlm, texts, image_similarity_goal(adv_image[txt2img])).texts

@@ -1,0 +1,206 @@
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from pipeline.attacks import (
+    ATTACKS,
+    PGD,
+    SGA,
+    BERTAttack,
+    build_attack,
+    image_similarity_goal,
+    run_attack,
+)
+from pipeline.attacks.base import pair_similarity_loss
+from pipeline.attacks.bert_attack import STOP_WORDS
+from pipeline.attacks.sga import scaled_copies
+
+WORD = re.compile(r"[A-Za-z0-9]+")
+
+
+def _captions(tiny_captions: list[str], n: int) -> list[str]:
+    return [tiny_captions[(7 * i) % len(tiny_captions)] for i in range(n)]
+
+
+def _mlm_topk(mlm, text: str, word_index: int, k: int) -> tuple[list[str], list[float]]:
+    """Independent reference: the masked LM's top-k tokens (and logits) at a word of the unmasked caption."""
+    enc = mlm.tokenizer(text, return_offsets_mapping=True, return_tensors="pt")
+    start, end = list(WORD.finditer(text))[word_index].span()
+    pos = [j for j, (a, b) in enumerate(enc.pop("offset_mapping")[0].tolist()) if b > a and a >= start and b <= end]
+    assert len(pos) == 1
+    with torch.no_grad():
+        logits = mlm.model(**enc).logits[0, pos[0]]
+    scores, ids = logits.topk(k)
+    return mlm.tokenizer.convert_ids_to_tokens(ids.tolist()), scores.tolist()
+
+
+def _pair_sims(clip, images, texts) -> torch.Tensor:
+    with torch.no_grad():
+        return (clip.encode_images(images) * clip.encode_texts(texts)).sum(-1)
+
+
+# ------------------------------------------------------------------------------------------------ PGD
+
+
+def test_pgd_respects_eps_and_pixel_range_and_increases_the_loss(tiny_clip, tiny_images, tiny_captions):
+    images = tiny_images.clone()
+    images[:, :, :4] = 0.0  # pixels on the box edges must stay inside [0, 1]
+    images[:, :, -4:] = 1.0
+    text_emb = tiny_clip.encode_texts(_captions(tiny_captions, len(images))).detach()
+    txt2img = torch.arange(len(images))
+
+    def loss_fn(x):
+        return pair_similarity_loss(tiny_clip.encode_images(x), text_emb, txt2img)
+
+    pgd = PGD(eps=2 / 255, steps=5, step_size=0.5 / 255)
+    adv = pgd(images, loss_fn, torch.Generator().manual_seed(0))
+    assert (adv - images).abs().max() <= pgd.eps + 1e-7
+    assert adv.min() >= 0 and adv.max() <= 1 and not adv.requires_grad
+    assert (adv - images).abs().max() > pgd.eps / 2  # it actually moved
+    with torch.no_grad():
+        assert loss_fn(adv) > loss_fn(images)
+    assert all(p.grad is None for p in tiny_clip.model.parameters())  # model grads untouched
+
+
+def test_pgd_without_steps_or_start_is_identity(tiny_images):
+    out = PGD(steps=0, random_start=False)(tiny_images, lambda x: x.sum())
+    assert torch.equal(out, tiny_images)
+
+
+@pytest.mark.parametrize("kwargs,name", [({"eps": -1.0}, "eps"), ({"step_size": 0.0}, "step_size"),
+                                         ({"steps": 1.5}, "steps")])
+def test_pgd_config_is_validated(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        PGD(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------- BERT-Attack
+
+
+@pytest.mark.parametrize("n_words", [1, 2])
+def test_bert_attack_changes_n_words_with_mlm_candidates_never_stop_words(tiny_clip, tiny_mlm, tiny_images,
+                                                                         tiny_captions, n_words):
+    texts = _captions(tiny_captions, len(tiny_images))
+    with torch.no_grad():
+        goal = image_similarity_goal(tiny_clip.encode_images(tiny_images))
+    attack = BERTAttack(n_words=n_words, top_k=10, mlm_threshold=None)
+    result = attack(tiny_clip, tiny_mlm, texts, goal)
+    for clean, adv, changes in zip(texts, result.texts, result.changes):
+        before, after = clean.split(), adv.split()
+        diff = [i for i, (a, b) in enumerate(zip(before, after)) if a != b]
+        assert len(before) == len(after) and len(diff) == n_words == len(changes)
+        for change in changes:
+            assert before[change.word_index] == change.original and after[change.word_index] == change.replacement
+            assert change.replacement not in STOP_WORDS and change.original not in STOP_WORDS
+            tokens, _ = _mlm_topk(tiny_mlm, clean, change.word_index, 10)
+            assert change.replacement in tokens
+
+
+def test_bert_attack_picks_the_candidate_that_maximises_the_goal(tiny_clip, tiny_mlm, tiny_captions):
+    texts = _captions(tiny_captions, 3)
+    direction = torch.nn.functional.normalize(torch.randn(tiny_clip.model.config.projection_dim), dim=0)
+
+    def goal(emb, owner):
+        return emb @ direction
+
+    result = BERTAttack(mlm_threshold=None)(tiny_clip, tiny_mlm, texts, goal)
+    for clean, adv, (change,) in zip(texts, result.texts, result.changes):
+        tokens, _ = _mlm_topk(tiny_mlm, clean, change.word_index, 10)
+        valid = [t for t in tokens if t.isalnum() and t != change.original and t not in STOP_WORDS]
+        words = clean.split()
+        options = [" ".join(words[:change.word_index] + [t] + words[change.word_index + 1:]) for t in valid]
+        with torch.no_grad():
+            scores = tiny_clip.encode_texts(options) @ direction
+        assert options[int(scores.argmax())] == adv
+
+
+def test_bert_attack_lowers_image_text_similarity(tiny_clip, tiny_mlm, tiny_captions):
+    images = torch.rand(8, 3, tiny_clip.image_size, tiny_clip.image_size, generator=torch.Generator().manual_seed(1))
+    texts = _captions(tiny_captions, len(images))
+    with torch.no_grad():
+        goal = image_similarity_goal(tiny_clip.encode_images(images))
+    adv = BERTAttack(mlm_threshold=None)(tiny_clip, tiny_mlm, texts, goal).texts
+    clean_sim, adv_sim = _pair_sims(tiny_clip, images, texts), _pair_sims(tiny_clip, images, adv)
+    assert adv_sim.mean() < clean_sim.mean()
+    assert (adv_sim < clean_sim).float().mean() >= 0.75
+
+
+def test_batched_bert_attack_equals_per_sample_loop(tiny_clip, tiny_mlm, tiny_images, tiny_captions):
+    texts = _captions(tiny_captions, len(tiny_images))
+    texts[1] = "A Red star, on a plain background!"  # casing and punctuation survive, padding differs
+    with torch.no_grad():
+        image_emb = tiny_clip.encode_images(tiny_images)
+    attack = BERTAttack(n_words=2, mlm_threshold=None, batch_size=7)
+    batched = attack(tiny_clip, tiny_mlm, texts, image_similarity_goal(image_emb))
+    for i, text in enumerate(texts):
+        single = attack(tiny_clip, tiny_mlm, [text], image_similarity_goal(image_emb[i:i + 1]))
+        assert single.texts[0] == batched.texts[i] and single.changes[0] == batched.changes[i]
+    assert batched.texts[1].startswith(("A ", "a ")) and batched.texts[1].endswith("background!")
+
+
+def test_mlm_threshold_filters_on_the_raw_logit(tiny_clip, tiny_mlm, tiny_images, tiny_captions):
+    texts = _captions(tiny_captions, len(tiny_images))
+    goal = image_similarity_goal(tiny_clip.encode_images(tiny_images).detach())
+    _, logits = _mlm_topk(tiny_mlm, texts[0], 1, 10)
+    threshold = sorted(logits)[5]  # keeps at most the top half of each word's candidates
+    result = BERTAttack(mlm_threshold=threshold)(tiny_clip, tiny_mlm, texts, goal)
+    assert any(result.changes)
+    for text, changes in zip(texts, result.changes):
+        for change in changes:
+            tokens, scores = _mlm_topk(tiny_mlm, text, change.word_index, 10)
+            assert scores[tokens.index(change.replacement)] >= threshold
+    unreachable = BERTAttack(mlm_threshold=1e9)(tiny_clip, tiny_mlm, texts, goal)
+    assert unreachable.texts == texts and not any(unreachable.changes)
+
+
+# -------------------------------------------------------------------------------- evaluation attacks
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_evaluation_attacks_stay_in_threat_model_and_lower_similarity(name, tiny_clip, tiny_mlm, tiny_captions):
+    images = torch.rand(3, 3, tiny_clip.image_size, tiny_clip.image_size, generator=torch.Generator().manual_seed(2))
+    groups = [_captions(tiny_captions[i:], 2) for i in range(len(images))]
+    tiny_clip.model.train()
+    out = run_attack(name, tiny_clip, tiny_mlm, images, groups, steps=3, mlm_threshold=None)
+    assert tiny_clip.model.training  # mode restored
+    tiny_clip.model.eval()
+    eps = build_attack(name).eps
+    assert (out.images - images).abs().max() <= eps + 1e-7 and out.images.min() >= 0 and out.images.max() <= 1
+    assert [len(g) for g in out.texts] == [len(g) for g in groups]
+    flat_clean = [t for g in groups for t in g]
+    flat_adv = [t for g in out.texts for t in g]
+    owner = torch.tensor([i for i, g in enumerate(groups) for _ in g])
+    clean = _pair_sims(tiny_clip, images[owner], flat_clean)
+    adv = _pair_sims(tiny_clip, out.images[owner], flat_adv)
+    assert adv.mean() < clean.mean()
+    if name in ("bert", "coattack", "sga"):
+        assert sum(a != c for a, c in zip(flat_adv, flat_clean)) == len(flat_clean)
+    if name in ("pgd", "bert"):
+        assert (flat_adv == flat_clean) == (name == "pgd") and torch.equal(out.images, images) == (name == "bert")
+
+
+def test_published_defaults():
+    sga, co = build_attack("sga"), build_attack("coattack")
+    assert sga.image == PGD(eps=2 / 255, steps=10, step_size=0.5 / 255) and sga.scales == (0.5, 0.75, 1.25, 1.5)
+    assert co.image.step_size == pytest.approx(0.25 / 255) and co.alpha == 3.0
+    assert sga.text.top_k == 10 and sga.text.n_words == 1 and sga.text.mlm_threshold == 0.3
+
+
+def test_registry_rejects_unknown_names_and_options():
+    with pytest.raises(ValueError, match="valid"):
+        build_attack("fgsm")
+    with pytest.raises(ValueError, match="epsilon"):
+        build_attack("pgd", epsilon=0.1)
+    assert build_attack("bert", eps=4 / 255, scales=(1.0,)).eps == 0.0  # options of absent parts are ignored
+    assert build_attack("coattack", eps=4 / 255, top_k=3).text.top_k == 3
+
+
+def test_sga_scaled_copies_are_differentiable_and_resized_back(tiny_images):
+    x = tiny_images.clone().requires_grad_(True)
+    copies = scaled_copies(x, SGA().scales, 0.05, torch.Generator().manual_seed(0))
+    assert len(copies) == 5 and all(c.shape == x.shape for c in copies)
+    torch.stack(copies).sum().backward()
+    assert x.grad.abs().sum() > 0
