@@ -1,0 +1,214 @@
+"""Streaming image-text pairs from base shards zipped with augmentation-stage shards.
+
+Stage shard i is aligned with base shard i (same tar name, same keys in the same order; docs/architecture.md),
+so the loader opens both and zips them sample by sample. For each image it then draws ONE pair per step from
+what is available:
+
+- images: the base image, plus every kept image variant (`<key>.vN.jpg` of an image stage);
+- texts: the primary caption, plus every kept text variant (I2T / EDA).
+
+An image variant that depicts caption c pairs with texts derived from caption c (caption c itself when no
+variant of it is loaded); the base image and caption-free variants (RandAugment) pair with any text. Drawing
+uniformly over images then over compatible texts gives 1:1 with no stages, 1:N with text stages, N:1 with image
+stages and N:N with both.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import webdataset as wds
+from PIL import Image
+from torchvision.transforms import functional as TF
+
+from pipeline.seeding import derive_seed
+from pipeline.shards import list_shards
+
+log = logging.getLogger(__name__)
+
+KeepFn = Callable[[str, str, int], bool]
+
+
+@dataclass(frozen=True)
+class Pair:
+    image: bytes
+    text: str
+    image_source: str  # "base" or the stage that made the image
+    text_source: str  # "base" or the stage that made the text
+    key: str
+
+
+def shard_urls(base_dir: Path, split: str, stages: Iterable[str] = ()) -> list[str]:
+    """Base shard paths of `split`; checks every stage has the aligned shard of each one."""
+    tars = list_shards(base_dir, split)
+    if not tars:
+        raise FileNotFoundError(f"no {split}-*.tar shards in {base_dir}: run `make ingest` first")
+    for stage in stages:
+        missing = [t.name for t in tars if not (base_dir.parent / stage / t.name).exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"stage {stage!r} lacks {len(missing)} of {len(tars)} shards in {base_dir.parent / stage} "
+                f"(first: {missing[0]}): run `make augment STAGES={stage}`"
+            )
+    return [str(t) for t in tars]
+
+
+def dataset_size(base_dir: Path, split: str) -> int | None:
+    sizes_path = base_dir / "sizes.json"
+    if not sizes_path.exists():
+        return None
+    sizes = json.loads(sizes_path.read_text())
+    return sum(n for name, n in sizes.items() if name.startswith(f"{split}-"))
+
+
+def _zip_stages(src: Iterator[dict[str, Any]], stages: tuple[str, ...], handler=wds.reraise_exception):
+    """For each base shard url, yield base samples with each stage's aligned sample under `sample[stage]`."""
+    for item in src:
+        base_url = Path(item["url"])
+        readers = [wds.tariterators.tarfile_samples([{"url": str(base_url)}], handler=handler)]
+        readers += [
+            wds.tariterators.tarfile_samples([{"url": str(base_url.parent.parent / s / base_url.name)}], handler=handler)
+            for s in stages
+        ]
+        for parts in zip(*readers, strict=True):
+            base = parts[0]
+            for stage, part in zip(stages, parts[1:]):
+                if part["__key__"] != base["__key__"]:
+                    raise ValueError(
+                        f"stage {stage!r} shard {base_url.name} is not aligned with base: "
+                        f"key {part['__key__']!r} where base has {base['__key__']!r}"
+                    )
+                base[stage] = part
+            yield base
+
+
+zip_stages = wds.filters.pipelinefilter(_zip_stages)
+
+
+def _worker_seed(seed: int) -> int:
+    rank, world, worker, workers = wds.utils.pytorch_worker_info()
+    return derive_seed("train-data", seed, rank, worker)
+
+
+def _seeded_shuffle(src: Iterator[Any], bufsize: int, seed: int):
+    if bufsize <= 1:
+        yield from src
+        return
+    yield from wds.filters._shuffle(src, bufsize=bufsize, initial=bufsize, seed=_worker_seed(seed))
+
+
+seeded_shuffle = wds.filters.pipelinefilter(_seeded_shuffle)
+
+
+class PairDrawer:
+    """Picklable map stage: a zipped sample -> one Pair, drawn with a per-worker seeded RNG."""
+
+    def __init__(self, stages: tuple[str, ...], keep: KeepFn | None, seed: int):
+        self.stages = stages
+        self.keep = keep
+        self.seed = seed
+        self._rng: random.Random | None = None
+
+    def __call__(self, sample: dict[str, Any]) -> Pair:
+        if self._rng is None:  # created in the worker process, not in the parent
+            self._rng = random.Random(_worker_seed(self.seed) + 1)
+        key = sample["__key__"]
+        meta = json.loads(sample["json"])
+        primary = int(meta.get("primary", 0))
+        texts: list[tuple[str, int | None, str]] = [(meta["captions"][primary], primary, "base")]
+        images: list[tuple[bytes, int | None, str]] = [(sample["jpg"], None, "base")]
+        for stage in self.stages:
+            part = sample[stage]
+            for index, variant in enumerate(json.loads(part["json"]).get("variants", [])):
+                if self.keep is not None and not self.keep(stage, key, index):
+                    continue
+                if "file" in variant:
+                    images.append((part[variant["file"]], variant.get("caption_index"), stage))
+                else:
+                    texts.append((variant["text"], variant.get("caption_index"), stage))
+        image, depicted, image_source = self._rng.choice(images)
+        compatible = texts if depicted is None else [t for t in texts if t[1] == depicted]
+        if not compatible:
+            compatible = [(meta["captions"][depicted], depicted, "base")]
+        text, _, text_source = self._rng.choice(compatible)
+        return Pair(image=image, text=text, image_source=image_source, text_source=text_source, key=key)
+
+
+def decode_image(data: bytes, size: int) -> torch.Tensor:
+    """JPEG bytes -> float tensor (3, size, size) in [0, 1]."""
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    return TF.pil_to_tensor(image).float().div_(255.0)
+
+
+class Collate:
+    def __init__(self, image_size: int):
+        self.image_size = image_size
+
+    def __call__(self, pairs: list[Pair]) -> dict[str, Any]:
+        return {
+            "images": torch.stack([decode_image(p.image, self.image_size) for p in pairs]),
+            "texts": [p.text for p in pairs],
+            "keys": [p.key for p in pairs],
+            "image_sources": [p.image_source for p in pairs],
+            "text_sources": [p.text_source for p in pairs],
+        }
+
+
+def build_pipeline(
+    urls: list[str],
+    *,
+    batch_size: int,
+    image_size: int,
+    stages: tuple[str, ...] = (),
+    keep: KeepFn | None = None,
+    shuffle_buffer: int = 1000,
+    resampled: bool = True,
+    seed: int = 0,
+) -> wds.DataPipeline:
+    """The webdataset pipeline yielding batches {images (B,3,H,W) in [0,1], texts, keys, *_sources}.
+
+    Resampled: shards drawn with replacement, seeded per rank and worker (an endless stream). Otherwise each
+    epoch splits the shard list by node, then by worker.
+    """
+    if resampled:
+        source = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
+    else:
+        source = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker]
+    return wds.DataPipeline(
+        *source,
+        zip_stages(stages),
+        seeded_shuffle(shuffle_buffer, seed),
+        wds.map(PairDrawer(stages, keep, seed)),
+        wds.batched(batch_size, collation_fn=Collate(image_size), partial=False),
+    )
+
+
+def build_loader(pipeline: wds.DataPipeline, num_workers: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        pipeline,
+        batch_size=None,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+
+
+def endless(loader: Iterable[Any]) -> Iterator[Any]:
+    """Restart a finite (non-resampled) loader at each epoch end."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise RuntimeError("the loader yields no batch: fewer samples than one batch per worker and rank?")

@@ -1,0 +1,143 @@
+"""`make train`: wires config, run dir, model, mode, data, optimiser and checkpoints around `loop.fit`.
+
+Run folder RUNS_DIR/<mode>-<dataset>-<YYYYmmdd-HHMMSS>/: config.json (resolved), metrics.csv, tensorboard/,
+checkpoints/step-NNNNNN/{clip/, state.pt}, and clip/ (the final model, an HF dir for `load_clip`).
+Launch with `torchrun --nproc-per-node N -m pipeline train ...` for DDP (gloo on CPU, nccl on GPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from pipeline.models import CLIPBundle, MLMBundle, load_clip, load_mlm
+from pipeline.paths import Layout
+from pipeline.shards import atomic_write_json
+from pipeline.train import checkpoints, data
+from pipeline.train.config import TrainConfig, check_train, resolve_stages, to_dict
+from pipeline.train.distributed import DistEnv, barrier, init_distributed
+from pipeline.train.loop import LoopHooks, MetricsLog, cosine_with_warmup, fit, param_groups
+from pipeline.train.modes import MODES, DualEncoder, build_mode
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    model_dir: Path
+    history: list[dict[str, float]]
+    start_step: int
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)
+
+
+def setup_run_dir(cfg: TrainConfig, layout: Layout, env: DistEnv) -> Path:
+    """The run folder, agreed on by every rank (rank 0 picks the time stamp)."""
+    if cfg.run_dir:
+        return Path(cfg.run_dir)
+    prefix = f"{cfg.mode}-{cfg.dataset}-"
+    if cfg.resume == "latest":
+        previous = sorted(p for p in layout.runs_dir.glob(prefix + "*") if checkpoints.latest_checkpoint(p))
+        if previous:
+            return previous[-1]
+    name = [prefix + time.strftime("%Y%m%d-%H%M%S")]
+    if env.distributed:
+        dist.broadcast_object_list(name, src=0)
+    return layout.runs_dir / name[0]
+
+
+def load_models(cfg: TrainConfig, layout: Layout, env: DistEnv) -> tuple[CLIPBundle, MLMBundle | None]:
+    clip = load_clip(cfg.clip or layout.model_dir(cfg.dataset, "clip"), device=env.device)
+    mlm = None
+    if MODES[cfg.mode].needs_mlm:
+        mlm = load_mlm(cfg.mlm or layout.model_dir(cfg.dataset, "mlm"), device=env.device)
+    return clip, mlm
+
+
+def load_keep_fn(cfg: TrainConfig, layout: Layout):
+    """The filter's `keeps(stage, key, variant_index)`, or None when no filter is given."""
+    if not cfg.data.filter:
+        return None
+    from pipeline.filters import load_filter
+
+    candidates = [Path(cfg.data.filter), layout.dataset_manifests(cfg.dataset) / f"{cfg.data.filter}.json"]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise FileNotFoundError(f"filter {cfg.data.filter!r} not found (tried {', '.join(map(str, candidates))})")
+    return load_filter(path).keeps
+
+
+def build_batches(cfg: TrainConfig, layout: Layout, image_size: int, seed: int):
+    urls = data.shard_urls(layout.base_dir(cfg.dataset), cfg.data.split, cfg.data.stages)
+    pipeline = data.build_pipeline(
+        urls, batch_size=cfg.batch_size, image_size=image_size, stages=cfg.data.stages,
+        keep=load_keep_fn(cfg, layout), shuffle_buffer=cfg.data.shuffle_buffer,
+        resampled=cfg.data.resampled, seed=seed,
+    )
+    return data.endless(data.build_loader(pipeline, cfg.data.num_workers))
+
+
+def train(cfg: TrainConfig, layout: Layout | None = None) -> RunResult:
+    # 1. Validate and resolve.
+    cfg = resolve_stages(cfg)
+    check_train(cfg, tuple(MODES))
+    layout = layout or Layout.from_env()
+    env = init_distributed(cfg.device)
+    seed_everything(cfg.seed, env.rank)
+    run_dir = setup_run_dir(cfg, layout, env)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / "config.json", {**to_dict(cfg), "paths": {k: str(v) for k, v in vars(layout).items()},
+                                                    "world_size": env.world_size})
+    # 2. Model, mode (it freezes what it does not train), DDP.
+    clip, mlm = load_models(cfg, layout, env)
+    mode = build_mode(cfg, clip, mlm)
+    mode.prepare(clip.model)
+    net: torch.nn.Module = DualEncoder(clip)
+    if env.distributed:
+        net = DistributedDataParallel(net, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    # 3. Optimiser, schedule, resume.
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(param_groups(clip.model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    scheduler = cosine_with_warmup(optimizer, o.warmup, cfg.steps, o.min_lr_ratio)
+    start_step = 0
+    latest = checkpoints.latest_checkpoint(run_dir) if cfg.resume != "never" else None
+    if latest is not None:
+        start_step = checkpoints.load_checkpoint(latest, clip, optimizer, scheduler)
+    # 4. Data: a resumed run reseeds the stream so it does not replay the batches it already saw.
+    batches = build_batches(cfg, layout, clip.image_size, seed=cfg.seed + start_step)
+    # 5. Train.
+    metrics = MetricsLog(run_dir, enabled=env.is_main)
+
+    def save(step: int) -> None:
+        if env.is_main:
+            checkpoints.save_checkpoint(run_dir, step, clip, optimizer, scheduler, cfg.keep_checkpoints)
+        barrier()
+
+    history = fit(net, mode, optimizer, scheduler, batches, env=env, start_step=start_step, steps=cfg.steps,
+                  accum_steps=cfg.accum_steps, bf16=cfg.precision == "bf16", grad_clip=o.grad_clip,
+                  log_every=cfg.log_every, save_every=cfg.save_every, hooks=LoopHooks(log=metrics, checkpoint=save))
+    metrics.close()
+    # 6. The final model where eval looks for it.
+    model_dir = run_dir / "clip"
+    if env.is_main:
+        clip.save(model_dir)
+        log.info("trained %s: %s", cfg.mode, model_dir)
+    barrier()
+    return RunResult(run_dir=run_dir, model_dir=model_dir, history=history, start_step=start_step)
+
+

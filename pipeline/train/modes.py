@@ -1,0 +1,197 @@
+"""Training modes: each builds its (adversarial) batch and its loss. Registry `MODES`, one class per mode.
+
+All attacks are the evaluation's own (`pipeline.attacks`): PGD perturbs [0, 1] pixels and the bundle normalises
+inside the model call; BERT-Attack replaces words with masked-LM candidates, batched over the whole batch.
+
+- ft:      clean symmetric InfoNCE (both towers trained).
+- tecoa:   PGD on images maximising InfoNCE against the clean texts; InfoNCE on (adv image, text); vision tower
+           trained (Mao et al. 2023 keep the text side fixed).
+- fare:    PGD maximising ||f(x_adv) - f0(x)||^2 with f0 the frozen original vision tower; the loss minimises
+           it (Schlarmann et al. 2024; unsupervised, vision tower trained).
+- mat:     text then image (order configurable): BERT-Attack lowers each caption's similarity to its image,
+           then PGD maximises InfoNCE against the adversarial texts; InfoNCE on the adversarial pairs.
+           `joint` attacks both from the clean inputs (the paper's open question on simultaneous updates).
+- matplus: mat on one-to-many augmented pairs (the loader draws them; STAGES chooses the stages).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+
+from pipeline.attacks import PGD, BERTAttack, image_similarity_goal
+from pipeline.models import CLIPBundle, MLMBundle
+from pipeline.train.config import TrainConfig
+from pipeline.train.losses import ClipLoss, FareLoss, info_nce
+
+Batch = dict[str, Any]
+Terms = dict[str, torch.Tensor]
+
+
+class DualEncoder(nn.Module):
+    """The trainable module DDP wraps: [0, 1] pixels / token ids -> L2-normalised features and the scale."""
+
+    def __init__(self, bundle: CLIPBundle):
+        super().__init__()
+        self.model = bundle.model
+        self.bundle = bundle
+
+    def forward(
+        self, pixels01: torch.Tensor | None = None, tokens: dict[str, torch.Tensor] | None = None, raw: bool = False
+    ) -> dict[str, torch.Tensor]:
+        out = {"logit_scale": self.model.logit_scale.exp()}
+        if pixels01 is not None:
+            out["image"] = self.bundle.image_features(pixels01) if raw else self.bundle.encode_images(pixels01)
+        if tokens is not None:
+            out["text"] = self.bundle.encode_texts(tokens)
+        return out
+
+
+class Mode:
+    """Base: `__call__(net, batch)` returns the loss terms; `timings` holds the last step's attack seconds."""
+
+    name: ClassVar[str]
+    needs_mlm: ClassVar[bool] = False
+    trains_text: ClassVar[bool] = True
+
+    def __init__(self, cfg: TrainConfig, clip: CLIPBundle, mlm: MLMBundle | None = None):
+        self.cfg = cfg
+        self.clip = clip
+        self.mlm = mlm
+        self.clip_loss = ClipLoss()
+        self.timings: dict[str, float] = {}
+
+    def prepare(self, model: nn.Module) -> None:
+        """Freeze what this mode does not train (before DDP wraps the model)."""
+        if not self.trains_text:
+            for name, param in model.named_parameters():
+                if not name.startswith(("vision_model.", "visual_projection.")):
+                    param.requires_grad_(False)
+
+    def __call__(self, net: nn.Module, batch: Batch) -> Terms:
+        raise NotImplementedError
+
+    def _timed(self, key: str, fn: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        result = fn()
+        self.timings[key] = time.perf_counter() - start
+        return result
+
+    def _pgd(self, images: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        a = self.cfg.attack
+        attack = PGD(eps=a.eps, steps=a.pgd_steps, step_size=a.step_size, random_start=a.random_start)
+        return self._timed("image_attack", lambda: attack(images, loss_fn).detach())
+
+    def _contrastive(self, net: nn.Module, images: torch.Tensor, texts: list[str]) -> Terms:
+        out = net(pixels01=images, tokens=self.clip.tokenize(texts))
+        text = out["text"] if self.trains_text else out["text"].detach()
+        return self.clip_loss(out["image"], text, out["logit_scale"])
+
+    def _text_features(self, texts: list[str]) -> torch.Tensor:
+        with torch.no_grad():
+            return self.clip.encode_texts(texts)
+
+
+class FineTune(Mode):
+    name = "ft"
+
+    def __call__(self, net: nn.Module, batch: Batch) -> Terms:
+        self.timings = {}
+        return self._contrastive(net, batch["images"], batch["texts"])
+
+
+class TeCoA(Mode):
+    name = "tecoa"
+    trains_text = False
+
+    def __call__(self, net: nn.Module, batch: Batch) -> Terms:
+        self.timings = {}
+        texts = self._text_features(batch["texts"])
+        scale = self.clip.logit_scale.detach()
+        adv = self._pgd(batch["images"], lambda x: info_nce(self.clip.encode_images(x), texts, scale))
+        return self._contrastive(net, adv, batch["texts"])
+
+
+class Fare(Mode):
+    name = "fare"
+    trains_text = False
+
+    def __init__(self, cfg: TrainConfig, clip: CLIPBundle, mlm: MLMBundle | None = None):
+        super().__init__(cfg, clip, mlm)
+        self.reference = copy.copy(clip)
+        self.reference.model = copy.deepcopy(clip.model).requires_grad_(False).eval()
+        self.fare_loss = FareLoss()
+
+    def __call__(self, net: nn.Module, batch: Batch) -> Terms:
+        self.timings = {}
+        images = batch["images"]
+        with torch.no_grad():
+            target = self.reference.image_features(images)
+
+        def distance(x: torch.Tensor) -> torch.Tensor:
+            return (self.clip.image_features(x).float() - target.float()).pow(2).sum(-1).mean()
+
+        adv = self._pgd(images, distance)
+        return self.fare_loss(net(pixels01=adv, raw=True)["image"], target)
+
+
+class MAT(Mode):
+    """Multimodal adversarial training (Waseda et al.): BERT-Attack on texts and PGD on images."""
+
+    name = "mat"
+    needs_mlm = True
+
+    def __init__(self, cfg: TrainConfig, clip: CLIPBundle, mlm: MLMBundle | None = None):
+        super().__init__(cfg, clip, mlm)
+        if mlm is None:
+            raise ValueError(f"mode {self.name!r} needs a masked LM for BERT-Attack (MLM=<dir or id>)")
+        self.text_attack = BERTAttack(n_words=cfg.attack.n_words, top_k=cfg.attack.k)
+
+    def _attack_texts(self, texts: list[str], images: torch.Tensor) -> list[str]:
+        """Each caption's words replaced to lower its cosine to its (clean or adversarial) image."""
+        def attack() -> list[str]:
+            with torch.no_grad():
+                goal = image_similarity_goal(self.clip.encode_images(images).float())
+            return self.text_attack(self.clip, self.mlm, texts, goal).texts
+
+        return self._timed("text_attack", attack)
+
+    def _attack_images(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        features = self._text_features(texts)
+        scale = self.clip.logit_scale.detach()
+        return self._pgd(images, lambda x: info_nce(self.clip.encode_images(x), features, scale))
+
+    def __call__(self, net: nn.Module, batch: Batch) -> Terms:
+        self.timings = {}
+        images, texts = batch["images"], batch["texts"]
+        order = self.cfg.attack.order
+        if order == "text-first":
+            adv_texts = self._attack_texts(texts, images)
+            adv_images = self._attack_images(images, adv_texts)
+        elif order == "image-first":
+            adv_images = self._attack_images(images, texts)
+            adv_texts = self._attack_texts(texts, adv_images)
+        else:  # joint: both perturbations computed from the clean pair
+            adv_texts = self._attack_texts(texts, images)
+            adv_images = self._attack_images(images, texts)
+        return self._contrastive(net, adv_images, adv_texts)
+
+
+class MATPlus(MAT):
+    """MAT on one-to-many augmented data: identical step, the loader draws pairs from the chosen stages."""
+
+    name = "matplus"
+
+
+MODES: dict[str, type[Mode]] = {cls.name: cls for cls in (FineTune, TeCoA, Fare, MAT, MATPlus)}
+
+
+def build_mode(cfg: TrainConfig, clip: CLIPBundle, mlm: MLMBundle | None = None) -> Mode:
+    if cfg.mode not in MODES:
+        raise ValueError(f"unknown mode {cfg.mode!r}; valid: {', '.join(MODES)}")
+    return MODES[cfg.mode](cfg, clip, mlm)
