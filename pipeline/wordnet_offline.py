@@ -22,6 +22,7 @@ instead of hanging on the network or silently degrading.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -269,6 +270,12 @@ class LinguaTagger:
             path.append(int(bp[path[-1]]))
         path.reverse()
         return [(tok, self.tags[i]) for tok, i in zip(tokens, path)]
+
+
+@functools.lru_cache(maxsize=4)
+def load_tagger(directory: Path | None = None) -> LinguaTagger:
+    """The tagger over the prepared lexicon, loaded once per process."""
+    return LinguaTagger.load(directory)
 
 
 def main() -> None:

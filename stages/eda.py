@@ -165,7 +165,7 @@ class EDAStage(Stage):
 
     def setup(self) -> None:
         self.wordnet = wordnet_offline.load_wordnet()
-        self.tagger = wordnet_offline.LinguaTagger.load()
+        self.tagger = wordnet_offline.load_tagger()
         words = self.tagger.function_words | _AUXILIARIES
         self.stopwords = frozenset(words | {w.capitalize() for w in words})
         self.augmenters = {op: OPS[op].build(self) for op in dict.fromkeys(self.config.ops)}
