@@ -127,6 +127,8 @@ SOURCES: dict[str, str] = {
 
 def detect_format(data_root: Path) -> str:
     """Guess the input format from the files under data_root."""
+    if not data_root.exists():
+        raise SourceError(f"DATA_ROOT {data_root} does not exist")
     if data_root.is_file():
         return _format_of_file(data_root)
     if list(data_root.glob("annotations/captions_*20*.json")):
