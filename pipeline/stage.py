@@ -287,6 +287,9 @@ def run_stage(
 
     # 3. Run.
     results = get_executor(options.executor)(process_shard, jobs, options.workers, stage_cls.name, options.retries)
+    for (_, job), result in zip(jobs, results):
+        if not result.ok and "sources" not in result.stats:  # raised or its process died: its keys count as skipped
+            result.stats["sources"] = (read_stats(job.base_tar) or {}).get("keys", [str(job.base_tar)])
 
     # 4. Manifest, from the stats files.
     stage = stage_cls(config, context)
