@@ -1,0 +1,90 @@
+"""The training loader: zips base and stage shards, draws 1:1 / 1:N / N:1 / N:N pairs, honours a filter."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+from collections import Counter
+
+import pytest
+
+from pipeline.train import data
+from pipeline.train.toy import write_toy_shards
+
+
+@pytest.fixture(scope="module")
+def toy_base(tmp_path_factory):
+    return write_toy_shards(tmp_path_factory.mktemp("shards"), shards=2, per_shard=12, text_stage="txt",
+                            image_stage="img")
+
+
+def _draw(base, stages, keep=None, batches=6, resampled=True, seed=0):
+    urls = data.shard_urls(base, "train", stages)
+    pipeline = data.build_pipeline(urls, batch_size=8, image_size=32, stages=stages, keep=keep, shuffle_buffer=16,
+                                   resampled=resampled, seed=seed)
+    return list(itertools.islice(iter(pipeline), batches))
+
+
+def test_without_stages_every_pair_is_the_primary_caption(toy_base):
+    for batch in _draw(toy_base, ()):
+        assert batch["images"].shape == (8, 3, 32, 32)
+        assert 0 <= float(batch["images"].min()) and float(batch["images"].max()) <= 1
+        assert set(batch["image_sources"]) == set(batch["text_sources"]) == {"base"}
+        assert all(t.startswith("a ") and t.endswith(" picture") for t in batch["texts"])
+
+
+def test_draws_from_every_chosen_stage(toy_base):
+    batches = _draw(toy_base, ("txt", "img"), batches=8)
+    images = Counter(s for b in batches for s in b["image_sources"])
+    texts = Counter(s for b in batches for s in b["text_sources"])
+    assert set(images) == {"base", "img"} and set(texts) == {"base", "txt"}
+
+
+def test_pairs_respect_what_an_image_variant_depicts():
+    """v0 depicts caption 2 (no text variant of it loaded): it pairs with caption 2; others pair with any text."""
+    sample = {
+        "__key__": "train_000000_000000", "jpg": b"base",
+        "json": json.dumps({"captions": ["c0", "c1", "c2"], "primary": 0}).encode(),
+        "txt": {"json": json.dumps({"variants": [{"text": "p1", "caption_index": 1}]}).encode()},
+        "img": {"v0.jpg": b"v0", "v1.jpg": b"v1", "json": json.dumps({"variants": [
+            {"file": "v0.jpg", "caption_index": 2}, {"file": "v1.jpg", "caption_index": None}]}).encode()},
+    }
+    drawer = data.PairDrawer(("txt", "img"), keep=None, seed=0)
+    pairs = Counter((p.image, p.text) for p in (drawer(sample) for _ in range(400)))
+    assert set(pairs) == {(b"v0", "c2")} | {(i, t) for i in (b"base", b"v1") for t in ("c0", "p1")}
+
+
+def test_filter_drops_variants(toy_base):
+    calls = []
+
+    def keep(stage: str, key: str, index: int) -> bool:
+        calls.append((stage, key, index))
+        return stage != "txt"  # drop every text variant
+
+    batches = _draw(toy_base, ("txt", "img"), keep=keep)
+    assert {s for b in batches for s in b["text_sources"]} == {"base"}
+    assert {s for b in batches for s in b["image_sources"]} >= {"img"}
+    assert {c[0] for c in calls} == {"txt", "img"}
+
+
+def test_same_seed_same_stream_and_epoch_mode_covers_each_sample_once(toy_base):
+    first = [b["texts"] for b in _draw(toy_base, ("txt",), seed=3)]
+    again = [b["texts"] for b in _draw(toy_base, ("txt",), seed=3)]
+    assert first == again
+    epoch = _draw(toy_base, (), resampled=False, batches=100)
+    keys = [k for b in epoch for k in b["keys"]]
+    assert len(keys) == len(set(keys)) == 24  # 2 shards x 12 samples, 3 full batches
+
+
+def test_missing_or_misaligned_stage_is_named(toy_base, tmp_path):
+    with pytest.raises(FileNotFoundError, match="stage 'nope'"):
+        data.shard_urls(toy_base, "train", ("nope",))
+    root = tmp_path / "toy"
+    shutil.copytree(toy_base.parent, root)
+    # Same names, different keys: swap the stage's two shards.
+    a, b = sorted((root / "txt").glob("*.tar"))
+    tmp = a.with_suffix(".swap")
+    a.rename(tmp), b.rename(a), tmp.rename(b)
+    with pytest.raises(ValueError, match="not aligned"):
+        _draw(root / "base", ("txt",), batches=1, resampled=False)
