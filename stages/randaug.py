@@ -7,8 +7,11 @@ Seeding: torchvision's RandAugment draws its operations and signs from torch's g
 variant runs inside ``torch.random.fork_rng`` seeded with ``seed_for(key, variant)``: deterministic, distinct
 per variant, and the caller's RNG state is left untouched.
 
-RandAugment can draw the identity twice, and on tiny or flat images some operations change nothing: a variant
-whose pixels equal the original's or an earlier variant's is skipped with the reason, never stored.
+RandAugment often draws operations that change nothing (Identity; AutoContrast on an image that already spans
+0..255; most operations on a flat or 1x1 image). Such a draw is redrawn with the derived seed
+``derive_seed(seed, "draw", d)``, at most ``max_draws`` times (the seed actually used is recorded, with
+``draw`` = d when d > 0); a variant whose pixels still equal the original's or an earlier variant's is
+skipped with the reason, never stored.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from pipeline.images import encode_jpeg
+from pipeline.seeding import derive_seed
 from pipeline.stage import BaseSample, SampleResult, Stage, StageContext, Variant
 
 OP = "randaug"
@@ -44,6 +48,7 @@ class RandAugmentStage(Stage):
         magnitude: int = 9
         num_magnitude_bins: int = 31
         jpeg_quality: int = 95
+        max_draws: int = 3  # draws per variant before it is skipped as unchanged
 
         def __post_init__(self) -> None:
             checks = {
@@ -53,6 +58,7 @@ class RandAugmentStage(Stage):
                 "num_magnitude_bins": self.num_magnitude_bins >= 2,
                 "magnitude": 0 <= self.magnitude < self.num_magnitude_bins,
                 "jpeg_quality": 1 <= self.jpeg_quality <= 100,
+                "max_draws": self.max_draws >= 1,
             }
             bad = [f"{name}={getattr(self, name)}" for name, ok in checks.items() if not ok]
             if bad:
@@ -88,14 +94,18 @@ class RandAugmentStage(Stage):
             return result
         seen = {_digest(image): "the original"}
         for v in range(self.config.variants_per_image):
-            seed = self.seed_for(sample.key, v)
-            out = self.augment_image(image, seed)
-            pixels = _digest(out)
+            first_seed = self.seed_for(sample.key, v)
+            for draw in range(self.config.max_draws):
+                seed = first_seed if draw == 0 else derive_seed(first_seed, "draw", draw)
+                out = self.augment_image(image, seed)
+                pixels = _digest(out)
+                if pixels not in seen:
+                    break
             if pixels in seen:
-                result.skipped.append({"caption_index": None, "variant": v,
-                                       "reason": f"unchanged pixels: same as {seen[pixels]}"})
+                result.skipped.append({"caption_index": None, "variant": v, "reason": f"unchanged pixels: same as "
+                                       f"{seen[pixels]} after {self.config.max_draws} draws"})
                 continue
             seen[pixels] = f"variant {v}"
-            result.variants.append(Variant(seed=seed, op=OP, caption_index=None,
+            result.variants.append(Variant(seed=seed, op=OP, caption_index=None, extra={"draw": draw} if draw else {},
                                            image_jpeg=encode_jpeg(out, self.config.jpeg_quality)))
         return result
