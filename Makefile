@@ -9,6 +9,8 @@ PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/mat-pipeline
 STAMP := $(VENV)/.installed
 APT_STAMP := $(VENV)/.apt-installed
+# WordNet (+ the lexnames file Debian lacks) and the tagger lexicon, copied into nltk's data folder in the venv.
+NLTK_STAMP := $(VENV)/nltk_data/corpora/wordnet/lexnames
 
 export DATASET ?= synth
 export SHARDS_DIR ?= shards
@@ -28,7 +30,7 @@ help:
 	@echo "make demo | test | setup | ingest | augment | stats | filter | pretrain | train | eval | report | bench | clean"
 	@echo "see README.md; every target takes the CLI options as variables (DATASET=..., STAGES=..., MODE=...)"
 
-setup: $(STAMP) $(APT_STAMP)
+setup: $(STAMP) $(APT_STAMP) $(NLTK_STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -44,6 +46,9 @@ $(APT_STAMP):
 		echo "Needs Debian packages; run: sudo apt-get update && sudo apt-get install -y --no-install-recommends $(APT_PACKAGES)"; exit 1; \
 	fi
 	@mkdir -p $(VENV) && touch $@
+
+$(NLTK_STAMP): | $(STAMP) $(APT_STAMP)
+	$(PY) -m pipeline.wordnet_offline
 
 ingest: setup
 	$(CLI) ingest
