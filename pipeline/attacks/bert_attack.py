@@ -104,7 +104,8 @@ class _Caption:
             out += [self.text[last:start], word]
             last = end
         out.append(self.text[last:])
-        return re.sub(r"\s{2,}", " ", "".join(out)).strip()
+        text = "".join(out)
+        return re.sub(r"\s{2,}", " ", text).strip() if "" in words else text  # tidy up after a removed word
 
     def with_word(self, index: int, word: str, words: list[str] | None = None) -> str:
         words = list(self.words if words is None else words)
