@@ -56,6 +56,12 @@ ingest: setup
 augment: setup
 	$(CLI) augment
 
+# Tiny random InternVL and Stable Diffusion checkpoints (plumbing only, random outputs) to try the generative
+# stages offline: make tiny-models && make augment STAGES=i2t-internvl,t2i-sd \
+#   I2T_MODEL=$(MODELS_DIR)/tiny-internvl T2I_MODEL=$(MODELS_DIR)/tiny-sd
+tiny-models: setup
+	$(PY) -m pipeline.tiny_models $(MODELS_DIR)
+
 stats: setup
 	$(CLI) stats
 

@@ -121,7 +121,8 @@ def _clip_tokenizer(max_length: int):
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|startoftext|>", "<|endoftext|>"], end_of_word_suffix="</w>"
+        vocab_size=300, special_tokens=["<|startoftext|>", "<|endoftext|>"], end_of_word_suffix="</w>",
+        initial_alphabet=list("abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'-"),
     )
     tok.train_from_iterator(_corpus(), trainer)
     bpe = json.loads(tok.to_str())["model"]
@@ -157,7 +158,7 @@ def build_tiny_sd(
     from transformers import CLIPTextConfig, CLIPTextModel
 
     out = Path(out_dir)
-    tokenizer = _clip_tokenizer(max_length=16)
+    tokenizer = _clip_tokenizer(max_length=77)  # CLIP's prompt length
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         block_out_channels=(4, 8), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
@@ -172,7 +173,7 @@ def build_tiny_sd(
         CLIPTextConfig(
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer), hidden_size=32,
-            intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=16,
+            intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=77,
         )
     )
     checker, extractor = _tiny_safety_checker(flag_everything) if safety_checker else (None, None)
