@@ -171,31 +171,149 @@ def filter_command(dataset: Dataset = "synth") -> None:
 # ------------------------------------------------------------------ training (pipeline/train/)
 
 
-@app.command()
-def pretrain(dataset: Dataset = "synth") -> None:
-    """Train the small CLIP and masked LM that stand in for pretrained models on the demo. Not yet built."""
-    _fail("`pretrain` is not built yet", 3)
+def _opt(envvar: str, help: str) -> typer.models.OptionInfo:
+    return typer.Option(envvar=envvar, help=help)
+
+
+def _run_training(fn, *args) -> dict:
+    from pipeline.models import ModelNotFoundError
+
+    try:
+        return fn(*args)
+    except (ValueError, FileNotFoundError, ModelNotFoundError) as error:
+        _fail(str(error))
 
 
 @app.command()
-def train(dataset: Dataset = "synth") -> None:
-    """Adversarial fine-tuning of CLIP: MODE=ft|tecoa|fare|mat|matplus. Not yet built."""
-    _fail("`train` is not built yet", 3)
+def pretrain(
+    dataset: Dataset = "synth",
+    steps: Annotated[Optional[int], _opt("STEPS", "CLIP training steps (default 1200, ~6 min on 2 CPU cores).")] = None,
+    batch_size: Annotated[Optional[int], _opt("BATCH_SIZE", "CLIP batch size (default 128).")] = None,
+    lr: Annotated[Optional[float], _opt("LR", "CLIP peak learning rate (default 1e-3).")] = None,
+    warmup: Annotated[Optional[int], _opt("WARMUP", "Warm-up steps (default 100).")] = None,
+    clip_preset: Annotated[Optional[str], _opt("CLIP_PRESET", "CLIP size: tiny | small (default small).")] = None,
+    mlm_preset: Annotated[Optional[str], _opt("MLM_PRESET", "Masked-LM size: tiny | small (default small).")] = None,
+    mlm_steps: Annotated[Optional[int], _opt("MLM_STEPS", "Masked-LM training steps (default 300).")] = None,
+    vocab_size: Annotated[Optional[int], _opt("VOCAB_SIZE", "Tokenizer vocabulary size (default 1000).")] = None,
+    precision: Annotated[Optional[str], _opt("PRECISION", "bf16 (autocast) or fp32.")] = None,
+    seed: Annotated[Optional[int], _opt("SEED", "Random seed.")] = None,
+    data_workers: Annotated[Optional[int], _opt("DATA_WORKERS", "Loader worker processes (default 2).")] = None,
+    device: Annotated[Optional[str], _opt("DEVICE", "auto, cpu or cuda.")] = None,
+) -> None:
+    """Train the small CLIP and masked LM that stand in for pretrained models (MODELS_DIR/<dataset>/{clip,mlm})."""
+    from pipeline.train.config import PretrainConfig, override
+    from pipeline.train.pretrain import pretrain as run_pretrain
+
+    cfg = override(PretrainConfig(), dataset=dataset, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
+                   clip_preset=clip_preset, mlm_preset=mlm_preset, mlm_steps=mlm_steps, vocab_size=vocab_size,
+                   precision=precision, seed=seed, num_workers=data_workers, device=device)
+    result = _run_training(run_pretrain, cfg, layout())
+    typer.echo(f"clip: {result['clip']}\nmlm:  {result['mlm']}\nrun:  {result['run_dir']}")
+
+
+@app.command()
+def train(
+    dataset: Dataset = "synth",
+    mode: Annotated[str, _opt("MODE", "ft | tecoa | fare | mat | matplus.")] = "mat",
+    stages: Annotated[Optional[str], _opt("STAGES", "Comma-separated augmentation stages to train on (matplus; default i2t-human).")] = None,
+    filter_: Annotated[Optional[str], typer.Option("--filter", envvar="FILTER", help="Filter manifest (path or name) that drops variants.")] = None,
+    clip: Annotated[Optional[str], _opt("CLIP", "CLIP to fine-tune (HF id or dir; default MODELS_DIR/<dataset>/clip).")] = None,
+    mlm: Annotated[Optional[str], _opt("MLM", "Masked LM for BERT-Attack (default MODELS_DIR/<dataset>/mlm).")] = None,
+    steps: Annotated[Optional[int], _opt("STEPS", "Optimiser steps (default 150).")] = None,
+    batch_size: Annotated[Optional[int], _opt("BATCH_SIZE", "Batch per process (default 128).")] = None,
+    accum_steps: Annotated[Optional[int], _opt("ACCUM_STEPS", "Gradient-accumulation micro-batches per step.")] = None,
+    lr: Annotated[Optional[float], _opt("LR", "Peak learning rate (default 1e-4).")] = None,
+    warmup: Annotated[Optional[int], _opt("WARMUP", "Warm-up steps (default 20).")] = None,
+    weight_decay: Annotated[Optional[float], _opt("WEIGHT_DECAY", "AdamW weight decay (default 0.1).")] = None,
+    eps: Annotated[Optional[float], _opt("EPS", "L-inf budget on [0,1] pixels (default 2/255).")] = None,
+    pgd_steps: Annotated[Optional[int], _opt("PGD_STEPS", "PGD steps while training (default 2).")] = None,
+    pgd_step_size: Annotated[Optional[float], _opt("PGD_STEP_SIZE", "PGD step size while training (default 1/255).")] = None,
+    n_words: Annotated[Optional[int], _opt("N_WORDS", "BERT-Attack words replaced (default 1).")] = None,
+    top_k: Annotated[Optional[int], _opt("TOP_K", "BERT-Attack masked-LM candidates (default 10).")] = None,
+    order: Annotated[Optional[str], _opt("MAT_ORDER", "text-first | image-first | joint (default text-first).")] = None,
+    precision: Annotated[Optional[str], _opt("PRECISION", "bf16 (autocast) or fp32.")] = None,
+    seed: Annotated[Optional[int], _opt("SEED", "Random seed.")] = None,
+    save_every: Annotated[Optional[int], _opt("SAVE_EVERY", "Checkpoint every N steps (and at the end).")] = None,
+    log_every: Annotated[Optional[int], _opt("LOG_EVERY", "Log every N steps.")] = None,
+    run_dir: Annotated[Optional[str], _opt("RUN_DIR", "Run folder (default RUNS_DIR/<mode>-<dataset>-<time>).")] = None,
+    resume: Annotated[Optional[str], _opt("RESUME", "auto | latest | never.")] = None,
+    data_workers: Annotated[Optional[int], _opt("DATA_WORKERS", "Loader worker processes (default 2).")] = None,
+    shuffle_buffer: Annotated[Optional[int], _opt("SHUFFLE_BUFFER", "Samples in the shuffle buffer.")] = None,
+    resampled: Annotated[Optional[bool], typer.Option("--resampled/--epochs", envvar="RESAMPLED", help="Draw shards with replacement (default) or read epochs split by rank and worker.")] = None,
+    device: Annotated[Optional[str], _opt("DEVICE", "auto, cpu or cuda.")] = None,
+) -> None:
+    """Adversarial fine-tuning of CLIP streamed from shards: MODE=ft|tecoa|fare|mat|matplus (torchrun for DDP)."""
+    from pipeline.train.config import TrainConfig, override
+    from pipeline.train.main import train as run_train
+
+    stage_list = tuple(s.strip() for s in stages.split(",") if s.strip()) if _env_or_none(stages) else None
+    cfg = override(
+        TrainConfig(), mode=mode, dataset=dataset, clip=_env_or_none(clip), mlm=_env_or_none(mlm), steps=steps,
+        batch_size=batch_size, accum_steps=accum_steps, precision=precision, seed=seed, save_every=save_every,
+        log_every=log_every, run_dir=_env_or_none(run_dir), resume=_env_or_none(resume), device=device,
+        **{"optim.lr": lr, "optim.warmup": warmup, "optim.weight_decay": weight_decay, "attack.eps": eps,
+           "attack.pgd_steps": pgd_steps, "attack.step_size": pgd_step_size, "attack.n_words": n_words,
+           "attack.k": top_k, "attack.order": _env_or_none(order), "data.stages": stage_list,
+           "data.filter": _env_or_none(filter_), "data.num_workers": data_workers,
+           "data.shuffle_buffer": shuffle_buffer, "data.resampled": resampled},
+    )
+    result = _run_training(run_train, cfg, layout())
+    last = result.history[-1] if result.history else {}
+    typer.echo(f"run: {result.run_dir}\nmodel: {result.model_dir}\nloss: {last.get('loss', float('nan')):.4f}")
 
 
 # ------------------------------------------------------------------ evaluation (pipeline/evaluate.py, pipeline/report.py)
 
 
 @app.command(name="eval")
-def eval_command(dataset: Dataset = "synth") -> None:
-    """Retrieval R@1/5/10 clean and under PGD, BERT-Attack, Co-Attack, SGA. Not yet built."""
-    _fail("`eval` is not built yet", 3)
+def eval_command(
+    checkpoint: Annotated[str, typer.Option("--ckpt", envvar="CKPT", help="Training run dir (its clip/), a CLIP dir or a hub id.")],
+    dataset: Dataset = "synth",
+    mlm: Annotated[Optional[str], typer.Option(envvar="MLM", help="Masked LM of the text attacks; default MODELS_DIR/<dataset>/mlm.")] = None,
+    name: Annotated[Optional[str], typer.Option(envvar="EVAL_NAME", help="Output name (evals/<name>.json); default the run / model dir name.")] = None,
+    mode: Annotated[Optional[str], typer.Option("--mode", envvar="EVAL_MODE", help="Row label; default the run's training mode, 'pretrained' for a bare CLIP dir.")] = None,
+    attacks: Annotated[str, typer.Option(envvar="ATTACKS", help="Comma-separated attacks (pgd,bert,coattack,sga); empty string: clean only.")] = "pgd,bert,coattack,sga",
+    size: Annotated[Optional[int], typer.Option(envvar="EVAL_SIZE", help="First N test images (default all).")] = None,
+    split: Annotated[str, typer.Option(envvar="EVAL_SPLIT", help="Split to evaluate on.")] = "test",
+    batch_size: Annotated[int, typer.Option(envvar="EVAL_BATCH", help="Images attacked together (with all their captions).")] = 64,
+    eps: Annotated[Optional[float], typer.Option(envvar="EPS", help="L-inf budget on [0,1] pixels for every image attack (default each attack's, 2/255).")] = None,
+    steps: Annotated[Optional[int], typer.Option(envvar="ATTACK_STEPS", help="PGD steps of every image attack (default 10).")] = None,
+    step_size: Annotated[Optional[float], typer.Option(envvar="ATTACK_STEP_SIZE", help="PGD step size (default each attack's).")] = None,
+    top_k: Annotated[Optional[int], typer.Option(envvar="TOP_K", help="BERT-Attack masked-LM candidates (default 10).")] = None,
+    n_words: Annotated[Optional[int], typer.Option(envvar="N_WORDS", help="BERT-Attack words replaced (default 1).")] = None,
+    precision: Annotated[str, typer.Option(envvar="EVAL_PRECISION", help="bf16 (autocast) or fp32.")] = "bf16",
+    device: Annotated[str, typer.Option(envvar="DEVICE", help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Retrieval R@1/5/10 (TR and IR) clean and under PGD, BERT-Attack, Co-Attack, SGA; writes evals/<name>.json."""
+    from pipeline.evaluate import EvalConfig, evaluate
+    from pipeline.models import ModelNotFoundError
+
+    try:
+        config = EvalConfig(
+            checkpoint=checkpoint, dataset=dataset, mlm=_env_or_none(mlm), name=_env_or_none(name),
+            mode=_env_or_none(mode), split=split, size=size, batch_size=batch_size,
+            attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()), eps=eps, steps=steps,
+            step_size=step_size, top_k=top_k, n_words=n_words, precision=precision, device=device,
+        )
+        record = evaluate(config, layout())
+    except (ValueError, FileNotFoundError, ModelNotFoundError) as error:
+        _fail(str(error))
+    for attack, m in record["metrics"].items():
+        typer.echo(f"{record['name']:<32} {attack:<9} TR R@1/5/10 {m['tr_r1']:5.1f} {m['tr_r5']:5.1f} {m['tr_r10']:5.1f}"
+                   f"  IR R@1/5/10 {m['ir_r1']:5.1f} {m['ir_r5']:5.1f} {m['ir_r10']:5.1f}  ASR {m['tr_asr']:5.1f} {m['ir_asr']:5.1f}")
 
 
 @app.command()
 def report(dataset: Dataset = "synth") -> None:
-    """Gather evaluations into report.md / report.png / report.json. Not yet built."""
-    _fail("`report` is not built yet", 3)
+    """Gather MANIFESTS_DIR/<dataset>/evals/*.json into report.md, report.png and report.json; print the table."""
+    from pipeline.report import build_report
+
+    try:
+        result = build_report(dataset, layout())
+    except FileNotFoundError as error:
+        _fail(str(error))
+    typer.echo(result["markdown"])
+    typer.echo("written: " + ", ".join(str(p) for p in result["paths"].values()))
 
 
 # ------------------------------------------------------------------ demo, bench, clean
@@ -203,17 +321,37 @@ def report(dataset: Dataset = "synth") -> None:
 
 @app.command()
 def demo(
-    synth_size: Annotated[int, typer.Option(envvar="SYNTH_SIZE", help="Images in the embedded dataset.")] = 4000,
+    size: Annotated[Optional[int], typer.Option(envvar="DEMO_SIZE", help="Images in the embedded synth dataset, 80/10/10 split (default 4000).")] = None,
+    pretrain_steps: Annotated[Optional[int], typer.Option(envvar="DEMO_PRETRAIN_STEPS", help="CLIP pretraining steps (default 1200).")] = None,
+    train_steps: Annotated[Optional[int], typer.Option(envvar="DEMO_TRAIN_STEPS", help="Fine-tuning steps per mode (default 150).")] = None,
+    modes: Annotated[Optional[str], typer.Option(envvar="DEMO_MODES", help="Comma-separated training modes (default ft,tecoa,mat,matplus; add fare if wanted).")] = None,
+    eval_size: Annotated[Optional[int], typer.Option(envvar="DEMO_EVAL_SIZE", help="Test images per evaluation (default 300).")] = None,
+    attacks: Annotated[Optional[str], typer.Option(envvar="DEMO_ATTACKS", help="Comma-separated attacks (default pgd,bert,coattack,sga).")] = None,
     workers: Workers = 2,
 ) -> None:
-    """The whole study on the embedded `synth` dataset (grows as stages land): ingest, then a summary."""
-    from pipeline.ingest import IngestConfig, run_ingest
-    from pipeline.manifests import summary_lines
-    from pipeline.stage import RunOptions
+    """The whole study on the embedded `synth` dataset: ingest, pretrain, augment, stats, train each mode, eval, report."""
+    from pipeline.demo import DemoConfig, DemoError, run_demo
 
-    manifest = run_ingest(IngestConfig(dataset="synth", synth_size=synth_size), layout(), RunOptions(workers=workers))
-    for line in summary_lines(manifest):
-        typer.echo(line)
+    def run_command(argv: list[str]) -> int:
+        try:
+            code = typer.main.get_command(app).main(argv, prog_name="mat-pipeline", standalone_mode=False)
+        except typer.Exit as stop:  # raised by _fail inside a command
+            code = stop.exit_code
+        return code if isinstance(code, int) else 0
+
+    def names(value: Optional[str]) -> Optional[tuple[str, ...]]:
+        return tuple(v.strip() for v in value.split(",") if v.strip()) if _env_or_none(value) else None
+
+    given = dict(size=size, pretrain_steps=pretrain_steps, train_steps=train_steps, eval_size=eval_size,
+                 modes=names(modes), attacks=names(attacks), workers=workers)
+    try:
+        config = DemoConfig(**{k: v for k, v in given.items() if v is not None})
+    except ValueError as error:
+        _fail(str(error))
+    try:
+        run_demo(config, run_command, layout(), echo=typer.echo)
+    except DemoError as error:
+        _fail(str(error))
 
 
 @app.command()

@@ -60,3 +60,17 @@ def test_resume_continues_where_it_stopped(tiny_model_dirs, layout, tmp_path):
     fresh = train(_cfg(tiny_model_dirs, run_dir=str(tmp_path / "fresh"), steps=6), layout)
     assert float(rows[4]["lr"]) == pytest.approx(fresh.history[4]["lr"])
     assert float(rows[4]["lr"]) != pytest.approx(first.history[0]["lr"])
+
+
+def test_pretrain_saves_loadable_models(layout):
+    from pipeline.models import load_mlm
+    from pipeline.train.config import PretrainConfig
+    from pipeline.train.pretrain import pretrain
+
+    cfg = PretrainConfig(dataset="toy", clip_preset="tiny", mlm_preset="tiny", vocab_size=200, steps=3,
+                         batch_size=8, warmup=1, mlm_steps=3, mlm_batch_size=8, num_workers=0)
+    out = pretrain(cfg, layout)
+    assert out["clip"] == str(layout.model_dir("toy", "clip"))
+    clip, mlm = load_clip(out["clip"]), load_mlm(out["mlm"])
+    assert clip.image_size == 32 and mlm.tokenizer.tokenize("a green picture") == ["a", "green", "picture"]
+    assert not (layout.runs_dir / out["run_dir"] / "init").exists()

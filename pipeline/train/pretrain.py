@@ -1,0 +1,99 @@
+"""`make pretrain`: the demo's stand-ins for pretrained CLIP and bert-base, trained from scratch on one dataset.
+
+1. tokenizers (CLIP BPE, BERT WordPiece) trained offline on the train split's captions;
+2. a small BERT masked LM on those captions (the candidate generator of BERT-Attack);
+3. a small CLIP from `CLIP_PRESETS[clip_preset]`, trained with the `ft` mode of the training loop on the base
+   shards (so it streams, logs and checkpoints like any run: RUNS_DIR/pretrain-<dataset>-<time>/);
+4. both saved with save_pretrained to MODELS_DIR/<dataset>/clip and MODELS_DIR/<dataset>/mlm.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import DataCollatorForLanguageModeling
+
+from pipeline.models import MLMBundle, autocast, build_clip, build_mlm, train_tokenizers
+from pipeline.paths import Layout
+from pipeline.shards import list_shards, read_tar
+from pipeline.train.config import DataConfig, OptimConfig, PretrainConfig, TrainConfig, check_pretrain
+from pipeline.train.distributed import pick_device
+from pipeline.train.loop import cosine_with_warmup
+from pipeline.train.main import train
+
+log = logging.getLogger(__name__)
+
+
+def read_captions(base_dir: Path, split: str = "train") -> list[str]:
+    """Every caption of every base sample of `split` (captions are small; images are not decoded)."""
+    captions: list[str] = []
+    for tar in list_shards(base_dir, split):
+        for sample in read_tar(tar):
+            captions.extend(json.loads(sample["json"])["captions"])
+    if not captions:
+        raise FileNotFoundError(f"no {split} captions in {base_dir}: run `make ingest` first")
+    return captions
+
+
+def train_mlm(mlm: MLMBundle, captions: list[str], cfg: PretrainConfig, device: torch.device) -> list[float]:
+    """Masked-LM training on the captions (transformers' 80/10/10 masking); returns the loss per step."""
+    mlm.to(device).model.train()
+    collator = DataCollatorForLanguageModeling(mlm.tokenizer, mlm_probability=cfg.mask_prob)
+    optimizer = torch.optim.AdamW(mlm.model.parameters(), lr=cfg.mlm_lr, weight_decay=0.01)
+    scheduler = cosine_with_warmup(optimizer, min(cfg.warmup, cfg.mlm_steps // 10), cfg.mlm_steps)
+    rng, losses = random.Random(cfg.seed), []
+    for _ in tqdm(range(cfg.mlm_steps), desc="mlm"):
+        texts = rng.sample(captions, min(cfg.mlm_batch_size, len(captions)))
+        encoded = mlm.tokenizer(texts, truncation=True, max_length=mlm.tokenizer.model_max_length)
+        batch = {k: v.to(device) for k, v in collator([{"input_ids": ids} for ids in encoded["input_ids"]]).items()}
+        with autocast(device, enabled=cfg.precision == "bf16"):
+            loss = mlm.model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(float(loss.detach()))
+    mlm.model.eval()
+    return losses
+
+
+def pretrain(cfg: PretrainConfig, layout: Layout | None = None) -> dict[str, str]:
+    check_pretrain(cfg)
+    layout = layout or Layout.from_env()
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    # 1. Tokenizers.
+    captions = read_captions(layout.base_dir(cfg.dataset))
+    clip_tok, bert_tok = train_tokenizers(captions, cfg.vocab_size)
+    # 2. Masked LM.
+    mlm = build_mlm(cfg.mlm_preset, bert_tok)
+    losses = train_mlm(mlm, captions, cfg, device)
+    if losses:
+        log.info("mlm loss %.3f -> %.3f", losses[0], sum(losses[-10:]) / len(losses[-10:]))
+    mlm_dir = mlm.save(layout.model_dir(cfg.dataset, "mlm"))
+    # 3. CLIP: the `ft` loop from a random init saved where `train` can load it.
+    run_dir = layout.runs_dir / f"pretrain-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    init_dir = build_clip(cfg.clip_preset, clip_tok).save(run_dir / "init")
+    result = train(
+        TrainConfig(
+            mode="ft", dataset=cfg.dataset, clip=str(init_dir), steps=cfg.steps, batch_size=cfg.batch_size,
+            precision=cfg.precision, seed=cfg.seed, save_every=max(1, cfg.steps // 4), run_dir=str(run_dir),
+            device=cfg.device, optim=OptimConfig(lr=cfg.lr, warmup=cfg.warmup),
+            data=DataConfig(num_workers=cfg.num_workers),
+        ),
+        layout,
+    )
+    # 4. Publish.
+    clip_dir = layout.model_dir(cfg.dataset, "clip")
+    shutil.rmtree(clip_dir, ignore_errors=True)
+    shutil.copytree(result.model_dir, clip_dir)
+    shutil.rmtree(init_dir, ignore_errors=True)
+    log.info("pretrained models: %s, %s", clip_dir, mlm_dir)
+    return {"clip": str(clip_dir), "mlm": str(mlm_dir), "run_dir": str(result.run_dir)}
