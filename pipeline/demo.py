@@ -1,0 +1,96 @@
+"""`make demo`: the whole study on the embedded `synth` dataset, on CPU, in about 20 minutes.
+
+Each phase runs the very command its own make target runs (``mat-pipeline <command> ...``, through the typer
+app in-process), so the demo is only an ordering of targets with small budgets:
+
+1. ``ingest`` the synth dataset;
+2. ``pretrain`` the small CLIP and masked LM that stand in for pretrained models;
+3. ``augment`` with the stages that run here (i2t-human, eda, randaug); the generative ones are skipped;
+4. ``stats`` of the augmentations;
+5. ``train`` in each mode (ft, tecoa, mat, matplus; fare when asked);
+6. ``eval`` of the pretrained model and of every trained one, clean and under every attack;
+7. ``report``: the table printed, the chart saved.
+
+Budgets come from :class:`DemoConfig` (env: DEMO_SIZE, DEMO_PRETRAIN_STEPS, DEMO_TRAIN_STEPS, DEMO_MODES,
+DEMO_EVAL_SIZE, DEMO_ATTACKS) so a bigger study is one command too.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.paths import Layout
+
+log = logging.getLogger(__name__)
+
+DATASET = "synth"
+CPU_STAGES = ("i2t-human", "eda", "randaug")
+GENERATIVE_STAGES = {"i2t-internvl": "I2T_MODEL", "t2i-sd": "T2I_MODEL"}
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    size: int = 4000  # synth images (80 % train, 10 % val, 10 % test)
+    pretrain_steps: int = 1200
+    train_steps: int = 150
+    modes: tuple[str, ...] = ("ft", "tecoa", "mat", "matplus")
+    eval_size: int = 300
+    attacks: tuple[str, ...] = ("pgd", "bert", "coattack", "sga")
+    workers: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("size", "pretrain_steps", "train_steps", "eval_size", "workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 1")
+        if not self.modes:
+            raise ValueError("modes is empty: give at least one training mode")
+
+
+#: Runs one CLI command (argv without the program name) and returns its exit code.
+Runner = Callable[[list[str]], int]
+
+
+class DemoError(RuntimeError):
+    """A demo phase failed."""
+
+
+def run_demo(cfg: DemoConfig, run: Runner, layout: Layout | None = None, echo: Callable[[str], None] = print) -> str:
+    """Run every phase with ``run(argv)`` (one CLI command each); returns the report's Markdown."""
+    layout = layout or Layout.from_env()
+    timings: dict[str, float] = {}
+
+    def phase(name: str, argv: list[str], optional: bool = False) -> None:
+        echo(f"== {name}: mat-pipeline {' '.join(argv)}")
+        start = time.perf_counter()
+        code = run(argv)
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+        if code and not optional:
+            raise DemoError(f"demo phase {name!r} failed: `mat-pipeline {' '.join(argv)}` exited with {code}")
+        if code:
+            echo(f"(phase {name} skipped: exit {code}; the study goes on without it)")
+
+    data = ["--dataset", DATASET]
+    phase("ingest", ["ingest", *data, "--synth-size", str(cfg.size), "--workers", str(cfg.workers)])
+    phase("pretrain", ["pretrain", *data, "--steps", str(cfg.pretrain_steps)])
+    echo(f"generative stages skipped: {', '.join(GENERATIVE_STAGES)} (no generative models on this machine); "
+         f"enable them with {' / '.join(f'{v}=<model dir or id>' for v in GENERATIVE_STAGES.values())} "
+         f"and `make augment STAGES={','.join(GENERATIVE_STAGES)}` (see README)")
+    phase("augment", ["augment", *data, "--stages", ",".join(CPU_STAGES), "--workers", str(cfg.workers)])
+    phase("stats", ["stats", *data], optional=True)  # descriptive only: nothing downstream reads it
+    runs: dict[str, Path] = {}
+    for mode in cfg.modes:
+        runs[mode] = layout.runs_dir / f"demo-{mode}-{DATASET}"
+        phase(f"train {mode}", ["train", *data, "--mode", mode, "--steps", str(cfg.train_steps),
+                                "--run-dir", str(runs[mode])])
+    evals = {"pretrained": str(layout.model_dir(DATASET, "clip")), **{m: str(p) for m, p in runs.items()}}
+    for name, checkpoint in evals.items():
+        phase(f"eval {name}", ["eval", *data, "--ckpt", checkpoint, "--name", f"demo-{name}", "--mode", name,
+                               "--size", str(cfg.eval_size), "--attacks", ",".join(cfg.attacks)])
+    phase("report", ["report", *data])  # prints the tables
+    echo("\n== phase times: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
+         + f"; total {sum(timings.values()) / 60:.1f} min")
+    return (layout.dataset_manifests(DATASET) / "report.md").read_text()

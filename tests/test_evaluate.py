@@ -1,0 +1,88 @@
+"""evaluate.py on a tiny CLIP trained for seconds on synth: retrieval, every attack, ASR ordering, the JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipeline.evaluate import CLEAN, EvalConfig, check_eval, eval_path, evaluate, resolve_checkpoint
+from pipeline.paths import Layout
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Layout:
+    """synth (600 images, 60 test) ingested, a tiny CLIP and masked LM pretrained on it by `pretrain`."""
+    from pipeline.ingest import IngestConfig, run_ingest
+    from pipeline.stage import RunOptions
+    from pipeline.train.config import PretrainConfig
+    from pipeline.train.pretrain import pretrain
+
+    torch.set_num_threads(1)  # the CPU is shared: one thread avoids OpenMP spin-waiting
+    root = tmp_path_factory.mktemp("eval")
+    layout = Layout(shards_dir=root / "shards", manifests_dir=root / "manifests", runs_dir=root / "runs",
+                    models_dir=root / "models")
+    run_ingest(IngestConfig(dataset="synth", synth_size=600, shard_size=1000), layout, RunOptions(workers=1))
+    pretrain(PretrainConfig(clip_preset="tiny", mlm_preset="tiny", vocab_size=300, steps=400, batch_size=64,
+                            warmup=30, mlm_steps=150, num_workers=0), layout)
+    return layout
+
+
+@pytest.fixture(scope="module")
+def record(trained) -> dict:
+    return evaluate(EvalConfig(checkpoint=str(trained.model_dir("synth", "clip")), name="tiny", size=60,
+                               batch_size=32), trained)
+
+
+def test_clean_retrieval_is_far_above_chance(record):
+    clean = record["metrics"][CLEAN]
+    assert record["n_images"] == 60 and record["n_texts"] == 300
+    # chance R@1 is 5/300 (TR) and 1/60 (IR); a model that learned something is far above
+    assert clean["tr_r1"] > 20 and clean["ir_r1"] > 15
+    assert clean["tr_r1"] <= clean["tr_r5"] <= clean["tr_r10"] and clean["ir_r1"] <= clean["ir_r5"] <= clean["ir_r10"]
+
+
+def test_every_attack_lowers_r1(record):
+    clean = record["metrics"][CLEAN]
+    for attack in ("pgd", "bert", "coattack", "sga"):
+        m = record["metrics"][attack]
+        assert m["tr_r1"] < clean["tr_r1"] and m["ir_r1"] < clean["ir_r1"], attack
+        assert m["tr_asr"] > 0 and m["ir_asr"] > 0, attack
+
+
+def test_asr_ordering_of_multimodal_attacks(record):
+    """SGA >= Co-Attack >= PGD as published (SGA, Lu et al. 2023, Table on CLIP ViT-B/16)."""
+    asr = {a: (m["tr_asr"] + m["ir_asr"]) / 2 for a, m in record["metrics"].items() if a != CLEAN}
+    assert asr["sga"] >= asr["coattack"] >= asr["pgd"], asr
+
+
+def test_eval_json_written_with_settings(record, trained):
+    written = json.loads(eval_path(trained, "synth", "tiny").read_text())
+    assert written["mode"] == "pretrained" and written["settings"]["attacks"] == ["pgd", "bert", "coattack", "sga"]
+    assert set(written["metrics"]) == {CLEAN, "pgd", "bert", "coattack", "sga"}
+    assert written["metrics"]["sga"]["ir_r1"] == record["metrics"]["sga"]["ir_r1"]
+
+
+def test_stronger_budget_breaks_more(trained, record):
+    """PGD at 8/255 breaks at least as many queries as at the default 2/255 (same model, same images)."""
+    strong = evaluate(EvalConfig(checkpoint=str(trained.model_dir("synth", "clip")), name="tiny-eps8", size=60,
+                                 attacks=("pgd",), eps=8 / 255, step_size=2 / 255), trained)
+    assert strong["metrics"]["pgd"]["tr_asr"] >= record["metrics"]["pgd"]["tr_asr"]
+    assert strong["metrics"]["pgd"]["ir_r1"] < record["metrics"][CLEAN]["ir_r1"]
+    assert strong["attack_options"] == {"eps": 8 / 255, "step_size": 2 / 255}
+
+
+def test_run_dir_resolves_to_its_clip_and_mode(tmp_path):
+    run = tmp_path / "tecoa-synth-20240101-000000"
+    (run / "clip").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"mode": "tecoa"}))
+    assert resolve_checkpoint(str(run)) == (str(run / "clip"), run.name, "tecoa")
+    assert resolve_checkpoint(str(tmp_path / "models" / "synth" / "clip"))[1:] == ("synth", "pretrained")
+
+
+@pytest.mark.parametrize("change, message", [({"attacks": ("pgd", "nope")}, "nope"), ({"size": 1}, "size"),
+                                             ({"precision": "fp8"}, "fp8"), ({"eps": 2.0}, "eps")])
+def test_bad_settings_raise(change, message):
+    with pytest.raises(ValueError, match=message):
+        check_eval(EvalConfig(checkpoint="x", **change))
