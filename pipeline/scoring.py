@@ -1,0 +1,308 @@
+"""CLIP scorer: per-variant alignment / src_sim / shift and per-shard feature stats, from one place.
+
+Hooks the stage runner calls (see docs/architecture.md):
+
+    scorer = load_scorer(spec, dataset, layout)          # driver; None => scoring skipped (logged)
+    scorer.prepare(base_dir)                             # driver, once: reference Gaussians (cached .npz)
+    features = scorer.score_shard(samples, results, m)   # worker, per shard: fills variant.extra, returns stats
+    summarize_features([features, ...])                  # manifest: stage-level Frechet distances
+
+Per variant: ``alignment`` = cosine(image, text) of the pair the variant forms (raw cosine, as DataComp's
+clip-score); ``src_sim`` = cosine to the original in the changed modality (diversity = 1 - src_sim);
+``shift`` = RMS Mahalanobis distance under the Gaussian of the original features of that modality (about 1
+for a typical original), the per-sample view of the Frechet distance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from pipeline.metrics import FeatureStats, MahalanobisReference, RunningGaussian, frechet_summary, merge_feature_stats
+from pipeline.paths import Layout
+
+log = logging.getLogger(__name__)
+
+SIDES_BY_MODALITY: dict[str, tuple[str, ...]] = {"text": ("text",), "image": ("image",), "both": ("image", "text")}
+DISABLED_SPECS = frozenset({"none", "off", "false", "0"})
+SKIP_MESSAGE = "scoring skipped: no scorer; run `make pretrain` or pass SCORER=<dir or hub id>"
+
+
+class ScorerNotFoundError(FileNotFoundError):
+    """SCORER names something that is neither a model directory nor a loadable hub id."""
+
+
+class _Variant(Protocol):
+    text: str | None
+    image_jpeg: bytes | None
+    caption_index: int | None
+    extra: dict
+
+
+@dataclass(frozen=True)
+class ScorerConfig:
+    model: str
+    batch_size: int = 64
+    device: str = "auto"  # "auto" = cuda when available
+    bf16: bool = True  # autocast where the device supports it
+    # Mahalanobis shift: shrink the reference covariance this much towards a scaled identity. Light, so a
+    # direction the originals never vary in (off their manifold) still counts as far; enough to invert n < dim.
+    shrinkage: float = 0.01
+    reference_samples: int = 20_000  # base images (and their captions) the reference Gaussians are fitted on
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("scorer model must be a hub id or a directory, got an empty string")
+        if self.batch_size < 1:
+            raise ValueError(f"scorer batch_size must be >= 1, got {self.batch_size}")
+        if not 0.0 < self.shrinkage <= 1.0:
+            raise ValueError(f"scorer shrinkage must be in (0, 1], got {self.shrinkage}")
+        if self.reference_samples < 2:
+            raise ValueError(f"scorer reference_samples must be >= 2, got {self.reference_samples}")
+
+
+def _decode_rgb(data: bytes):
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert("RGB")
+
+
+def _weights_digest(directory: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.bin")):
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+class Scorer:
+    """Picklable: the model is loaded lazily in whichever process scores; references travel as arrays."""
+
+    def __init__(self, config: ScorerConfig, cache_dir: Path) -> None:
+        self.config = config
+        self.cache_dir = Path(cache_dir)
+        self.references: dict[str, MahalanobisReference] = {}
+        self._revision: str | None = None
+        self._bundle = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_bundle"] = None
+        return state
+
+    # ------------------------------------------------------------------------------------ model
+
+    @property
+    def device(self) -> str:
+        if self.config.device != "auto":
+            return self.config.device
+        from pipeline.models import default_device
+
+        return default_device()
+
+    @property
+    def bundle(self):
+        if self._bundle is None:
+            from pipeline.models import load_clip
+
+            self._bundle = load_clip(self.config.model, device=self.device)
+            self._bundle.model.requires_grad_(False)
+        return self._bundle
+
+    def revision(self) -> str:
+        """Content digest of a local directory's weights, or the hub commit the weights came from."""
+        if self._revision is None:
+            local = Path(self.config.model).expanduser()
+            if local.is_dir():
+                self._revision = "sha256:" + _weights_digest(local)
+            else:
+                self._revision = str(getattr(self.bundle.model.config, "_commit_hash", None) or "unknown")
+        return self._revision
+
+    def describe(self) -> dict[str, Any]:
+        local = Path(self.config.model).expanduser()
+        path = str(local.resolve()) if local.is_dir() else None
+        return {"name": self.config.model, "path": path, "revision": self.revision(), **asdict(self.config)}
+
+    def _run(self, encode: Callable[[Any], Any], batches: Sequence[Any], prepare: Callable[[Any], Any]) -> np.ndarray:
+        """Encode batches, preparing batch i+1 on a thread while the model runs batch i."""
+        import torch
+
+        from pipeline.models import autocast
+
+        if not batches:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        outputs = []
+        with ThreadPoolExecutor(max_workers=1) as pool, torch.inference_mode():
+            pending = pool.submit(prepare, batches[0])
+            for index in range(len(batches)):
+                ready = pending.result()
+                if index + 1 < len(batches):
+                    pending = pool.submit(prepare, batches[index + 1])
+                with autocast(self.device, enabled=self.config.bf16):
+                    features = encode(ready)
+                # normalise in float32: under bf16 autocast the norms would be off by ~1e-3
+                outputs.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
+        return torch.cat(outputs).numpy()
+
+    def _batches(self, items: Sequence[Any]) -> list[Sequence[Any]]:
+        size = self.config.batch_size
+        return [items[i : i + size] for i in range(0, len(items), size)]
+
+    def embed_images(self, images: Sequence[Any]) -> np.ndarray:
+        """PIL images or JPEG bytes -> L2-normalised float32 embeddings [N, D]."""
+
+        def prepare(batch: Sequence[Any]):
+            pil = [_decode_rgb(item) if isinstance(item, bytes) else item for item in batch]
+            return self.bundle.preprocess(pil).to(self.device, non_blocking=True)
+
+        return self._run(self.bundle.image_features, self._batches(list(images)), prepare)
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Strings -> L2-normalised float32 embeddings [N, D]; duplicates are encoded once."""
+        unique = list(dict.fromkeys(texts))
+        embedded = self._run(self.bundle.text_features, self._batches(unique), self.bundle.tokenize)
+        row = {text: i for i, text in enumerate(unique)}
+        return embedded[[row[text] for text in texts]] if len(texts) else embedded
+
+    @property
+    def dim(self) -> int:
+        return int(self.bundle.model.config.projection_dim)
+
+    # ------------------------------------------------------------------------------ reference
+
+    def prepare(self, base_dir: Path) -> None:
+        """Fit (or load from cache) the Gaussians of the original image and caption features of the base."""
+        from pipeline.shards import list_shards, read_stats
+
+        shards = [(p, read_stats(p)) for p in list_shards(Path(base_dir))]
+        shards = [(p, s) for p, s in shards if s is not None]
+        if not shards:
+            raise FileNotFoundError(f"no committed base shards in {base_dir}: run `make ingest` first")
+        key = "|".join([self.revision(), str(self.config.shrinkage), str(self.config.reference_samples)]
+                       + [f"{p.name}:{s['sha256']}" for p, s in shards])
+        cache = self.cache_dir / f"reference-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+        if cache.exists():
+            with np.load(cache) as arrays:
+                self.references = {side: MahalanobisReference(arrays[f"{side}_mean"], arrays[f"{side}_precision"])
+                                   for side in ("image", "text")}
+            log.info("scorer reference loaded from %s", cache)
+            return
+        stats = self._reference_stats([p for p, _ in shards])
+        self.references = {side: MahalanobisReference.fit(g, self.config.shrinkage) for side, g in stats.items()}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + ".tmp")
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **{f"{side}_{name}": array for side, ref in self.references.items()
+                                for name, array in ref.to_arrays().items()})
+        os.replace(tmp, cache)
+        log.info("scorer reference fitted on %d images / %d captions, cached at %s",
+                 stats["image"].count, stats["text"].count, cache)
+
+    def _reference_stats(self, shard_paths: list[Path]) -> dict[str, RunningGaussian]:
+        import json
+
+        from tqdm import tqdm
+
+        from pipeline.shards import read_tar
+
+        stats = {side: RunningGaussian(self.dim) for side in ("image", "text")}
+        progress = tqdm(total=self.config.reference_samples, desc="scorer reference", unit="img", leave=False)
+        for path in shard_paths:
+            samples = read_tar(path)[: self.config.reference_samples - stats["image"].count]
+            stats["image"].update(self.embed_images([s["jpg"] for s in samples]))
+            stats["text"].update(self.embed_texts([c for s in samples for c in json.loads(s["json"])["captions"]]))
+            progress.update(len(samples))
+            if stats["image"].count >= self.config.reference_samples:
+                break
+        progress.close()
+        return stats
+
+    # ---------------------------------------------------------------------------------- scoring
+
+    def score_shard(self, samples: Sequence[Any], results: Sequence[Any], modality: str) -> FeatureStats:
+        """Set variant.extra["alignment" | "src_sim" | "shift"] in place; return the shard's feature stats.
+
+        ``samples[i]`` (key, image_bytes, captions) pairs with ``results[i].variants``. A variant with text
+        pairs with the base image; a variant with an image pairs with caption ``caption_index`` (the primary
+        caption, index 0, when it is None).
+        """
+        if modality not in SIDES_BY_MODALITY:
+            raise ValueError(f"unknown modality {modality!r}; valid: {sorted(SIDES_BY_MODALITY)}")
+        if not self.references:
+            raise RuntimeError("Scorer.prepare(base_dir) must run before score_shard")
+        sides = SIDES_BY_MODALITY[modality]
+        flat = [(i, v) for i, result in enumerate(results) for v in result.variants]
+        # 1. Originals: every base image / caption on a changed side (its Gaussian), else only those paired.
+        with_variants = sorted({i for i, _ in flat})
+        image_rows = range(len(samples)) if "image" in sides else with_variants
+        base_images = dict(zip(image_rows, self.embed_images([samples[i].image_bytes for i in image_rows])))
+        caption_ids = ([(i, c) for i, s in enumerate(samples) for c in range(len(s.captions))] if "text" in sides
+                       else sorted({(i, v.caption_index or 0) for i, v in flat}))
+        captions = dict(zip(caption_ids, self.embed_texts([samples[i].captions[c] for i, c in caption_ids])))
+        # 2. Variants.
+        has_text = [k for k, (_, v) in enumerate(flat) if v.text is not None]
+        has_image = [k for k, (_, v) in enumerate(flat) if v.image_jpeg is not None]
+        var_text = dict(zip(has_text, self.embed_texts([flat[k][1].text for k in has_text])))
+        var_image = dict(zip(has_image, self.embed_images([flat[k][1].image_jpeg for k in has_image])))
+        # 3. Scores per variant.
+        for k, (i, variant) in enumerate(flat):
+            source_caption = captions[(i, variant.caption_index or 0)]
+            image = var_image.get(k, base_images[i])
+            text = var_text.get(k, source_caption)
+            changed = [(side, var_image[k], base_images[i]) for side in ("image",) if k in var_image]
+            changed += [(side, var_text[k], source_caption) for side in ("text",) if k in var_text]
+            variant.extra["alignment"] = float(image @ text)
+            if changed:
+                variant.extra["src_sim"] = float(np.mean([new @ old for _, new, old in changed]))
+                variant.extra["shift"] = float(np.mean([self.references[s].distance(new)[0] for s, new, _ in changed]))
+        # 4. Feature stats of the changed sides.
+        found = {"image": (list(base_images.values()), list(var_image.values())),
+                 "text": (list(captions.values()), list(var_text.values()))}
+        stats: FeatureStats = {}
+        for side in sides:
+            originals, variants = found[side]
+            stats[side] = {role: RunningGaussian(self.dim).update(np.asarray(rows).reshape(-1, self.dim)).to_dict()
+                           for role, rows in (("original", originals), ("variant", variants))}
+        return stats
+
+
+def summarize_features(shard_features: list[FeatureStats]) -> dict[str, Any]:
+    """Stage-level summary for the manifest: Frechet distances and counts per side."""
+    return frechet_summary(merge_feature_stats(shard_features))
+
+
+def load_scorer(spec: str | None, dataset: str, layout: Layout | None = None, **options: Any) -> Scorer | None:
+    """The scorer SCORER names (hub id or directory); by default the CLIP `make pretrain` saved for the dataset.
+
+    Returns None (and logs how to enable scoring) when no scorer is named and no pretrained one exists, or
+    when spec is "none". A named directory that does not exist raises ScorerNotFoundError at once.
+    """
+    layout = layout or Layout.from_env()
+    cache_dir = layout.dataset_manifests(dataset)
+    if spec is not None and spec.strip().lower() in DISABLED_SPECS:
+        log.info("scoring disabled (SCORER=%s)", spec)
+        return None
+    if not spec:
+        default = layout.model_dir(dataset, "clip")
+        if not (default / "config.json").exists():
+            log.warning(SKIP_MESSAGE)
+            return None
+        spec = str(default)
+    local = Path(spec).expanduser()
+    looks_local = local.exists() or spec.startswith((".", "/", "~"))
+    if looks_local and not (local / "config.json").exists():
+        raise ScorerNotFoundError(f"scorer {spec!r} is not a model directory (no config.json): "
+                                  "pass SCORER=<save_pretrained dir or hub id>, or run `make pretrain`")
+    return Scorer(ScorerConfig(model=spec, **options), cache_dir)
