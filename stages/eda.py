@@ -9,8 +9,9 @@ variants are one of each operation, as in the EDA paper's generator.
 
 WordNet and the POS tagger SynonymAug needs come from Debian packages (see pipeline/wordnet_offline.py: the
 tagger is an HMM over the Lingua::EN::Tagger lexicon); ``nltk.download`` is made to fail loudly.
-nlpaug has no seed argument: Python's and numpy's global RNGs are seeded per variant from
-``seed_for(key, c * variants_per_caption + j)``.
+nlpaug has no seed argument: Python's global RNG is seeded per variant from
+``seed_for(key, c * variants_per_caption + j)`` (numpy's too for an augmenter marked ``uses_numpy``; none of
+nlpaug's word augmenters used here draws from numpy, which a test checks).
 
 A variant that equals its caption (nothing to swap, no WordNet synonym, ...) or an earlier variant of the same
 caption is recorded in ``skipped`` with the reason, never emitted.
@@ -51,10 +52,13 @@ def detokenize(tokens: Sequence[str]) -> str:
 
 
 def is_word(token: str) -> bool:
-    return any(ch.isalnum() for ch in token)
+    # A token of _TOKEN is a word exactly when it starts with a letter or digit.
+    return token[:1].isalnum()
 
 
 class TextAugmenter(Protocol):
+    action: str  # nlpaug's name of the method that does one augmentation: str -> str
+
     def augment(self, data: str) -> list[str]: ...
 
 
@@ -64,20 +68,31 @@ class WordNetInsertion:
 
     def __init__(self, wordnet: Any, aug_p: float, stopwords: frozenset[str]):
         self.wordnet, self.aug_p, self.stopwords = wordnet, aug_p, stopwords
+        self._cache: dict[str, list[str]] = {}  # caption vocabularies are small: look each word up once
 
     def synonyms(self, word: str) -> list[str]:
         low = word.lower()
+        if low not in self._cache:
+            self._cache[low] = self._lookup(low)
+        return self._cache[low]
+
+    def _lookup(self, low: str) -> list[str]:
         same = {low, (self.wordnet.morphy(low) or low)}
         names = {lemma.name() for synset in self.wordnet.synsets(low) for lemma in synset.lemmas()}
         # Sorted: set order depends on the hash seed, and the output must not.
         return sorted(n.replace("_", " ").lower() for n in names if n.lower() not in same)
 
+    action = "insert"
+
     def augment(self, data: str) -> list[str]:
+        return [self.insert(data)]
+
+    def insert(self, data: str) -> str:
         tokens = tokenize(data)
         choices = {t for t in tokens if is_word(t) and t.lower() not in self.stopwords}
         pool = [(t, syns) for t in sorted(choices) if (syns := self.synonyms(t))]
         if not pool:
-            return [data]
+            return data
         # Insert only among the words, before any closing punctuation.
         end = max(i for i, t in enumerate(tokens) if is_word(t)) + 1
         for _ in range(max(1, math.ceil(self.aug_p * len(tokens)))):
@@ -85,7 +100,7 @@ class WordNetInsertion:
             position = random.randint(0, end)
             tokens.insert(position, random.choice(syns))
             end += 1
-        return [detokenize(tokens)]
+        return detokenize(tokens)
 
 
 # op name -> (builder of its augmenter, reason recorded when it leaves the caption unchanged)
@@ -116,6 +131,7 @@ class Op:
     build: Callable[[EDAStage], TextAugmenter]
     min_words: int   # captions with fewer words are skipped with reason "fewer than N words"
     unchanged: str   # reason recorded when the augmenter returns the caption unchanged
+    uses_numpy: bool = False  # whether it draws from numpy's global RNG (then seeded per variant too)
 
 
 OPS: dict[str, Op] = {
@@ -126,9 +142,12 @@ OPS: dict[str, Op] = {
 }
 
 
-def seed_global_rngs(seed: int) -> None:
+def seed_global_rngs(seed: int, numpy_too: bool = False) -> None:
+    # nlpaug 1.1.11's word augmenters draw only from `random` (random.sample over lists); tests assert numpy's
+    # global state is untouched, so seeding numpy too (~2 us a variant) is only done for augmenters that need it.
     random.seed(seed)
-    np.random.seed(seed % 2**32)
+    if numpy_too:
+        np.random.seed(seed % 2**32)
 
 
 class EDAStage(Stage):
@@ -169,6 +188,9 @@ class EDAStage(Stage):
         words = self.tagger.function_words | _AUXILIARIES
         self.stopwords = frozenset(words | {w.capitalize() for w in words})
         self.augmenters = {op: OPS[op].build(self) for op in dict.fromkeys(self.config.ops)}
+        # The action method itself (what augment(text) runs once for a single string), without augment()'s
+        # per-call validation and retry wrapper: same output for the same RNG state, less overhead.
+        self._actions = {op: getattr(aug, aug.action) for op, aug in self.augmenters.items()}
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -202,8 +224,8 @@ class EDAStage(Stage):
                   else None)
         # Closing punctuation stays at the end: the operations act on the words before it.
         end = max((i for i, t in enumerate(tokens) if is_word(t)), default=-1) + 1
-        body, tail = detokenize(tokens[:end]), tokens[end:]
-        original = detokenize(tokens)
+        body, original = detokenize(tokens[:end]), detokenize(tokens)
+        tail = original[len(body):] if original.startswith(body) else None
         seen = {original}
         for j in range(n):
             op = self.config.ops[j % len(self.config.ops)]
@@ -211,8 +233,9 @@ class EDAStage(Stage):
             text = None
             if why is None:
                 seed = self.seed_for(key, c * n + j)
-                seed_global_rngs(seed)
-                text = detokenize([self.augmenters[op].augment(body)[0], *tail])
+                seed_global_rngs(seed, OPS[op].uses_numpy)
+                text = self._actions[op](body)
+                text = text + tail if tail is not None else detokenize([text, *tokens[end:]])
                 why = OPS[op].unchanged if text == original else "duplicate of an earlier variant" if text in seen else None
             if why is not None:
                 result.skipped.append({"caption_index": c, "variant": j, "op": f"eda:{op}", "reason": why})

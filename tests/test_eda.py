@@ -180,6 +180,19 @@ def test_default_variants_are_one_per_op_with_seeds(stage: EDAStage) -> None:
         assert v.caption_index == 0 and v.seed == stage.seed_for("k0", j) and v.text != CAPTIONS[0]
 
 
+def test_augmenters_draw_only_from_python_random(stage: EDAStage) -> None:
+    import numpy as np
+
+    for op, augmenter in stage.augmenters.items():
+        if OPS[op].uses_numpy:
+            continue
+        np.random.seed(7)
+        before = np.random.get_state()[1].copy()
+        for caption in CAPTIONS:
+            augmenter.augment(caption)
+        assert (np.random.get_state()[1] == before).all(), f"{op} draws from numpy: set uses_numpy=True"
+
+
 def test_same_seed_same_output_and_keys_differ(stage: EDAStage) -> None:
     other = EDAStage(EDAStage.Config(), StageContext(dataset="test", seed=0))
     other.setup()
