@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 
 SIDES_BY_MODALITY: dict[str, tuple[str, ...]] = {"text": ("text",), "image": ("image",), "both": ("image", "text")}
 DISABLED_SPECS = frozenset({"none", "off", "false", "0"})
-SKIP_MESSAGE = "scoring skipped: no scorer; run `make pretrain` or pass SCORER=<dir or hub id>"
 
 
 class ScorerNotFoundError(FileNotFoundError):
@@ -286,7 +285,7 @@ def summarize_features(shard_features: list[FeatureStats]) -> dict[str, Any]:
 def load_scorer(spec: str | None, dataset: str, layout: Layout | None = None, **options: Any) -> Scorer | None:
     """The scorer SCORER names (hub id or directory); by default the CLIP `make pretrain` saved for the dataset.
 
-    Returns None (and logs how to enable scoring) when no scorer is named and no pretrained one exists, or
+    Returns None when no scorer is named and no pretrained one exists, or
     when spec is "none". A named directory that does not exist raises ScorerNotFoundError at once.
     """
     layout = layout or Layout.from_env()
@@ -297,8 +296,7 @@ def load_scorer(spec: str | None, dataset: str, layout: Layout | None = None, **
     if not spec:
         default = layout.model_dir(dataset, "clip")
         if not (default / "config.json").exists():
-            log.warning(SKIP_MESSAGE)
-            return None
+            return None  # the caller says scoring was skipped and how to enable it
         spec = str(default)
     local = Path(spec).expanduser()
     looks_local = local.exists() or spec.startswith((".", "/", "~"))

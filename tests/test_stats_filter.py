@@ -1,0 +1,149 @@
+"""stats and filter over stage shards whose per-variant scores are planted here (no model needed)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.filters import FilterConfig, filter_path, find_filter, load_filter, run_filter
+from pipeline.paths import Layout
+from pipeline.shards import sample_key, sha256_file, shard_name, write_stats, write_tar
+from pipeline.stats import read_stage_scores, run_stats
+
+DATASET = "toy"
+FD = {"eda": {"fd_image": None, "fd_text": 0.125}, "randaug": {"fd_image": 0.5, "fd_text": None}}
+
+
+def _manifest(stage: str, written: int, variants: int | None, shard_dir, features=None) -> dict:
+    stats = {"variants": variants, "variant_skips": 1} if variants is not None else {}
+    if features:
+        stats["features"] = features
+    return {"dataset": DATASET, "stage": stage, "counts": {"input": written, "written": written, "skipped": 0},
+            "config": {"scorer": {"name": "toy-clip"}}, "shards": [{"path": str(shard_dir)}], "stats": stats}
+
+
+@pytest.fixture()
+def scored(tmp_path) -> tuple[Layout, dict[str, list[dict]]]:
+    """Two stages over 2 shards x 5 keys: eda (text, 2 variants per key), randaug (image, 0-2 per key)."""
+    layout = Layout(shards_dir=tmp_path / "shards", manifests_dir=tmp_path / "manifests")
+    rng = np.random.default_rng(0)
+    planted: dict[str, list[dict]] = {"eda": [], "randaug": []}
+    for stage in ("eda", "randaug"):
+        for shard in range(2):
+            samples = []
+            for index in range(5):
+                key = sample_key("train", shard, index)
+                count = 2 if stage == "eda" else index % 3
+                variants = []
+                for v in range(count):
+                    scores = {"alignment": float(rng.uniform(-0.2, 0.9)), "src_sim": float(rng.uniform(0.3, 1.0)),
+                              "shift": float(rng.uniform(0.5, 3.0))}
+                    body = {"text": f"caption {v}"} if stage == "eda" else {"file": f"v{v}.jpg"}
+                    variants.append({"caption_index": 0, "seed": v, "op": "x", **body, **scores})
+                    planted[stage].append({"key": key, "index": v, **scores})
+                record = {"key": key, "stage": stage, "variants": variants, "skipped": []}
+                sample = {"__key__": key, "json": record}
+                sample.update({f"v{v}.jpg": b"\xff\xd8jpeg" for v in range(count) if stage == "randaug"})
+                samples.append(sample)
+            tar = layout.stage_dir(DATASET, stage) / shard_name("train", shard)
+            write_stats(tar, {"sha256": write_tar(tar, samples), "samples": 5})
+        manifest = _manifest(stage, 10, len(planted[stage]), layout.stage_dir(DATASET, stage), FD[stage])
+        layout.manifest_path(DATASET, stage).parent.mkdir(parents=True, exist_ok=True)
+        layout.manifest_path(DATASET, stage).write_text(json.dumps(manifest))
+    layout.manifest_path(DATASET, "base").write_text(json.dumps(_manifest("base", 10, None, layout.base_dir(DATASET))))
+    return layout, planted
+
+
+def test_stats_table_matches_planted_scores(scored) -> None:
+    layout, planted = scored
+    result = run_stats(DATASET, layout)
+    rows = {row["stage"]: row for row in result["rows"]}
+    assert list(rows) == ["base", "eda", "randaug"]
+    for stage, modality in (("eda", "text"), ("randaug", "image")):
+        alignment = np.array([p["alignment"] for p in planted[stage]])
+        row = rows[stage]
+        assert row["modality"] == modality and row["variants"] == len(planted[stage])
+        assert row["alignment_mean"] == pytest.approx(alignment.mean())
+        assert row["alignment_p10"] == pytest.approx(np.quantile(alignment, 0.1))
+        assert row["alignment_p90"] == pytest.approx(np.quantile(alignment, 0.9))
+        assert row["diversity_mean"] == pytest.approx(np.mean([1 - p["src_sim"] for p in planted[stage]]))
+        assert row["fd_image"] == FD[stage]["fd_image"] and row["fd_text"] == FD[stage]["fd_text"]
+    assert rows["randaug"]["with_variants"] == 6  # index % 3 > 0 for 3 of 5 keys per shard
+    assert "alignment_mean" not in rows["base"]
+    out = layout.dataset_manifests(DATASET)
+    assert json.loads((out / "stats.json").read_text())["rows"][1]["stage"] == "eda"
+    markdown = (out / "stats.md").read_text()
+    assert "| eda | text |" in markdown and "FD text" in markdown and "![frechet](plots/frechet.png)" in markdown
+    for name in ("alignment_hist", "alignment_vs_diversity", "frechet"):
+        assert (out / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # stats.json and filters are not mistaken for manifests on a second run
+    run_filter(DATASET, FilterConfig(name="f", top_fraction=0.5), layout)
+    assert [row["stage"] for row in run_stats(DATASET, layout)["rows"]] == ["base", "eda", "randaug"]
+
+
+def test_threshold_filter_keeps_exactly_the_passing_variants(scored) -> None:
+    layout, planted = scored
+    shas = {p: sha256_file(p) for p in layout.shards_dir.rglob("*.tar")}
+    result = run_filter(DATASET, FilterConfig(name="strict", min_alignment=0.3, max_shift=2.0), layout)
+    keep = load_filter(filter_path(layout, DATASET, "strict"))
+    for stage, variants in planted.items():
+        expected = [p["alignment"] >= 0.3 and p["shift"] <= 2.0 for p in variants]
+        assert [keep.keeps(stage, p["key"], p["index"]) for p in variants] == expected
+        assert result["stages"][stage]["kept"] == sum(expected)
+        assert result["stages"][stage]["dropped"] == len(variants) - sum(expected)
+    assert keep.keeps("i2t-human", "any_key", 0)  # a stage the filter does not name keeps everything
+    assert {p: sha256_file(p) for p in layout.shards_dir.rglob("*.tar")} == shas  # shards never rewritten
+
+
+def test_top_fraction_per_stage_and_global(scored) -> None:
+    layout, planted = scored
+    per_stage = run_filter(DATASET, FilterConfig(name="top", top_fraction=0.3), layout)
+    for stage, variants in planted.items():
+        count = math.ceil(0.3 * len(variants))
+        assert per_stage["stages"][stage]["kept"] == count
+        best = sorted(variants, key=lambda p: -p["alignment"])[:count]
+        kept = load_filter(find_filter("top", DATASET, layout))
+        assert all(kept.keeps(stage, p["key"], p["index"]) for p in best)
+    pooled = run_filter(DATASET, FilterConfig(name="top-global", top_fraction=0.3, scope="global"), layout)
+    everything = [(stage, p) for stage, variants in planted.items() for p in variants]
+    threshold = sorted((p["alignment"] for _, p in everything), reverse=True)[math.ceil(0.3 * len(everything)) - 1]
+    for stage in planted:
+        expected = sum(p["alignment"] >= threshold for p in planted[stage])
+        assert pooled["stages"][stage]["kept"] == expected
+
+
+def test_filter_refuses_bad_configs_and_unscored_stages(scored) -> None:
+    layout, _ = scored
+    for kwargs, message in ((dict(), "at least one"), (dict(top_fraction=0.0), "top_fraction"),
+                            (dict(min_alignment=2.0), "min_alignment"), (dict(max_shift=1, scope="x"), "scope")):
+        with pytest.raises(ValueError, match=message):
+            FilterConfig(name="f", **kwargs)
+    with pytest.raises(ValueError, match="no manifest"):
+        run_filter(DATASET, FilterConfig(name="f", max_shift=1.0, stages=("t2i-sd",)), layout)
+    unscored = [{"__key__": "k", "json": {"key": "k", "variants": [{"text": "t", "op": "x"}], "skipped": []}}]
+    for tar in layout.stage_dir(DATASET, "eda").glob("*.tar"):
+        write_tar(tar, unscored)
+    assert not read_stage_scores("eda", layout.stage_dir(DATASET, "eda")).scored
+    with pytest.raises(ValueError, match="no scores"):
+        run_filter(DATASET, FilterConfig(name="f", max_shift=1.0), layout)
+
+
+def test_cli_stats_and_filter(scored, monkeypatch) -> None:
+    from pipeline.cli import app
+
+    layout, planted = scored
+    env = {"SHARDS_DIR": str(layout.shards_dir), "MANIFESTS_DIR": str(layout.manifests_dir), "DATASET": DATASET}
+    runner = CliRunner()
+    out = runner.invoke(app, ["stats"], env=env)
+    assert out.exit_code == 0, out.output
+    assert "| randaug | image |" in out.output and "frechet.png" in out.output
+    out = runner.invoke(app, ["filter"], env={**env, "FILTER": "cli", "TOP_FRACTION": "0.5", "FILTER_STAGES": "eda"})
+    assert out.exit_code == 0, out.output
+    assert f"eda: kept {len(planted['eda']) // 2} of {len(planted['eda'])}" in out.output
+    assert set(json.loads(filter_path(layout, DATASET, "cli").read_text())["stages"]) == {"eda"}
+    out = runner.invoke(app, ["filter"], env={**env, "FILTER": "bad"})
+    assert out.exit_code != 0 and "at least one" in out.output
