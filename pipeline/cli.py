@@ -158,14 +158,47 @@ def augment(
 
 @app.command()
 def stats(dataset: Dataset = "synth") -> None:
-    """Per-stage table (counts, variants, alignment, diversity, Frechet distances) and plots. Not yet built."""
-    _fail("`stats` is not built yet", 3)
+    """Per-stage table (counts, variants, alignment, diversity, shift, Frechet distances) and plots.
+
+    Output: MANIFESTS_DIR/<dataset>/stats.json, stats.md and plots/*.png (alignment histogram, alignment vs
+    diversity, Frechet distance per stage).
+    """
+    from pipeline.stats import run_stats
+
+    try:
+        result = run_stats(dataset, layout())
+    except (ValueError, FileNotFoundError) as error:
+        _fail(str(error))
+    typer.echo(result["markdown"])
+    for path in result["plots"].values():
+        typer.echo(f"plot: {path}")
 
 
 @app.command(name="filter")
-def filter_command(dataset: Dataset = "synth") -> None:
-    """Write a filter manifest (thresholds on alignment / shift, or top fraction). Not yet built."""
-    _fail("`filter` is not built yet", 3)
+def filter_command(
+    dataset: Dataset = "synth",
+    name: Annotated[str, typer.Option("--name", envvar="FILTER", help="Filter name: MANIFESTS_DIR/<dataset>/filters/<name>.json.")] = "default",
+    min_alignment: Annotated[Optional[float], typer.Option(envvar="MIN_ALIGNMENT", help="Keep variants with alignment >= this cosine.")] = None,
+    max_shift: Annotated[Optional[float], typer.Option(envvar="MAX_SHIFT", help="Keep variants with shift <= this (about 1 = a typical original).")] = None,
+    top_fraction: Annotated[Optional[float], typer.Option(envvar="TOP_FRACTION", help="Keep this fraction of variants with the highest alignment (DataComp style).")] = None,
+    scope: Annotated[str, typer.Option(envvar="FILTER_SCOPE", help="Rank TOP_FRACTION per stage or global (all stages together).")] = "stage",
+    stages: Annotated[Optional[str], typer.Option("--stages", envvar="FILTER_STAGES", help="Comma-separated stages to filter; default: all.")] = None,
+) -> None:
+    """Write a filter manifest (thresholds on alignment / shift, top fraction by alignment); shards stay as they are.
+
+    Training reads it with FILTER=<name> and skips the dropped variants.
+    """
+    from pipeline.filters import FilterConfig, filter_path, run_filter
+
+    try:
+        config = FilterConfig(name=name, min_alignment=min_alignment, max_shift=max_shift, top_fraction=top_fraction,
+                              scope=scope, stages=tuple(s for s in (stages or "").split(",") if s))
+        result = run_filter(dataset, config, layout())
+    except (ValueError, FileNotFoundError) as error:
+        _fail(str(error))
+    for stage, info in result["stages"].items():
+        typer.echo(f"{stage}: kept {info['kept']:,} of {info['variants']:,} variants ({info['dropped']:,} dropped)")
+    typer.echo(f"filter: {filter_path(layout(), dataset, name)}")
 
 
 # ------------------------------------------------------------------ training (pipeline/train/)
