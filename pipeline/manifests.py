@@ -60,6 +60,7 @@ def build_manifest(
         stage_stats["variants"] = sum(int(stats.get("variants", 0)) for stats in stats_list)
         stage_stats["variant_skips"] = sum(int(stats.get("variant_skips", 0)) for stats in stats_list)
         stage_stats["ops"] = _merge_counters(stats_list, "ops")
+        stage_stats["variant_skip_reasons"] = _merge_counters(stats_list, "variant_skip_reasons")
     if any("captions" in stats for stats in stats_list):
         stage_stats["captions"] = _merge_counters(stats_list, "captions")
     features = [stats["features"] for stats in stats_list if stats.get("features")]
@@ -113,6 +114,9 @@ def summary_lines(manifest: dict[str, Any]) -> list[str]:
         lines.append("  splits: " + ", ".join(f"{k}={v}" for k, v in stats["splits"].items()))
     if "variants" in stats:
         lines.append(f"  variants: {stats['variants']} ({stats['variant_skips']} could not be made)")
+        if stats.get("variant_skip_reasons"):
+            reasons = sorted(stats["variant_skip_reasons"].items(), key=lambda kv: -kv[1])
+            lines.append("  variants not made: " + ", ".join(f"{k} ({v})" for k, v in reasons))
     if stats.get("skip_reasons"):
         lines.append("  skip reasons: " + ", ".join(f"{k} ({v})" for k, v in stats["skip_reasons"].items()))
     if manifest.get("failed_shards"):

@@ -94,6 +94,7 @@ def test_runner_aligns_records_skips_and_reconciles(synth_base, tmp_path):
     assert manifest["counts"] == {"input": 40, "written": 40, "skipped": 0}
     assert stats["variants"] + stats["variant_skips"] == captions_total
     assert stats["variant_skips"] > 0 and stats["ops"] == {"upper": stats["variants"]}
+    assert stats["variant_skip_reasons"] == {"triangle": stats["variant_skips"]}
 
 
 def test_rerun_and_resume_give_identical_bytes(synth_base, tmp_path):

@@ -69,7 +69,13 @@ def embed_texts(clip: CLIPBundle, texts: list[str], batch_size: int = 512) -> to
     """L2-normalised text embeddings [N, D] in chunks of ``batch_size`` texts (no gradient)."""
     if not texts:
         raise ValueError("no texts to embed")
-    return torch.cat([clip.encode_texts(texts[s:s + batch_size]).float() for s in range(0, len(texts), batch_size)])
+    # Chunks of similar length pad less: attacks embed thousands of near-identical variants per batch.
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    sorted_texts = [texts[i] for i in order]
+    emb = torch.cat([clip.encode_texts(sorted_texts[s:s + batch_size]).float() for s in range(0, len(texts), batch_size)])
+    out = torch.empty_like(emb)
+    out[torch.tensor(order, device=emb.device)] = emb
+    return out
 
 
 def make_generator(device: torch.device | str, seed: int | None) -> torch.Generator | None:
