@@ -94,19 +94,25 @@ def check_eval(cfg: EvalConfig) -> None:
 
 @dataclass
 class TestSet:
-    """Test images as [0, 1] pixels and their captions, grouped per image."""
+    """Test images (uint8 [N, 3, S, S], exact: preprocessing yields k/255 values) and their captions per image."""
 
     keys: list[str]
-    images: torch.Tensor
+    images_u8: torch.Tensor
     captions: list[list[str]]
     txt2img: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
         self.txt2img = torch.tensor([i for i, group in enumerate(self.captions) for _ in group], dtype=torch.long)
 
+    @property
+    def images(self) -> torch.Tensor:
+        """All images as float [0, 1] pixels."""
+        return self.images_u8.float().div_(255.0)
+
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, list[list[str]]]]:
+        """(float [0, 1] pixels, captions per image) of consecutive images."""
         for start in range(0, len(self.keys), batch_size):
-            yield self.images[start:start + batch_size], self.captions[start:start + batch_size]
+            yield self.images_u8[start:start + batch_size].float().div_(255.0), self.captions[start:start + batch_size]
 
 
 def load_test_set(base_dir: Path, split: str, clip: CLIPBundle, size: int | None = None) -> TestSet:
@@ -127,7 +133,7 @@ def load_test_set(base_dir: Path, split: str, clip: CLIPBundle, size: int | None
                 break
         if size is not None and len(keys) >= size:
             break
-    return TestSet(keys, clip.preprocess(images), captions)
+    return TestSet(keys, clip.preprocess(images).mul_(255.0).round_().to(torch.uint8), captions)
 
 
 def resolve_checkpoint(checkpoint: str) -> tuple[str, str, str]:
@@ -144,10 +150,12 @@ def resolve_checkpoint(checkpoint: str) -> tuple[str, str, str]:
 @torch.no_grad()
 def embed(clip: CLIPBundle, images: torch.Tensor, texts: list[str], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised float embeddings of images [N, D] and texts [M, D], in chunks."""
-    img = [clip.encode_images(images[s:s + batch_size].to(clip.device)).float() for s in range(0, len(images), batch_size)]
+    dim = clip.model.config.projection_dim
+    img = [clip.encode_images(images[s:s + batch_size].to(clip.device)).float().cpu()
+           for s in range(0, len(images), batch_size)]
     step = 4 * batch_size
-    txt = [clip.encode_texts(texts[s:s + step]).float() for s in range(0, len(texts), step)]
-    return torch.cat(img).cpu(), torch.cat(txt).cpu()
+    txt = [clip.encode_texts(texts[s:s + step]).float().cpu() for s in range(0, len(texts), step)]
+    return torch.cat(img) if img else torch.empty(0, dim), torch.cat(txt) if txt else torch.empty(0, dim)
 
 
 def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, txt2img: torch.Tensor) -> dict[str, Any]:
@@ -205,7 +213,9 @@ def evaluate(cfg: EvalConfig, layout: Layout | None = None) -> dict[str, Any]:
     # 3. Clean retrieval.
     start = time.perf_counter()
     with autocast(device, cfg.precision == "bf16"):
-        clean = retrieval_metrics(*embed(clip, data.images, texts, cfg.batch_size), data.txt2img)
+        image_emb = torch.cat([embed(clip, images, [], cfg.batch_size)[0] for images, _ in data.batches(cfg.batch_size)])
+        _, text_emb = embed(clip, torch.empty(0, 3, clip.image_size, clip.image_size), texts, cfg.batch_size)
+        clean = retrieval_metrics(image_emb, text_emb, data.txt2img)
     results = {CLEAN: _row(clean, None, time.perf_counter() - start, len(data.keys))}
     # 4. Each attack.
     for attack in cfg.attacks:
