@@ -180,6 +180,7 @@ def filter_command(
     name: Annotated[str, typer.Option("--name", envvar="FILTER", help="Filter name: MANIFESTS_DIR/<dataset>/filters/<name>.json.")] = "default",
     min_alignment: Annotated[Optional[float], typer.Option(envvar="MIN_ALIGNMENT", help="Keep variants with alignment >= this cosine.")] = None,
     max_shift: Annotated[Optional[float], typer.Option(envvar="MAX_SHIFT", help="Keep variants with shift <= this (about 1 = a typical original).")] = None,
+    shift_percentile: Annotated[Optional[float], typer.Option(envvar="SHIFT_PERCENTILE", help="Drop variants farther from the originals than this percentile (0-100] of the originals themselves.")] = None,
     top_fraction: Annotated[Optional[float], typer.Option(envvar="TOP_FRACTION", help="Keep this fraction of variants with the highest alignment (DataComp style).")] = None,
     scope: Annotated[str, typer.Option(envvar="FILTER_SCOPE", help="Rank TOP_FRACTION per stage or global (all stages together).")] = "stage",
     stages: Annotated[Optional[str], typer.Option("--stages", envvar="FILTER_STAGES", help="Comma-separated stages to filter; default: all.")] = None,
@@ -191,7 +192,8 @@ def filter_command(
     from pipeline.filters import FilterConfig, filter_path, run_filter
 
     try:
-        config = FilterConfig(name=name, min_alignment=min_alignment, max_shift=max_shift, top_fraction=top_fraction,
+        config = FilterConfig(name=name, min_alignment=min_alignment, max_shift=max_shift,
+                              shift_percentile=shift_percentile, top_fraction=top_fraction,
                               scope=scope, stages=tuple(s for s in (stages or "").split(",") if s))
         result = run_filter(dataset, config, layout())
     except (ValueError, FileNotFoundError) as error:

@@ -1,6 +1,7 @@
 """`make filter`: choose which augmented variants training uses, without rewriting any shard.
 
-Criteria (combined with AND): alignment >= MIN_ALIGNMENT, shift <= MAX_SHIFT, and the TOP_FRACTION of
+Criteria (combined with AND): alignment >= MIN_ALIGNMENT, shift <= MAX_SHIFT, shift within the
+SHIFT_PERCENTILE of the originals' own shift (per modality, from the scorer's reference), and the TOP_FRACTION of
 variants by alignment (DataComp's CLIP-score filtering), ranked per stage or over all stages (scope). The filter
 manifest MANIFESTS_DIR/<dataset>/filters/<name>.json holds kept/dropped counts and the kept variant indices per
 key; training calls `load_filter(path).keeps(stage, key, variant_index)`.
@@ -29,6 +30,7 @@ class FilterConfig:
     name: str
     min_alignment: float | None = None
     max_shift: float | None = None
+    shift_percentile: float | None = None  # drop variants farther than this percentile of the originals' own shift
     top_fraction: float | None = None
     scope: str = "stage"  # rank top_fraction within each stage, or over all stages together
     stages: tuple[str, ...] = ()  # empty: every augmented stage of the dataset
@@ -36,8 +38,10 @@ class FilterConfig:
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ValueError(f"filter name must be a plain file name, got {self.name!r}")
-        if self.min_alignment is None and self.max_shift is None and self.top_fraction is None:
-            raise ValueError("a filter needs at least one of min_alignment, max_shift, top_fraction")
+        if all(v is None for v in (self.min_alignment, self.max_shift, self.shift_percentile, self.top_fraction)):
+            raise ValueError("a filter needs at least one of min_alignment, max_shift, shift_percentile, top_fraction")
+        if self.shift_percentile is not None and not 0.0 < self.shift_percentile <= 100.0:
+            raise ValueError(f"shift_percentile must be in (0, 100], got {self.shift_percentile}")
         if self.min_alignment is not None and not -1.0 <= self.min_alignment <= 1.0:
             raise ValueError(f"min_alignment is a cosine in [-1, 1], got {self.min_alignment}")
         if self.max_shift is not None and self.max_shift <= 0:
@@ -48,13 +52,26 @@ class FilterConfig:
             raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
 
 
-def _threshold_mask(scores: StageScores, config: FilterConfig) -> np.ndarray:
+def _threshold_mask(scores: StageScores, config: FilterConfig, shift_limit: float | None) -> np.ndarray:
     keep = np.ones(len(scores.keys), dtype=bool)
     if config.min_alignment is not None:
         keep &= scores.alignment >= config.min_alignment  # NaN compares False: unscored variants drop
-    if config.max_shift is not None:
-        keep &= scores.shift <= config.max_shift
+    for limit in (config.max_shift, shift_limit):
+        if limit is not None:
+            keep &= scores.shift <= limit
     return keep
+
+
+def shift_limit(manifest: dict[str, Any], scores: StageScores, percentile: float | None) -> float | None:
+    """The given percentile of the originals' own shift, on the side(s) the stage changes (from the scorer)."""
+    if percentile is None:
+        return None
+    table = ((manifest.get("config") or {}).get("scorer") or {}).get("reference_shift_percentiles") or {}
+    sides = ("image", "text") if scores.modality == "both" else (scores.modality,)
+    if not all(side in table for side in sides):
+        raise ValueError(f"stage {manifest['stage']!r}: its manifest has no reference shift percentiles "
+                         "(scored by an older scorer): rerun `make augment --overwrite` or use MAX_SHIFT")
+    return float(np.mean([np.interp(percentile, np.arange(101), table[side]) for side in sides]))
 
 
 def _top_mask(alignments: np.ndarray, fraction: float) -> np.ndarray:
@@ -66,9 +83,11 @@ def _top_mask(alignments: np.ndarray, fraction: float) -> np.ndarray:
     return keep
 
 
-def select(scores: dict[str, StageScores], config: FilterConfig) -> dict[str, np.ndarray]:
+def select(scores: dict[str, StageScores], config: FilterConfig,
+           shift_limits: dict[str, float | None] | None = None) -> dict[str, np.ndarray]:
     """{stage: boolean keep mask over its variants}."""
-    masks = {stage: _threshold_mask(s, config) for stage, s in scores.items()}
+    limits = shift_limits or {}
+    masks = {stage: _threshold_mask(s, config, limits.get(stage)) for stage, s in scores.items()}
     if config.top_fraction is not None:
         if config.scope == "stage":
             tops = {stage: _top_mask(s.alignment, config.top_fraction) for stage, s in scores.items()}
@@ -100,7 +119,8 @@ def run_filter(dataset: str, config: FilterConfig, layout: Layout | None = None)
         raise ValueError(f"stages {unscored} have no scores: rerun `make augment` with a scorer "
                          "(`make pretrain` or SCORER=...), or leave them out with --stages")
     # 2. Select.
-    masks = select(scores, config)
+    limits = {stage: shift_limit(manifests[stage], s, config.shift_percentile) for stage, s in scores.items() if s.keys}
+    masks = select(scores, config, limits)
     # 3. Write.
     stages_out = {}
     for stage, s in scores.items():
@@ -108,7 +128,8 @@ def run_filter(dataset: str, config: FilterConfig, layout: Layout | None = None)
         for key, index in zip(np.asarray(s.keys)[masks[stage]], s.index[masks[stage]]):
             keep.setdefault(str(key), []).append(int(index))
         kept = int(masks[stage].sum())
-        stages_out[stage] = {"variants": len(s.keys), "kept": kept, "dropped": len(s.keys) - kept, "keep": keep}
+        stages_out[stage] = {"variants": len(s.keys), "kept": kept, "dropped": len(s.keys) - kept,
+                             "shift_limit": limits.get(stage), "keep": keep}
     scorers = {stage: (manifests[stage].get("config") or {}).get("scorer") for stage in chosen}
     result = {"name": config.name, "dataset": dataset, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "config": asdict(config), "scorers": scorers, "stages": stages_out}

@@ -32,6 +32,7 @@ from pipeline.paths import Layout
 
 log = logging.getLogger(__name__)
 
+SIDES = ("image", "text")
 SIDES_BY_MODALITY: dict[str, tuple[str, ...]] = {"text": ("text",), "image": ("image",), "both": ("image", "text")}
 DISABLED_SPECS = frozenset({"none", "off", "false", "0"})
 
@@ -92,6 +93,7 @@ class Scorer:
         self.config = config
         self.cache_dir = Path(cache_dir)
         self.references: dict[str, MahalanobisReference] = {}
+        self.shift_percentiles: dict[str, np.ndarray] = {}  # percentiles 0..100 of the originals' own shift
         self._revision: str | None = None
         self._bundle = None
 
@@ -132,7 +134,9 @@ class Scorer:
     def describe(self) -> dict[str, Any]:
         local = Path(self.config.model).expanduser()
         path = str(local.resolve()) if local.is_dir() else None
-        return {"name": self.config.model, "path": path, "revision": self.revision(), **asdict(self.config)}
+        percentiles = {side: [round(float(v), 6) for v in values] for side, values in self.shift_percentiles.items()}
+        return {"name": self.config.model, "path": path, "revision": self.revision(), **asdict(self.config),
+                "reference_shift_percentiles": percentiles}
 
     def _run(self, encode: Callable[[Any], Any], batches: Sequence[Any], prepare: Callable[[Any], Any]) -> np.ndarray:
         """Encode batches, preparing batch i+1 on a thread while the model runs batch i."""
@@ -195,38 +199,47 @@ class Scorer:
         if cache.exists():
             with np.load(cache) as arrays:
                 self.references = {side: MahalanobisReference(arrays[f"{side}_mean"], arrays[f"{side}_precision"])
-                                   for side in ("image", "text")}
+                                   for side in SIDES}
+                self.shift_percentiles = {side: arrays[f"{side}_shift_percentiles"] for side in SIDES}
             log.info("scorer reference loaded from %s", cache)
             return
-        stats = self._reference_stats([p for p, _ in shards])
-        self.references = {side: MahalanobisReference.fit(g, self.config.shrinkage) for side, g in stats.items()}
+        features = self._reference_features([p for p, _ in shards])
+        arrays = {}
+        for side, rows in features.items():
+            reference = MahalanobisReference.fit(RunningGaussian(self.dim).update(rows), self.config.shrinkage)
+            self.references[side] = reference
+            # the originals' own shift, so filters can say "farther than 99% of the originals"
+            self.shift_percentiles[side] = np.percentile(reference.distance(rows), np.arange(101))
+            arrays.update({f"{side}_{name}": array for name, array in reference.to_arrays().items()})
+            arrays[f"{side}_shift_percentiles"] = self.shift_percentiles[side]
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(cache.name + ".tmp")
         with open(tmp, "wb") as handle:
-            np.savez(handle, **{f"{side}_{name}": array for side, ref in self.references.items()
-                                for name, array in ref.to_arrays().items()})
+            np.savez(handle, **arrays)
         os.replace(tmp, cache)
         log.info("scorer reference fitted on %d images / %d captions, cached at %s",
-                 stats["image"].count, stats["text"].count, cache)
+                 len(features["image"]), len(features["text"]), cache)
 
-    def _reference_stats(self, shard_paths: list[Path]) -> dict[str, RunningGaussian]:
+    def _reference_features(self, shard_paths: list[Path]) -> dict[str, np.ndarray]:
         import json
 
         from tqdm import tqdm
 
         from pipeline.shards import read_tar
 
-        stats = {side: RunningGaussian(self.dim) for side in ("image", "text")}
+        found: dict[str, list[np.ndarray]] = {side: [] for side in SIDES}
+        count = 0
         progress = tqdm(total=self.config.reference_samples, desc="scorer reference", unit="img", leave=False)
         for path in shard_paths:
-            samples = read_tar(path)[: self.config.reference_samples - stats["image"].count]
-            stats["image"].update(self.embed_images([s["jpg"] for s in samples]))
-            stats["text"].update(self.embed_texts([c for s in samples for c in json.loads(s["json"])["captions"]]))
+            samples = read_tar(path)[: self.config.reference_samples - count]
+            found["image"].append(self.embed_images([s["jpg"] for s in samples]))
+            found["text"].append(self.embed_texts([c for s in samples for c in json.loads(s["json"])["captions"]]))
+            count += len(samples)
             progress.update(len(samples))
-            if stats["image"].count >= self.config.reference_samples:
+            if count >= self.config.reference_samples:
                 break
         progress.close()
-        return stats
+        return {side: np.concatenate(rows) for side, rows in found.items()}
 
     # ---------------------------------------------------------------------------------- scoring
 

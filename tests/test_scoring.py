@@ -93,7 +93,7 @@ def toy_clip_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def toy_base(tmp_path_factory) -> tuple[Layout, list[dict]]:
-    """A base dataset of 2 shards x 24 colour images with 3 captions each."""
+    """A base dataset of 2 shards x 24 colour images with 3 of the 4 caption templates each."""
     root = tmp_path_factory.mktemp("toy_data")
     layout = Layout(shards_dir=root / "shards", manifests_dir=root / "manifests", models_dir=root / "models")
     rng = np.random.default_rng(1)
@@ -104,7 +104,7 @@ def toy_base(tmp_path_factory) -> tuple[Layout, list[dict]]:
         for index in range(24):
             colour = names[(index + shard) % len(names)]
             key = sample_key("train", shard, index)
-            captions = [TEMPLATES[j].format(colour) for j in (0, 1, 2)]
+            captions = [TEMPLATES[j].format(colour) for j in range(len(TEMPLATES)) if j != index % len(TEMPLATES)]
             meta = {"key": key, "captions": captions, "primary": 0, "split": "train", "colour": colour}
             samples.append({"__key__": key, "jpg": jpeg(toy_image(colour, rng)), "txt": captions[0], "json": meta})
             records.append(meta)
@@ -131,10 +131,11 @@ def _planted_stage_results(records: list[dict], rng: np.random.Generator):
     for meta in records[:24]:
         colour = meta["colour"]
         other = names[(names.index(colour) + 3) % len(names)]
+        unused = next(j for j, t in enumerate(TEMPLATES) if t.format(colour) not in meta["captions"])
         samples.append(BaseSample(meta["key"], jpeg(toy_image(colour, rng)), meta["captions"], meta))
         text_results.append(SampleResult([
-            Variant(0, "genuine", 0, text=TEMPLATES[3].format(colour)),
-            Variant(1, "other-image", 0, text=TEMPLATES[3].format(other)),
+            Variant(0, "genuine", 0, text=TEMPLATES[unused].format(colour)),  # the template its captions lack
+            Variant(1, "other-image", 0, text=TEMPLATES[unused].format(other)),
             Variant(2, "garbled", 0, text=GARBLED),
         ]))
         noise = Image.fromarray(rng.integers(0, 256, size=(SIZE, SIZE, 3), dtype=np.uint8))
@@ -221,3 +222,40 @@ def test_load_scorer_defaults_and_errors(toy_clip_dir, toy_base) -> None:
     assert scorer is not None and scorer.config.model == str(default) and scorer.config.batch_size == 8
     with pytest.raises(ValueError, match="batch_size"):
         load_scorer(toy_clip_dir, "toy", layout, batch_size=0)
+
+
+class _PlantedStage:
+    """Stage mixin for the end-to-end test: emits the planted variants of `_planted_stage_results`."""
+
+    def augment_batch(self, samples):
+        rng = np.random.default_rng(len(samples))
+        records = [dict(s.meta) for s in samples]
+        _, text_results, image_results = _planted_stage_results(records, rng)
+        return text_results if self.modality == "text" else image_results
+
+
+def test_runner_scores_and_filter_drops_planted_variants(scorer: Scorer, toy_base) -> None:
+    from pipeline.filters import FilterConfig, load_filter, filter_path, run_filter
+    from pipeline.stage import RunOptions, Stage, StageContext, run_stage
+
+    layout, _ = toy_base
+    stages = [type(f"Planted{m}", (_PlantedStage, Stage), {"name": f"planted-{m}", "modality": m}) for m in ("text", "image")]
+    for stage_cls in stages:
+        manifest = run_stage(stage_cls, Stage.Config(batch_size=24), StageContext("toy"), layout, RunOptions(), scorer)
+        features = manifest["stats"]["features"]
+        side = stage_cls.modality
+        assert features[f"n_{side}_variant"] == manifest["stats"]["variants"] and features[f"fd_{side}"] > 0
+        assert manifest["config"]["scorer"]["revision"].startswith("sha256:")
+    # Generic criteria: pairs with a clearly positive cosine, no farther out than 99% of the originals themselves.
+    run_filter("toy", FilterConfig(name="clean", min_alignment=0.5, shift_percentile=99), layout)
+    keep = load_filter(filter_path(layout, "toy", "clean"))
+    kept_ops: dict[str, list[str]] = {}
+    for stage_cls in stages:
+        from pipeline.stats import read_stage_scores
+
+        scores = read_stage_scores(stage_cls.name, layout.stage_dir("toy", stage_cls.name))
+        for key, index, op in zip(scores.keys, scores.index, scores.ops):
+            kept_ops.setdefault(op, []).append(keep.keeps(stage_cls.name, key, int(index)))
+    assert not any(kept_ops["garbled"]) and not any(kept_ops["noise"])
+    assert np.mean(kept_ops["other-image"]) < 0.1
+    assert np.mean(kept_ops["genuine"]) > 0.9

@@ -15,6 +15,7 @@ from pipeline.shards import sample_key, sha256_file, shard_name, write_stats, wr
 from pipeline.stats import read_stage_scores, run_stats
 
 DATASET = "toy"
+PERCENTILES = {"image": list(np.linspace(0.0, 2.0, 101)), "text": list(np.linspace(0.0, 4.0, 101))}
 FD = {"eda": {"fd_image": None, "fd_text": 0.125}, "randaug": {"fd_image": 0.5, "fd_text": None}}
 
 
@@ -23,7 +24,7 @@ def _manifest(stage: str, written: int, variants: int | None, shard_dir, feature
     if features:
         stats["features"] = features
     return {"dataset": DATASET, "stage": stage, "counts": {"input": written, "written": written, "skipped": 0},
-            "config": {"scorer": {"name": "toy-clip"}}, "shards": [{"path": str(shard_dir)}], "stats": stats}
+            "config": {"scorer": {"name": "toy-clip", "reference_shift_percentiles": PERCENTILES}}, "shards": [{"path": str(shard_dir)}], "stats": stats}
 
 
 @pytest.fixture()
@@ -97,6 +98,16 @@ def test_threshold_filter_keeps_exactly_the_passing_variants(scored) -> None:
         assert result["stages"][stage]["dropped"] == len(variants) - sum(expected)
     assert keep.keeps("i2t-human", "any_key", 0)  # a stage the filter does not name keeps everything
     assert {p: sha256_file(p) for p in layout.shards_dir.rglob("*.tar")} == shas  # shards never rewritten
+
+
+def test_shift_percentile_uses_the_originals_own_shift_per_modality(scored) -> None:
+    layout, planted = scored
+    result = run_filter(DATASET, FilterConfig(name="p", shift_percentile=50), layout)
+    keep = load_filter(filter_path(layout, DATASET, "p"))
+    for stage, limit in (("eda", 2.0), ("randaug", 1.0)):  # medians of the text / image reference tables
+        assert result["stages"][stage]["shift_limit"] == pytest.approx(limit)
+        assert [keep.keeps(stage, p["key"], p["index"]) for p in planted[stage]] == [
+            p["shift"] <= limit for p in planted[stage]]
 
 
 def test_top_fraction_per_stage_and_global(scored) -> None:
