@@ -139,20 +139,22 @@ class Scorer:
                 "reference_shift_percentiles": percentiles}
 
     def _run(self, encode: Callable[[Any], Any], batches: Sequence[Any], prepare: Callable[[Any], Any]) -> np.ndarray:
-        """Encode batches, preparing batch i+1 on a thread while the model runs batch i."""
+        """Encode batches while threads prepare (decode, resize, tokenize) the next ones."""
         import torch
 
         from pipeline.models import autocast
 
         if not batches:
             return np.zeros((0, self.dim), dtype=np.float32)
+        ahead = max(1, min(4, (os.cpu_count() or 2) - 1))
         outputs = []
-        with ThreadPoolExecutor(max_workers=1) as pool, torch.inference_mode():
-            pending = pool.submit(prepare, batches[0])
+        with ThreadPoolExecutor(max_workers=ahead) as pool, torch.inference_mode():
+            pending = [pool.submit(prepare, batch) for batch in batches[: ahead + 1]]
             for index in range(len(batches)):
-                ready = pending.result()
-                if index + 1 < len(batches):
-                    pending = pool.submit(prepare, batches[index + 1])
+                ready = pending[index].result()
+                if index + ahead + 1 < len(batches):
+                    pending.append(pool.submit(prepare, batches[index + ahead + 1]))
+                pending[index] = None  # free the prepared batch once used
                 with autocast(self.device, enabled=self.config.bf16):
                     features = encode(ready)
                 # normalise in float32: under bf16 autocast the norms would be off by ~1e-3

@@ -1,0 +1,80 @@
+"""Scoring throughput relative to the bare CLIP encoder forward at the same batch size (small CLIP, synth).
+
+An image stage's shard is scored end to end (`Scorer.score_shard`: JPEG decode, resize, encode base images,
+variant images and captions, cosines, Mahalanobis shift, float64 feature sums) and compared with the encoder
+forward alone on the same images and captions already turned into tensors, under the same bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import ImageOps
+
+from pipeline.ingest import IngestConfig, run_ingest
+from pipeline.models import autocast, build_clip, train_tokenizers
+from pipeline.paths import Layout
+from pipeline.scoring import Scorer, ScorerConfig
+from pipeline.shards import list_shards, read_tar
+from pipeline.stage import BaseSample, RunOptions, SampleResult, Variant
+from pipeline.train.pretrain import read_captions
+
+IMAGES = 512
+BATCH = 64
+
+
+def _best_of(fn, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def _flipped(sample: BaseSample) -> bytes:
+    buffer = io.BytesIO()
+    ImageOps.mirror(sample.image()).save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def run() -> dict[str, float]:
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        layout = Layout(shards_dir=Path(tmp) / "shards", manifests_dir=Path(tmp) / "manifests")
+        run_ingest(IngestConfig(dataset="synth", synth_size=IMAGES), layout, RunOptions(workers=1))
+        base_dir = layout.base_dir("synth")
+        tokenizer, _ = train_tokenizers(read_captions(base_dir), vocab_size=300)
+        model_dir = build_clip("small", tokenizer).save(Path(tmp) / "clip")
+        scorer = Scorer(ScorerConfig(model=str(model_dir), batch_size=BATCH, device="cpu"), layout.dataset_manifests("synth"))
+        scorer.prepare(base_dir)
+        samples = [BaseSample.from_tar_sample(s) for tar in list_shards(base_dir) for s in read_tar(tar)]
+        results = [SampleResult([Variant(0, "flip", None, image_jpeg=_flipped(s))]) for s in samples]
+        scored = _best_of(lambda: scorer.score_shard(samples, results, "image"))
+
+        bundle = scorer.bundle
+        images = [s.image() for s in samples] + [ImageOps.mirror(s.image()) for s in samples]
+        pixels = [bundle.preprocess(images[i : i + BATCH]) for i in range(0, len(images), BATCH)]
+        texts = [s.captions[0] for s in samples]
+        tokens = [bundle.tokenize(texts[i : i + BATCH]) for i in range(0, len(texts), BATCH)]
+
+        def bare() -> None:
+            with torch.inference_mode(), autocast("cpu"):
+                for batch in pixels:
+                    bundle.image_features(batch)
+                for batch in tokens:
+                    bundle.text_features(batch)
+
+        encoder = _best_of(bare)
+    return {
+        "scoring_vs_encoder": round(encoder / scored, 3),
+        "scoring_pairs_per_s": round(len(samples) / scored, 1),
+    }
+
+
+if __name__ == "__main__":
+    print(run())
