@@ -70,7 +70,7 @@ class RandAugmentStage(Stage):
     def describe(self) -> dict[str, Any]:
         return {"torchvision": importlib.metadata.version("torchvision"),
                 "transform": "torchvision.transforms.v2.RandAugment on PIL RGB, nearest interpolation",
-                "seeding": "torch.random.fork_rng + manual_seed(seed_for(key, variant)) per variant"}
+                "seeding": "torch.random.fork_rng + torch.default_generator.manual_seed(seed_for(key, variant)) per variant (CPU generator only)"}
 
     def augment_batch(self, samples: list[BaseSample]) -> list[SampleResult]:
         return [self.augment_sample(s) for s in samples]
