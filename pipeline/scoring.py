@@ -258,38 +258,43 @@ class Scorer:
             raise RuntimeError("Scorer.prepare(base_dir) must run before score_shard")
         sides = SIDES_BY_MODALITY[modality]
         flat = [(i, v) for i, result in enumerate(results) for v in result.variants]
-        # 1. Originals: every base image / caption on a changed side (its Gaussian), else only those paired.
-        with_variants = sorted({i for i, _ in flat})
-        image_rows = range(len(samples)) if "image" in sides else with_variants
-        base_images = dict(zip(image_rows, self.embed_images([samples[i].image_bytes for i in image_rows])))
+        rows = np.array([i for i, _ in flat], dtype=np.int64)
+        # 1. Which originals: every base image / caption on a changed side (for its Gaussian), else those paired.
+        image_rows = list(range(len(samples))) if "image" in sides else sorted(set(rows.tolist()))
         caption_ids = ([(i, c) for i, s in enumerate(samples) for c in range(len(s.captions))] if "text" in sides
                        else sorted({(i, v.caption_index or 0) for i, v in flat}))
-        captions = dict(zip(caption_ids, self.embed_texts([samples[i].captions[c] for i, c in caption_ids])))
-        # 2. Variants.
-        has_text = [k for k, (_, v) in enumerate(flat) if v.text is not None]
         has_image = [k for k, (_, v) in enumerate(flat) if v.image_jpeg is not None]
-        var_text = dict(zip(has_text, self.embed_texts([flat[k][1].text for k in has_text])))
-        var_image = dict(zip(has_image, self.embed_images([flat[k][1].image_jpeg for k in has_image])))
-        # 3. Scores per variant.
-        for k, (i, variant) in enumerate(flat):
-            source_caption = captions[(i, variant.caption_index or 0)]
-            image = var_image.get(k, base_images[i])
-            text = var_text.get(k, source_caption)
-            changed = [(side, var_image[k], base_images[i]) for side in ("image",) if k in var_image]
-            changed += [(side, var_text[k], source_caption) for side in ("text",) if k in var_text]
-            variant.extra["alignment"] = float(image @ text)
-            if changed:
-                variant.extra["src_sim"] = float(np.mean([new @ old for _, new, old in changed]))
-                variant.extra["shift"] = float(np.mean([self.references[s].distance(new)[0] for s, new, _ in changed]))
+        has_text = [k for k, (_, v) in enumerate(flat) if v.text is not None]
+        # 2. Embed originals and variants together, one pipelined pass per modality.
+        images = self.embed_images([samples[i].image_bytes for i in image_rows] + [flat[k][1].image_jpeg for k in has_image])
+        texts = self.embed_texts([samples[i].captions[c] for i, c in caption_ids] + [flat[k][1].text for k in has_text])
+        base_images, var_images = images[: len(image_rows)], images[len(image_rows) :]
+        captions, var_texts = texts[: len(caption_ids)], texts[len(caption_ids) :]
+        # 3. Scores, vectorised over the shard's variants.
+        if flat:
+            image_row = {i: r for r, i in enumerate(image_rows)}
+            caption_row = {ids: r for r, ids in enumerate(caption_ids)}
+            own_image = base_images[[image_row[i] for i in rows]]
+            own_caption = captions[[caption_row[(i, v.caption_index or 0)] for i, v in flat]]
+            pair_image, pair_text = own_image.copy(), own_caption.copy()
+            pair_image[has_image], pair_text[has_text] = var_images, var_texts
+            alignment = np.einsum("nd,nd->n", pair_image, pair_text)
+            src_sim = np.full((2, len(flat)), np.nan)
+            shift = np.full((2, len(flat)), np.nan)
+            for side, (at, new, old) in enumerate(((has_image, var_images, own_image), (has_text, var_texts, own_caption))):
+                src_sim[side, at] = np.einsum("nd,nd->n", new, old[at])
+                shift[side, at] = self.references[SIDES[side]].distance(new) if len(at) else []
+            changed = ~np.isnan(src_sim).all(axis=0)  # a variant with neither text nor image changes nothing
+            counts = np.maximum(changed.astype(np.int64), (~np.isnan(src_sim)).sum(axis=0))
+            src_sim_mean, shift_mean = np.nansum(src_sim, axis=0) / counts, np.nansum(shift, axis=0) / counts
+            for k, (_, variant) in enumerate(flat):
+                variant.extra["alignment"] = float(alignment[k])
+                if changed[k]:
+                    variant.extra["src_sim"], variant.extra["shift"] = float(src_sim_mean[k]), float(shift_mean[k])
         # 4. Feature stats of the changed sides.
-        found = {"image": (list(base_images.values()), list(var_image.values())),
-                 "text": (list(captions.values()), list(var_text.values()))}
-        stats: FeatureStats = {}
-        for side in sides:
-            originals, variants = found[side]
-            stats[side] = {role: RunningGaussian(self.dim).update(np.asarray(rows).reshape(-1, self.dim)).to_dict()
-                           for role, rows in (("original", originals), ("variant", variants))}
-        return stats
+        found = {"image": (base_images, var_images), "text": (captions, var_texts)}
+        return {side: {role: RunningGaussian(self.dim).update(found[side][r]).to_dict()
+                       for r, role in enumerate(("original", "variant"))} for side in sides}
 
 
 def summarize_features(shard_features: list[FeatureStats]) -> dict[str, Any]:
