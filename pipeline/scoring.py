@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -39,13 +39,6 @@ DISABLED_SPECS = frozenset({"none", "off", "false", "0"})
 
 class ScorerNotFoundError(FileNotFoundError):
     """SCORER names something that is neither a model directory nor a loadable hub id."""
-
-
-class _Variant(Protocol):
-    text: str | None
-    image_jpeg: bytes | None
-    caption_index: int | None
-    extra: dict
 
 
 @dataclass(frozen=True)
