@@ -88,3 +88,22 @@ def test_missing_or_misaligned_stage_is_named(toy_base, tmp_path):
     a.rename(tmp), b.rename(a), tmp.rename(b)
     with pytest.raises(ValueError, match="not aligned"):
         _draw(root / "base", ("txt",), batches=1, resampled=False)
+
+
+def test_a_filter_is_found_by_name_where_make_filter_writes_it(tmp_path):
+    from dataclasses import replace
+
+    from pipeline.paths import Layout
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.main import load_keep_fn
+
+    layout = Layout(tmp_path / "shards", tmp_path / "manifests")
+    path = layout.dataset_manifests("synth") / "filters" / "clean.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"name": "clean", "stages": {"eda": {"keep": {"k1": [0, 2]}}}}))
+    cfg = TrainConfig(dataset="synth")
+    keeps = load_keep_fn(replace(cfg, data=replace(cfg.data, filter="clean")), layout)
+    assert [keeps("eda", "k1", i) for i in range(3)] == [True, False, True]
+    assert not keeps("eda", "k2", 0) and keeps("randaug", "k1", 5)  # unnamed stages keep everything
+    with pytest.raises(FileNotFoundError, match="make filter"):
+        load_keep_fn(replace(cfg, data=replace(cfg.data, filter="nope")), layout)

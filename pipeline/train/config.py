@@ -53,7 +53,7 @@ class DataConfig:
 
     split: str = "train"
     stages: tuple[str, ...] = ()  # augmentation stages zipped with the base shards (MAT+)
-    filter: str | None = None  # filter manifest (path or name under MANIFESTS_DIR/<dataset>/)
+    filter: str | None = None  # filter manifest: a path, or a name under MANIFESTS_DIR/<dataset>/filters/
     shuffle_buffer: int = 1000
     resampled: bool = True  # draw shards with replacement (open_clip's --dataset-resampled)
     num_workers: int = 2

@@ -72,12 +72,9 @@ def load_keep_fn(cfg: TrainConfig, layout: Layout):
     """The filter's `keeps(stage, key, variant_index)`, or None when no filter is given."""
     if not cfg.data.filter:
         return None
-    from pipeline.filters import load_filter
+    from pipeline.filters import find_filter, load_filter
 
-    candidates = [Path(cfg.data.filter), layout.dataset_manifests(cfg.dataset) / f"{cfg.data.filter}.json"]
-    path = next((p for p in candidates if p.is_file()), None)
-    if path is None:
-        raise FileNotFoundError(f"filter {cfg.data.filter!r} not found (tried {', '.join(map(str, candidates))})")
+    path = find_filter(cfg.data.filter, cfg.dataset, layout)
     return load_filter(path).keeps
 
 
