@@ -356,8 +356,8 @@ def report(dataset: Dataset = "synth") -> None:
 
 @app.command()
 def demo(
-    size: Annotated[Optional[int], typer.Option(envvar="DEMO_SIZE", help="Images in the embedded synth dataset, 80/10/10 split (default 4000).")] = None,
-    pretrain_steps: Annotated[Optional[int], typer.Option(envvar="DEMO_PRETRAIN_STEPS", help="CLIP pretraining steps (default 1200).")] = None,
+    size: Annotated[Optional[int], typer.Option(envvar="DEMO_SIZE", help="Images in the embedded synth dataset, 80/10/10 split (default 3000).")] = None,
+    pretrain_steps: Annotated[Optional[int], typer.Option(envvar="DEMO_PRETRAIN_STEPS", help="CLIP pretraining steps (default 1000).")] = None,
     train_steps: Annotated[Optional[int], typer.Option(envvar="DEMO_TRAIN_STEPS", help="Fine-tuning steps per mode (default 150).")] = None,
     modes: Annotated[Optional[str], typer.Option(envvar="DEMO_MODES", help="Comma-separated training modes (default ft,tecoa,mat,matplus; add fare if wanted).")] = None,
     eval_size: Annotated[Optional[int], typer.Option(envvar="DEMO_EVAL_SIZE", help="Test images per evaluation (default 300).")] = None,

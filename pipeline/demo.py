@@ -34,8 +34,8 @@ GENERATIVE_STAGES = {"i2t-internvl": "I2T_MODEL", "t2i-sd": "T2I_MODEL"}
 
 @dataclass(frozen=True)
 class DemoConfig:
-    size: int = 4000  # synth images (80 % train, 10 % val, 10 % test)
-    pretrain_steps: int = 1200
+    size: int = 3000  # synth images (80 % train, 10 % val, 10 % test: about 300 test images)
+    pretrain_steps: int = 1000
     train_steps: int = 150
     modes: tuple[str, ...] = ("ft", "tecoa", "mat", "matplus")
     eval_size: int = 300
