@@ -14,7 +14,6 @@ Backends (registry `CAPTIONERS`) take a batch of images and one seed per request
 from __future__ import annotations
 
 import base64
-import io
 import logging
 import os
 import re
@@ -24,6 +23,8 @@ from typing import Any, Callable, ClassVar
 
 import torch
 from PIL import Image
+
+from pipeline.models import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -89,10 +90,6 @@ def checkpoint_revision(model: str, marker: str) -> str | None:
         return None
     parts = Path(path).parts if isinstance(path, str) else ()
     return parts[parts.index("snapshots") + 1] if "snapshots" in parts else None
-
-
-def resolve_device(device: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -241,12 +238,6 @@ class TransformersCaptioner:
 
 def jpeg_data_url(image_bytes: bytes) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(image_bytes).decode("ascii")
-
-
-def to_jpeg(image: Image.Image, quality: int = 95) -> bytes:
-    buf = io.BytesIO()
-    image.convert("RGB").save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
 
 
 class LmdeployCaptioner:

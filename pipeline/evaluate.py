@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.models import CLIPBundle, MLMBundle, autocast, default_device, load_clip, load_mlm
+from pipeline.models import CLIPBundle, MLMBundle, autocast, load_clip, resolve_device, load_mlm
 from pipeline.paths import Layout
 from pipeline.retrieval import attack_success_rate, recall_at_k
 from pipeline.shards import atomic_write_json, list_shards, read_tar
@@ -199,7 +199,7 @@ def evaluate(cfg: EvalConfig, layout: Layout | None = None) -> dict[str, Any]:
     # 1. Validate and resolve.
     check_eval(cfg)
     layout = layout or Layout.from_env()
-    device = default_device() if cfg.device == "auto" else cfg.device
+    device = str(resolve_device(cfg.device))
     clip_dir, default_name, default_mode = resolve_checkpoint(cfg.checkpoint)
     name, mode = cfg.name or default_name, cfg.mode or default_mode
     torch.manual_seed(cfg.seed)

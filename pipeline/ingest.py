@@ -171,12 +171,8 @@ def run_ingest(config: IngestConfig, layout: Layout, options: RunOptions = RunOp
             result.stats["sources"] = [r.source for r in job.records]
 
     # 4. Manifest.
-    caption_skips = [s for job in jobs for s in (read_stats(job.out_tar) or {}).get("caption_skips", [])]
     config_record = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()}
     config_record["fmt"] = fmt
-    manifest = build_manifest(
-        config.dataset, "base", out_dir, config_record, results, extra_skipped=reader_skips,
-        extra_stats={"skipped_captions": caption_skips},
-    )
+    manifest = build_manifest(config.dataset, "base", out_dir, config_record, results, extra_skipped=reader_skips)
     write_manifest(layout.manifest_path(config.dataset, "base"), manifest, out_dir)
     return manifest

@@ -34,7 +34,6 @@ def build_manifest(
     config: dict[str, Any],
     results: list[TaskResult] | None = None,
     extra_skipped: list[dict[str, str]] | None = None,
-    extra_stats: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Aggregate the committed shards' stats files (plus failures and reader-level skips) into a manifest."""
     committed = [(path, read_stats(path)) for path in list_shards(shard_dir)]
@@ -63,12 +62,12 @@ def build_manifest(
         stage_stats["variant_skip_reasons"] = _merge_counters(stats_list, "variant_skip_reasons")
     if any("captions" in stats for stats in stats_list):
         stage_stats["captions"] = _merge_counters(stats_list, "captions")
+        stage_stats["skipped_captions"] = [skip for stats in stats_list for skip in stats.get("caption_skips", [])]
     features = [stats["features"] for stats in stats_list if stats.get("features")]
     if features:
         from pipeline import scoring  # only when the stage was scored
 
         stage_stats["features"] = scoring.summarize_features(features)
-    stage_stats.update(extra_stats or {})
     return {
         "dataset": dataset,
         "stage": stage,

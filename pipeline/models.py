@@ -78,8 +78,11 @@ class ModelNotFoundError(FileNotFoundError):
 # ---------------------------------------------------------------------------------------------- device
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """"auto" -> the GPU when there is one, else the CPU; any other name as torch reads it."""
+    if str(name) != "auto":
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def autocast(device: str | torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:

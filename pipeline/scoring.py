@@ -16,7 +16,6 @@ for a typical original), the per-sample view of the Frechet distance.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -27,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.images import decode_rgb
 from pipeline.metrics import FeatureStats, MahalanobisReference, RunningGaussian, frechet_summary, merge_feature_stats
 from pipeline.paths import Layout
 
@@ -63,13 +63,6 @@ class ScorerConfig:
             raise ValueError(f"scorer reference_samples must be >= 2, got {self.reference_samples}")
 
 
-def _decode_rgb(data: bytes):
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as image:
-        return image.convert("RGB")
-
-
 def _weights_digest(directory: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.bin")):
@@ -99,11 +92,9 @@ class Scorer:
 
     @property
     def device(self) -> str:
-        if self.config.device != "auto":
-            return self.config.device
-        from pipeline.models import default_device
+        from pipeline.models import resolve_device
 
-        return default_device()
+        return str(resolve_device(self.config.device))
 
     @property
     def bundle(self):
@@ -162,7 +153,7 @@ class Scorer:
         """PIL images or JPEG bytes -> L2-normalised float32 embeddings [N, D]."""
 
         def prepare(batch: Sequence[Any]):
-            pil = [_decode_rgb(item) if isinstance(item, bytes) else item for item in batch]
+            pil = [decode_rgb(item) if isinstance(item, bytes) else item for item in batch]
             return self.bundle.preprocess(pil).to(self.device, non_blocking=True)
 
         return self._run(self.bundle.image_features, self._batches(list(images)), prepare)

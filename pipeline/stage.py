@@ -190,13 +190,11 @@ def variant_record(variant: Variant, file_name: str | None) -> dict[str, Any]:
 
 def process_shard(job: StageJob) -> TaskResult:
     started = time.perf_counter()
-    base_stats = read_stats(job.base_tar) or {}
     try:
         samples = [BaseSample.from_tar_sample(s) for s in read_tar(job.base_tar)]
     except (ShardError, KeyError, ValueError) as error:
-        # Unusable base shard: every key it should hold is recorded as skipped by the manifest.
-        return TaskResult(job.out_tar.name, ok=False, error=f"base shard unreadable: {error}",
-                          stats={"sources": base_stats.get("keys", [str(job.base_tar)])})
+        # Unusable base shard: run_stage records every key it should hold as skipped.
+        return TaskResult(job.out_tar.name, ok=False, error=f"base shard unreadable: {error}")
     stage = _stage_in_process(job)
     batch_size = int(getattr(job.config, "batch_size", 32))
     results: list[SampleResult] = []
@@ -288,7 +286,7 @@ def run_stage(
     # 3. Run.
     results = get_executor(options.executor)(process_shard, jobs, options.workers, stage_cls.name, options.retries)
     for (_, job), result in zip(jobs, results):
-        if not result.ok and "sources" not in result.stats:  # raised or its process died: its keys count as skipped
+        if not result.ok:  # unreadable base, raised, or its process died: its keys count as skipped
             result.stats["sources"] = (read_stats(job.base_tar) or {}).get("keys", [str(job.base_tar)])
 
     # 4. Manifest, from the stats files.

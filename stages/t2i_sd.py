@@ -29,10 +29,10 @@ from pipeline.captioning import (
     checkpoint_revision,
     hub_offline,
     resolve_checkpoint,
-    resolve_device,
     resolve_dtype,
-    to_jpeg,
 )
+from pipeline.images import encode_jpeg
+from pipeline.models import resolve_device
 from pipeline.stage import BaseSample, SampleResult, Stage, StageContext, Variant
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -165,7 +165,7 @@ class StableDiffusionStage(Stage):
                 continue
             results[i].variants.append(Variant(
                 seed=seed, op=f"sd-{self.config.scheduler}", caption_index=ci,
-                image_jpeg=to_jpeg(image, self.config.jpeg_quality), extra={"nsfw": flag, "variant": v},
+                image_jpeg=encode_jpeg(image.convert("RGB"), self.config.jpeg_quality), extra={"nsfw": flag, "variant": v},
             ))
         return results
 

@@ -8,13 +8,13 @@ one-to-many relation between an image and its captions is real, as in COCO.
 
 from __future__ import annotations
 
-import io
 import random
 from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pipeline.images import encode_jpeg
 from pipeline.sources import Record, Skip, SourceOptions, SynthImage, make_record
 
 SIZE = 64
@@ -91,9 +91,7 @@ def render(image: SynthImage) -> bytes:
             width = max(2, radius // 2)
             draw.rectangle((cx - radius, cy - width, cx + radius, cy + width), fill=fill)
             draw.rectangle((cx - width, cy - radius, cx + width, cy + radius), fill=fill)
-    buffer = io.BytesIO()
-    picture.save(buffer, format="JPEG", quality=95)
-    return buffer.getvalue()
+    return encode_jpeg(picture, quality=95)
 
 
 def _describe_shape(rng: random.Random, shape: tuple) -> tuple[str, str]:
