@@ -9,6 +9,10 @@ Protocol of the CLIP retrieval evaluations in Co-Attack / SGA (Flickr30k / COCO,
 
 A query's rank is the number of candidates scoring strictly higher than the right one (ties resolve in the
 query's favour; with float embeddings exact ties do not occur in practice). Values are percentages.
+
+Memory: besides the matrix itself (images x captions float32: 500 MB at COCO's 5,000 x 25,010), the ranks need
+only slices of ``CHUNK_ELEMENTS`` booleans. An image's best caption rank is the rank of its best-scoring caption
+(the count of captions above a score only falls as the score grows), so no captions x captions matrix is built.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
+CHUNK_ELEMENTS = 1 << 24  # elements per comparison slice (16 MB of booleans)
 
 
 def similarity(img_emb: torch.Tensor, txt_emb: torch.Tensor) -> torch.Tensor:
@@ -35,18 +41,30 @@ def _as_index(txt2img: Sequence[int] | torch.Tensor, n_images: int, n_texts: int
     return index
 
 
-def retrieval_ranks(sim: torch.Tensor, txt2img: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(best rank of each image's captions [images], rank of each caption's image [captions]), 0 = first."""
+def retrieval_ranks(sim: torch.Tensor, txt2img: Sequence[int] | torch.Tensor,
+                    chunk_elements: int = CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(best rank of each image's captions [images], rank of each caption's image [captions]), 0 = first.
+
+    Memory beyond ``sim`` is O(``chunk_elements``): the comparisons run over slices of rows (TR) and columns (IR).
+    """
     sim = sim.float().cpu()
     n_images, n_texts = sim.shape
     index = _as_index(txt2img, n_images, n_texts)
-    cols = torch.arange(n_texts)
-    positive = sim[index, cols]  # similarity of each caption with its own image
-    # TR: rank of caption j in the row of its image, then the best over the image's captions.
-    caption_rank = (sim[index] > positive[:, None]).sum(dim=1)
-    tr_rank = torch.full((n_images,), n_texts, dtype=torch.long).scatter_reduce(0, index, caption_rank, "amin")
+    positive = sim[index, torch.arange(n_texts)]  # similarity of each caption with its own image
+    # TR: the best rank over an image's captions is the rank of its best-scoring caption, since the count of
+    # captions scoring above x only falls as x grows; so one row comparison per image, no captions x captions.
+    best = torch.full((n_images,), float("-inf")).scatter_reduce(0, index, positive, "amax")
+    tr_rank = torch.empty(n_images, dtype=torch.long)
+    rows = max(1, chunk_elements // max(n_texts, 1))
+    for start in range(0, n_images, rows):
+        stop = start + rows
+        tr_rank[start:stop] = (sim[start:stop] > best[start:stop, None]).sum(dim=1)
     # IR: rank of each caption's image in its column.
-    ir_rank = (sim > positive[None, :]).sum(dim=0)
+    ir_rank = torch.empty(n_texts, dtype=torch.long)
+    cols = max(1, chunk_elements // max(n_images, 1))
+    for start in range(0, n_texts, cols):
+        stop = start + cols
+        ir_rank[start:stop] = (sim[:, start:stop] > positive[None, start:stop]).sum(dim=0)
     return tr_rank, ir_rank
 
 
@@ -60,16 +78,22 @@ def recall_at_k(sim: torch.Tensor, txt2img: Sequence[int] | torch.Tensor, ks: Se
     """
     tr_rank, ir_rank = retrieval_ranks(sim, txt2img)
     if img2txts is not None:
-        expected = [sorted(j for j, i in enumerate(torch.as_tensor(txt2img).tolist()) if i == img)
-                    for img in range(sim.shape[0])]
-        if [sorted(group) for group in img2txts] != expected:
-            raise ValueError("img2txts does not agree with txt2img")
+        _check_groups(img2txts, torch.as_tensor(txt2img, dtype=torch.long), sim.shape[0])
     out: dict[str, object] = {}
     for side, rank in (("tr", tr_rank), ("ir", ir_rank)):
         for k in ks:
             out[f"{side}_r{k}"] = 100.0 * (rank < k).float().mean().item()
     out["_tr_hits"], out["_ir_hits"] = tr_rank == 0, ir_rank == 0
     return out
+
+
+def _check_groups(img2txts: Sequence[Sequence[int]], index: torch.Tensor, n_images: int) -> None:
+    """ValueError unless every caption is listed exactly once, under its own image."""
+    flat = torch.tensor([j for group in img2txts for j in group], dtype=torch.long)
+    owners = torch.tensor([i for i, group in enumerate(img2txts) for _ in group], dtype=torch.long)
+    covers = len(img2txts) == n_images and torch.equal(flat.sort().values, torch.arange(len(index)))
+    if not covers or not torch.equal(index[flat], owners):
+        raise ValueError("img2txts does not agree with txt2img")
 
 
 def attack_success_rate(clean_correct: torch.Tensor, adv_correct: torch.Tensor) -> float:

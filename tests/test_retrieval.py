@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.retrieval import attack_success_rate, recall_at_k, similarity
+from pipeline.retrieval import attack_success_rate, recall_at_k, retrieval_ranks, similarity
 
 
 def _brute_force(sim: torch.Tensor, txt2img: list[int], k: int) -> tuple[float, float]:
@@ -38,11 +38,44 @@ def test_recall_matches_brute_force_on_a_random_matrix(seed):
     assert out["_ir_hits"].shape == (len(txt2img),)
 
 
+def _full_matrix_ranks(sim: torch.Tensor, txt2img: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The straightforward ranks (the code before chunking): a captions x captions comparison for TR."""
+    index = torch.tensor(txt2img)
+    positive = sim[index, torch.arange(len(txt2img))]
+    caption_rank = (sim[index] > positive[:, None]).sum(dim=1)
+    tr = torch.stack([caption_rank[index == i].min() for i in range(sim.shape[0])])
+    return tr, (sim > positive[None, :]).sum(dim=0)
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 37, 1 << 24])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_chunked_ranks_equal_full_matrix_ranks_with_ties(seed, chunk_elements):
+    """Small-integer features make many exact ties (every dot product is exact in float32, whatever the order)."""
+    g = torch.Generator().manual_seed(seed)
+    n_images = 30
+    counts = torch.randint(1, 6, (n_images,), generator=g).tolist()
+    txt2img = [i for i, c in enumerate(counts) for _ in range(c)]
+    txt2img = [txt2img[p] for p in torch.randperm(len(txt2img), generator=g).tolist()]
+    img = torch.randint(-2, 3, (n_images, 4), generator=g).float()
+    txt = torch.randint(-2, 3, (len(txt2img), 4), generator=g).float()
+    img[1] = img[0]  # duplicate images and captions: tied rows and columns
+    txt[3] = txt[2]
+    sim = img @ txt.T
+    assert (sim[:, :, None] == sim[:, None, :]).sum() > 2 * sim.numel()  # ties beyond the diagonal
+    tr, ir = retrieval_ranks(sim, txt2img, chunk_elements=chunk_elements)
+    tr_full, ir_full = _full_matrix_ranks(sim, txt2img)
+    assert torch.equal(tr, tr_full) and torch.equal(ir, ir_full)
+    assert 0 < (tr == 0).sum() < n_images and (ir > 0).any()
+
+
 def test_img2txts_must_agree_with_txt2img():
     sim = torch.randn(2, 3)
     recall_at_k(sim, [0, 1, 1], img2txts=[[0], [2, 1]])
     with pytest.raises(ValueError, match="agree"):
         recall_at_k(sim, [0, 1, 1], img2txts=[[0, 1], [2]])
+    for wrong in ([[0], [1, 1]], [[0], [2, 1], []], [[0], [2, 7]]):  # a duplicate, an extra image, a bad index
+        with pytest.raises(ValueError, match="agree"):
+            recall_at_k(sim, [0, 1, 1], img2txts=wrong)
 
 
 def test_image_without_caption_is_rejected():
