@@ -1,4 +1,5 @@
-"""Training step costs on the demo model and batch (small CLIP preset, batch 128, 64 px, bf16 autocast, CPU).
+"""Training step costs on the demo model and batch (small CLIP preset, batch 128, 64 px, CPU, precision
+"auto": bf16 autocast only on a CPU with native bf16, see pipeline.models.resolve_precision).
 
 * ``mat_over_ft_step``: MAT step time (BERT-Attack on the texts, 2-step PGD on the images, forward/backward)
   over FT step time (forward/backward), same model and batch. Target <= 3.0.
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.models import build_clip, build_mlm, load_clip, load_mlm, train_tokenizers
+from pipeline.models import build_clip, build_mlm, load_clip, load_mlm, resolve_precision, train_tokenizers
 from pipeline.paths import Layout
 from pipeline.sources.synth import captions_for, sample_params
 from pipeline.train import data
@@ -57,7 +58,7 @@ def _best_step(mode, net, batch: dict, repeats: int) -> tuple[float, dict[str, f
     for index in range(repeats + 1):
         start = time.process_time()
         optimizer.zero_grad(set_to_none=True)
-        row = train_step(net, mode, [batch], bf16=True, device=torch.device("cpu"))
+        row = train_step(net, mode, [batch], bf16=resolve_precision("auto", "cpu") == "bf16", device=torch.device("cpu"))
         optimizer.step()
         seconds = time.process_time() - start
         if index and seconds < best:  # the first step warms up allocators and tokenizer caches

@@ -230,7 +230,7 @@ def pretrain(
     mlm_preset: Annotated[Optional[str], _opt("MLM_PRESET", "Masked-LM size: tiny | small (default small).")] = None,
     mlm_steps: Annotated[Optional[int], _opt("MLM_STEPS", "Masked-LM training steps (default 300).")] = None,
     vocab_size: Annotated[Optional[int], _opt("VOCAB_SIZE", "Tokenizer vocabulary size (default 1000).")] = None,
-    precision: Annotated[Optional[str], _opt("PRECISION", "bf16 (autocast) or fp32.")] = None,
+    precision: Annotated[Optional[str], _opt("PRECISION", "auto (bf16 where the hardware runs it natively: CUDA with bf16, a CPU with AVX512-BF16/AMX; else fp32), bf16 (autocast) or fp32.")] = None,
     seed: Annotated[Optional[int], _opt("SEED", "Random seed.")] = None,
     data_workers: Annotated[Optional[int], _opt("DATA_WORKERS", "Loader worker processes (default 2).")] = None,
     device: Annotated[Optional[str], _opt("DEVICE", "auto, cpu or cuda.")] = None,
@@ -266,7 +266,7 @@ def train(
     n_words: Annotated[Optional[int], _opt("N_WORDS", "BERT-Attack words replaced (default 1).")] = None,
     top_k: Annotated[Optional[int], _opt("TOP_K", "BERT-Attack masked-LM candidates (default 10).")] = None,
     order: Annotated[Optional[str], _opt("MAT_ORDER", "text-first | image-first | joint (default text-first).")] = None,
-    precision: Annotated[Optional[str], _opt("PRECISION", "bf16 (autocast) or fp32.")] = None,
+    precision: Annotated[Optional[str], _opt("PRECISION", "auto (bf16 where the hardware runs it natively: CUDA with bf16, a CPU with AVX512-BF16/AMX; else fp32), bf16 (autocast) or fp32.")] = None,
     seed: Annotated[Optional[int], _opt("SEED", "Random seed.")] = None,
     save_every: Annotated[Optional[int], _opt("SAVE_EVERY", "Checkpoint every N steps (and at the end).")] = None,
     log_every: Annotated[Optional[int], _opt("LOG_EVERY", "Log every N steps.")] = None,
@@ -316,7 +316,7 @@ def eval_command(
     step_size: Annotated[Optional[float], typer.Option(envvar="ATTACK_STEP_SIZE", help="PGD step size (default each attack's).")] = None,
     top_k: Annotated[Optional[int], typer.Option(envvar="TOP_K", help="BERT-Attack masked-LM candidates (default 10).")] = None,
     n_words: Annotated[Optional[int], typer.Option(envvar="N_WORDS", help="BERT-Attack words replaced (default 1).")] = None,
-    precision: Annotated[str, typer.Option(envvar="EVAL_PRECISION", help="bf16 (autocast) or fp32.")] = "bf16",
+    precision: Annotated[str, typer.Option(envvar="EVAL_PRECISION", help="fp32 (the reference protocol), auto or bf16 (faster, not comparable to published numbers).")] = "fp32",
     device: Annotated[str, typer.Option(envvar="DEVICE", help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """Retrieval R@1/5/10 (TR and IR) clean and under PGD, BERT-Attack, Co-Attack, SGA; writes evals/<name>.json."""

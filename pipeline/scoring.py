@@ -46,7 +46,7 @@ class ScorerConfig:
     model: str
     batch_size: int = 64
     device: str = "auto"  # "auto" = cuda when available
-    bf16: bool = True  # autocast where the device supports it
+    precision: str = "auto"  # auto: bf16 where the hardware runs it natively (models.resolve_precision)
     # Mahalanobis shift: shrink the reference covariance this much towards a scaled identity. Light, so a
     # direction the originals never vary in (off their manifold) still counts as far; enough to invert n < dim.
     shrinkage: float = 0.01
@@ -116,10 +116,13 @@ class Scorer:
         return self._revision
 
     def describe(self) -> dict[str, Any]:
+        from pipeline.models import resolve_precision
+
         local = Path(self.config.model).expanduser()
         path = str(local.resolve()) if local.is_dir() else None
         percentiles = {side: [round(float(v), 6) for v in values] for side, values in self.shift_percentiles.items()}
         return {"name": self.config.model, "path": path, "revision": self.revision(), **asdict(self.config),
+                "precision_resolved": resolve_precision(self.config.precision, self.device),
                 "reference_shift_percentiles": percentiles}
 
     def _run(self, encode: Callable[[Any], Any], batches: Sequence[Any], prepare: Callable[[Any], Any]) -> np.ndarray:
@@ -139,7 +142,7 @@ class Scorer:
                 if index + ahead + 1 < len(batches):
                     pending.append(pool.submit(prepare, batches[index + ahead + 1]))
                 pending[index] = None  # free the prepared batch once used
-                with autocast(self.device, enabled=self.config.bf16):
+                with autocast(self.device, self.config.precision):
                     features = encode(ready)
                 # normalise in float32: under bf16 autocast the norms would be off by ~1e-3
                 outputs.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())

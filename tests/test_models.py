@@ -8,7 +8,6 @@ from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 from pipeline.models import (
     CLIP_PRESETS,
     ModelNotFoundError,
-    autocast,
     build_clip,
     load_clip,
     load_mlm,
@@ -106,11 +105,4 @@ def test_unknown_preset_is_a_value_error(tiny_captions):
     with pytest.raises(ValueError, match="huge"):
         build_clip("huge", clip_tok)
 
-
-def test_autocast_is_bf16_on_cpu_and_can_be_disabled():
-    a = torch.randn(4, 4)
-    with autocast("cpu"):
-        assert (a @ a).dtype == torch.bfloat16
-    with autocast("cpu", enabled=False):
-        assert (a @ a).dtype == torch.float32
 

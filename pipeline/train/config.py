@@ -13,7 +13,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-PRECISIONS = ("bf16", "fp32")
+# "auto": bf16 where the hardware runs it natively, fp32 elsewhere (pipeline.models.resolve_precision).
+PRECISIONS = ("auto", "bf16", "fp32")
 ORDERS = ("text-first", "image-first", "joint")
 RESUME = ("auto", "latest", "never")
 # MAT+ without STAGES trains on the other reference captions: the cheapest cross-modal (I2T) augmentation.
@@ -70,7 +71,7 @@ class TrainConfig:
     steps: int = 150
     batch_size: int = 128
     accum_steps: int = 1
-    precision: str = "bf16"
+    precision: str = "auto"
     seed: int = 0
     log_every: int = 10
     save_every: int = 50
@@ -104,7 +105,7 @@ class PretrainConfig:
     mlm_batch_size: int = 64
     mlm_lr: float = 1e-3
     mask_prob: float = 0.15
-    precision: str = "bf16"
+    precision: str = "auto"
     seed: int = 0
     num_workers: int = 2
     device: str = "auto"

@@ -97,7 +97,7 @@ def train_step(
         last = index == len(micro_batches) - 1
         sync = contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync()
         with sync:
-            with autocast(device, enabled=bf16):
+            with autocast(device, "bf16" if bf16 else "fp32"):
                 terms = mode(net, _to_device(batch, device))
             loss = sum(terms.values()) / len(micro_batches)
             loss.backward()

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.models import CLIPBundle, MLMBundle, load_clip, load_mlm
+from pipeline.models import CLIPBundle, MLMBundle, load_clip, load_mlm, resolve_precision
 from pipeline.paths import Layout
 from pipeline.shards import atomic_write_json
 from pipeline.train import checkpoints, data
@@ -95,11 +95,12 @@ def train(cfg: TrainConfig, layout: Layout | None = None) -> RunResult:
     layout = layout or Layout.from_env()
     env = init_distributed(cfg.device)
     seed_everything(cfg.seed, env.rank)
+    precision = resolve_precision(cfg.precision, env.device)
     run_dir = setup_run_dir(cfg, layout, env)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_dir / "config.json", {**to_dict(cfg), "paths": {k: str(v) for k, v in vars(layout).items()},
-                                                    "world_size": env.world_size})
+                                                    "world_size": env.world_size, "precision_resolved": precision})
     # 2. Model, mode (it freezes what it does not train), DDP.
     clip, mlm = load_models(cfg, layout, env)
     mode = build_mode(cfg, clip, mlm)
@@ -126,7 +127,7 @@ def train(cfg: TrainConfig, layout: Layout | None = None) -> RunResult:
         barrier()
 
     history = fit(net, mode, optimizer, scheduler, batches, env=env, start_step=start_step, steps=cfg.steps,
-                  accum_steps=cfg.accum_steps, bf16=cfg.precision == "bf16", grad_clip=o.grad_clip,
+                  accum_steps=cfg.accum_steps, bf16=precision == "bf16", grad_clip=o.grad_clip,
                   log_every=cfg.log_every, save_every=cfg.save_every, hooks=LoopHooks(log=metrics, checkpoint=save))
     metrics.close()
     # 6. The final model where eval looks for it.

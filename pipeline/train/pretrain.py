@@ -53,7 +53,7 @@ def train_mlm(mlm: MLMBundle, captions: list[str], cfg: PretrainConfig, device: 
         texts = rng.sample(captions, min(cfg.mlm_batch_size, len(captions)))
         encoded = mlm.tokenizer(texts, truncation=True, max_length=mlm.tokenizer.model_max_length)
         batch = {k: v.to(device) for k, v in collator([{"input_ids": ids} for ids in encoded["input_ids"]]).items()}
-        with autocast(device, enabled=cfg.precision == "bf16"):
+        with autocast(device, cfg.precision):
             loss = mlm.model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

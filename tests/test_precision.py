@@ -1,0 +1,83 @@
+"""Precision "auto": bf16 only where the hardware runs it natively (an AVX2-only CPU runs bf16 ~40x slower)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pipeline import models
+from pipeline.models import autocast, resolve_precision
+
+
+@pytest.fixture
+def cpu(monkeypatch):
+    """Pretend to be a CPU with the given torch capability and /proc/cpuinfo flags."""
+
+    def set_cpu(capability: str, flags: set[str], onednn_isa: str | None = None) -> None:
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        monkeypatch.setattr(models, "cpu_flags", lambda: flags)
+        if onednn_isa is None:
+            monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+        else:
+            monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", onednn_isa)
+
+    return set_cpu
+
+
+@pytest.mark.parametrize("capability, flags, isa, expected", [
+    ("AVX2", {"avx2", "fma"}, None, "fp32"),  # Zen 3: no bf16 instructions
+    ("AVX2", {"avx2", "avx512_bf16"}, None, "fp32"),  # kernels limited to AVX2 (ATEN_CPU_CAPABILITY=avx2)
+    ("AVX512", {"avx512f"}, None, "fp32"),  # AVX512 without BF16 (Skylake / Zen 4 without the flag)
+    ("AVX512", {"avx512f", "avx512_bf16"}, None, "bf16"),  # Zen 4 / Cooper Lake
+    ("AVX512", {"avx512f", "amx_bf16", "amx_tile"}, None, "bf16"),  # Sapphire Rapids
+    ("AVX512", {"avx512f", "amx_bf16"}, "AVX2", "fp32"),  # oneDNN limited to AVX2
+    ("AVX512", {"avx512f", "amx_bf16"}, "AVX512_CORE_AMX", "bf16"),
+    ("DEFAULT", set(), None, "fp32"),  # e.g. an ARM CPU
+])
+def test_auto_picks_bf16_only_on_native_bf16_cpus(cpu, capability, flags, isa, expected):
+    cpu(capability, flags, isa)
+    assert resolve_precision("auto", "cpu") == expected
+
+
+def test_explicit_choices_are_kept_and_bad_ones_named(cpu):
+    cpu("AVX2", set())
+    assert resolve_precision("bf16", "cpu") == "bf16"
+    assert resolve_precision("fp32", "cpu") == "fp32"
+    with pytest.raises(ValueError, match="fp16"):
+        resolve_precision("fp16", "cpu")
+
+
+def test_autocast_follows_the_resolved_precision(cpu):
+    a = torch.randn(4, 4)
+    cpu("AVX2", {"avx2"})
+    with autocast("cpu", "auto"):
+        assert (a @ a).dtype == torch.float32
+    with autocast("cpu", "bf16"):
+        assert (a @ a).dtype == torch.bfloat16
+    cpu("AVX512", {"amx_bf16"})
+    with autocast("cpu", "auto"):
+        assert (a @ a).dtype == torch.bfloat16
+    with autocast("cpu", "fp32"):
+        assert (a @ a).dtype == torch.float32
+
+
+def test_choice_is_logged_once(cpu, caplog, monkeypatch):
+    monkeypatch.setattr(models, "_logged_choices", set())
+    cpu("AVX2", {"avx2"})
+    with caplog.at_level(logging.INFO, logger="pipeline.models"):
+        for _ in range(3):
+            resolve_precision("auto", "cpu")
+    assert [r.getMessage() for r in caplog.records].count("precision auto -> fp32 (CPU capability AVX2)") == 1
+
+
+def test_real_torch_limited_to_avx2_resolves_to_fp32():
+    """Not a mock: torch itself told to use AVX2 kernels, as on an AVX2-only machine."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    out = subprocess.run([sys.executable, "-c", "from pipeline.models import resolve_precision as r; print(r('auto', 'cpu'))"],
+                         env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "fp32"
