@@ -89,5 +89,8 @@ bench: setup
 test: setup
 	$(PY) -m pytest -q
 
+# Only the CLI removes files (it knows which are the pipeline's: pipeline/clean.py); no `rm` is built here.
 clean:
-	@if [ -x $(CLI) ]; then $(CLI) clean; else rm -rf $(SHARDS_DIR)/*/ $(MANIFESTS_DIR)/*/ $(RUNS_DIR) $(MODELS_DIR); fi
+	@if [ -x $(CLI) ]; then $(CLI) clean; \
+	elif [ -x $(PY) ] && $(PY) -c 'import pipeline.cli' 2>/dev/null; then $(PY) -m pipeline clean; \
+	else echo "clean: the pipeline is not installed (make setup), so it has written nothing to remove"; fi

@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.paths import Layout
+from pipeline.paths import Layout, plain_name
 
 app = typer.Typer(
     help="MAT / MAT+ pipeline: one-to-many augmentation shards, adversarial training of CLIP, robust evaluation.",
@@ -23,8 +23,29 @@ app = typer.Typer(
 )
 log = logging.getLogger("pipeline")
 
+
+def _plain(what: str):
+    """An option callback refusing a name that is not plain (paths.plain_name): names become folder names."""
+
+    def check(value: Optional[str]) -> Optional[str]:
+        try:
+            return value if value is None else plain_name(value, what)
+        except ValueError as error:
+            raise typer.BadParameter(str(error)) from error
+
+    return check
+
+
+def _plain_list(value: Optional[str], what: str) -> Optional[str]:
+    """A comma-separated list of plain names (STAGES) checked as a whole."""
+    for item in (value or "").split(","):
+        if item.strip():
+            plain_name(item.strip(), what)
+    return value
+
+
 # Options shared by several commands (each reads the environment variable of the same name as `make`).
-Dataset = Annotated[str, typer.Option("--dataset", envvar="DATASET", help="Dataset name; `synth` is the embedded one.")]
+Dataset = Annotated[str, typer.Option("--dataset", envvar="DATASET", callback=_plain("dataset"), help="Dataset name (a plain name: letters, digits, _ - .); `synth` is the embedded one.")]
 DataRoot = Annotated[Optional[Path], typer.Option("--data-root", envvar="DATA_ROOT", help="Dataset folder or annotation file.")]
 Format = Annotated[Optional[str], typer.Option("--format", envvar="FORMAT", help="coco | karpathy | albef | csv | imagefolder | synth (detected when empty).")]
 Workers = Annotated[int, typer.Option("--workers", envvar="WORKERS", help="Processes, one shard each at a time.")]
@@ -144,6 +165,7 @@ def augment(
 
     extra = os.environ.get("STAGE_OPTS", "").split()
     try:
+        _plain_list(stages, "stage")
         run_augment(
             dataset=dataset, data_root=data_root, fmt=_env_or_none(fmt), stage_names=_env_or_none(stages),
             overrides=_stage_overrides(extra + list(settings or [])), scorer_spec=_env_or_none(scorer), seed=seed,
@@ -177,7 +199,7 @@ def stats(dataset: Dataset = "synth") -> None:
 @app.command(name="filter")
 def filter_command(
     dataset: Dataset = "synth",
-    name: Annotated[str, typer.Option("--name", envvar="FILTER", help="Filter name: MANIFESTS_DIR/<dataset>/filters/<name>.json.")] = "default",
+    name: Annotated[str, typer.Option("--name", envvar="FILTER", callback=_plain("filter name"), help="Filter name: MANIFESTS_DIR/<dataset>/filters/<name>.json.")] = "default",
     min_alignment: Annotated[Optional[float], typer.Option(envvar="MIN_ALIGNMENT", help="Keep variants with alignment >= this cosine.")] = None,
     max_shift: Annotated[Optional[float], typer.Option(envvar="MAX_SHIFT", help="Keep variants with shift <= this (about 1 = a typical original).")] = None,
     shift_percentile: Annotated[Optional[float], typer.Option(envvar="SHIFT_PERCENTILE", help="Drop variants farther from the originals than this percentile (0-100] of the originals themselves.")] = None,
@@ -305,7 +327,7 @@ def eval_command(
     checkpoint: Annotated[str, typer.Option("--ckpt", envvar="CKPT", help="Training run dir (its clip/), a CLIP dir or a hub id.")],
     dataset: Dataset = "synth",
     mlm: Annotated[Optional[str], typer.Option(envvar="MLM", help="Masked LM of the text attacks; default MODELS_DIR/<dataset>/mlm.")] = None,
-    name: Annotated[Optional[str], typer.Option(envvar="EVAL_NAME", help="Output name (evals/<name>.json); default the run / model dir name.")] = None,
+    name: Annotated[Optional[str], typer.Option(envvar="EVAL_NAME", callback=_plain("EVAL_NAME"), help="Output name (evals/<name>.json); default the run / model dir name.")] = None,
     mode: Annotated[Optional[str], typer.Option("--mode", envvar="EVAL_MODE", help="Row label; default the run's training mode, 'pretrained' for a bare CLIP dir.")] = None,
     attacks: Annotated[str, typer.Option(envvar="ATTACKS", help="Comma-separated attacks (pgd,bert,coattack,sga); empty string: clean only.")] = "pgd,bert,coattack,sga",
     size: Annotated[Optional[int], typer.Option(envvar="EVAL_SIZE", help="First N test images (default all).")] = None,
@@ -402,23 +424,17 @@ def bench(
 
 @app.command()
 def clean(
-    dataset: Annotated[Optional[str], typer.Option("--dataset", envvar="DATASET", help="Only this dataset (default: all outputs).")] = None,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", envvar="DATASET", callback=_plain("dataset"), help="Only this dataset (default: all outputs).")] = None,
 ) -> None:
-    """Remove generated shards, manifests, runs and models (of one dataset, or all)."""
-    import shutil
+    """Remove what the pipeline wrote (shards, manifests, runs, models; of one dataset, or all) and list it.
 
-    paths = layout()
-    targets = [paths.shards_dir, paths.manifests_dir, paths.runs_dir, paths.models_dir]
-    if dataset:
-        targets = [paths.shards_dir / dataset, paths.manifests_dir / dataset, paths.models_dir / dataset]
-    for target in targets:
-        if target.is_dir():
-            keep_readme = target in (Path("shards"), Path("manifests"))
-            for child in target.iterdir():
-                if keep_readme and child.name == "README.md":
-                    continue
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
-            typer.echo(f"removed the contents of {target}")
+    Only the pipeline's own files inside SHARDS_DIR, MANIFESTS_DIR, RUNS_DIR and MODELS_DIR go (pipeline/clean.py
+    lists them); other files, and the folders holding them, stay.
+    """
+    from pipeline.clean import clean as run_clean
+
+    for line in run_clean(layout(), dataset).lines():
+        typer.echo(line)
 
 
 def main() -> None:

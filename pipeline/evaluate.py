@@ -201,6 +201,7 @@ def evaluate(cfg: EvalConfig, layout: Layout | None = None) -> dict[str, Any]:
     device = str(resolve_device(cfg.device))
     clip_dir, default_name, default_mode = resolve_checkpoint(cfg.checkpoint)
     name, mode = cfg.name or default_name, cfg.mode or default_mode
+    out = eval_path(layout, cfg.dataset, name)  # refuses a name that is not plain before any work
     torch.manual_seed(cfg.seed)
     # 2. Models and data.
     clip = load_clip(clip_dir, device=device)
@@ -229,11 +230,10 @@ def evaluate(cfg: EvalConfig, layout: Layout | None = None) -> dict[str, Any]:
               "dataset": cfg.dataset, "split": cfg.split, "n_images": len(data.keys), "n_texts": len(texts),
               "settings": dataclasses.asdict(cfg), "attack_options": cfg.attack_options(), "metrics": results,
               "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-    out = eval_path(layout, cfg.dataset, name)
     atomic_write_json(out, record)
     log.info("wrote %s", out)
     return record
 
 
 def eval_path(layout: Layout, dataset: str, name: str) -> Path:
-    return layout.dataset_manifests(dataset) / "evals" / f"{name}.json"
+    return layout.named_output(dataset, "evals", name)

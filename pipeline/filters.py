@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.paths import Layout
+from pipeline.paths import Layout, is_plain_name
 from pipeline.shards import atomic_write_json
 from pipeline.stats import StageScores, read_stage_scores, stage_manifests
 
@@ -100,7 +100,7 @@ def select(scores: dict[str, StageScores], config: FilterConfig,
 
 
 def filter_path(layout: Layout, dataset: str, name: str) -> Path:
-    return layout.dataset_manifests(dataset) / "filters" / f"{name}.json"
+    return layout.named_output(dataset, "filters", name)
 
 
 def run_filter(dataset: str, config: FilterConfig, layout: Layout | None = None) -> dict[str, Any]:
@@ -163,7 +163,7 @@ def load_filter(path: str | Path) -> Filter:
 def find_filter(name_or_path: str, dataset: str, layout: Layout | None = None) -> Path:
     """A filter given as a path, or by name under MANIFESTS_DIR/<dataset>/filters/."""
     layout = layout or Layout.from_env()
-    candidates = [Path(name_or_path), filter_path(layout, dataset, name_or_path)]
+    candidates = [Path(name_or_path)] + ([filter_path(layout, dataset, name_or_path)] if is_plain_name(name_or_path) else [])
     found = next((p for p in candidates if p.is_file()), None)
     if found is None:
         raise FileNotFoundError(f"filter {name_or_path!r} not found (tried {', '.join(map(str, candidates))}); "

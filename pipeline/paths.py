@@ -1,10 +1,37 @@
-"""Where things live. Every location is derived here so commands agree on it."""
+"""Where things live. Every location is derived here so commands agree on it.
+
+User-given names that become parts of paths (dataset, stage, filter, evaluation and run names) pass through
+`plain_name` first: a plain name is one path component of letters, digits, `_`, `-` and `.`, starting with a
+letter or digit, at most `NAME_MAX` characters, so it can never climb out of (`..`), jump over (`/etc`) or
+reach below (`a/b`) the folder it is joined to. Paths the user gives as paths (SHARDS_DIR, RUN_DIR, CKPT) are
+taken as they are.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+NAME_MAX = 100
+_PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def is_plain_name(value: object) -> bool:
+    return (isinstance(value, str) and 0 < len(value) <= NAME_MAX and _PLAIN.fullmatch(value) is not None
+            and ".." not in value)
+
+
+def plain_name(value: str, what: str = "name") -> str:
+    """`value` if it is a plain name (see the module docstring); ValueError naming `what` and the value if not."""
+    if not is_plain_name(value):
+        shown = value if not isinstance(value, str) or len(value) <= 40 else value[:40] + "..."
+        raise ValueError(
+            f"{what} {shown!r} is not a plain name: use 1-{NAME_MAX} letters, digits, '_', '-' or '.', "
+            "starting with a letter or digit (no '/', no '..')"
+        )
+    return value
 
 
 @dataclass(frozen=True)
@@ -23,18 +50,32 @@ class Layout:
             models_dir=Path(os.environ.get("MODELS_DIR", "models")),
         )
 
+    def dataset_shards(self, dataset: str) -> Path:
+        return self.shards_dir / plain_name(dataset, "dataset")
+
     def stage_dir(self, dataset: str, stage: str) -> Path:
-        return self.shards_dir / dataset / stage
+        return self.dataset_shards(dataset) / plain_name(stage, "stage")
 
     def base_dir(self, dataset: str) -> Path:
         return self.stage_dir(dataset, "base")
 
     def manifest_path(self, dataset: str, stage: str) -> Path:
-        return self.manifests_dir / dataset / f"{stage}.json"
+        return self.dataset_manifests(dataset) / f"{plain_name(stage, 'stage')}.json"
 
     def dataset_manifests(self, dataset: str) -> Path:
-        return self.manifests_dir / dataset
+        return self.manifests_dir / plain_name(dataset, "dataset")
+
+    def named_output(self, dataset: str, kind: str, name: str) -> Path:
+        """MANIFESTS_DIR/<dataset>/<kind>/<name>.json: an evaluation (kind "evals") or a filter ("filters")."""
+        return self.dataset_manifests(dataset) / kind / f"{plain_name(name, kind[:-1] + ' name')}.json"
+
+    def dataset_models(self, dataset: str) -> Path:
+        return self.models_dir / plain_name(dataset, "dataset")
 
     def model_dir(self, dataset: str, kind: str) -> Path:
         """Models `make pretrain` trains for a dataset: kind is "clip" or "mlm"."""
-        return self.models_dir / dataset / kind
+        return self.dataset_models(dataset) / plain_name(kind, "model kind")
+
+    def run_dir(self, name: str) -> Path:
+        """RUNS_DIR/<name> for a run named by the pipeline or the user (RUN_DIR, a path, is taken as given)."""
+        return self.runs_dir / plain_name(name, "run name")

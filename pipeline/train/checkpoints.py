@@ -1,11 +1,17 @@
 """Checkpoints: `RUN_DIR/checkpoints/step-NNNNNN/` holds the CLIP as a Hugging Face dir (safetensors, tokenizer,
-image processor: `load_clip` reads it) and `state.pt` (optimiser, scheduler, RNG states, step). A checkpoint
-is written under a temporary name and renamed, so the newest complete one is always resumable."""
+image processor: `load_clip` reads it) and `state.pt`: optimiser, scheduler, step, the data position and every
+random state a resumed run needs (CPU, CUDA when used, numpy and Python `random`), one set per rank.
+
+A checkpoint is written under a temporary name and renamed, so the newest complete one is always resumable.
+`state.pt` holds tensors and plain values only and is read with `torch.load(weights_only=True)`: a run folder
+from elsewhere (RUN_DIR, RESUME=latest) cannot run code when it is resumed.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -13,24 +19,64 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from pipeline.models import CLIPBundle
 
 log = logging.getLogger(__name__)
 
 PREFIX = "step-"
+TMP_SUFFIX = ".tmp"
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"{PREFIX}{step:06d}"
 
 
+def _complete(path: Path) -> bool:
+    return path.name.startswith(PREFIX) and not path.name.endswith(TMP_SUFFIX) and (path / "state.pt").exists()
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return None
-    done = sorted(p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / "state.pt").exists())
+    done = sorted(p for p in root.iterdir() if _complete(p))
     return done[-1] if done else None
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random states as tensors and plain values (what weights_only loading accepts)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": cuda,
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+
+
+def gather_rng_states() -> list[dict[str, Any]]:
+    """Every rank's random states, in rank order (a collective: every rank calls it)."""
+    mine = rng_state()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [mine]
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, mine)
+    return states
 
 
 def save_checkpoint(
@@ -40,20 +86,17 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     keep: int,
+    rng: list[dict[str, Any]],
+    data_state: dict[str, int],
 ) -> Path:
+    """Write the checkpoint of `step` (rank 0): `rng` is `gather_rng_states()`, `data_state` the loader position."""
     final = checkpoint_dir(run_dir, step)
-    tmp = final.with_name(final.name + ".tmp")
+    tmp = final.with_name(final.name + TMP_SUFFIX)
     shutil.rmtree(tmp, ignore_errors=True)
     clip.save(tmp / "clip")
-    torch.save(
-        {
-            "step": step,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
-        },
-        tmp / "state.pt",
-    )
+    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng,
+             "data": data_state}
+    torch.save(state, tmp / "state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     _prune(run_dir, keep)
@@ -62,24 +105,44 @@ def save_checkpoint(
 
 
 def _prune(run_dir: Path, keep: int) -> None:
-    done = sorted(p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(PREFIX) and p.suffix != ".tmp")
-    for old in done[:-keep]:
+    done = sorted(p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(PREFIX))
+    for old in [p for p in done if _complete(p)][:-keep] + [p for p in done if p.name.endswith(TMP_SUFFIX)]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, clip: CLIPBundle, optimizer: torch.optim.Optimizer, scheduler: Any) -> int:
-    """Restore weights, optimiser, scheduler and RNG states in place; returns the step it was saved at."""
+def read_state(path: Path) -> dict[str, Any]:
+    """`state.pt` of a checkpoint dir, loaded with weights_only=True; ValueError if it holds anything else."""
+    try:
+        return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"refusing to load {path / 'state.pt'}: it holds objects other than tensors and plain values "
+            f"(weights_only=True; an older or foreign checkpoint?): {str(error).splitlines()[0]}"
+        ) from error
+
+
+def load_checkpoint(
+    path: Path, clip: CLIPBundle, optimizer: torch.optim.Optimizer, scheduler: Any, rank: int = 0, world_size: int = 1
+) -> dict[str, Any]:
+    """Restore weights, optimiser, scheduler and this rank's random states in place; return the state.
+
+    The returned dict holds `step` and `data` (the loader position to fast-forward to). Resuming with another
+    world size restores no random state and no data position (the run cannot be the same one): a warning says so.
+    """
     from safetensors.torch import load_file
 
+    state = read_state(path)
     weights = load_file(str(path / "clip" / "model.safetensors"), device=str(clip.device))
     missing, unexpected = clip.model.load_state_dict(weights, strict=False)
     if unexpected or [m for m in missing if "position_ids" not in m]:
         raise ValueError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}")
-    state = torch.load(path / "state.pt", map_location=clip.device, weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
+    if len(state["rng"]) == world_size:
+        set_rng_state(state["rng"][rank])
+    else:
+        log.warning("%s was saved by %d process(es), resuming with %d: random states and data order start afresh "
+                    "(the resumed run differs from an uninterrupted one)", path, len(state["rng"]), world_size)
+        state["data"] = None
     log.info("resumed from %s (step %d)", path, state["step"])
-    return int(state["step"])
+    return state

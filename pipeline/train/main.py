@@ -12,6 +12,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.models import CLIPBundle, MLMBundle, load_clip, load_mlm, resolve_precision
-from pipeline.paths import Layout
+from pipeline.paths import Layout, plain_name
 from pipeline.shards import atomic_write_json
 from pipeline.train import checkpoints, data
 from pipeline.train.config import TrainConfig, check_train, resolve_stages, to_dict
@@ -57,7 +58,7 @@ def setup_run_dir(cfg: TrainConfig, layout: Layout, env: DistEnv) -> Path:
     name = [prefix + time.strftime("%Y%m%d-%H%M%S")]
     if env.distributed:
         dist.broadcast_object_list(name, src=0)
-    return layout.runs_dir / name[0]
+    return layout.run_dir(name[0])
 
 
 def load_models(cfg: TrainConfig, layout: Layout, env: DistEnv) -> tuple[CLIPBundle, MLMBundle | None]:
@@ -78,14 +79,35 @@ def load_keep_fn(cfg: TrainConfig, layout: Layout):
     return load_filter(path).keeps
 
 
-def build_batches(cfg: TrainConfig, layout: Layout, image_size: int, seed: int):
+def _isolated_rng(batches: Iterator[Any]) -> Iterator[Any]:
+    """Batches drawn without touching the global random states (the DataLoader draws its base seed from the
+    CPU generator when an iterator starts), so the model's random draws do not depend on where a run resumed."""
+    while True:
+        with torch.random.fork_rng(devices=[]):
+            python, numpy = random.getstate(), np.random.get_state()
+            batch = next(batches)
+            random.setstate(python)
+            np.random.set_state(numpy)
+        yield batch
+
+
+def build_batches(cfg: TrainConfig, layout: Layout, image_size: int, seed: int, skip: int = 0) -> Iterator[Any]:
+    """The endless batch stream of this rank; `skip` batches already consumed are drawn and dropped, so a resumed
+    run continues the same order (a cost of one data pass over them, no training)."""
+    for stage in cfg.data.stages:
+        plain_name(stage, "stage")
     urls = data.shard_urls(layout.base_dir(cfg.dataset), cfg.data.split, cfg.data.stages)
     pipeline = data.build_pipeline(
         urls, batch_size=cfg.batch_size, image_size=image_size, stages=cfg.data.stages,
         keep=load_keep_fn(cfg, layout), shuffle_buffer=cfg.data.shuffle_buffer,
         resampled=cfg.data.resampled, seed=seed,
     )
-    return data.endless(data.build_loader(pipeline, cfg.data.num_workers))
+    batches = _isolated_rng(data.endless(data.build_loader(pipeline, cfg.data.num_workers)))
+    if skip:
+        log.info("fast-forwarding the data stream over the %d batches already trained on", skip)
+        for _ in range(skip):
+            next(batches)
+    return batches
 
 
 def train(cfg: TrainConfig, layout: Layout | None = None) -> RunResult:
@@ -112,18 +134,23 @@ def train(cfg: TrainConfig, layout: Layout | None = None) -> RunResult:
     o = cfg.optim
     optimizer = torch.optim.AdamW(param_groups(clip.model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     scheduler = cosine_with_warmup(optimizer, o.warmup, cfg.steps, o.min_lr_ratio)
-    start_step = 0
+    start_step, data_state = 0, {"seed": cfg.seed, "batches": 0}
     latest = checkpoints.latest_checkpoint(run_dir) if cfg.resume != "never" else None
     if latest is not None:
-        start_step = checkpoints.load_checkpoint(latest, clip, optimizer, scheduler)
-    # 4. Data: a resumed run reseeds the stream so it does not replay the batches it already saw.
-    batches = build_batches(cfg, layout, clip.image_size, seed=cfg.seed + start_step)
+        state = checkpoints.load_checkpoint(latest, clip, optimizer, scheduler, env.rank, env.world_size)
+        start_step = int(state["step"])
+        # Same world size: continue the same stream where it stopped; otherwise a fresh stream for the new ranks.
+        data_state = state["data"] or {"seed": cfg.seed + start_step, "batches": 0}
+    # 4. Data.
+    batches = build_batches(cfg, layout, clip.image_size, seed=data_state["seed"], skip=data_state["batches"])
     # 5. Train.
     metrics = MetricsLog(run_dir, enabled=env.is_main)
 
     def save(step: int) -> None:
+        rng = checkpoints.gather_rng_states()
+        position = {"seed": data_state["seed"], "batches": data_state["batches"] + (step - start_step) * cfg.accum_steps}
         if env.is_main:
-            checkpoints.save_checkpoint(run_dir, step, clip, optimizer, scheduler, cfg.keep_checkpoints)
+            checkpoints.save_checkpoint(run_dir, step, clip, optimizer, scheduler, cfg.keep_checkpoints, rng, position)
         barrier()
 
     history = fit(net, mode, optimizer, scheduler, batches, env=env, start_step=start_step, steps=cfg.steps,
