@@ -75,10 +75,45 @@ def test_adversarial_loss_exceeds_clean_loss(tiny_model_dirs):
     assert tecoa.timings["image_attack"] > 0
 
 
-def test_mat_orders_attack_both_modalities(tiny_model_dirs):
-    for order in ("text-first", "image-first", "joint"):
-        _, mode = _run("mat", tiny_model_dirs, steps=1, order=order)
-        assert set(mode.timings) == {"text_attack", "image_attack"}
+@pytest.mark.parametrize("order", ["text-first", "image-first", "joint"])
+def test_mat_order_decides_what_guides_each_attack(order, tiny_model_dirs, monkeypatch):
+    """text-first: text guided by the clean image, image by the adversarial texts; image-first: image by the
+    clean texts, text by the adversarial image; joint: both from the clean pair."""
+    import pipeline.train.modes as modes
+
+    clip, mlm = load_clip(tiny_model_dirs["clip"]), load_mlm(tiny_model_dirs["mlm"])
+    cfg = TrainConfig(mode="mat", attack=AttackConfig(eps=8 / 255, step_size=4 / 255, order=order))
+    mode = build_mode(cfg, clip, mlm)
+    seen: dict[str, list] = {"goal_image": [], "pgd_texts": [], "trained": []}
+    goal_builder, text_features, contrastive = modes.image_similarity_goal, mode._text_features, mode._contrastive
+
+    def record_goal(image_emb):
+        seen["goal_image"].append(image_emb.detach().clone())
+        return goal_builder(image_emb)
+
+    def record_text_features(texts):
+        seen["pgd_texts"].append(list(texts))
+        return text_features(texts)
+
+    def record_contrastive(net, images, texts):
+        seen["trained"].append((images.detach().clone(), list(texts)))
+        return contrastive(net, images, texts)
+
+    monkeypatch.setattr(modes, "image_similarity_goal", record_goal)
+    monkeypatch.setattr(mode, "_text_features", record_text_features)
+    monkeypatch.setattr(mode, "_contrastive", record_contrastive)
+    batch = _batch(6)
+    mode(DualEncoder(clip), batch)
+
+    [(adv_images, adv_texts)] = seen["trained"]
+    [goal_image], [pgd_texts] = seen["goal_image"], seen["pgd_texts"]
+    with torch.no_grad():
+        clean_emb, adv_emb = clip.encode_images(batch["images"]).float(), clip.encode_images(adv_images).float()
+    assert not torch.allclose(clean_emb, adv_emb, atol=1e-3) and adv_texts != batch["texts"]
+    text_guide = adv_emb if order == "image-first" else clean_emb
+    assert torch.allclose(goal_image, text_guide, atol=1e-6)
+    assert pgd_texts == (adv_texts if order == "text-first" else batch["texts"])
+    assert set(mode.timings) == {"text_attack", "image_attack"}
 
 
 def test_unknown_mode_and_bad_values_are_named():

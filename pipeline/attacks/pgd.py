@@ -1,8 +1,20 @@
 """PGD: projected gradient ascent in an L-inf ball around [0, 1] pixels.
 
-Madry et al., "Towards Deep Learning Models Resistant to Adversarial Attacks" (ICLR 2018).
-Defaults are the image-attack settings of SGA / Co-Attack evaluations on CLIP: eps 2/255, 10 steps,
-step 0.5/255, uniform random start. Training (TeCoA, FARE, MAT) uses the same class with 2 steps.
+Madry et al., "Towards Deep Learning Models Resistant to Adversarial Attacks" (ICLR 2018). Defaults are the
+image-only PGD of the SGA evaluation on CLIP (Zoky-2020/SGA, ``attacker.py`` ``ImageAttacker`` with the
+``eval_*.py`` settings): eps 2/255, 10 steps, step 0.5/255, start uniform in [-eps, eps] clipped to [0, 1],
+signed-gradient steps projected onto the ball and [0, 1]. Training (TeCoA, FARE, MAT) uses the same class with
+2 steps and an explicit step size.
+
+Step size: ``step_size=None`` (the default) follows eps by the published ratio, ``eps * step_ratio`` (0.25: SGA's
+0.5/255 at 2/255), or ``eps * step_ratio / steps`` with ``step_ratio_over_steps`` (Co-Attack's
+``eps / steps * 1.25``), so overriding eps keeps each attack's published step-to-budget ratio; an explicit
+``step_size`` wins. Random start: ``start="symmetric"`` draws from [-eps, eps] (SGA, TeCoA, FARE),
+``"positive"`` from [0, eps] (Co-Attack's ``random_init``).
+
+Remaining differences: the start is clipped to [0, 1] before the first gradient (Co-Attack's and FARE's code
+evaluate the first gradient at the unclipped start, which can leave [0, 1] by up to eps; our threat model never
+does); SGA divides the gradient by its mean absolute value before the sign, which leaves the sign unchanged.
 
 The attack is model-free: it maximises any differentiable ``loss_fn(adv_images01) -> scalar``; the caller
 closes over the model (normalisation happens inside the CLIP bundle). Gradients are taken with
@@ -30,32 +42,48 @@ from pipeline.attacks.base import (
 from pipeline.models import CLIPBundle, MLMBundle
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
+STARTS = ("symmetric", "positive")
 
 
 @dataclass(frozen=True)
 class PGD:
     eps: float = 2 / 255
     steps: int = 10
-    step_size: float = 0.5 / 255
+    step_size: float | None = None  # None: follows eps, see step_length
+    step_ratio: float = 0.25
+    step_ratio_over_steps: bool = False
     random_start: bool = True
+    start: str = "symmetric"
 
     def __post_init__(self) -> None:
         check_positive("eps", self.eps, allow_zero=True)
         check_positive("steps", self.steps, allow_zero=True)
-        check_positive("step_size", self.step_size)
+        if self.step_size is not None:
+            check_positive("step_size", self.step_size)
+        check_positive("step_ratio", self.step_ratio)
         if int(self.steps) != self.steps:
             raise ValueError(f"steps must be an integer, got {self.steps!r}")
+        if self.start not in STARTS:
+            raise ValueError(f"start must be one of {STARTS}, got {self.start!r}")
+
+    @property
+    def step_length(self) -> float:
+        """The step actually taken: ``step_size`` if given, else eps times the ratio (per step or per run)."""
+        if self.step_size is not None:
+            return float(self.step_size)
+        return self.eps * self.step_ratio / (max(int(self.steps), 1) if self.step_ratio_over_steps else 1)
 
     def init(self, images01: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Starting point: the clean images, or a uniform draw from the eps ball clipped to [0, 1]."""
+        """Starting point: the clean images, or a uniform draw ([-eps, eps] or [0, eps]) clipped to [0, 1]."""
         if not self.random_start or self.eps == 0:
             return images01.detach().clone()
         noise = torch.rand(images01.shape, generator=generator, device=images01.device, dtype=images01.dtype)
-        return (images01.detach() + (2 * noise - 1) * self.eps).clamp(0.0, 1.0)
+        offset = noise if self.start == "positive" else 2 * noise - 1
+        return (images01.detach() + offset * self.eps).clamp(0.0, 1.0)
 
     def step(self, adv: torch.Tensor, images01: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """One signed-gradient ascent step, projected onto the eps ball and [0, 1]."""
-        adv = adv.detach() + self.step_size * grad.sign()
+        adv = adv.detach() + self.step_length * grad.sign()
         adv = torch.minimum(torch.maximum(adv, images01 - self.eps), images01 + self.eps)
         return adv.clamp(0.0, 1.0)
 
@@ -74,7 +102,9 @@ class PGD:
 
 @dataclass(frozen=True)
 class PGDAttack(MultimodalAttack):
-    """Evaluation-level PGD: perturb each image away from its own captions (minus mean cosine); texts untouched."""
+    """Evaluation-level PGD: perturb each image away from its own captions (minus mean cosine); texts untouched.
+
+    ``seed`` seeds the random start (None: the global torch RNG)."""
 
     image: PGD = PGD()
     seed: int | None = 0

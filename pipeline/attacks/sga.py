@@ -1,16 +1,26 @@
 """SGA: Set-level Guidance Attack.
 
 Lu, Wang, Tang, Wang and Wu, "Set-level Guidance Attack: Boosting Adversarial Transferability of
-Vision-Language Pre-training Models" (ICCV 2023). Three steps, each guided by a *set* from the other modality:
+Vision-Language Pre-training Models" (ICCV 2023); reference code Zoky-2020/SGA, ``attacker.py``
+(``SGAttacker.attack``, ``ImageAttacker.txt_guided_attack`` / ``get_scaled_imgs``, ``TextAttacker``) run with the
+settings of ``eval_clip-vit2clip-cnn.py``. Three steps, each guided by a *set* from the other modality:
 
 1. text: BERT-Attack on every caption, lowering its cosine to the clean image;
 2. image: PGD lowering the cosine between the image and *all* of its adversarial captions, the loss summed over
-   the image itself and rescaled copies of it (scales 0.5, 0.75, 1.25, 1.5; each copy gets Gaussian noise of
-   std 0.05, is resized bicubically to the scale, clipped to [0, 1] and resized back);
+   the image itself and rescaled copies of it (scales 0.5, 0.75, 1.25, 1.5; each copy gets fresh Gaussian
+   noise of std 0.05, is resized bicubically to the scale, clipped to [0, 1] and resized back);
 3. text again: BERT-Attack on the *clean* captions, now lowering their cosine to the adversarial image.
 
-Defaults as published: eps 2/255, 10 steps, step 0.5/255, top-10 candidates, one word, MLM threshold 0.3.
-(The published code divides the gradient by its mean absolute value before the sign; the sign is unchanged.)
+Defaults as published: eps 2/255, 10 steps, step 0.5/255 (eps / 4: it follows eps unless ``step_size`` is
+given), random start uniform in [-eps, eps] clipped to [0, 1], top-10 candidates, one word, MLM threshold 0.3,
+resizes without antialiasing (the reference's torchvision 0.15 ``transforms.Resize`` on tensors does not
+antialias; ``antialias=True`` is the option). ``seed`` seeds the random start and the copies' noise (None: the
+global torch RNG).
+
+Remaining differences: the reference divides the gradient by its mean absolute value before the sign (the sign
+is unchanged); its loss sums each image's caption cosines and averages over images, ours averages over all
+captions, a positive constant factor per batch that the signed step ignores; the noise comes from torch's RNG
+instead of numpy's.
 
 Shapes: images01 [B, 3, H, W] in [0, 1], captions grouped per image -> :class:`AttackOutput`.
 """
@@ -29,7 +39,7 @@ from pipeline.models import CLIPBundle, MLMBundle
 
 
 def scaled_copies(images01: torch.Tensor, scales: tuple[float, ...], noise_std: float,
-                  generator: torch.Generator | None = None) -> list[torch.Tensor]:
+                  generator: torch.Generator | None = None, antialias: bool = False) -> list[torch.Tensor]:
     """The images followed by their noisy rescaled copies (differentiable), each [B, 3, H, W]."""
     size = list(images01.shape[-2:])
     out = [images01]
@@ -37,17 +47,18 @@ def scaled_copies(images01: torch.Tensor, scales: tuple[float, ...], noise_std: 
         noise = torch.randn(images01.shape, generator=generator, device=images01.device, dtype=images01.dtype)
         x = images01 + noise_std * noise
         x = TF.resize(x, [int(scale * size[0]), int(scale * size[1])],
-                      interpolation=TF.InterpolationMode.BICUBIC, antialias=True).clamp(0.0, 1.0)
-        out.append(TF.resize(x, size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True))
+                      interpolation=TF.InterpolationMode.BICUBIC, antialias=antialias).clamp(0.0, 1.0)
+        out.append(TF.resize(x, size, interpolation=TF.InterpolationMode.BICUBIC, antialias=antialias))
     return out
 
 
 @dataclass(frozen=True)
 class SGA(MultimodalAttack):
-    image: PGD = PGD(eps=2 / 255, steps=10, step_size=0.5 / 255)
+    image: PGD = PGD(eps=2 / 255, steps=10, step_ratio=0.25)
     text: BERTAttack = BERTAttack()
     scales: tuple[float, ...] = (0.5, 0.75, 1.25, 1.5)
     noise_std: float = 0.05
+    antialias: bool = False
     seed: int | None = 0
 
     def __post_init__(self) -> None:
@@ -70,7 +81,7 @@ class SGA(MultimodalAttack):
         adv_text = embed_texts(clip, adv_texts, self.text.batch_size)
 
         def loss_fn(x: torch.Tensor) -> torch.Tensor:
-            copies = scaled_copies(x, self.scales, self.noise_std, generator)
+            copies = scaled_copies(x, self.scales, self.noise_std, generator, self.antialias)
             emb = clip.encode_images(torch.cat(copies)).float().view(len(copies), len(x), -1)
             return sum(pair_similarity_loss(e, adv_text, txt2img) for e in emb)
 
