@@ -35,7 +35,7 @@ setup: $(STAMP) $(APT_STAMP) $(NLTK_STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,ray]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,ray,tracking]'
 	@touch $@
 
 $(APT_STAMP):

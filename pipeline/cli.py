@@ -50,11 +50,25 @@ DataRoot = Annotated[Optional[Path], typer.Option("--data-root", envvar="DATA_RO
 Format = Annotated[Optional[str], typer.Option("--format", envvar="FORMAT", help="coco | karpathy | albef | csv | imagefolder | synth (detected when empty).")]
 Workers = Annotated[int, typer.Option("--workers", envvar="WORKERS", help="Processes, one shard each at a time.")]
 Executor = Annotated[str, typer.Option("--executor", envvar="EXECUTOR", help="local (process pool) or ray.")]
+ReportTo = Annotated[Optional[str], typer.Option("--report-to", envvar="REPORT_TO", help="Trackers: tensorboard (default), wandb, both comma-separated, or none.")]
+WandbMode = Annotated[Optional[str], typer.Option("--wandb-mode", envvar="WANDB_MODE", help="W&B mode: offline (default: no network needed; `wandb sync` later), online or disabled.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Redo every shard instead of resuming.")]
 
 
 def _env_or_none(value: Optional[str]) -> Optional[str]:
     return value if value not in (None, "") else None
+
+
+def _reporters(spec: Optional[str]) -> Optional[tuple[str, ...]]:
+    """REPORT_TO as a checked tuple (None when unset, so the config default applies)."""
+    from pipeline.tracking import parse_report_to
+
+    if _env_or_none(spec) is None:
+        return None
+    try:
+        return parse_report_to(spec)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from error
 
 
 @app.callback()
@@ -256,6 +270,8 @@ def pretrain(
     seed: Annotated[Optional[int], _opt("SEED", "Random seed.")] = None,
     data_workers: Annotated[Optional[int], _opt("DATA_WORKERS", "Loader worker processes (default 2).")] = None,
     device: Annotated[Optional[str], _opt("DEVICE", "auto, cpu or cuda.")] = None,
+    report_to: ReportTo = None,
+    wandb_mode: WandbMode = None,
 ) -> None:
     """Train the small CLIP and masked LM that stand in for pretrained models (MODELS_DIR/<dataset>/{clip,mlm})."""
     from pipeline.train.config import PretrainConfig, override
@@ -263,7 +279,8 @@ def pretrain(
 
     cfg = override(PretrainConfig(), dataset=dataset, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
                    clip_preset=clip_preset, mlm_preset=mlm_preset, mlm_steps=mlm_steps, vocab_size=vocab_size,
-                   precision=precision, seed=seed, num_workers=data_workers, device=device)
+                   precision=precision, seed=seed, num_workers=data_workers, device=device,
+                   report_to=_reporters(report_to), wandb_mode=_env_or_none(wandb_mode))
     result = _run_training(run_pretrain, cfg, layout())
     typer.echo(f"clip: {result['clip']}\nmlm:  {result['mlm']}\nrun:  {result['run_dir']}")
 
@@ -298,6 +315,8 @@ def train(
     shuffle_buffer: Annotated[Optional[int], _opt("SHUFFLE_BUFFER", "Samples in the shuffle buffer.")] = None,
     resampled: Annotated[Optional[bool], typer.Option("--resampled/--epochs", envvar="RESAMPLED", help="Draw shards with replacement (default) or read epochs split by rank and worker.")] = None,
     device: Annotated[Optional[str], _opt("DEVICE", "auto, cpu or cuda.")] = None,
+    report_to: ReportTo = None,
+    wandb_mode: WandbMode = None,
 ) -> None:
     """Adversarial fine-tuning of CLIP streamed from shards: MODE=ft|tecoa|fare|mat|matplus (torchrun for DDP)."""
     from pipeline.train.config import TrainConfig, override
@@ -308,6 +327,7 @@ def train(
         TrainConfig(), mode=mode, dataset=dataset, clip=_env_or_none(clip), mlm=_env_or_none(mlm), steps=steps,
         batch_size=batch_size, accum_steps=accum_steps, precision=precision, seed=seed, save_every=save_every,
         log_every=log_every, run_dir=_env_or_none(run_dir), resume=_env_or_none(resume), device=device,
+        report_to=_reporters(report_to), wandb_mode=_env_or_none(wandb_mode),
         **{"optim.lr": lr, "optim.warmup": warmup, "optim.weight_decay": weight_decay, "attack.eps": eps,
            "attack.pgd_steps": pgd_steps, "attack.step_size": pgd_step_size, "attack.n_words": n_words,
            "attack.k": top_k, "attack.order": _env_or_none(order), "data.stages": stage_list,

@@ -13,6 +13,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.tracking import check_reporters
+
 # "auto": bf16 where the hardware runs it natively, fp32 elsewhere (pipeline.models.resolve_precision).
 PRECISIONS = ("auto", "bf16", "fp32")
 ORDERS = ("text-first", "image-first", "joint")
@@ -81,6 +83,8 @@ class TrainConfig:
     resume: str = "auto"
     run_dir: str | None = None  # default RUNS_DIR/<mode>-<dataset>-<YYYYmmdd-HHMMSS>
     device: str = "auto"
+    report_to: tuple[str, ...] = ("tensorboard",)  # tensorboard, wandb (pipeline/tracking.py); () for none
+    wandb_mode: str = "offline"
     optim: OptimConfig = field(default_factory=OptimConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -109,6 +113,8 @@ class PretrainConfig:
     seed: int = 0
     num_workers: int = 2
     device: str = "auto"
+    report_to: tuple[str, ...] = ("tensorboard",)
+    wandb_mode: str = "offline"
 
 
 def check_train(cfg: TrainConfig, modes: tuple[str, ...]) -> None:
@@ -131,6 +137,7 @@ def check_train(cfg: TrainConfig, modes: tuple[str, ...]) -> None:
         raise ValueError(f"attack n_words={a.n_words}, k={a.k}: both must be >= 1")
     if cfg.data.num_workers < 0 or cfg.data.shuffle_buffer < 0:
         raise ValueError(f"data={cfg.data}: num_workers and shuffle_buffer must be >= 0")
+    check_reporters(cfg.report_to, cfg.wandb_mode)
     if cfg.mode == "matplus" and not cfg.data.stages:
         raise ValueError("mode='matplus' needs augmentation stages (STAGES=i2t-human,eda,...)")
 
@@ -139,6 +146,7 @@ def check_pretrain(cfg: PretrainConfig) -> None:
     _check_positive(cfg, ("vocab_size", "steps", "batch_size", "mlm_batch_size", "lr", "mlm_lr"))
     if cfg.mlm_steps < 0 or cfg.warmup < 0:
         raise ValueError(f"mlm_steps={cfg.mlm_steps}, warmup={cfg.warmup}: must be >= 0")
+    check_reporters(cfg.report_to, cfg.wandb_mode)
     if not 0 < cfg.mask_prob < 1:
         raise ValueError(f"mask_prob={cfg.mask_prob}: must be in (0, 1)")
     if cfg.precision not in PRECISIONS:

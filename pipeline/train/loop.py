@@ -17,6 +17,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from pipeline.models import autocast
+from pipeline.tracking import Tracker
 from pipeline.train.distributed import DistEnv, all_reduce_mean
 from pipeline.train.modes import Mode
 
@@ -48,16 +49,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 class MetricsLog:
-    """metrics.csv plus TensorBoard events in the run dir (rank 0 only)."""
+    """metrics.csv in the run dir, plus the trackers of ``report_to`` (TensorBoard, W&B; rank 0 only)."""
 
-    def __init__(self, run_dir: Path, enabled: bool = True):
+    def __init__(self, run_dir: Path, enabled: bool = True, report_to: tuple[str, ...] = ("tensorboard",),
+                 config: dict[str, Any] | None = None, wandb_mode: str = "offline"):
         self.enabled = enabled
         self.path = run_dir / "metrics.csv"
-        self._writer = None
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        self._tracker = Tracker(run_dir, report_to, config or {}, name=run_dir.name, wandb_mode=wandb_mode,
+                                enabled=enabled)
 
     def __call__(self, step: int, row: dict[str, float]) -> None:
         if not self.enabled:
@@ -68,13 +67,10 @@ class MetricsLog:
             if new:
                 writer.writeheader()
             writer.writerow({"step": step, **row})
-        for name, value in row.items():
-            self._writer.add_scalar(f"train/{name}", value, step)
-        self._writer.flush()
+        self._tracker.log(step, row, prefix="train")
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
+        self._tracker.close()
 
 
 @dataclass

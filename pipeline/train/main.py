@@ -144,7 +144,8 @@ def train(cfg: TrainConfig, layout: Layout | None = None) -> RunResult:
     # 4. Data.
     batches = build_batches(cfg, layout, clip.image_size, seed=data_state["seed"], skip=data_state["batches"])
     # 5. Train.
-    metrics = MetricsLog(run_dir, enabled=env.is_main)
+    metrics = MetricsLog(run_dir, enabled=env.is_main, report_to=cfg.report_to, config=to_dict(cfg),
+                         wandb_mode=cfg.wandb_mode)
 
     def save(step: int) -> None:
         rng = checkpoints.gather_rng_states()

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -23,6 +24,7 @@ from transformers import DataCollatorForLanguageModeling
 from pipeline.models import MLMBundle, autocast, build_clip, build_mlm, train_tokenizers
 from pipeline.paths import Layout
 from pipeline.shards import list_shards, read_tar
+from pipeline.tracking import Tracker
 from pipeline.train.config import DataConfig, OptimConfig, PretrainConfig, TrainConfig, check_pretrain
 from pipeline.train.distributed import pick_device
 from pipeline.train.loop import cosine_with_warmup
@@ -78,14 +80,20 @@ def pretrain(cfg: PretrainConfig, layout: Layout | None = None) -> dict[str, str
     if losses:
         log.info("mlm loss %.3f -> %.3f", losses[0], sum(losses[-10:]) / len(losses[-10:]))
     mlm_dir = mlm.save(layout.model_dir(cfg.dataset, "mlm"))
-    # 3. CLIP: the `ft` loop from a random init saved where `train` can load it.
     run_dir = layout.runs_dir / f"pretrain-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    tracker = Tracker(run_dir / "mlm", cfg.report_to, dataclasses.asdict(cfg), name=f"{run_dir.name}-mlm",
+                      wandb_mode=cfg.wandb_mode)
+    for step, loss in enumerate(losses):
+        tracker.log(step, {"loss": loss}, prefix="mlm")
+    tracker.close()
+    # 3. CLIP: the `ft` loop from a random init saved where `train` can load it.
     init_dir = build_clip(cfg.clip_preset, clip_tok).save(run_dir / "init")
     result = train(
         TrainConfig(
             mode="ft", dataset=cfg.dataset, clip=str(init_dir), steps=cfg.steps, batch_size=cfg.batch_size,
             precision=cfg.precision, seed=cfg.seed, save_every=max(1, cfg.steps // 4), run_dir=str(run_dir),
-            device=cfg.device, optim=OptimConfig(lr=cfg.lr, warmup=cfg.warmup),
+            device=cfg.device, optim=OptimConfig(lr=cfg.lr, warmup=cfg.warmup), report_to=cfg.report_to,
+            wandb_mode=cfg.wandb_mode,
             data=DataConfig(num_workers=cfg.num_workers),
         ),
         layout,
