@@ -4,7 +4,12 @@ Building blocks (also used by training): :class:`PGD` (image, any loss) and :cla
 goal). Evaluation-level attacks (registry :data:`ATTACKS`) take ``(clip, mlm, images01, texts_per_image)`` and
 return an :class:`AttackOutput`; :func:`run_attack` builds one by name with flat options routed to its parts::
 
-    out = run_attack("sga", clip, mlm, images01, captions_per_image, eps=4 / 255, top_k=5)
+    out = run_attack("sga", clip, mlm, images01, captions_per_image, eps=4 / 255, top_k=5, seed=1)
+
+Defaults are the reference evaluations' (see each module's docstring for the reference file and the remaining
+differences). Overriding ``eps`` alone keeps each attack's published step-to-budget ratio (PGD and SGA eps / 4,
+Co-Attack eps / steps * 1.25); ``step_size`` sets the step explicitly. ``seed`` (every image attack's random
+start, and SGA's noise; None: the global torch RNG) is accepted for every attack and ignored by "bert".
 """
 
 from __future__ import annotations

@@ -104,7 +104,10 @@ class PGD:
 class PGDAttack(MultimodalAttack):
     """Evaluation-level PGD: perturb each image away from its own captions (minus mean cosine); texts untouched.
 
-    ``seed`` seeds the random start (None: the global torch RNG)."""
+    This is SGA's ``ImageAttacker.txt_guided_attack`` without rescaled copies, guided by the clean captions (the
+    image-only baseline of the SGA evaluation). Co-Attack's image-only baseline (``ImageAttacker.run_trades``)
+    differs (it pushes the image embedding away from its clean self, a KL, with Co-Attack's step rule) and is
+    not provided. ``seed`` seeds the random start (None: the global torch RNG)."""
 
     image: PGD = PGD()
     seed: int | None = 0

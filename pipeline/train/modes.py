@@ -12,6 +12,19 @@ inside the model call; BERT-Attack replaces words with masked-LM candidates, bat
            then PGD maximises InfoNCE against the adversarial texts; InfoNCE on the adversarial pairs.
            `joint` attacks both from the clean inputs (the paper's open question on simultaneous updates).
 - matplus: mat on one-to-many augmented pairs (the loader draws them; STAGES chooses the stages).
+
+References and deliberate differences (the inner PGD is always the cheap training one of `AttackConfig`: eps
+2/255, 2 signed steps of 1/255 from a uniform [-eps, eps] start, the evaluation's budget):
+- tecoa vs cvlab-columbia/ZSRobust4FoundationModel `finetuning.py`: the reference trains the vision tower on
+  ImageNet class prompts with cross-entropy over image -> class-text logits, attack and loss alike (README
+  example: eps 1/255, 2 steps of 1/255). Captions have no classes, so the in-batch captions play the classes and
+  the loss is CLIP's symmetric InfoNCE (it adds the text -> image direction); the eps is the evaluation's.
+- fare vs chs20/RobustVLM `train/adversarial_training_clip.py` (`--loss l2 --inner_loss l2`): same loss (squared
+  L2 of unnormalised embeddings against the frozen original, summed over dimensions, batch mean) and the same
+  trained part (the vision tower with its projection); the reference's PGD takes 10 steps of 1/255 with
+  momentum 0.9 (eps 2/255 or 4/255), ours 2 plain signed steps, for training cost.
+- mat / matplus (Waseda et al., arXiv 2405.18770): no public code; the order, the BERT-Attack goal and the
+  InfoNCE on the adversarial pairs follow the paper's description.
 """
 
 from __future__ import annotations
