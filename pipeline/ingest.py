@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import logging
 import time
 from collections import defaultdict
@@ -14,7 +15,7 @@ from typing import Any
 from pipeline.executor import TaskResult, get_executor
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageError, prepare_image
 from pipeline.manifests import build_manifest, write_manifest
-from pipeline.paths import Layout
+from pipeline.paths import Layout, plain_name
 from pipeline.shards import list_shards, read_stats, sample_key, shard_is_done, shard_name, stats_path, write_stats, write_tar
 from pipeline.sources import Record, Skip, SourceOptions, SplitFractions, detect_format, read_source
 from pipeline.stage import RunOptions
@@ -35,14 +36,19 @@ class IngestConfig:
     synth_seed: int = 0
     image_column: str = "image"
     caption_column: str = "caption"
+    id_column: str | None = None
+    id_prefix: str | None = None
+    split_column: str = "split"
+    limit: int | None = None  # only the first N images the source yields (bad ones included), for a quick try
 
     def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1 image, got {self.limit}")
         if self.shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
         if self.max_side is not None and self.max_side < 8:
             raise ValueError(f"max_side must be >= 8 pixels, got {self.max_side}")
-        if not self.dataset or "/" in self.dataset or "." in self.dataset:
-            raise ValueError(f"dataset name must be a plain word (no '/' or '.'), got {self.dataset!r}")
+        plain_name(self.dataset, "dataset")
 
     def resolved_format(self) -> str:
         if self.fmt:
@@ -134,11 +140,14 @@ def run_ingest(config: IngestConfig, layout: Layout, options: RunOptions = RunOp
     # 1. Read the source's metadata (images are read in the workers).
     fmt = config.resolved_format()
     source_options = SourceOptions(
-        config.data_root, config.fractions, config.synth_size, config.synth_seed, config.image_column, config.caption_column
+        data_root=config.data_root, fractions=config.fractions, synth_size=config.synth_size,
+        synth_seed=config.synth_seed, image_column=config.image_column, caption_column=config.caption_column,
+        id_column=config.id_column, id_prefix=config.id_prefix, split_column=config.split_column,
     )
     records: list[Record] = []
     reader_skips: list[dict[str, str]] = []
-    for item in read_source(fmt, source_options):
+    # The limit is part of the config (manifest, settings); another limit changes the records, so the shard plans.
+    for item in itertools.islice(read_source(fmt, source_options), config.limit):
         if isinstance(item, Skip):
             reader_skips.append({"source": item.source, "reason": item.reason})
         else:

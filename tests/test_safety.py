@@ -1,0 +1,180 @@
+"""Names that become paths are plain names; `clean` removes only the pipeline's own files; the Makefile's
+fallback clean builds no `rm`.
+
+The bad names are the ones a user (or a variable left empty, or read from the environment) can give: `..`,
+`../x`, `/etc`, `a/b`, the empty string, a name longer than NAME_MAX, and names starting with a dot or a dash.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.clean import clean
+from pipeline.evaluate import eval_path
+from pipeline.filters import filter_path, find_filter
+from pipeline.ingest import IngestConfig, run_ingest
+from pipeline.paths import NAME_MAX, Layout, is_plain_name, plain_name
+
+ROOT = Path(__file__).parents[1]
+BAD_NAMES = ["..", "../x", "/etc", "a/b", "", "x" * (NAME_MAX + 1), ".hidden", "-rf", "a\\b", "a..b", "a b", "\x00"]
+GOOD_NAMES = ["synth", "coco", "i2t-human", "mat-synth-20261201-184147", "v1.2", "A_b", "x" * NAME_MAX]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_bad_names_are_refused_everywhere_a_name_becomes_a_path(name, tmp_path):
+    layout = Layout(tmp_path / "s", tmp_path / "m", tmp_path / "r", tmp_path / "models")
+    assert not is_plain_name(name)
+    with pytest.raises(ValueError, match="not a plain name"):
+        plain_name(name, "dataset")
+    builders = [
+        lambda: layout.base_dir(name), lambda: layout.stage_dir("synth", name), lambda: layout.manifest_path(name, "base"),
+        lambda: layout.manifest_path("synth", name), lambda: layout.dataset_manifests(name),
+        lambda: layout.model_dir(name, "clip"), lambda: layout.run_dir(name),
+        lambda: eval_path(layout, "synth", name), lambda: filter_path(layout, "synth", name),
+        lambda: IngestConfig(dataset=name),
+    ]
+    for build in builders:
+        with pytest.raises(ValueError):
+            build()
+
+
+@pytest.mark.parametrize("name", GOOD_NAMES)
+def test_plain_names_stay_one_component_below_their_folder(name, tmp_path):
+    layout = Layout(tmp_path / "s", tmp_path / "m")
+    assert plain_name(name) == name
+    assert layout.stage_dir(name, "base").parent.parent == tmp_path / "s"
+    assert eval_path(layout, "synth", name).parent == tmp_path / "m" / "synth" / "evals"
+
+
+def test_a_filter_is_found_by_path_or_by_plain_name_only(tmp_path):
+    layout = Layout(tmp_path / "s", tmp_path / "m")
+    own = tmp_path / "mine.json"
+    own.write_text("{}")
+    assert find_filter(str(own), "synth", layout) == own  # a path given as a path is read as given
+    with pytest.raises(FileNotFoundError) as error:
+        find_filter("../no-such-filter", "synth", layout)
+    assert "filters" not in str(error.value).split("tried")[1]  # never joined under MANIFESTS_DIR
+
+
+def _text(output: str) -> str:
+    """Terminal output without the error box and line wrapping of rich."""
+    return " ".join(re.sub("[\u2500-\u257f]", " ", output).split())
+
+
+@pytest.mark.parametrize(
+    "argv, env",
+    [
+        (["clean", "--dataset", ".."], {}),
+        (["clean"], {"DATASET": "../x"}),
+        (["stats"], {"DATASET": "/etc"}),
+        (["ingest", "--dataset", "a/b"], {}),
+        (["report", "--dataset", ""], {}),
+        (["filter", "--name", "../../x"], {}),
+        (["eval", "--ckpt", "somewhere"], {"EVAL_NAME": "../escape"}),
+        (["augment"], {"STAGES": "eda,../base"}),
+        (["stats", "--dataset", "x" * (NAME_MAX + 1)], {}),
+    ],
+)
+def test_cli_refuses_bad_names_before_touching_anything(argv, env, tmp_path):
+    layout_env = {"SHARDS_DIR": str(tmp_path / "s"), "MANIFESTS_DIR": str(tmp_path / "m"),
+                  "RUNS_DIR": str(tmp_path / "r"), "MODELS_DIR": str(tmp_path / "models")}
+    result = CliRunner().invoke(app, argv, env={**layout_env, **env})
+    assert result.exit_code == 2, result.output
+    assert "not a plain name" in _text(result.output)
+    assert not any(tmp_path.iterdir())
+
+
+def _scratch_outputs(cwd: Path) -> None:
+    """A scratch folder as a user has it: pipeline outputs of two datasets plus files of their own."""
+    layout = Layout(cwd / "shards", cwd / "manifests", cwd / "runs", cwd / "models")
+    for dataset in ("synth", "other"):
+        run_ingest(IngestConfig(dataset=dataset, synth_size=12, shard_size=5, fmt="synth"), layout)
+        for kind in ("clip", "mlm"):
+            (layout.model_dir(dataset, kind)).mkdir(parents=True)
+            (layout.model_dir(dataset, kind) / "config.json").write_text("{}")
+        run = layout.run_dir(f"ft-{dataset}-20260101-000000")
+        (run / "checkpoints" / "step-000002").mkdir(parents=True)
+        (run / "config.json").write_text(f'{{"dataset": "{dataset}"}}')
+        (run / "metrics.csv").write_text("step,loss\n")
+        (layout.dataset_manifests(dataset) / "evals").mkdir()
+        (layout.dataset_manifests(dataset) / "evals" / "ft.json").write_text("{}")
+    (cwd / "notes.txt").write_text("mine")
+    (cwd / "shards" / "README.md").write_text("mine")
+    (cwd / "shards" / "synth" / "base" / "keep.txt").write_text("mine")
+    (cwd / "runs" / "my-own-folder").mkdir()
+    (cwd / "runs" / "my-own-folder" / "data.bin").write_text("mine")
+
+
+def _cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("SHARDS_DIR", "MANIFESTS_DIR", "RUNS_DIR", "MODELS_DIR", "DATASET")}
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def _files(cwd: Path) -> set[str]:
+    return {str(p.relative_to(cwd)) for p in cwd.rglob("*") if p.is_file()}
+
+
+def test_clean_removes_only_what_the_pipeline_wrote_and_says_so(tmp_path):
+    _scratch_outputs(tmp_path)
+    before = _files(tmp_path)
+    refused = _cli(tmp_path, "clean", "--dataset", "..")
+    assert refused.returncode == 2 and "not a plain name" in _text(refused.stderr)
+    assert _files(tmp_path) == before
+
+    one = _cli(tmp_path, "clean", "--dataset", "synth")
+    assert one.returncode == 0, one.stderr
+    left = _files(tmp_path)
+    assert not any(p.startswith(("shards/synth/base/train", "manifests/synth/", "models/synth/")) for p in left)
+    assert not (tmp_path / "runs" / "ft-synth-20260101-000000").exists()
+    assert (tmp_path / "runs" / "ft-other-20260101-000000" / "config.json").exists()  # another dataset's run
+    assert any(p.startswith("shards/other/base/") for p in left)
+    assert "removed from shards/synth/base/" in one.stdout and "kept shards/synth/base/keep.txt" in one.stdout
+
+    everything = _cli(tmp_path, "clean")
+    assert everything.returncode == 0, everything.stderr
+    assert _files(tmp_path) == {"notes.txt", "shards/README.md", "shards/synth/base/keep.txt",
+                                "runs/my-own-folder/data.bin"}
+    assert "removed from runs/ft-other-20260101-000000/" in everything.stdout
+    assert _cli(tmp_path, "clean").stdout.strip() == "nothing to remove"
+
+
+def test_clean_follows_no_link_out_of_its_folders(tmp_path):
+    outside = tmp_path / "outside"
+    (outside / "base").mkdir(parents=True)
+    (outside / "base" / "train-000000.tar").write_text("precious")
+    (outside / "base" / "sizes.json").write_text("{}")
+    (outside / "clip").mkdir()
+    layout = Layout(tmp_path / "shards", tmp_path / "manifests", tmp_path / "runs", tmp_path / "models")
+    layout.shards_dir.mkdir()
+    (layout.shards_dir / "synth").symlink_to(outside)
+    (layout.models_dir / "synth").mkdir(parents=True)
+    (layout.models_dir / "synth" / "clip").symlink_to(outside / "clip")
+    report = clean(layout)
+    assert (outside / "base" / "train-000000.tar").read_text() == "precious" and (outside / "clip").is_dir()
+    assert report.removed == [layout.models_dir / "synth" / "clip"]  # the link itself, not its target
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_makefile_fallback_clean_builds_no_rm_from_empty_variables(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "sub").mkdir()
+    for pipeline_present in (False, True):
+        py = sys.executable if pipeline_present else "/nonexistent/python"
+        argv = ["make", "-f", str(ROOT / "Makefile"), "clean", "SHARDS_DIR=", "MANIFESTS_DIR=", "RUNS_DIR=",
+                "MODELS_DIR=", "CLI=/nonexistent/cli", f"PY={py}"]
+        dry = subprocess.run([*argv, "-n"], cwd=tmp_path, capture_output=True, text=True)
+        assert dry.returncode == 0 and "rm " not in dry.stdout
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr
+        assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / "sub").is_dir()
