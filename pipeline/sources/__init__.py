@@ -1,8 +1,9 @@
 """Dataset readers ("sources"): each yields `Record`s (an image with its captions and split) and `Skip`s.
 
-Readers only parse metadata; images are read and validated later, shard by shard, in the workers. A reader
-raises `SourceError` for a malformed file (a clear error, nothing written) and yields a `Skip` with its reason
-for a bad record, so that nothing is dropped silently.
+Readers only parse metadata; images are read and validated later, shard by shard, in the workers (a record
+holds a path, or a reference such as `TarMember` / `HFRow` that the worker resolves, not the image bytes). A
+reader raises `SourceError` for a malformed file (a clear error, nothing written) and yields a `Skip` with its
+reason for a bad record, so that nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -30,10 +31,45 @@ class SynthImage:
     params: tuple
 
 
+@dataclass(frozen=True)
+class TarMember:
+    """An image stored in an uncompressed tar (an existing WebDataset shard), read by offset in the worker."""
+
+    tar: Path
+    offset: int
+    size: int
+
+    def read(self) -> bytes:
+        with open(self.tar, "rb") as handle:
+            handle.seek(self.offset)
+            data = handle.read(self.size)
+        if len(data) != self.size:
+            raise OSError(f"truncated tar member in {self.tar} at byte {self.offset}")
+        return data
+
+
+@dataclass(frozen=True)
+class HFRow:
+    """An image embedded in a Hugging Face dataset: row `row` of `split`, reloaded (memory-mapped) in the worker."""
+
+    loader: tuple[str, ...]  # how pipeline/sources/hf.py loads the dataset again
+    split: str
+    row: int
+    column: str
+
+    def read(self) -> bytes:
+        from pipeline.sources.hf import read_row_image
+
+        return read_row_image(self)
+
+
+ImageRef = Path | bytes | SynthImage | TarMember | HFRow
+
+
 @dataclass
 class Record:
     image_id: str
-    image: Path | bytes | SynthImage
+    image: ImageRef
     captions: list[str]
     split: str
     source: str
@@ -46,6 +82,8 @@ class Record:
             from pipeline.sources.synth import render
 
             return render(self.image)
+        if isinstance(self.image, (TarMember, HFRow)):
+            return self.image.read()
         try:
             return Path(self.image).read_bytes()
         except FileNotFoundError:
@@ -85,7 +123,7 @@ def clean_caption(text: Any) -> str:
 
 
 def make_record(
-    image_id: str, image: Path | bytes | SynthImage, raw_captions: list[Any], split: str, source: str
+    image_id: str, image: ImageRef, raw_captions: list[Any], split: str, source: str
 ) -> Record | Skip:
     """Clean captions, recording each dropped one (empty, duplicate); skip the image if none is left."""
     captions: list[str] = []
@@ -112,6 +150,9 @@ class SourceOptions:
     synth_seed: int = 0
     image_column: str = "image"
     caption_column: str = "caption"
+    id_column: str | None = None  # hf: the column naming the image (rows sharing it are one image)
+    id_prefix: str | None = None  # hf / wds: prefix of the image ids they form (default the format's name)
+    split_column: str = "split"  # hf: a column holding each row's split, used when the dataset has it
 
 
 # name -> "module:function"; each function takes SourceOptions and yields Record | Skip
@@ -122,7 +163,11 @@ SOURCES: dict[str, str] = {
     "albef": "pipeline.sources.albef:read_albef",
     "csv": "pipeline.sources.table:read_table",
     "imagefolder": "pipeline.sources.imagefolder:read_imagefolder",
+    "hf": "pipeline.sources.hf:read_hf",
+    "wds": "pipeline.sources.wds:read_wds",
 }
+
+HF_FILE_SUFFIXES = (".parquet", ".arrow")
 
 
 def detect_format(data_root: Path) -> str:
@@ -135,16 +180,27 @@ def detect_format(data_root: Path) -> str:
         return "coco"
     if (data_root / "metadata.jsonl").exists() or list(data_root.glob("*/metadata.jsonl")):
         return "imagefolder"
+    # Before the *.json check: shard folders hold *.stats.json / *_stats.json, save_to_disk folders state.json.
+    if list(data_root.glob("*.tar")):
+        return "wds"
+    if (data_root / "dataset_dict.json").exists() or (data_root / "state.json").exists():
+        return "hf"
+    if any(p.suffix in HF_FILE_SUFFIXES for p in data_root.iterdir()):
+        return "hf"
     for path in sorted(data_root.glob("*.json")):
         return _format_of_file(path)
     if list(data_root.glob("*.csv")) or list(data_root.glob("*.tsv")) or list(data_root.glob("*.txt")):
         return "csv"
-    raise SourceError(f"cannot tell the format of {data_root}: pass FORMAT=coco|karpathy|albef|csv|imagefolder")
+    raise SourceError(f"cannot tell the format of {data_root}: pass FORMAT={'|'.join(f for f in SOURCES if f != 'synth')}")
 
 
 def _format_of_file(path: Path) -> str:
     if path.suffix in (".csv", ".tsv", ".txt"):
         return "csv"
+    if path.suffix == ".tar":
+        return "wds"
+    if path.suffix in HF_FILE_SUFFIXES:
+        return "hf"
     if path.name.startswith("dataset_") and path.suffix == ".json":
         return "karpathy"
     if path.suffix == ".json":
@@ -159,7 +215,8 @@ def read_source(fmt: str, options: SourceOptions) -> Iterator[Record | Skip]:
         raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(SOURCES)}")
     if fmt != "synth" and options.data_root is None:
         raise ValueError(f"format {fmt!r} needs DATA_ROOT (the dataset folder or annotation file)")
-    if options.data_root is not None and not options.data_root.exists():
+    # `hf` also takes a hub id already in the local cache, which is no local path.
+    if options.data_root is not None and not options.data_root.exists() and fmt != "hf":
         raise SourceError(f"DATA_ROOT {options.data_root} does not exist")
     module_name, function_name = SOURCES[fmt].split(":")
     return getattr(importlib.import_module(module_name), function_name)(options)
