@@ -314,6 +314,8 @@ def train(
     data_workers: Annotated[Optional[int], _opt("DATA_WORKERS", "Loader worker processes (default 2).")] = None,
     shuffle_buffer: Annotated[Optional[int], _opt("SHUFFLE_BUFFER", "Samples in the shuffle buffer.")] = None,
     resampled: Annotated[Optional[bool], typer.Option("--resampled/--epochs", envvar="RESAMPLED", help="Draw shards with replacement (default) or read epochs split by rank and worker.")] = None,
+    captions: Annotated[Optional[str], _opt("CAPTIONS", "primary (default: the primary caption per image) | all (every human caption its own pair; no STAGES).")] = None,
+    train_augment: Annotated[Optional[str], typer.Option("--train-augment", envvar="TRAIN_AUGMENT", help="none (default: the evaluation's resize + centre crop) | rrc (open_clip's RandomResizedCrop, scale 0.9-1).")] = None,
     device: Annotated[Optional[str], _opt("DEVICE", "auto, cpu or cuda.")] = None,
     report_to: ReportTo = None,
     wandb_mode: WandbMode = None,
@@ -332,7 +334,8 @@ def train(
            "attack.pgd_steps": pgd_steps, "attack.step_size": pgd_step_size, "attack.n_words": n_words,
            "attack.k": top_k, "attack.order": _env_or_none(order), "data.stages": stage_list,
            "data.filter": _env_or_none(filter_), "data.num_workers": data_workers,
-           "data.shuffle_buffer": shuffle_buffer, "data.resampled": resampled},
+           "data.shuffle_buffer": shuffle_buffer, "data.resampled": resampled,
+           "data.captions": _env_or_none(captions), "data.augment": _env_or_none(train_augment)},
     )
     result = _run_training(run_train, cfg, layout())
     last = result.history[-1] if result.history else {}

@@ -1,11 +1,22 @@
-"""Decode, validate and normalise images to the JPEG bytes the shards hold."""
+"""Decode, validate and normalise images to the JPEG bytes the shards hold; turn them into model pixels.
+
+:func:`model_pixels` is the one preprocessing of training, evaluation and scoring, CLIP's (openai/CLIP
+``clip/clip.py`` ``_transform``, open_clip ``src/open_clip/transform.py`` ``image_transform`` for eval, and
+``CLIPImageProcessor``): shorter side resized to the model's size with PIL bicubic (which antialiases), then a
+centre crop. :func:`random_resized_crop_pixels` is the optional training-time augmentation (open_clip's train
+transform: ``RandomResizedCrop(size, scale=(0.9, 1.0), interpolation=BICUBIC)``).
+"""
 
 from __future__ import annotations
 
 import io
+import math
+import random
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
+import torch
 from PIL import Image, ImageFile
 
 # Refuse to decode more than this many pixels (a decompression-bomb guard); a record over it is skipped.
@@ -88,3 +99,61 @@ def decode_rgb(data: bytes) -> Image.Image:
     """Decode shard image bytes to an RGB PIL image."""
     with Image.open(io.BytesIO(data)) as image:
         return image.convert("RGB")
+
+
+#: open_clip's default RandomResizedCrop area range (``AugmentationCfg.scale``, src/open_clip/transform.py) and
+#: torchvision's default aspect-ratio range, which open_clip keeps (``ratio=None``).
+RRC_SCALE = (0.9, 1.0)
+RRC_RATIO = (3 / 4, 4 / 3)
+
+
+def _to_uint8_tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+def model_pixels(image: Image.Image, size: int) -> torch.Tensor:
+    """CLIP's preprocessing: RGB, shorter side to `size` (PIL bicubic), centre crop -> uint8 [3, size, size].
+
+    Sizes and offsets are torchvision's ``Resize(size)`` / ``CenterCrop(size)`` (long side ``int(size * long /
+    short)``, offset ``round((side - size) / 2)``), which OpenAI CLIP and open_clip apply to PIL images.
+    """
+    image = image.convert("RGB")
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    new_long = int(size * long / short)
+    new_size = (size, new_long) if width <= height else (new_long, size)
+    if new_size != image.size:
+        image = image.resize(new_size, Image.Resampling.BICUBIC)
+    left, top = int(round((new_size[0] - size) / 2.0)), int(round((new_size[1] - size) / 2.0))
+    return _to_uint8_tensor(image.crop((left, top, left + size, top + size)))
+
+
+def _rrc_box(width: int, height: int, rng: random.Random, scale: tuple[float, float],
+             ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+    """(left, top, w, h) drawn as torchvision's ``RandomResizedCrop.get_params``: area fraction and log aspect
+    ratio uniform, 10 tries, then the largest centred box within the ratio range."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
+    if width / height < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif width / height > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def random_resized_crop_pixels(image: Image.Image, size: int, rng: random.Random,
+                               scale: tuple[float, float] = RRC_SCALE,
+                               ratio: tuple[float, float] = RRC_RATIO) -> torch.Tensor:
+    """A random crop of `scale` of the area and `ratio` aspect, resized to `size` (PIL bicubic) -> uint8 [3, S, S]."""
+    image = image.convert("RGB")
+    left, top, w, h = _rrc_box(image.width, image.height, rng, scale, ratio)
+    crop = image.crop((left, top, left + w, top + h)).resize((size, size), Image.Resampling.BICUBIC)
+    return _to_uint8_tensor(crop)

@@ -25,7 +25,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.transforms.v2 import functional as TF
 from transformers import (
     AutoTokenizer,
     BertConfig,
@@ -37,6 +36,8 @@ from transformers import (
     CLIPTokenizer,
     PreTrainedTokenizerBase,
 )
+
+from pipeline.images import model_pixels
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +185,21 @@ def _set_max_length(tokenizer: PreTrainedTokenizerBase, max_positions: int) -> N
 # ---------------------------------------------------------------------------------------------- bundles
 
 
+def projected(output: torch.Tensor | Any) -> torch.Tensor:
+    """The projected embeddings from ``CLIPModel.get_image_features`` / ``get_text_features`` of either major.
+
+    transformers 4.x returns the tensor ``visual_projection(vision_model(...).pooler_output)`` (resp.
+    ``text_projection``); 5.x computes the same projection but returns the tower's output object with
+    ``pooler_output`` replaced by it.
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    pooled = getattr(output, "pooler_output", None)
+    if not isinstance(pooled, torch.Tensor):
+        raise TypeError(f"get_*_features returned {type(output).__name__} without a pooler_output tensor")
+    return pooled
+
+
 @dataclass
 class CLIPBundle:
     """A CLIPModel with its tokenizer and pixel normalisation; all image inputs are [0, 1] pixels."""
@@ -224,7 +240,7 @@ class CLIPBundle:
     def image_features(self, pixels01: torch.Tensor) -> torch.Tensor:
         """Projected image embeddings before L2 normalisation, [B, D]."""
         pixels = self.normalize(pixels01.to(self.device))
-        return self.model.get_image_features(pixel_values=pixels).pooler_output
+        return projected(self.model.get_image_features(pixel_values=pixels))
 
     def encode_images(self, pixels01: torch.Tensor) -> torch.Tensor:
         """[B, 3, S, S] pixels in [0, 1] -> L2-normalised embeddings [B, D] (differentiable)."""
@@ -238,22 +254,17 @@ class CLIPBundle:
     def text_features(self, texts: list[str] | dict[str, torch.Tensor]) -> torch.Tensor:
         """Projected text embeddings before L2 normalisation, [N, D]."""
         batch = self.tokenize(texts) if isinstance(texts, (list, tuple)) else texts
-        return self.model.get_text_features(input_ids=batch["input_ids"],
-                                            attention_mask=batch["attention_mask"]).pooler_output
+        return projected(self.model.get_text_features(input_ids=batch["input_ids"],
+                                                      attention_mask=batch["attention_mask"]))
 
     def encode_texts(self, texts: list[str] | dict[str, torch.Tensor]) -> torch.Tensor:
         """Texts (or the output of :meth:`tokenize`) -> L2-normalised embeddings [N, D]."""
         return F.normalize(self.text_features(texts), dim=-1)
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
-        """PIL images -> [B, 3, S, S] float pixels in [0, 1]: bicubic resize of the shorter side, centre crop."""
-        out = []
-        for image in images:
-            x = TF.pil_to_tensor(image.convert("RGB"))
-            x = TF.resize(x, [self.image_size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-            x = TF.center_crop(x, [self.image_size, self.image_size])
-            out.append(x.float().div_(255.0))
-        return torch.stack(out)
+        """PIL images -> [B, 3, S, S] float pixels in [0, 1] by :func:`pipeline.images.model_pixels` (CLIP's:
+        bicubic resize of the shorter side, centre crop), the same preprocessing training uses."""
+        return torch.stack([model_pixels(image, self.image_size) for image in images]).float().div_(255.0)
 
     def image_processor(self) -> CLIPImageProcessor:
         size = self.image_size
@@ -359,7 +370,9 @@ def load_clip(name_or_dir: str, device: str | torch.device = "cpu", dtype: torch
     """Load a CLIP bundle from a local directory or a hub id (offline-safe). Raises ModelNotFoundError."""
     name = str(name_or_dir)
     with _loading(name) as kw:
-        model = CLIPModel.from_pretrained(name, dtype=dtype, **kw) if dtype else CLIPModel.from_pretrained(name, **kw)
+        model = CLIPModel.from_pretrained(name, **kw)
+        if dtype is not None:  # a cast, not from_pretrained(dtype=): that keyword is torch_dtype before 4.56
+            model = model.to(dtype)
         tokenizer = AutoTokenizer.from_pretrained(name, **kw)
         try:
             proc = CLIPImageProcessor.from_pretrained(name, **kw)

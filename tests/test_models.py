@@ -4,6 +4,7 @@ import pytest
 import torch
 from PIL import Image
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from pipeline.models import (
     CLIP_PRESETS,
@@ -11,6 +12,7 @@ from pipeline.models import (
     build_clip,
     load_clip,
     load_mlm,
+    projected,
     train_tokenizers,
 )
 
@@ -106,3 +108,38 @@ def test_unknown_preset_is_a_value_error(tiny_captions):
         build_clip("huge", clip_tok)
 
 
+
+
+def _v4_and_v5_features(model: CLIPModel, tower: str, projection: str):
+    """What ``get_<tower>_features`` returns in transformers 4.x (the projected tensor) and in 5.x (the tower's
+    output with ``pooler_output`` replaced by the projection), computed from the tower and projection modules."""
+
+    def v4(**inputs):
+        return getattr(model, projection)(getattr(model, tower)(**inputs).pooler_output)
+
+    def v5(**inputs):
+        out = getattr(model, tower)(**inputs)
+        return BaseModelOutputWithPooling(last_hidden_state=out.last_hidden_state,
+                                          pooler_output=getattr(model, projection)(out.pooler_output))
+
+    return {"4.x": v4, "5.x": v5}
+
+
+def test_encode_path_accepts_what_either_transformers_major_returns(tiny_clip, tiny_images, tiny_captions, monkeypatch):
+    model, texts = tiny_clip.model, tiny_captions[:3]
+    with torch.no_grad():
+        installed = tiny_clip.encode_images(tiny_images), tiny_clip.encode_texts(texts)
+    images = _v4_and_v5_features(model, "vision_model", "visual_projection")
+    words = _v4_and_v5_features(model, "text_model", "text_projection")
+    for major in ("4.x", "5.x"):
+        monkeypatch.setattr(model, "get_image_features", images[major])
+        monkeypatch.setattr(model, "get_text_features", words[major])
+        with torch.no_grad():
+            image_emb, text_emb = tiny_clip.encode_images(tiny_images), tiny_clip.encode_texts(texts)
+        assert torch.allclose(image_emb, installed[0], atol=1e-6), major
+        assert torch.allclose(text_emb, installed[1], atol=1e-6), major
+
+
+def test_an_unknown_features_return_type_is_named():
+    with pytest.raises(TypeError, match="tuple"):
+        projected((torch.zeros(1, 2), torch.zeros(1, 2)))

@@ -6,10 +6,13 @@ import itertools
 import json
 import shutil
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
+from pipeline.shards import read_tar
 from pipeline.train import data
+from pipeline.train.config import DataConfig, check_data
 from pipeline.train.toy import write_toy_shards
 
 
@@ -19,11 +22,21 @@ def toy_base(tmp_path_factory):
                             image_stage="img")
 
 
-def _draw(base, stages, keep=None, batches=6, resampled=True, seed=0):
+def _draw(base, stages, keep=None, batches=6, resampled=True, seed=0, batch_size=8, captions="primary"):
     urls = data.shard_urls(base, "train", stages)
-    pipeline = data.build_pipeline(urls, batch_size=8, image_size=32, stages=stages, keep=keep, shuffle_buffer=16,
-                                   resampled=resampled, seed=seed)
+    pipeline = data.build_pipeline(urls, batch_size=batch_size, image_size=32, stages=stages, keep=keep,
+                                   shuffle_buffer=16, resampled=resampled, seed=seed, captions=captions)
     return list(itertools.islice(iter(pipeline), batches))
+
+
+def _shard_captions(base) -> dict[str, tuple[list[str], int]]:
+    """key -> (all captions, primary index), read from the base shards."""
+    out = {}
+    for url in data.shard_urls(base, "train"):
+        for sample in read_tar(Path(url)):
+            meta = json.loads(sample["json"])
+            out[sample["__key__"]] = (meta["captions"], meta["primary"])
+    return out
 
 
 def test_without_stages_every_pair_is_the_primary_caption(toy_base):
@@ -107,3 +120,47 @@ def test_a_filter_is_found_by_name_where_make_filter_writes_it(tmp_path):
     assert not keeps("eda", "k2", 0) and keeps("randaug", "k1", 5)  # unnamed stages keep everything
     with pytest.raises(FileNotFoundError, match="make filter"):
         load_keep_fn(replace(cfg, data=replace(cfg.data, filter="nope")), layout)
+
+
+@pytest.mark.parametrize("captions", ["primary", "all"])
+def test_an_epoch_yields_each_image_caption_pair_once(toy_base, captions):
+    """`primary`: one pair per image, its primary caption; `all`: every human caption of every image, once."""
+    truth = _shard_captions(toy_base)
+    epoch = _draw(toy_base, (), resampled=False, batches=1000, batch_size=1, captions=captions)
+    pairs = Counter((k, t) for b in epoch for k, t in zip(b["keys"], b["texts"]))
+    if captions == "all":
+        expected = {(key, c) for key, (caps, _) in truth.items() for c in caps}
+    else:
+        expected = {(key, caps[primary]) for key, (caps, primary) in truth.items()}
+    assert set(pairs) == expected and set(pairs.values()) == {1}
+    assert len(expected) == (72 if captions == "all" else 24)  # 24 images x 3 captions
+
+
+def test_all_captions_keep_two_captions_of_one_image_out_of_a_batch(toy_base):
+    batches = _draw(toy_base, (), resampled=False, batches=1000, batch_size=8, captions="all")
+    pairs = [(k, t) for b in batches for k, t in zip(b["keys"], b["texts"])]
+    assert all(len(set(b["keys"])) == len(b["keys"]) == 8 for b in batches)
+    # The end drops what cannot fill a batch of 8 distinct images: fewer than 8 images, 3 captions each.
+    assert len(set(pairs)) == len(pairs) >= 72 - 7 * 3
+
+
+def test_distinct_batches_defer_a_repeated_key_and_lose_nothing_but_the_tail():
+    stream = [data.Pair(b"", f"{key} {i}", "base", "base", key) for key in "abcdef" for i in range(3)]
+    batches = list(data.distinct_batches(3, lambda pairs: pairs)(iter(stream)))
+    assert all(len({p.key for p in b}) == 3 for b in batches)
+    assert len(batches) == 6 and Counter(p.text for b in batches for p in b) == Counter(p.text for p in stream)
+
+
+def test_an_endless_stream_of_fewer_images_than_a_batch_still_yields_batches():
+    stream = (data.Pair(b"", str(i), "base", "base", "only") for i in itertools.count())
+    batches = list(itertools.islice(data.distinct_batches(4, lambda pairs: pairs)(stream), 3))
+    assert [len(b) for b in batches] == [4, 4, 4]
+
+
+def test_bad_captions_or_augment_or_all_with_stages_are_named():
+    with pytest.raises(ValueError, match="'every'"):
+        check_data(DataConfig(captions="every"))
+    with pytest.raises(ValueError, match="'crop'"):
+        check_data(DataConfig(augment="crop"))
+    with pytest.raises(ValueError, match="i2t-human"):
+        check_data(DataConfig(captions="all", stages=("i2t-human",)))

@@ -18,6 +18,11 @@ from pipeline.tracking import check_reporters
 # "auto": bf16 where the hardware runs it natively, fp32 elsewhere (pipeline.models.resolve_precision).
 PRECISIONS = ("auto", "bf16", "fp32")
 ORDERS = ("text-first", "image-first", "joint")
+# primary: the primary caption per image (1:1; MAT+'s i2t-human then adds the others); all: each human caption
+# its own pair (the ALBEF / Co-Attack-style baseline).
+CAPTIONS = ("primary", "all")
+# none: the evaluation's preprocessing (resize + centre crop); rrc: open_clip's training RandomResizedCrop.
+AUGMENTS = ("none", "rrc")
 RESUME = ("auto", "latest", "never")
 # MAT+ without STAGES trains on the other reference captions: the cheapest cross-modal (I2T) augmentation.
 DEFAULT_MATPLUS_STAGES = ("i2t-human",)
@@ -60,6 +65,8 @@ class DataConfig:
     shuffle_buffer: int = 1000
     resampled: bool = True  # draw shards with replacement (open_clip's --dataset-resampled)
     num_workers: int = 2
+    captions: str = "primary"  # CAPTIONS
+    augment: str = "none"  # AUGMENTS
 
 
 @dataclass(frozen=True)
@@ -137,9 +144,21 @@ def check_train(cfg: TrainConfig, modes: tuple[str, ...]) -> None:
         raise ValueError(f"attack n_words={a.n_words}, k={a.k}: both must be >= 1")
     if cfg.data.num_workers < 0 or cfg.data.shuffle_buffer < 0:
         raise ValueError(f"data={cfg.data}: num_workers and shuffle_buffer must be >= 0")
+    check_data(cfg.data)
     check_reporters(cfg.report_to, cfg.wandb_mode)
     if cfg.mode == "matplus" and not cfg.data.stages:
         raise ValueError("mode='matplus' needs augmentation stages (STAGES=i2t-human,eda,...)")
+
+
+def check_data(data: DataConfig) -> None:
+    """Raise ValueError naming a bad `captions` / `augment`, or captions='all' combined with stages."""
+    if data.captions not in CAPTIONS:
+        raise ValueError(f"data.captions={data.captions!r}: choose one of {CAPTIONS}")
+    if data.augment not in AUGMENTS:
+        raise ValueError(f"data.augment={data.augment!r}: choose one of {AUGMENTS}")
+    if data.captions == "all" and data.stages:
+        raise ValueError(f"data.captions='all' with stages {data.stages}: 'all' is the 1:1 all-captions baseline; "
+                         f"one-to-many stages (i2t-human: the other captions) draw from the primary caption")
 
 
 def check_pretrain(cfg: PretrainConfig) -> None:

@@ -11,11 +11,18 @@ An image variant that depicts caption c pairs with texts derived from caption c 
 variant of it is loaded); the base image and caption-free variants (RandAugment) pair with any text. Drawing
 uniformly over images then over compatible texts gives 1:1 with no stages, 1:N with text stages, N:1 with image
 stages and N:N with both.
+
+Captions: ``primary`` (default) uses the primary caption as the base text; ``all`` (no stages) makes every human
+caption its own pair, as the ALBEF-style training files do (one entry per caption): each sample is expanded
+before the shuffle buffer, and the batcher keeps two captions of one image out of one batch (they would be
+false negatives of each other in the contrastive loss).
+
+Pixels: :func:`pipeline.images.model_pixels`, the evaluation's and scoring's preprocessing (CLIP's resize of
+the shorter side and centre crop); ``augment="rrc"`` replaces it by open_clip's training random resized crop.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import random
@@ -26,10 +33,10 @@ from typing import Any
 
 import torch
 import webdataset as wds
-from PIL import Image
-from torchvision.transforms import functional as TF
 
+from pipeline.images import decode_rgb, model_pixels, random_resized_crop_pixels
 from pipeline.seeding import derive_seed
+from pipeline.train.config import DataConfig, check_data
 from pipeline.shards import list_shards
 
 log = logging.getLogger(__name__)
@@ -107,6 +114,60 @@ def _seeded_shuffle(src: Iterator[Any], bufsize: int, seed: int):
 
 seeded_shuffle = wds.filters.pipelinefilter(_seeded_shuffle)
 
+_CAPTION = "__caption__"  # set by expand_captions: the caption index a copy of the sample pairs with
+
+
+def _expand_captions(src: Iterator[dict[str, Any]]):
+    """One copy of each sample per caption, marked with the caption's index (``captions="all"``)."""
+    for sample in src:
+        for index in range(len(json.loads(sample["json"])["captions"])):
+            yield {**sample, _CAPTION: index}
+
+
+expand_captions = wds.filters.pipelinefilter(_expand_captions)
+
+
+#: Pairs that may wait for a later batch, in batches: enough for up to 9 captions of each image in a row (no
+#: shuffle); past it a repeated image joins its batch (a data set with fewer images than a batch).
+WAITING_BATCHES = 8
+
+
+def _refill(queued: list[Pair], batch_size: int) -> tuple[list[Pair], set[str], list[Pair]]:
+    """A batch of distinct keys greedily from `queued` (in order), its keys, and the pairs left waiting."""
+    batch, keys, waiting = [], set(), []
+    for pair in queued:
+        if len(batch) < batch_size and pair.key not in keys:
+            batch.append(pair)
+            keys.add(pair.key)
+        else:
+            waiting.append(pair)
+    return batch, keys, waiting
+
+
+def _distinct_batches(src: Iterator[Pair], batch_size: int, collation_fn: Callable[[list[Pair]], Any]):
+    """Full batches (as ``wds.batched(partial=False)``) in which no image key appears twice.
+
+    A pair whose key the batch already holds waits for a later batch; waiting pairs go first. At the end of a
+    finite stream the waiting pairs fill what full batches they can; the rest is dropped like a partial batch.
+    """
+    batch, keys, waiting = [], set(), []
+    for pair in src:
+        if pair.key in keys and len(waiting) < WAITING_BATCHES * batch_size:
+            waiting.append(pair)
+            continue
+        batch.append(pair)
+        keys.add(pair.key)
+        while len(batch) == batch_size:
+            yield collation_fn(batch)
+            batch, keys, waiting = _refill(waiting, batch_size)
+    batch, keys, waiting = _refill(batch + waiting, batch_size)
+    while len(batch) == batch_size:
+        yield collation_fn(batch)
+        batch, keys, waiting = _refill(waiting, batch_size)
+
+
+distinct_batches = wds.filters.pipelinefilter(_distinct_batches)
+
 
 class PairDrawer:
     """Picklable map stage: a zipped sample -> one Pair, drawn with a per-worker seeded RNG."""
@@ -122,7 +183,7 @@ class PairDrawer:
             self._rng = random.Random(_worker_seed(self.seed) + 1)
         key = sample["__key__"]
         meta = json.loads(sample["json"])
-        primary = int(meta.get("primary", 0))
+        primary = sample.get(_CAPTION, int(meta.get("primary", 0)))
         texts: list[tuple[str, int | None, str]] = [(meta["captions"][primary], primary, "base")]
         images: list[tuple[bytes, int | None, str]] = [(sample["jpg"], None, "base")]
         for stage in self.stages:
@@ -142,21 +203,27 @@ class PairDrawer:
         return Pair(image=image, text=text, image_source=image_source, text_source=text_source, key=key)
 
 
-def decode_image(data: bytes, size: int) -> torch.Tensor:
-    """JPEG bytes -> float tensor (3, size, size) in [0, 1]."""
-    image = Image.open(io.BytesIO(data)).convert("RGB")
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BICUBIC)
-    return TF.pil_to_tensor(image).float().div_(255.0)
-
-
 class Collate:
-    def __init__(self, image_size: int):
+    """Pairs -> a batch; pixels by the evaluation's preprocessing, or ``augment="rrc"``'s random resized crop."""
+
+    def __init__(self, image_size: int, augment: str = "none", seed: int = 0):
         self.image_size = image_size
+        self.augment = augment
+        self.seed = seed
+        self._rng: random.Random | None = None
+
+    def pixels(self, data: bytes) -> torch.Tensor:
+        """JPEG bytes -> uint8 [3, S, S]."""
+        image = decode_rgb(data)
+        if self.augment == "none":
+            return model_pixels(image, self.image_size)
+        if self._rng is None:  # created in the worker process, not in the parent
+            self._rng = random.Random(_worker_seed(self.seed) + 2)
+        return random_resized_crop_pixels(image, self.image_size, self._rng)
 
     def __call__(self, pairs: list[Pair]) -> dict[str, Any]:
         return {
-            "images": torch.stack([decode_image(p.image, self.image_size) for p in pairs]),
+            "images": torch.stack([self.pixels(p.image) for p in pairs]).float().div_(255.0),
             "texts": [p.text for p in pairs],
             "keys": [p.key for p in pairs],
             "image_sources": [p.image_source for p in pairs],
@@ -174,22 +241,31 @@ def build_pipeline(
     shuffle_buffer: int = 1000,
     resampled: bool = True,
     seed: int = 0,
+    captions: str = "primary",
+    augment: str = "none",
 ) -> wds.DataPipeline:
     """The webdataset pipeline yielding batches {images (B,3,H,W) in [0,1], texts, keys, *_sources}.
 
     Resampled: shards drawn with replacement, seeded per rank and worker (an endless stream). Otherwise each
-    epoch splits the shard list by node, then by worker.
+    epoch splits the shard list by node, then by worker. `captions` and `augment`: see the module docstring.
     """
     if resampled:
         source = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
     else:
         source = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker]
+    check_data(DataConfig(stages=stages, captions=captions, augment=augment))
+    collate = Collate(image_size, augment, seed)
+    if captions == "all":
+        expand, batcher = [expand_captions()], distinct_batches(batch_size, collate)
+    else:
+        expand, batcher = [], wds.batched(batch_size, collation_fn=collate, partial=False)
     return wds.DataPipeline(
         *source,
         zip_stages(stages),
+        *expand,
         seeded_shuffle(shuffle_buffer, seed),
         wds.map(PairDrawer(stages, keep, seed)),
-        wds.batched(batch_size, collation_fn=Collate(image_size), partial=False),
+        batcher,
     )
 
 

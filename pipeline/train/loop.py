@@ -48,6 +48,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+#: CLIP's bound on the learned log temperature: exp(logit_scale) <= 100 (open_clip src/open_clip_train/train.py
+#: clamps the parameter in place to [0, ln 100] after every optimiser step, "as in the original paper").
+LOGIT_SCALE_MAX = math.log(100)
+
+
+@torch.no_grad()
+def clamp_logit_scale(model: nn.Module) -> None:
+    """Clamp every ``logit_scale`` parameter of `model` (DDP-wrapped or not) to [0, ln 100], in place."""
+    for name, param in model.named_parameters():
+        if name.split(".")[-1] == "logit_scale":
+            param.clamp_(0, LOGIT_SCALE_MAX)
+
+
 class MetricsLog:
     """metrics.csv in the run dir, plus the trackers of ``report_to`` (TensorBoard, W&B; rank 0 only)."""
 
@@ -137,6 +150,7 @@ def fit(
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()
+        clamp_logit_scale(net)
         scheduler.step()
         for name, value in row.items():
             window[name] = window.get(name, 0.0) + value

@@ -100,7 +100,7 @@ def build_batches(cfg: TrainConfig, layout: Layout, image_size: int, seed: int, 
     pipeline = data.build_pipeline(
         urls, batch_size=cfg.batch_size, image_size=image_size, stages=cfg.data.stages,
         keep=load_keep_fn(cfg, layout), shuffle_buffer=cfg.data.shuffle_buffer,
-        resampled=cfg.data.resampled, seed=seed,
+        resampled=cfg.data.resampled, seed=seed, captions=cfg.data.captions, augment=cfg.data.augment,
     )
     batches = _isolated_rng(data.endless(data.build_loader(pipeline, cfg.data.num_workers)))
     if skip:
