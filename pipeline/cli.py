@@ -173,7 +173,8 @@ def augment(
 
     Ingests first when the base shards are missing. Output per stage: the tars (same names, keys and order as
     the base), stats files, and MANIFESTS_DIR/<dataset>/<stage>.json (counts, variants, skip reasons, scorer,
-    Frechet distances). Interrupted runs resume.
+    Frechet distances). Interrupted runs resume; a rerun with other stage options, seed or scorer stops and names
+    them (--overwrite redoes the stage with the new settings).
     """
     from pipeline.augment import run_augment
 

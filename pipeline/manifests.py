@@ -1,5 +1,6 @@
 """Manifests: one JSON per (dataset, stage), aggregated from the shards' stats files.
 
+Every stage shard of a manifest was made with the same settings (`build_manifest` refuses otherwise).
 Counts reconcile by construction: every input record of a shard is either written or listed in `skipped`
 with its reason (a shard that failed after its retries counts all its records as skipped, reason
 "shard failed", and is listed in `failed_shards`; rerunning the command resumes it).
@@ -39,6 +40,10 @@ def build_manifest(
     committed = [(path, read_stats(path)) for path in list_shards(shard_dir)]
     committed = [(path, stats) for path, stats in committed if stats is not None]
     stats_list = [stats for _, stats in committed]
+    fingerprints = {json.dumps(stats["settings"], sort_keys=True) for stats in stats_list if "settings" in stats}
+    if len(fingerprints) > 1:
+        raise ValueError(f"{shard_dir}: its shards were made with {len(fingerprints)} different settings; "
+                         "a manifest never mixes them (rerun the stage with --overwrite)")
     skipped: list[dict[str, str]] = list(extra_skipped or [])
     for stats in stats_list:
         skipped.extend(stats.get("skipped", []))

@@ -3,11 +3,17 @@
 A stage module only says how to augment a batch of base samples (`Stage.augment_batch`). The runner does the
 rest, once for every stage: read base shard i, batch, call the stage, score the variants, write shard i with
 the same keys in the same order (tar, then stats file last, each atomically), resume, manifest.
+
+Every stage shard's stats file records the settings it was made with (`stage_settings`: the stage's options,
+the seed and the scorer) and the sha256 of the base shard it was made from. A rerun skips a finished shard only
+when both still hold; a shard whose base changed is redone, and finished shards made with other settings stop
+the run with the differing settings named (`--overwrite` redoes them), so one manifest never mixes settings.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import time
@@ -25,7 +31,7 @@ from pipeline.images import decode_rgb
 from pipeline.manifests import build_manifest, write_manifest
 from pipeline.paths import Layout
 from pipeline.seeding import derive_seed
-from pipeline.shards import ShardError, list_shards, read_stats, read_tar, shard_is_done, write_stats, write_tar
+from pipeline.shards import ShardError, list_shards, read_stats, read_tar, shard_is_done, stats_path, write_stats, write_tar
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +169,7 @@ class StageJob:
     base_tar: Path
     out_tar: Path
     scorer: Any = None
+    settings: dict[str, Any] = field(default_factory=dict)  # stage_settings(), recorded in the stats file
 
 
 _STAGES_IN_PROCESS: dict[tuple, Stage] = {}
@@ -237,6 +244,8 @@ def process_shard(job: StageJob) -> TaskResult:
         "variant_skip_reasons": dict(skip_reasons),
         "ops": dict(ops),
         "features": features,
+        "settings": job.settings,
+        "base_sha256": (read_stats(job.base_tar) or {}).get("sha256"),
         "seconds": round(time.perf_counter() - started, 3),
     }
     write_stats(job.out_tar, stats)
@@ -257,6 +266,60 @@ class RunOptions:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
 
 
+def _scorer_settings(scorer: Any) -> dict[str, Any] | None:
+    """What of the scorer changes the scores: its weights (a content digest for a local dir) and its options."""
+    if scorer is None:
+        return None
+    facts = scorer.describe()
+    kept = {k: facts.get(k) for k in ("revision", "precision", "shrinkage", "reference_samples")}
+    if not str(kept["revision"]).startswith("sha256:"):  # a hub model: its id and commit say which weights
+        kept["name"] = facts.get("name")
+    return kept
+
+
+def stage_settings(config: Any, context: StageContext, scorer: Any = None) -> dict[str, Any]:
+    """The settings fingerprinted in every shard's stats file, as JSON values (tuples become lists)."""
+    settings = {"stage": dataclasses.asdict(config), "seed": context.seed, "scorer": _scorer_settings(scorer)}
+    return json.loads(json.dumps(settings, sort_keys=True, default=str))
+
+
+def settings_digest(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        return {k: v for key, item in value.items() for k, v in _flatten(item, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): value}
+
+
+def settings_differences(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
+    """'name: old -> new' for every setting that differs ('(not recorded)' for shards of older versions)."""
+    if old is None:
+        return ["settings: (not recorded) -> " + settings_digest(new)]
+    before, after = _flatten(old), _flatten(new)
+    return [f"{name}: {before.get(name, '(unset)')!r} -> {after.get(name, '(unset)')!r}"
+            for name in sorted(set(before) | set(after)) if before.get(name) != after.get(name)]
+
+
+class SettingsChanged(ValueError):
+    """Finished shards were made with other settings than this run's."""
+
+
+def _plan(base_tar: Path, out_tar: Path, settings: dict[str, Any], mode: str) -> tuple[bool, list[str]]:
+    """(redo this shard?, settings that differ from the finished shard's)."""
+    if mode == "overwrite" or not shard_is_done(out_tar) or not _aligned(base_tar, out_tar):
+        return True, []
+    out_stats = read_stats(out_tar) or {}
+    differences = settings_differences(out_stats.get("settings"), settings)
+    if differences:
+        return False, differences
+    if out_stats.get("base_sha256") != (read_stats(base_tar) or {}).get("sha256"):
+        log.info("%s: its base shard changed since it was made: redoing it", out_tar)
+        return True, []
+    return False, []
+
+
 def run_stage(
     stage_cls: type,
     config: Any,
@@ -274,13 +337,25 @@ def run_stage(
     out_dir = layout.stage_dir(context.dataset, stage_cls.name)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    # 2. Plan: one job per base shard, skipping shards already done (unless overwriting).
-    jobs = []
+    # 2. Plan: one job per base shard, skipping shards already done with these settings (unless overwriting).
+    settings = stage_settings(config, context, scorer)
+    jobs, changed = [], {}
     for base_tar in base_shards:
         out_tar = out_dir / base_tar.name
-        if options.mode == "incremental" and shard_is_done(out_tar) and _aligned(base_tar, out_tar):
-            continue
-        jobs.append((out_tar.name, StageJob(stage_cls, config, context, base_tar, out_tar, scorer)))
+        redo, differences = _plan(base_tar, out_tar, settings, options.mode)
+        if differences:
+            changed[out_tar.name] = differences
+        elif redo:
+            jobs.append((out_tar.name, StageJob(stage_cls, config, context, base_tar, out_tar, scorer, settings)))
+    if changed:
+        names = sorted({d for diffs in changed.values() for d in diffs})
+        raise SettingsChanged(
+            f"stage {stage_cls.name}: {len(changed)} finished shard(s) in {out_dir} were made with other settings "
+            f"({'; '.join(names)}). Rerun with --overwrite to redo the stage with the new settings, or write "
+            f"the new run elsewhere (other SHARDS_DIR and MANIFESTS_DIR) to keep both."
+        )
+    for _, job in jobs:  # until redone, a shard is not finished: a failure cannot leave old-settings shards behind
+        stats_path(job.out_tar).unlink(missing_ok=True)
     log.info("%s/%s: %d of %d shards to do", context.dataset, stage_cls.name, len(jobs), len(base_shards))
 
     # 3. Run.
@@ -297,6 +372,8 @@ def run_stage(
         "device": context.device,
         "describe": stage.describe(),
         "scorer": scorer.describe() if scorer is not None else None,
+        "settings": settings,
+        "fingerprint": settings_digest(settings),
     }
     manifest = build_manifest(context.dataset, stage_cls.name, out_dir, manifest_config, results)
     write_manifest(layout.manifest_path(context.dataset, stage_cls.name), manifest, out_dir)
