@@ -24,10 +24,10 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 # Debian packages: WordNet 3.0 for EDA (read by nltk offline) and a Penn-Treebank tagger lexicon.
 APT_PACKAGES := wordnet-base wordnet-sense-index liblingua-en-tagger-perl
 
-.PHONY: setup ingest augment stats filter pretrain train eval report demo test bench clean tiny-models help
+.PHONY: setup ingest augment stats filter export pretrain train eval report demo test bench clean tiny-models help
 
 help:
-	@echo "make demo | test | setup | ingest | augment | stats | filter | pretrain | train | eval | report | bench | clean"
+	@echo "make demo | test | setup | ingest | augment | stats | filter | export | pretrain | train | eval | report | bench | clean"
 	@echo "see README.md; every target takes the CLI options as variables (DATASET=..., STAGES=..., MODE=...)"
 
 setup: $(STAMP) $(APT_STAMP) $(NLTK_STAMP)
@@ -67,6 +67,10 @@ stats: setup
 
 filter: setup
 	$(CLI) filter
+
+# The filtered pairs as a plain WebDataset for another trainer: make export DATASET=coco STAGES=eda FILTER=default
+export: setup
+	$(CLI) export
 
 pretrain: setup
 	$(CLI) pretrain

@@ -47,7 +47,7 @@ def _plain_list(value: Optional[str], what: str) -> Optional[str]:
 # Options shared by several commands (each reads the environment variable of the same name as `make`).
 Dataset = Annotated[str, typer.Option("--dataset", envvar="DATASET", callback=_plain("dataset"), help="Dataset name (a plain name: letters, digits, _ - .); `synth` is the embedded one.")]
 DataRoot = Annotated[Optional[Path], typer.Option("--data-root", envvar="DATA_ROOT", help="Dataset folder or annotation file.")]
-Format = Annotated[Optional[str], typer.Option("--format", envvar="FORMAT", help="coco | karpathy | albef | csv | imagefolder | synth (detected when empty).")]
+Format = Annotated[Optional[str], typer.Option("--format", envvar="FORMAT", help="coco | karpathy | albef | csv | imagefolder | hf | wds | synth (detected when empty).")]
 Workers = Annotated[int, typer.Option("--workers", envvar="WORKERS", help="Processes, one shard each at a time.")]
 Executor = Annotated[str, typer.Option("--executor", envvar="EXECUTOR", help="local (process pool) or ray.")]
 ReportTo = Annotated[Optional[str], typer.Option("--report-to", envvar="REPORT_TO", help="Trackers: tensorboard (default), wandb, both comma-separated, or none.")]
@@ -105,8 +105,12 @@ def ingest(
     synth_size: Annotated[int, typer.Option(envvar="SYNTH_SIZE", help="Images in the embedded synth dataset.")] = 4000,
     synth_seed: Annotated[int, typer.Option(envvar="SYNTH_SEED", help="Seed of the synth dataset.")] = 0,
     split_fractions: Annotated[str, typer.Option(envvar="SPLIT_FRACTIONS", help="train,val,test fractions for sources without splits.")] = "0.8,0.1,0.1",
-    image_column: Annotated[str, typer.Option(envvar="IMAGE_COLUMN", help="CSV/TSV: the image column.")] = "image",
-    caption_column: Annotated[str, typer.Option(envvar="CAPTION_COLUMN", help="CSV/TSV/imagefolder: the caption column.")] = "caption",
+    image_column: Annotated[str, typer.Option(envvar="IMAGE_COLUMN", help="CSV/TSV/hf: the image column (hf: an Image feature, bytes or paths).")] = "image",
+    caption_column: Annotated[str, typer.Option(envvar="CAPTION_COLUMN", help="CSV/TSV/imagefolder/hf: the caption column (hf: a list, or one caption per row).")] = "caption",
+    id_column: Annotated[Optional[str], typer.Option(envvar="ID_COLUMN", help="hf: the column naming the image (rows sharing it are one image); default: the image path.")] = None,
+    id_prefix: Annotated[Optional[str], typer.Option(envvar="ID_PREFIX", help="hf/wds: prefix of the image ids they form (default hf / wds).")] = None,
+    split_column: Annotated[str, typer.Option(envvar="SPLIT_COLUMN", help="hf: a column holding each row's split, used when present.")] = "split",
+    limit: Annotated[Optional[int], typer.Option(envvar="LIMIT", help="Only the first N images of the source (a quick try on a big dataset).")] = None,
     workers: Workers = 2,
     executor: Executor = "local",
     overwrite: Overwrite = False,
@@ -127,7 +131,8 @@ def ingest(
         config = IngestConfig(
             dataset=dataset, fmt=_env_or_none(fmt), data_root=data_root, shard_size=shard_size, max_side=max_side,
             fractions=fractions, synth_size=synth_size, synth_seed=synth_seed, image_column=image_column,
-            caption_column=caption_column,
+            caption_column=caption_column, id_column=_env_or_none(id_column), id_prefix=id_prefix,
+            split_column=split_column, limit=limit,
         )
         manifest = run_ingest(config, layout(), RunOptions(workers=workers, executor=executor, mode="overwrite" if overwrite else "incremental"))
     except (ValueError, SourceError, FileNotFoundError) as error:
@@ -238,6 +243,43 @@ def filter_command(
     for stage, info in result["stages"].items():
         typer.echo(f"{stage}: kept {info['kept']:,} of {info['variants']:,} variants ({info['dropped']:,} dropped)")
     typer.echo(f"filter: {filter_path(layout(), dataset, name)}")
+
+
+# ------------------------------------------------------------------ export (pipeline/export.py)
+
+
+@app.command(name="export")
+def export_command(
+    dataset: Dataset = "synth",
+    stages: Annotated[Optional[str], typer.Option(envvar="STAGES", help="Comma-separated stages whose variants are exported; default: every augmented stage of the dataset; `base`: base pairs only.")] = None,
+    filter_: Annotated[Optional[str], typer.Option("--filter", envvar="FILTER", help="Filter manifest (path or name) that drops variants, as in training.")] = None,
+    split: Annotated[str, typer.Option(envvar="EXPORT_SPLIT", callback=_plain("split"), help="Split to export.")] = "train",
+    shard_size: Annotated[int, typer.Option(envvar="SHARD_SIZE", help="Pairs per output shard.")] = 1000,
+    out: Annotated[Optional[Path], typer.Option(envvar="EXPORT_DIR", help="Output folder (default SHARDS_DIR/<dataset>/export-<split>).")] = None,
+) -> None:
+    """Write the filtered one-to-many pairs as a plain WebDataset: one sample per pair, jpg + txt + json.
+
+    Output: <split>-NNNNNN.tar shards (each written atomically, with a .stats.json), sizes.json, and export.json
+    last (settings, counts per source, shards). An interrupted or outdated export is written again; a complete
+    one is left as it is.
+    """
+    from pipeline.export import ExportConfig, out_dir, run_export
+
+    try:
+        names = None if stages is None else [s.strip() for s in _plain_list(stages, "stage").split(",")]
+        stage_list = None if names is None else tuple(s for s in names if s and s != "base")
+        config = ExportConfig(dataset=dataset, split=split, stages=stage_list, filter=_env_or_none(filter_),
+                              shard_size=shard_size, out=out)
+        summary = run_export(config, layout())
+    except (ValueError, FileNotFoundError) as error:
+        _fail(str(error))
+    counts = summary["counts"]
+    typer.echo(f"{dataset}/{split}: {counts['pairs']:,} pairs of {counts['images']:,} images in {len(summary['shards'])} shards")
+    for source, n in counts["pairs_by_source"].items():
+        typer.echo(f"  {source}: {n:,} pairs")
+    for stage, info in counts["variants"].items():
+        typer.echo(f"  {stage}: {info['kept']:,} of {info['read']:,} variants kept")
+    typer.echo(f"export: {out_dir(config, layout())}")
 
 
 # ------------------------------------------------------------------ training (pipeline/train/)

@@ -29,7 +29,7 @@ import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import webdataset as wds
@@ -181,26 +181,47 @@ class PairDrawer:
     def __call__(self, sample: dict[str, Any]) -> Pair:
         if self._rng is None:  # created in the worker process, not in the parent
             self._rng = random.Random(_worker_seed(self.seed) + 1)
-        key = sample["__key__"]
         meta = json.loads(sample["json"])
-        primary = sample.get(_CAPTION, int(meta.get("primary", 0)))
-        texts: list[tuple[str, int | None, str]] = [(meta["captions"][primary], primary, "base")]
-        images: list[tuple[bytes, int | None, str]] = [(sample["jpg"], None, "base")]
-        for stage in self.stages:
-            part = sample[stage]
-            for index, variant in enumerate(json.loads(part["json"]).get("variants", [])):
-                if self.keep is not None and not self.keep(stage, key, index):
-                    continue
-                if "file" in variant:
-                    images.append((part[variant["file"]], variant.get("caption_index"), stage))
-                else:
-                    texts.append((variant["text"], variant.get("caption_index"), stage))
-        image, depicted, image_source = self._rng.choice(images)
-        compatible = texts if depicted is None else [t for t in texts if t[1] == depicted]
-        if not compatible:
-            compatible = [(meta["captions"][depicted], depicted, "base")]
-        text, _, text_source = self._rng.choice(compatible)
-        return Pair(image=image, text=text, image_source=image_source, text_source=text_source, key=key)
+        images, texts = pair_options(sample, meta, self.stages, self.keep)
+        image = self._rng.choice(images)
+        text = self._rng.choice(compatible_texts(texts, image.caption_index, meta))
+        return Pair(image=image.data, text=text.data, image_source=image.source, text_source=text.source,
+                    key=sample["__key__"])
+
+
+class Option(NamedTuple):
+    """An image or a text a zipped sample offers: base (variant None) or a stage's kept variant."""
+
+    data: Any  # image bytes or text
+    caption_index: int | None  # the caption it derives from or depicts; None: pairs with any text
+    source: str  # "base" or the stage
+    variant: int | None = None  # index in the stage's variants
+    record: dict[str, Any] | None = None  # the variant's record (scores: alignment, src_sim, shift)
+
+
+def pair_options(sample: dict[str, Any], meta: dict[str, Any], stages: tuple[str, ...],
+                 keep: KeepFn | None) -> tuple[list[Option], list[Option]]:
+    """(images, texts) of a zipped sample: the base image and primary caption, then each kept variant."""
+    key = sample["__key__"]
+    primary = sample.get(_CAPTION, int(meta.get("primary", 0)))
+    texts = [Option(meta["captions"][primary], primary, "base")]
+    images = [Option(sample["jpg"], None, "base")]
+    for stage in stages:
+        part = sample[stage]
+        for index, variant in enumerate(json.loads(part["json"]).get("variants", [])):
+            if keep is not None and not keep(stage, key, index):
+                continue
+            if "file" in variant:
+                images.append(Option(part[variant["file"]], variant.get("caption_index"), stage, index, variant))
+            else:
+                texts.append(Option(variant["text"], variant.get("caption_index"), stage, index, variant))
+    return images, texts
+
+
+def compatible_texts(texts: list[Option], depicted: int | None, meta: dict[str, Any]) -> list[Option]:
+    """The texts an image depicting caption `depicted` pairs with (caption `depicted` itself when none is loaded)."""
+    compatible = texts if depicted is None else [t for t in texts if t.caption_index == depicted]
+    return compatible or [Option(meta["captions"][depicted], depicted, "base")]
 
 
 class Collate:
