@@ -11,7 +11,10 @@ WordNet and the POS tagger SynonymAug needs come from Debian packages (see pipel
 tagger is an HMM over the Lingua::EN::Tagger lexicon); ``nltk.download`` is made to fail loudly.
 nlpaug has no seed argument: Python's global RNG is seeded per variant from
 ``seed_for(key, c * variants_per_caption + j)`` (numpy's too for an augmenter marked ``uses_numpy``; none of
-nlpaug's word augmenters used here draws from numpy, which a test checks).
+nlpaug's word augmenters used here draws from numpy, which a test checks). That exact seeding has a floor of
+about 6 us a variant on a Sapphire Rapids core (``random.seed``'s Mersenne Twister initialisation, then the
+624-word twist of the first draw), some 10 % of an nlpaug call; the rest of the stage's work per caption is a
+regex match and a hash copy per variant.
 
 A variant that equals its caption (nothing to swap, no WordNet synonym, ...) or an earlier variant of the same
 caption is recorded in ``skipped`` with the reason, never emitted.
@@ -19,6 +22,7 @@ caption is recorded in ``skipped`` with the reason, never emitted.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import logging
 import math
@@ -26,7 +30,7 @@ import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import numpy as np
 
@@ -37,9 +41,12 @@ log = logging.getLogger(__name__)
 
 # Words are runs of letters/digits joined by inner apostrophes or hyphens ("man's", "black-and-white");
 # every other non-space character is a token of its own. Unicode-aware.
-_TOKEN = re.compile(r"[^\W_]+(?:['’\-][^\W_]+)*|[^\w\s]|_")
+_WORD = r"[^\W_]+(?:['’\-][^\W_]+)*"
+_TOKEN = re.compile(_WORD + r"|[^\w\s]|_")
 _SPACE_BEFORE = re.compile(r"\s+([.,!?;:%)\]}])")
 _SPACE_AFTER = re.compile(r"([(\[{])\s+")
+# A caption that is already in detokenized form: words joined by single spaces, then closing punctuation only.
+_PLAIN = re.compile(rf"({_WORD}(?: {_WORD})*)([.,!?;:%)\]}}]*)")
 _AUXILIARIES = frozenset("be am is are was were been being have has had having do does did".split())
 
 
@@ -54,6 +61,28 @@ def detokenize(tokens: Sequence[str]) -> str:
 def is_word(token: str) -> bool:
     # A token of _TOKEN is a word exactly when it starts with a letter or digit.
     return token[:1].isalnum()
+
+
+class CaptionParts(NamedTuple):
+    words: int                  # number of word tokens
+    body: str                   # the caption up to its last word, detokenized: what the operations act on
+    original: str               # the whole caption, detokenized
+    tail: str | None            # original after body, when appending it to an output reproduces detokenize
+    closing: tuple[str, ...]    # the tokens after the last word
+
+
+def split_caption(caption: str) -> CaptionParts:
+    """The caption cut before its closing punctuation. Captions already in detokenized form (most) take a
+    single regex match instead of tokenize + two detokenize calls; the result is the same (a test checks)."""
+    plain = _PLAIN.fullmatch(caption)
+    if plain:
+        return CaptionParts(plain[1].count(" ") + 1, plain[1], caption, plain[2], tuple(plain[2]))
+    tokens = tokenize(caption)
+    words = [i for i, t in enumerate(tokens) if is_word(t)]
+    end = words[-1] + 1 if words else 0
+    body, original = detokenize(tokens[:end]), detokenize(tokens)
+    tail = original[len(body):] if original.startswith(body) else None
+    return CaptionParts(len(words), body, original, tail, tuple(tokens[end:]))
 
 
 class TextAugmenter(Protocol):
@@ -142,12 +171,30 @@ OPS: dict[str, Op] = {
 }
 
 
-def seed_global_rngs(seed: int, numpy_too: bool = False) -> None:
-    # nlpaug 1.1.11's word augmenters draw only from `random` (random.sample over lists); tests assert numpy's
-    # global state is untouched, so seeding numpy too (~2 us a variant) is only done for augmenters that need it.
-    random.seed(seed)
-    if numpy_too:
-        np.random.seed(seed % 2**32)
+class KeySeeds:
+    """``Stage.seed_for(key, v)`` for the variants of one key, cheaper: the SHA-256 of the parts that repeat
+    (dataset, stage name, key) is computed once and copied per variant; the hashed bytes are exactly
+    ``pipeline.seeding.derive_seed``'s (a test compares the two)."""
+
+    def __init__(self, stage: Stage, key: str):
+        self._hash = hashlib.sha256(f"{stage.context.dataset}\x1f{stage.name}\x1f{key}\x1f".encode())
+        self._suffix = f"\x1f{stage.context.seed}".encode()
+
+    def __call__(self, variant: int) -> int:
+        h = self._hash.copy()
+        h.update(b"%d%s" % (variant, self._suffix))
+        return int.from_bytes(h.digest()[:8], "big") >> 1
+
+
+class _Slot(NamedTuple):
+    """What variant j of every caption runs, resolved once in setup so the per-variant loop does no lookups."""
+
+    op: str                        # "eda:<op>", as recorded
+    action: Callable[[str], str]   # the augmenter's action method (what augment(text) runs once)
+    min_words: int
+    too_short: str                 # skip reason for captions with fewer than min_words words
+    unchanged: str
+    uses_numpy: bool
 
 
 class EDAStage(Stage):
@@ -188,9 +235,12 @@ class EDAStage(Stage):
         words = self.tagger.function_words | _AUXILIARIES
         self.stopwords = frozenset(words | {w.capitalize() for w in words})
         self.augmenters = {op: OPS[op].build(self) for op in dict.fromkeys(self.config.ops)}
-        # The action method itself (what augment(text) runs once for a single string), without augment()'s
-        # per-call validation and retry wrapper: same output for the same RNG state, less overhead.
-        self._actions = {op: getattr(aug, aug.action) for op, aug in self.augmenters.items()}
+        # The action method itself, without augment()'s per-call validation and retry wrapper: same output for
+        # the same RNG state, less overhead.
+        ops = [self.config.ops[j % len(self.config.ops)] for j in range(self.config.variants_per_caption)]
+        self._slots = tuple(_Slot(f"eda:{op}", getattr(self.augmenters[op], self.augmenters[op].action),
+                                  OPS[op].min_words, f"fewer than {OPS[op].min_words} words", OPS[op].unchanged,
+                                  OPS[op].uses_numpy) for op in ops)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -211,34 +261,31 @@ class EDAStage(Stage):
         result = SampleResult()
         primary = int(sample.meta.get("primary", 0))
         indices = [primary] if self.config.primary_only else range(len(sample.captions))
+        seeds = KeySeeds(self, sample.key)
         for c in indices:
-            self._augment_caption(sample.key, c, sample.captions[c], result)
+            self._augment_caption(seeds, c, sample.captions[c], result)
         return result
 
-    def _augment_caption(self, key: str, c: int, caption: str, result: SampleResult) -> None:
-        n = self.config.variants_per_caption
-        tokens = tokenize(caption)
-        n_words = sum(map(is_word, tokens))
-        reason = ("empty caption" if not caption.strip() else "no words (punctuation only)" if not n_words
-                  else f"caption too long: over max_words={self.config.max_words}" if n_words > self.config.max_words
-                  else None)
+    def _augment_caption(self, seeds: KeySeeds, c: int, caption: str, result: SampleResult) -> None:
         # Closing punctuation stays at the end: the operations act on the words before it.
-        end = max((i for i, t in enumerate(tokens) if is_word(t)), default=-1) + 1
-        body, original = detokenize(tokens[:end]), detokenize(tokens)
-        tail = original[len(body):] if original.startswith(body) else None
+        words, body, original, tail, closing = split_caption(caption)
+        reason = ("empty caption" if not caption.strip() else "no words (punctuation only)" if not words
+                  else f"caption too long: over max_words={self.config.max_words}"
+                  if words > self.config.max_words else None)
         seen = {original}
-        for j in range(n):
-            op = self.config.ops[j % len(self.config.ops)]
-            why = reason or (f"fewer than {OPS[op].min_words} words" if n_words < OPS[op].min_words else None)
-            text = None
+        first = c * len(self._slots)
+        for j, (op, action, min_words, too_short, unchanged, uses_numpy) in enumerate(self._slots):
+            why = reason or (too_short if words < min_words else None)
             if why is None:
-                seed = self.seed_for(key, c * n + j)
-                seed_global_rngs(seed, OPS[op].uses_numpy)
-                text = self._actions[op](body)
-                text = text + tail if tail is not None else detokenize([text, *tokens[end:]])
-                why = OPS[op].unchanged if text == original else "duplicate of an earlier variant" if text in seen else None
+                seed = seeds(first + j)
+                random.seed(seed)
+                if uses_numpy:
+                    np.random.seed(seed % 2**32)
+                text = action(body)
+                text = text + tail if tail is not None else detokenize([text, *closing])
+                why = unchanged if text == original else "duplicate of an earlier variant" if text in seen else None
             if why is not None:
-                result.skipped.append({"caption_index": c, "variant": j, "op": f"eda:{op}", "reason": why})
+                result.skipped.append({"caption_index": c, "variant": j, "op": op, "reason": why})
                 continue
             seen.add(text)
-            result.variants.append(Variant(seed=seed, op=f"eda:{op}", caption_index=c, text=text))
+            result.variants.append(Variant(seed=seed, op=op, caption_index=c, text=text))

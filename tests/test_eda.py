@@ -12,7 +12,7 @@ import pytest
 
 from pipeline import wordnet_offline
 from pipeline.stage import BaseSample, StageContext
-from stages.eda import OPS, EDAStage, WordNetInsertion, detokenize, is_word, tokenize
+from stages.eda import OPS, EDAStage, KeySeeds, WordNetInsertion, detokenize, is_word, split_caption, tokenize
 
 CAPTIONS = [
     "A man is riding a brown horse on the beach.",
@@ -237,6 +237,34 @@ def test_primary_only_and_counts_reconcile(stage: EDAStage) -> None:
     result = only.augment_batch([BaseSample("k", b"", CAPTIONS[:3], {"primary": 2})])[0]
     assert {v.caption_index for v in result.variants} | {s["caption_index"] for s in result.skipped} == {2}
     assert len(result.variants) + len(result.skipped) == 2
+
+
+@pytest.mark.parametrize("caption", [
+    *CAPTIONS, "A dog.", "Dog", "a man's black-and-white dog...", "Un café à Paris, près de la tour Eiffel.",
+    "a dog .", "a  dog", " a dog", "a dog!?", "a dog (brown)", "(a dog)", 'a "dog"', "a dog -", "a dog_x", "a dog",
+    "a dog %", "word " * 3, "", "?!", "12 cats, 3 dogs.", "it’s a cat’s toy;",
+])
+def test_split_caption_matches_tokenize_and_detokenize(caption: str) -> None:
+    # The general rule, which split_caption's regex fast path must reproduce exactly.
+    tokens = tokenize(caption)
+    words = [i for i, t in enumerate(tokens) if is_word(t)]
+    end = words[-1] + 1 if words else 0
+    body, original = detokenize(tokens[:end]), detokenize(tokens)
+    tail = original[len(body):] if original.startswith(body) else None
+    parts = split_caption(caption)
+    assert (parts.words, parts.body, parts.original, parts.tail) == (len(words), body, original, tail)
+    if parts.tail is None:
+        assert parts.closing == tuple(tokens[end:])
+    else:  # appending the tail to an augmented body is what detokenizing it with the closing tokens gives
+        assert detokenize(["new body", *parts.closing]) == "new body" + parts.tail
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_key_seeds_equal_stage_seed_for(seed: int) -> None:
+    stage = EDAStage(EDAStage.Config(), StageContext(dataset="coco", seed=seed))
+    for key in ("k0", "coco_000000123456", "café/ü"):
+        seeds = KeySeeds(stage, key)
+        assert [seeds(v) for v in range(40)] == [stage.seed_for(key, v) for v in range(40)]
 
 
 @pytest.mark.parametrize("kwargs", [{"alpha": 0.0}, {"alpha": 1.5}, {"ops": ("synonym", "paraphrase")},
