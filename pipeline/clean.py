@@ -3,7 +3,7 @@
 What counts as the pipeline's is listed here, by folder and name pattern (see docs/architecture.md):
 
 - SHARDS_DIR/<dataset>/<stage>/ holding a `sizes.json` or a stats file: `<split>-NNNNNN.tar`, their
-  `.stats.json`, `sizes.json`, `*.tmp`;
+  `.stats.json`, `sizes.json`, `*.tmp`, and `export.json` in an export folder (`export-<split>`, pipeline/export.py);
 - MANIFESTS_DIR/<dataset>/: the manifests, stats and report files, `plots/`, `filters/`, `evals/`; and
   MANIFESTS_DIR/bench.json;
 - RUNS_DIR/<run>/ holding a `config.json` (a training or pretraining run): its config, metrics, TensorBoard
@@ -29,7 +29,7 @@ from pipeline.paths import Layout, is_plain_name, plain_name
 log = logging.getLogger(__name__)
 
 _SHARD = "*-[0-9][0-9][0-9][0-9][0-9][0-9]"  # <split>-NNNNNN, as shards.shard_name writes it
-SHARD_FILES = (f"{_SHARD}.tar", f"{_SHARD}.stats.json", "sizes.json", "*.tmp")
+SHARD_FILES = (f"{_SHARD}.tar", f"{_SHARD}.stats.json", "sizes.json", "*.tmp", "export.json")
 MANIFEST_FILES = ("*.json", "stats.md", "report.md", "report.png", "*.tmp")
 MANIFEST_DIRS = {"plots": ("*.png", "*.tmp"), "filters": ("*.json", "*.tmp"), "evals": ("*.json", "*.tmp")}
 RUN_FILES = ("config.json", "metrics.csv", "*.tmp")

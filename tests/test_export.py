@@ -107,3 +107,22 @@ def test_an_interrupted_export_is_detected_and_redone(layout, monkeypatch):
     before = (out / "export.json").stat().st_mtime_ns
     run_export(config, layout)
     assert (out / "export.json").stat().st_mtime_ns == before
+
+
+def test_cli_export_and_clean_remove_it(layout, monkeypatch):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.clean import clean
+
+    monkeypatch.setenv("SHARDS_DIR", str(layout.shards_dir))
+    monkeypatch.setenv("MANIFESTS_DIR", str(layout.manifests_dir))
+    result = CliRunner().invoke(app, ["export", "--dataset", "toy", "--stages", "txt", "--shard-size", "20"])
+    assert result.exit_code == 0, result.output
+    assert "48 pairs of 12 images in 3 shards" in result.output and "txt: 36 of 36 variants kept" in result.output
+    out = export.out_dir(ExportConfig(dataset="toy"), layout)
+    assert (out / "export.json").exists()
+    missing = CliRunner().invoke(app, ["export", "--dataset", "toy", "--stages", "nosuchstage"])
+    assert missing.exit_code == 2 and "nosuchstage" in missing.output
+    clean(layout, "toy")
+    assert not out.exists()

@@ -200,3 +200,33 @@ def test_limit_takes_the_first_images_and_a_new_limit_redoes_the_plan(fmt, coco_
     assert sorted(ids) == sorted(first)
     _, manifest = ingest(tmp_path, "lim", limit=90, **options)
     assert manifest["counts"]["input"] == 90 and manifest["stats"]["splits"] == {"train": 80, "val": 10}
+
+
+def test_hf_hub_id_not_in_the_cache_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # an empty cache
+    with pytest.raises(SourceError, match=r"no-such-user/no-such-dataset.*local HF cache \(offline\)"):
+        ingest(tmp_path, "hub", data_root=Path("no-such-user/no-such-dataset"), fmt="hf")
+
+
+def test_cli_ingest_hf_with_limit(tmp_path, monkeypatch):
+    import datasets
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    rows = [{"img": {"bytes": jpeg((10 * i, 0, 0)), "path": f"p{i}.jpg"}, "text": f"picture {i}"} for i in range(6)]
+    features = datasets.Features({"img": datasets.Image(), "text": datasets.Value("string")})
+    datasets.Dataset.from_list(rows, features=features).to_parquet(str(tmp_path / "data.parquet"))
+    monkeypatch.setenv("SHARDS_DIR", str(tmp_path / "shards"))
+    monkeypatch.setenv("MANIFESTS_DIR", str(tmp_path / "manifests"))
+    env = {"FORMAT": "hf", "DATA_ROOT": str(tmp_path / "data.parquet"), "IMAGE_COLUMN": "img", "CAPTION_COLUMN": "text",
+           "LIMIT": "4"}
+    result = CliRunner().invoke(app, ["ingest", "--dataset", "tiny"], env=env)
+    assert result.exit_code == 0, result.output
+    assert "4 written, 0 skipped of 4 input" in result.output
+    fallback = CliRunner().invoke(app, ["ingest", "--dataset", "tiny"], env={**env, "CAPTION_COLUMN": "caption_en"})
+    assert fallback.exit_code == 0 and "4 written" in fallback.output  # 'text' is a fallback caption column
+    missing = CliRunner().invoke(app, ["ingest", "--dataset", "tiny"], env={**env, "IMAGE_COLUMN": "picture"})
+    assert missing.exit_code == 2 and "no image column 'picture'" in missing.output and "['img', 'text']" in missing.output
