@@ -206,11 +206,30 @@ class TransformersCaptioner:
         self.chat_prompt = self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
 
     def prepare(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
-        """Processor inputs for rows of (image, prompt), left padded, on the device."""
+        """Processor inputs for rows of (image, prompt), left padded, on the device.
+
+        Consecutive rows showing the same image object (the captions of one image) are processed once and the
+        row repeated: the same tensors as processing every row (same padding, same patches), less work."""
+        unique: list[Image.Image] = []
+        repeats: list[int] = []
+        for image in images:
+            if unique and image is unique[-1]:
+                repeats[-1] += 1
+            else:
+                unique.append(image)
+                repeats.append(1)
         batch = self.processor(
-            images=images, text=[self.chat_prompt] * len(images), padding=True, return_tensors="pt",
+            images=unique, text=[self.chat_prompt] * len(unique), padding=True, return_tensors="pt",
             max_patches=self.settings.max_dynamic_patch,
         )
+        if len(unique) < len(images):
+            counts = torch.tensor(repeats)
+            # pixel_values holds each image's patches in row order; the image tokens of a row tell how many.
+            patches = (batch["input_ids"] == self.processor.image_token_id).sum(1) // self.processor.image_seq_length
+            chunks = batch["pixel_values"].split(patches.tolist())
+            batch["pixel_values"] = torch.cat([chunk for chunk, r in zip(chunks, repeats) for _ in range(r)])
+            for name in batch.keys() - {"pixel_values"}:  # the per-row tensors: input_ids, attention_mask
+                batch[name] = batch[name].repeat_interleave(counts, 0)
         batch = batch.to(self.device)
         batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
         return dict(batch)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pipeline.captioning import CheckpointNotFound, clean_caption
@@ -237,3 +238,19 @@ def test_config_rejects_bad_values(bad):
     name = next(iter(bad))
     with pytest.raises(ValueError, match=name):
         InternVLCaptionConfig(**bad)
+
+
+@pytest.mark.parametrize("max_dynamic_patch", [1, 4])
+def test_rows_of_one_image_are_processed_once_with_the_same_inputs(internvl_dir, max_dynamic_patch):
+    captioner = make_stage(internvl_dir, max_dynamic_patch=max_dynamic_patch).captioner
+    images = [Image.fromarray((np.random.RandomState(i).rand(40 + 30 * i, 56, 3) * 255).astype("uint8"))
+              for i in range(3)]
+    rows = [images[0], images[0], images[1], images[2], images[2], images[2]]
+    deduplicated = captioner.prepare(rows)
+    # Copies are distinct objects, so this processes every row: what prepare did before it deduplicated.
+    each_row = captioner.prepare([image.copy() for image in rows])
+    assert deduplicated.keys() == each_row.keys()
+    for name, tensor in each_row.items():
+        assert torch.equal(deduplicated[name], tensor), name
+    if max_dynamic_patch > 1:
+        assert each_row["pixel_values"].shape[0] > len(rows)  # several patches per image: the split is exercised
