@@ -139,6 +139,10 @@ def run_ingest(config: IngestConfig, layout: Layout, options: RunOptions = RunOp
     """Read the source, write the base shards (resuming done ones), and write the base manifest."""
     # 1. Read the source's metadata (images are read in the workers).
     fmt = config.resolved_format()
+    out_dir = layout.base_dir(config.dataset)
+    if config.data_root is not None and config.data_root.resolve().is_relative_to(out_dir.resolve()):
+        # e.g. a wds ingest of shards/<dataset>/base into the same dataset would overwrite what it reads
+        raise ValueError(f"DATA_ROOT {config.data_root} is inside the output {out_dir}: ingest into another DATASET")
     source_options = SourceOptions(
         data_root=config.data_root, fractions=config.fractions, synth_size=config.synth_size,
         synth_seed=config.synth_seed, image_column=config.image_column, caption_column=config.caption_column,
@@ -157,7 +161,6 @@ def run_ingest(config: IngestConfig, layout: Layout, options: RunOptions = RunOp
     log.info("%s (%s): %d images, %d skipped while reading", config.dataset, fmt, len(records), len(reader_skips))
 
     # 2. Plan shards; keep those already done with the same plan, remove shards no longer in the plan.
-    out_dir = layout.base_dir(config.dataset)
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = plan_shards(records, out_dir, config)
     planned = {job.out_tar.name for job in jobs}

@@ -90,6 +90,8 @@ def test_wds_of_our_own_base_shards_gives_them_again(coco_shards, tmp_path):
     again, manifest = ingest(tmp_path, "cocowds", data_root=layout.base_dir("coco"), fmt="wds")
     assert manifest["counts"]["written"] == 159
     assert shard_digests(again, "cocowds") == digests
+    with pytest.raises(ValueError, match="inside the output"):  # would overwrite the shards it reads
+        run_ingest(IngestConfig(dataset="coco", data_root=layout.base_dir("coco"), fmt="wds"), layout)
 
 
 def test_hf_embedded_images_and_row_per_caption_grouping(tmp_path):
