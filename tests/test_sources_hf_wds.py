@@ -99,15 +99,19 @@ def test_hf_embedded_images_and_row_per_caption_grouping(tmp_path):
 
     rows = [{"image": {"bytes": jpeg((200, 0, 0)), "path": "red.jpg"}, "caption": "a red square"},
             {"image": {"bytes": jpeg((0, 0, 200)), "path": "blue.jpg"}, "caption": "a blue square"},
-            {"image": {"bytes": jpeg((200, 0, 0)), "path": "red.jpg"}, "caption": "red, filled"}]
+            {"image": {"bytes": jpeg((200, 0, 0)), "path": "red.jpg"}, "caption": "red, filled"},
+            {"image": {"bytes": jpeg((0, 200, 0)), "path": "red.jpg"}, "caption": "green, though named red"}]
     features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
     datasets.Dataset.from_list(rows, features=features).save_to_disk(str(tmp_path / "ds"))
     layout, manifest = ingest(tmp_path, "emb", data_root=tmp_path / "ds", fmt="hf")
-    assert manifest["counts"] == {"input": 2, "written": 2, "skipped": 0}
-    assert manifest["stats"]["captions"] == {"input": 3, "written": 3, "skipped": 0}
+    # Same bytes: one image; another image under the same (base) file name: a different one, with its own id.
+    assert manifest["counts"] == {"input": 3, "written": 3, "skipped": 0}
+    assert manifest["stats"]["captions"] == {"input": 4, "written": 4, "skipped": 0}
     samples = [json.loads(s["json"]) for tar in list_shards(layout.base_dir("emb")) for s in _read(tar)]
     by_id = {m["image_id"]: m["captions"] for m in samples}
-    assert by_id == {"hfred": ["a red square", "red, filled"], "hfblue": ["a blue square"]}
+    green = next(i for i in by_id if i.startswith("hfred-"))
+    assert by_id == {"hfred": ["a red square", "red, filled"], "hfblue": ["a blue square"],
+                     green: ["green, though named red"]}
 
 
 def _read(tar: Path) -> list[dict]:

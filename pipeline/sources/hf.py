@@ -9,8 +9,9 @@ DATA_ROOT is one of
 Columns (SourceOptions): `image_column` holds an `Image` feature (embedded bytes or a path), raw bytes, or a
 path string (relative paths are taken from the data folder); `caption_column` holds a list of captions per
 row, or one caption per row, in which case rows of the same image are merged in first-seen order. Rows are the
-same image when they share `id_column`, or, without one, the same image path (or the same bytes). Image ids are
-`id_prefix` (default "hf") + the id column's value, else the image file's stem, else a digest of the bytes.
+same image when they share `id_column`, or, without one, the same embedded bytes or the same path. Image ids are
+`id_prefix` (default "hf") + the id column's value, else the image file's stem (plus a digest when two
+images share a stem), else a digest of the bytes.
 
 Split: a `split_column` present in the data wins (train / restval / val / validation / test), then the
 dataset's own split names when all are known split names, else the hash split of SourceOptions.fractions.
@@ -128,20 +129,26 @@ def _find_column(columns: list[str], wanted: str, fallbacks: tuple[str, ...], wh
     return found
 
 
-def _image_values(table: Any, column: str) -> tuple[list[str | None], list[bool]]:
-    """(path or None, has bytes) per row, without reading the bytes into Python."""
+def _image_values(table: Any, column: str, digests: bool) -> tuple[list[str | None], list[str | None]]:
+    """(path or None, embedded) per row; embedded is None without bytes, else their digest ("" unless `digests`).
+
+    The bytes are hashed from Arrow's buffers, never copied into Python objects.
+    """
     import pyarrow as pa
 
     array = table.column(column).combine_chunks()
     if pa.types.is_struct(array.type):
         paths = array.field("path").to_pylist() if array.type.get_field_index("path") >= 0 else [None] * len(array)
-        has_bytes = array.field("bytes").is_valid().to_pylist() if array.type.get_field_index("bytes") >= 0 else [False] * len(array)
-        return paths, has_bytes
-    if pa.types.is_binary(array.type) or pa.types.is_large_binary(array.type):
-        return [None] * len(array), array.is_valid().to_pylist()
-    if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
-        return array.to_pylist(), [False] * len(array)
-    raise SourceError(f"image column {column!r} holds {array.type}: want an Image feature, bytes or a path string")
+        data = array.field("bytes") if array.type.get_field_index("bytes") >= 0 else pa.nulls(len(array), pa.binary())
+    elif pa.types.is_binary(array.type) or pa.types.is_large_binary(array.type):
+        paths, data = [None] * len(array), array
+    elif pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
+        return array.to_pylist(), [None] * len(array)
+    else:
+        raise SourceError(f"image column {column!r} holds {array.type}: want an Image feature, bytes or a path string")
+    embedded = [(hashlib.sha256(value.as_buffer()).hexdigest()[:16] if digests else "") if value.is_valid else None
+                for value in data]
+    return paths, embedded
 
 
 def read_hf(options: SourceOptions) -> Iterator[Record | Skip]:
@@ -162,12 +169,12 @@ def read_hf(options: SourceOptions) -> Iterator[Record | Skip]:
         wanted = [c for c in dict.fromkeys((image_column, caption_column, id_column, split_column)) if c]
         row = 0
         for table in dataset.select_columns(wanted).with_format("arrow").iter(batch_size=BATCH_ROWS):
-            paths, has_bytes = _image_values(table, image_column)
+            paths, embedded = _image_values(table, image_column, digests=not id_column)
             captions = table.column(caption_column).to_pylist()
             ids = table.column(id_column).to_pylist() if id_column else [None] * len(paths)
             row_splits = table.column(split_column).to_pylist() if split_column else [None] * len(paths)
-            for path, embedded, caption, id_value, row_split in zip(paths, has_bytes, captions, ids, row_splits):
-                item = _row_image(loader, split_name, row, image_column, path, embedded, id_value, base, root)
+            for path, digest, caption, id_value, row_split in zip(paths, embedded, captions, ids, row_splits):
+                item = _row_image(loader, split_name, row, image_column, path, digest, id_column, id_value, base, root)
                 row += 1
                 if isinstance(item, Skip):
                     yield item
@@ -183,30 +190,34 @@ def read_hf(options: SourceOptions) -> Iterator[Record | Skip]:
                 entry = images.setdefault(group, image)
                 entry.captions.extend(caption if isinstance(caption, list) else [caption])
     seen: set[str] = set()
-    for image in images.values():
+    for group, image in images.items():
         image_id = prefix + image.image_id
-        if image_id in seen:
-            yield Skip(image.source, f"duplicate image id {image_id!r} (a different image has the same id)")
-            continue
+        if image_id in seen:  # two images whose files share a stem: the later one's id names its group too
+            image_id += "-" + hashlib.sha256(repr(group).encode()).hexdigest()[:8]
         seen.add(image_id)
         split = image.split or options.fractions.assign(image_id)
         yield make_record(image_id, image.image, image.captions, split, image.source)
 
 
-def _row_image(loader: tuple[str, ...], split: str, row: int, column: str, path: str | None, embedded: bool,
-               id_value: Any, base: Path, root: Path) -> tuple[object, _Image] | Skip:
-    """(group key, image) for one row: the image it names, or a Skip when it names none."""
-    if embedded:
+def _row_image(loader: tuple[str, ...], split: str, row: int, column: str, path: str | None, digest: str | None,
+               id_column: str | None, id_value: Any, base: Path, root: Path) -> tuple[object, _Image] | Skip:
+    """(group key, image) for one row, or a Skip when it names no image.
+
+    Rows are one image when they share the id (with an id column), the embedded bytes (an embedded image keeps
+    only its file's base name, which need not be unique), or the path.
+    """
+    where = f"{root}[{split}][{row}]"
+    if digest is not None:
         ref: ImageRef = HFRow(loader, split, row, column)
-        source = f"{root}[{split}][{row}]"
+        source = where
     elif path:
         ref = Path(path) if Path(path).is_absolute() else base / path
         source = str(ref)
     else:
-        return Skip(f"{root}[{split}][{row}]", f"no image in column {column!r}")
-    if id_value is not None:
+        return Skip(where, f"no image in column {column!r}")
+    if id_column:
+        if id_value is None:
+            return Skip(source, f"no image id in column {id_column!r}")
         return ("id", id_value), _Image(str(id_value), ref, source, None)
-    if path:
-        return ("path", str(ref) if not embedded else path), _Image(Path(path).stem, ref, source, None)
-    digest = hashlib.sha256(read_row_image(ref)).hexdigest()[:16]  # neither id nor path: the bytes name the image
-    return ("bytes", digest), _Image(digest, ref, source, None)
+    image_id = Path(path).stem if path else digest
+    return (("bytes", digest) if digest is not None else ("path", source)), _Image(image_id, ref, source, None)
