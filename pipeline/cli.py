@@ -439,6 +439,84 @@ def report(dataset: Dataset = "synth") -> None:
     typer.echo("written: " + ", ".join(str(p) for p in result["paths"].values()))
 
 
+# ------------------------------------------------------------------ the study (pipeline/study.py, pipeline/study_report.py)
+
+
+def _names(value: Optional[str]) -> Optional[tuple[str, ...]]:
+    """A comma-separated list as a tuple (None when unset, so the config default applies)."""
+    return tuple(v.strip() for v in value.split(",") if v.strip()) if _env_or_none(value) is not None else None
+
+
+def _mode_steps(value: Optional[str]) -> Optional[tuple[tuple[str, int], ...]]:
+    """`ft=500,mat=1000` -> (("ft", 500), ("mat", 1000))."""
+    if _env_or_none(value) is None:
+        return None
+    pairs = []
+    for item in (v.strip() for v in value.split(",") if v.strip()):
+        mode, sep, number = item.partition("=")
+        if not sep or not number.strip().isdigit():
+            raise typer.BadParameter(f"STUDY_MODE_STEPS wants mode=steps pairs, got {item!r}")
+        pairs.append((mode.strip(), int(number)))
+    return tuple(pairs)
+
+
+def _combos(value: Optional[str]) -> Optional[tuple[tuple[str, ...], ...]]:
+    """`eda+randaug,i2t-internvl+t2i-sd` -> N:N cells; `none` -> no N:N cell; unset -> auto."""
+    if _env_or_none(value) is None:
+        return None
+    if value.strip() == "none":
+        return ()
+    return tuple(tuple(s.strip() for s in combo.split("+") if s.strip()) for combo in value.split(",") if combo.strip())
+
+
+@app.command()
+def study(
+    dataset: Dataset = "synth",
+    clip: Annotated[Optional[str], _opt("CLIP", "CLIP to fine-tune and evaluate (HF id or dir); default the stand-in MODELS_DIR/<dataset>/clip, pretrained first when missing.")] = None,
+    mlm: Annotated[Optional[str], _opt("MLM", "Masked LM of the text attacks; default MODELS_DIR/<dataset>/mlm.")] = None,
+    seeds: Annotated[Optional[int], _opt("SEEDS", "Seeds per cell (default 1; 3 gives a mean and spread).")] = None,
+    modes: Annotated[Optional[str], _opt("STUDY_MODES", "Defences to train (default ft,tecoa,fare,mat,matplus).")] = None,
+    steps: Annotated[Optional[int], _opt("STUDY_STEPS", "Training steps of every mode (default 2000).")] = None,
+    mode_steps: Annotated[Optional[str], _opt("STUDY_MODE_STEPS", "Per-mode steps, e.g. ft=500,mat=1000.")] = None,
+    aug_steps: Annotated[Optional[int], _opt("STUDY_AUG_STEPS", "Steps of the augmentation table's cells (default: the matplus steps).")] = None,
+    batch_size: Annotated[Optional[int], _opt("BATCH_SIZE", "Training batch per process (default 128).")] = None,
+    lr: Annotated[Optional[float], _opt("LR", "Peak learning rate (default train's, 1e-4; e.g. 1e-5 for ViT-B/16).")] = None,
+    eval_size: Annotated[Optional[int], _opt("EVAL_SIZE", "First N test images (default all: the published protocol).")] = None,
+    eval_batch: Annotated[Optional[int], _opt("EVAL_BATCH", "Images attacked together (default 64).")] = None,
+    attacks: Annotated[Optional[str], _opt("ATTACKS", "Attacks of the defences table (default pgd,bert,coattack,sga).")] = None,
+    stages: Annotated[Optional[str], _opt("STUDY_STAGES", "Stages of the augmentation table (default every available one).")] = None,
+    combos: Annotated[Optional[str], _opt("STUDY_COMBOS", "N:N cells as text+image stage pairs, e.g. eda+randaug; none; default auto.")] = None,
+    augmentation: Annotated[Optional[bool], typer.Option("--augmentation/--no-augmentation", envvar="STUDY_AUGMENTATION", help="Build the augmentation table (default yes).")] = None,
+    pretrain_steps: Annotated[Optional[int], _opt("PRETRAIN_STEPS", "Steps of the stand-in CLIP when it must be pretrained (default 1200).")] = None,
+    resamples: Annotated[Optional[int], _opt("BOOTSTRAP_RESAMPLES", "Bootstrap resamples (default 1000).")] = None,
+    precision: Annotated[Optional[str], _opt("PRECISION", "Training precision: auto, bf16 or fp32.")] = None,
+    device: Annotated[Optional[str], _opt("DEVICE", "auto, cpu or cuda.")] = None,
+    workers: Annotated[Optional[int], _opt("WORKERS", "Augmentation processes (stages the study makes).")] = None,
+    data_workers: Annotated[Optional[int], _opt("DATA_WORKERS", "Training loader workers (default 2).")] = None,
+) -> None:
+    """The paper's comparisons as a resumable plan: defences table, augmentation table, figure, claims.
+
+    Output: MANIFESTS_DIR/<dataset>/study/{plan.json, units/, report.md, report.json, augmentation_quality.png};
+    rerun the same command after an interruption and the finished units are skipped.
+    """
+    from pipeline.models import ModelNotFoundError
+    from pipeline.study import StudyConfig, run_study
+
+    given = dict(
+        dataset=dataset, clip=_env_or_none(clip), mlm=_env_or_none(mlm), seeds=seeds, modes=_names(modes),
+        steps=steps, mode_steps=_mode_steps(mode_steps), aug_steps=aug_steps, batch_size=batch_size, lr=lr,
+        eval_size=eval_size, eval_batch=eval_batch, stages=_names(stages), combos=_combos(combos),
+        attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()) if attacks is not None else None,
+        augmentation=augmentation, pretrain_steps=pretrain_steps, resamples=resamples, precision=precision,
+        device=device, workers=workers, data_workers=data_workers)
+    try:
+        config = StudyConfig(**{k: v for k, v in given.items() if v is not None})
+        result = run_study(config, layout(), echo=typer.echo)
+    except (ValueError, FileNotFoundError, ModelNotFoundError) as error:
+        _fail(str(error))
+    typer.echo(result["markdown"])
+
+
 # ------------------------------------------------------------------ demo, bench, clean
 
 

@@ -13,7 +13,9 @@ Protocol (the one of the Co-Attack and SGA evaluation code on CLIP):
 4. attack success rate (ASR): the share of queries right at R@1 on clean data that the attack makes wrong
    (TR over images, IR over captions).
 
-Output: ``MANIFESTS_DIR/<dataset>/evals/<name>.json`` with mode, checkpoint, settings and metrics per attack.
+Output: ``MANIFESTS_DIR/<dataset>/evals/<name>.json`` with mode, checkpoint, settings and metrics per attack
+(each row with ``per_query``: every image's TR rank and every caption's IR rank, capped at 10 = a miss at every
+K), and ``captions_per_image``: what ``make study`` bootstraps.
 """
 
 from __future__ import annotations
@@ -190,6 +192,8 @@ def _row(metrics: dict[str, Any], clean: dict[str, Any] | None, seconds: float, 
         row["tr_asr"] = row["ir_asr"] = 0.0
     row["seconds"] = round(seconds, 2)
     row["seconds_per_image"] = round(seconds / max(n_images, 1), 4)
+    # Per-query ranks, capped at max(KS) (= a miss at every K): the bootstrap of `make study` resamples them.
+    row["per_query"] = {side: metrics[f"_{side}"].clamp(max=max(KS)).tolist() for side in ("tr_rank", "ir_rank")}
     return row
 
 
@@ -228,6 +232,7 @@ def evaluate(cfg: EvalConfig, layout: Layout | None = None) -> dict[str, Any]:
     # 5. Write.
     record = {"name": name, "mode": mode, "checkpoint": str(cfg.checkpoint), "model_dir": clip_dir,
               "dataset": cfg.dataset, "split": cfg.split, "n_images": len(data.keys), "n_texts": len(texts),
+              "captions_per_image": [len(group) for group in data.captions],
               "settings": dataclasses.asdict(cfg), "attack_options": cfg.attack_options(), "metrics": results,
               "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     atomic_write_json(out, record)

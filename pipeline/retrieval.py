@@ -73,7 +73,8 @@ def recall_at_k(sim: torch.Tensor, txt2img: Sequence[int] | torch.Tensor, ks: Se
     """TR / IR recall at each K (percent) on the full matrix ``sim`` [images, captions].
 
     Returns ``{"tr_r1": .., "tr_r5": .., ..., "ir_r10": ..}`` plus the per-query R@1 correctness vectors
-    ``"_tr_hits"`` (bool [images]) and ``"_ir_hits"`` (bool [captions]) for :func:`attack_success_rate`.
+    ``"_tr_hits"`` (bool [images]) and ``"_ir_hits"`` (bool [captions]) for :func:`attack_success_rate`, and the
+    ranks ``"_tr_rank"`` / ``"_ir_rank"`` (per-query outcomes at every K, for bootstrap intervals).
     ``img2txts`` (captions of each image) is implied by ``txt2img``; when given it must agree.
     """
     tr_rank, ir_rank = retrieval_ranks(sim, txt2img)
@@ -84,6 +85,7 @@ def recall_at_k(sim: torch.Tensor, txt2img: Sequence[int] | torch.Tensor, ks: Se
         for k in ks:
             out[f"{side}_r{k}"] = 100.0 * (rank < k).float().mean().item()
     out["_tr_hits"], out["_ir_hits"] = tr_rank == 0, ir_rank == 0
+    out["_tr_rank"], out["_ir_rank"] = tr_rank, ir_rank
     return out
 
 

@@ -1,0 +1,233 @@
+"""The study: statistics on known inputs, claims that follow from the numbers, and a plan that resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.bootstrap import Bootstrap, Outcomes
+from pipeline.study import Cell, StudyConfig, plan_cells
+from pipeline.study_report import CONTRADICTS, SUPPORTS, UNDECIDED, CellResult, build_study_report, mean_r1, recall
+
+N_IMAGES, CAPTIONS = 300, 2
+
+
+def planted(p: float, seed: int, n: int = N_IMAGES) -> Outcomes:
+    """Outcomes where each image's TR and each caption's IR is a hit at R@1 with probability p (else rank 10)."""
+    rng = np.random.default_rng(seed)
+    return Outcomes(np.where(rng.random(n) < p, 0, 10), np.where(rng.random(n * CAPTIONS) < p, 0, 10),
+                    np.repeat(np.arange(n), CAPTIONS))
+
+
+def permuted(o: Outcomes, seed: int) -> Outcomes:
+    """The same per-image results given to other images: the same recall, no real difference."""
+    order = np.random.default_rng(seed).permutation(o.n_images)
+    ir = o.ir_rank.reshape(o.n_images, CAPTIONS)[order].ravel()
+    return Outcomes(o.tr_rank[order], ir, o.owner)
+
+
+# ------------------------------------------------------------------ statistics
+
+
+def test_interval_of_a_constant_is_zero_width():
+    boot = Bootstrap(N_IMAGES, n_resamples=200)
+    all_hit = {"clean": Outcomes(np.zeros(N_IMAGES, int), np.zeros(N_IMAGES * CAPTIONS, int),
+                                 np.repeat(np.arange(N_IMAGES), CAPTIONS))}
+    for side in ("tr", "ir"):
+        stat = recall("clean", side, 1)
+        iv = boot.interval(boot.point([all_hit], stat), boot.replicates([all_hit], stat, "c"))
+        assert (iv.point, iv.low, iv.high) == (100.0, 100.0, 100.0)
+
+
+def test_point_is_the_plain_recall_and_the_interval_holds_it():
+    boot = Bootstrap(N_IMAGES, n_resamples=300)
+    o = {"clean": planted(0.6, seed=1)}
+    stat = recall("clean", "ir", 1)
+    iv = boot.interval(boot.point([o], stat), boot.replicates([o], stat, "c"))
+    assert iv.point == pytest.approx(100 * (o["clean"].ir_rank == 0).mean())
+    assert iv.low < iv.point < iv.high and iv.high - iv.low < 15
+
+
+def _difference(a: Outcomes, b: Outcomes):
+    from pipeline.study_report import Study
+
+    cells = [CellResult(Cell(name, "mat", attacks=("sga",)), {0: {"clean": o, "sga": o}}) for name, o in (("a", a), ("b", b))]
+    return Study(cells, resamples=500).difference(["a"], ["b"], "robust", mean_r1(("sga",)))
+
+
+def test_a_planted_difference_is_detected():
+    iv = _difference(planted(0.6, seed=1), planted(0.4, seed=2))
+    assert iv.point > 10 and iv.excludes_zero and iv.sign == 1
+
+
+def test_a_null_difference_is_not():
+    a = planted(0.5, seed=3)
+    same = _difference(a, a)
+    assert (same.point, same.low, same.high) == (0.0, 0.0, 0.0) and not same.excludes_zero
+    shuffled = _difference(a, permuted(a, seed=4))
+    assert shuffled.point == pytest.approx(0.0) and not shuffled.excludes_zero
+
+
+def test_seeds_widen_the_interval():
+    """Two seeds far apart: the two-level bootstrap's interval covers the seed spread, one seed's does not."""
+    from pipeline.study_report import Study
+
+    low, high = planted(0.3, seed=5), planted(0.7, seed=6)
+    one = Study([CellResult(Cell("c", "mat"), {0: {"clean": low}})], resamples=500)
+    two = Study([CellResult(Cell("c", "mat"), {0: {"clean": low}, 1: {"clean": high}})], resamples=500)
+    stat = recall("clean", "tr", 1)
+    assert two.value("c", "tr", stat).high - two.value("c", "tr", stat).low > \
+        2 * (one.value("c", "tr", stat).high - one.value("c", "tr", stat).low)
+    assert two.spread("c", stat) > 20 and one.spread("c", stat) is None
+
+
+# ------------------------------------------------------------------ claims follow from the numbers
+
+ATTACKS = ("coattack", "sga")
+
+
+def _cells(robust: dict[str, float], clean: float = 0.9, seed: int = 0) -> list[CellResult]:
+    results = []
+    for i, (mode, p) in enumerate(robust.items()):
+        outcomes = {"clean": planted(clean, seed + 100 + i), **{a: planted(p, seed + 10 * i + j) for j, a in enumerate(ATTACKS)}}
+        results.append(CellResult(Cell(mode, mode, steps=0 if mode == "pretrained" else 10, tables=("defences",),
+                                       attacks=ATTACKS), {0: outcomes}))
+    return results
+
+
+def _claim(report: dict, start: str) -> dict:
+    return next(c for c in report["claims"] if c["claim"].startswith(start))
+
+
+def _report(results, tmp_path, **cfg):
+    return build_study_report(results, {}, StudyConfig(resamples=400, **cfg), tmp_path)
+
+
+def test_mat_significantly_above_tecoa_supports_the_claim(tmp_path):
+    report = _report(_cells({"pretrained": 0.1, "tecoa": 0.2, "mat": 0.5}), tmp_path)
+    assert _claim(report, "multimodal")["verdict"] == SUPPORTS and not report["meaningless"]
+    assert "**supports**: multimodal" in (tmp_path / "report.md").read_text()
+    assert _claim(report, "one-to-many")["verdict"] == UNDECIDED  # no MAT+ cell: nothing to compare
+
+
+def test_reversed_contradicts(tmp_path):
+    assert _claim(_report(_cells({"tecoa": 0.5, "mat": 0.2}), tmp_path), "multimodal")["verdict"] == CONTRADICTS
+
+
+def test_overlapping_cannot_decide(tmp_path):
+    results = _cells({"tecoa": 0.4, "mat": 0.4})
+    mat = results[1].seeds[0]
+    results[1].seeds[0] = {a: permuted(results[0].seeds[0][a], seed=9) if a != "clean" else o for a, o in mat.items()}
+    claim = _claim(_report(results, tmp_path), "multimodal")
+    assert claim["verdict"] == UNDECIDED and "within noise" in claim["why"]
+
+
+def test_near_chance_clean_retrieval_is_called_meaningless(tmp_path):
+    # R@1 chance is 1/300 = 0.33 %; clean hits at 0.5 % sit below 3x chance, robust differences are planted large
+    report = _report(_cells({"tecoa": 0.0, "mat": 0.2}, clean=0.005), tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert report["meaningless"] and "robustness comparison is meaningless" in text
+    assert all(c["verdict"] == UNDECIDED for c in report["claims"])
+
+
+def test_augmentation_quality_claim_and_figure(tmp_path):
+    """Gains planted to rise with alignment and diversity and fall with Frechet distance: supported, and the
+    figure is drawn; the cross- vs intra-modal claim follows the planted gains too."""
+    gains = {"eda": 0.3, "randaug": 0.4, "i2t-human": 0.55, "t2i-sd": 0.7}  # robust hit rates; MAT at 0.2
+    cells = [CellResult(Cell("mat", "mat", tables=("augmentation",), attacks=ATTACKS),
+                        {0: {"clean": planted(0.9, 1), **{a: planted(0.2, 2 + j) for j, a in enumerate(ATTACKS)}}})]
+    stats = {}
+    for i, (stage, p) in enumerate(gains.items()):
+        cells.append(CellResult(Cell(f"matplus-{stage}", "matplus", (stage,), tables=("augmentation",), attacks=ATTACKS),
+                                {0: {"clean": planted(0.9, 20 + i), **{a: planted(p, 30 + 2 * i + j) for j, a in enumerate(ATTACKS)}}}))
+        modality = "image" if stage in ("randaug", "t2i-sd") else "text"
+        stats[stage] = {"alignment_mean": 0.3 + 0.1 * i, "diversity_mean": 0.2 + 0.05 * i, f"fd_{modality}": 0.5 - 0.1 * i}
+    report = build_study_report(cells, stats, StudyConfig(resamples=400), tmp_path)
+    assert _claim(report, "good augmentations")["verdict"] == SUPPORTS
+    assert _claim(report, "cross-modal")["verdict"] == SUPPORTS  # i2t-human, t2i-sd above eda, randaug
+    assert _claim(report, "text augmentations")["verdict"] == CONTRADICTS  # text (0.3, 0.55) below image (0.4, 0.7)
+    assert (tmp_path / "augmentation_quality.png").stat().st_size > 0
+    rows = {r["cell"]: r for r in report["augmentation"]}
+    assert rows["matplus-randaug"]["pairing"] == "N:1" and rows["matplus-eda"]["pairing"] == "1:N"
+    assert rows["mat"]["gain"] is None and rows["matplus-t2i-sd"]["gain"]["low"] > 0
+
+
+# ------------------------------------------------------------------ the plan
+
+
+def test_plan_merges_shared_cells_and_gives_each_stage_its_pairing():
+    cfg = StudyConfig(modes=("tecoa", "mat", "matplus"), steps=50, attacks=("pgd", "sga"))
+    cells = {c.id: c for c in plan_cells(cfg, ["i2t-human", "eda", "randaug"])}
+    assert set(cells) == {"pretrained", "tecoa", "mat", "matplus-i2t-human", "matplus-eda", "matplus-randaug",
+                          "matplus-eda_randaug"}
+    assert cells["mat"].tables == ("defences", "augmentation") and cells["mat"].attacks == ("pgd", "sga")
+    assert cells["matplus-eda"].attacks == ("sga",)  # augmentation cells: the multimodal attacks only
+    assert [cells[c].pairing for c in ("matplus-eda", "matplus-randaug", "matplus-eda_randaug")] == ["1:N", "N:1", "N:N"]
+    fewer = {c.id for c in plan_cells(StudyConfig(modes=("mat",), steps=50, aug_steps=20, combos=()), ["eda"])}
+    assert fewer == {"pretrained", "mat", "mat-20steps", "matplus-eda-20steps"}  # MAT baseline at the same steps
+
+
+@pytest.mark.parametrize("change", [{"seeds": 0}, {"modes": ("nope",)}, {"attacks": ("pgd", "x")}, {"eval_size": 1},
+                                    {"dataset": "../x"}])
+def test_bad_config_raises(change):
+    with pytest.raises(ValueError):
+        StudyConfig(**change)
+
+
+@pytest.fixture()
+def toy_layout(tmp_path, tiny_model_dirs):
+    from pipeline.paths import Layout
+    from pipeline.train.toy import write_toy_shards
+
+    write_toy_shards(tmp_path / "shards", "toy", shards=1, per_shard=16)
+    write_toy_shards(tmp_path / "shards", "toy", shards=1, per_shard=8, split="test", seed=1)
+    return Layout(tmp_path / "shards", tmp_path / "manifests", tmp_path / "runs", tmp_path / "models")
+
+
+def _study(layout, tiny_model_dirs, steps: int) -> subprocess.Popen:
+    env = {**os.environ, "SHARDS_DIR": str(layout.shards_dir), "MANIFESTS_DIR": str(layout.manifests_dir),
+           "RUNS_DIR": str(layout.runs_dir), "MODELS_DIR": str(layout.models_dir), "PRECISION": "fp32"}
+    argv = [sys.executable, "-m", "pipeline", "study", "--dataset", "toy", "--clip", tiny_model_dirs["clip"],
+            "--mlm", tiny_model_dirs["mlm"], "--modes", "ft", "--steps", str(steps), "--batch-size", "8",
+            "--eval-size", "8", "--attacks", "pgd", "--no-augmentation", "--resamples", "50",
+            "--data-workers", "0", "--device", "cpu"]
+    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_a_killed_study_resumes_without_redoing_done_units(toy_layout, tiny_model_dirs):
+    units = toy_layout.manifests_dir / "toy" / "study" / "units"
+    first = units / "eval-pretrained-s0.json"
+    proc = _study(toy_layout, tiny_model_dirs, steps=40)
+    deadline = time.time() + 300
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert first.exists(), proc.stdout.read()
+    assert not (units / "train-ft-s0.json").exists()  # killed while training: the plan was not finished
+    done_at = first.stat().st_mtime_ns
+    eval_json = toy_layout.manifests_dir / "toy" / "evals" / "study-pretrained-s0.json"
+    eval_at = eval_json.stat().st_mtime_ns
+    rerun = _study(toy_layout, tiny_model_dirs, steps=40)
+    out, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, out
+    assert "eval-pretrained-s0: done" in out and "train-ft-s0: ran" in out
+    assert first.stat().st_mtime_ns == done_at and eval_json.stat().st_mtime_ns == eval_at
+    report = json.loads((toy_layout.manifests_dir / "toy" / "study" / "report.json").read_text())
+    assert {(r["cell"], r["seed"]) for r in report["records"]} == {("pretrained", 0), ("ft", 0)}
+    plan = json.loads((toy_layout.manifests_dir / "toy" / "study" / "plan.json").read_text())
+    assert [u["name"] for u in plan["units"]] == ["eval-pretrained-s0", "train-ft-s0", "eval-ft-s0"]
+    # a changed budget is a new fingerprint: the training reruns (its old folder set aside), the pretrained eval not
+    again = _study(toy_layout, tiny_model_dirs, steps=3)
+    out, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, out
+    assert "eval-pretrained-s0: done" in out and "train-ft-s0: ran" in out and "eval-ft-s0: ran" in out
+    assert any(p.name.startswith("ft-s0.stale-") for p in (toy_layout.runs_dir / "study-toy").iterdir())
