@@ -390,7 +390,7 @@ def train(
 
 @app.command(name="eval")
 def eval_command(
-    checkpoint: Annotated[str, typer.Option("--ckpt", envvar="CKPT", help="Training run dir (its clip/), a CLIP dir or a hub id.")],
+    checkpoint: Annotated[str, typer.Option("--ckpt", envvar="CKPT", help="Training run dir (its clip/), a CLIP dir or a hub id; several comma-separated, evaluated one after the other.")],
     dataset: Dataset = "synth",
     mlm: Annotated[Optional[str], typer.Option(envvar="MLM", help="Masked LM of the text attacks; default MODELS_DIR/<dataset>/mlm.")] = None,
     name: Annotated[Optional[str], typer.Option(envvar="EVAL_NAME", callback=_plain("EVAL_NAME"), help="Output name (evals/<name>.json); default the run / model dir name.")] = None,
@@ -407,23 +407,29 @@ def eval_command(
     precision: Annotated[str, typer.Option(envvar="EVAL_PRECISION", help="fp32 (the reference protocol), auto or bf16 (faster, not comparable to published numbers).")] = "fp32",
     device: Annotated[str, typer.Option(envvar="DEVICE", help="auto, cpu or cuda.")] = "auto",
 ) -> None:
-    """Retrieval R@1/5/10 (TR and IR) clean and under PGD, BERT-Attack, Co-Attack, SGA; writes evals/<name>.json."""
+    """Retrieval R@1/5/10 (TR and IR) clean and under PGD, BERT-Attack, Co-Attack, SGA; writes evals/<name>.json.
+
+    Several checkpoints (CKPT=run1,run2,...) are evaluated one after the other, each named after its run."""
     from pipeline.evaluate import EvalConfig, evaluate
     from pipeline.models import ModelNotFoundError
 
-    try:
-        config = EvalConfig(
-            checkpoint=checkpoint, dataset=dataset, mlm=_env_or_none(mlm), name=_env_or_none(name),
-            mode=_env_or_none(mode), split=split, size=size, batch_size=batch_size,
-            attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()), eps=eps, steps=steps,
-            step_size=step_size, top_k=top_k, n_words=n_words, precision=precision, device=device,
-        )
-        record = evaluate(config, layout())
-    except (ValueError, FileNotFoundError, ModelNotFoundError) as error:
-        _fail(str(error))
-    for attack, m in record["metrics"].items():
-        typer.echo(f"{record['name']:<32} {attack:<9} TR R@1/5/10 {m['tr_r1']:5.1f} {m['tr_r5']:5.1f} {m['tr_r10']:5.1f}"
-                   f"  IR R@1/5/10 {m['ir_r1']:5.1f} {m['ir_r5']:5.1f} {m['ir_r10']:5.1f}  ASR {m['tr_asr']:5.1f} {m['ir_asr']:5.1f}")
+    checkpoints = [c.strip() for c in checkpoint.split(",") if c.strip()]
+    if len(checkpoints) > 1 and _env_or_none(name):
+        _fail(f"EVAL_NAME={name!r} names one evaluation, CKPT has {len(checkpoints)}: each is named after its run")
+    for one in checkpoints:
+        try:
+            config = EvalConfig(
+                checkpoint=one, dataset=dataset, mlm=_env_or_none(mlm), name=_env_or_none(name),
+                mode=_env_or_none(mode), split=split, size=size, batch_size=batch_size,
+                attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()), eps=eps, steps=steps,
+                step_size=step_size, top_k=top_k, n_words=n_words, precision=precision, device=device,
+            )
+            record = evaluate(config, layout())
+        except (ValueError, FileNotFoundError, ModelNotFoundError) as error:
+            _fail(str(error))
+        for attack, m in record["metrics"].items():
+            typer.echo(f"{record['name']:<32} {attack:<9} TR R@1/5/10 {m['tr_r1']:5.1f} {m['tr_r5']:5.1f} {m['tr_r10']:5.1f}"
+                       f"  IR R@1/5/10 {m['ir_r1']:5.1f} {m['ir_r5']:5.1f} {m['ir_r10']:5.1f}  ASR {m['tr_asr']:5.1f} {m['ir_asr']:5.1f}")
 
 
 @app.command()
@@ -524,13 +530,15 @@ def study(
 def demo(
     size: Annotated[Optional[int], typer.Option(envvar="DEMO_SIZE", help="Images in the embedded synth dataset, 80/10/10 split (default 3000).")] = None,
     pretrain_steps: Annotated[Optional[int], typer.Option(envvar="DEMO_PRETRAIN_STEPS", help="CLIP pretraining steps (default 1000).")] = None,
-    train_steps: Annotated[Optional[int], typer.Option(envvar="DEMO_TRAIN_STEPS", help="Fine-tuning steps per mode (default 150).")] = None,
+    train_steps: Annotated[Optional[int], typer.Option(envvar="DEMO_TRAIN_STEPS", help="Fine-tuning steps of every cell (default 100).")] = None,
     modes: Annotated[Optional[str], typer.Option(envvar="DEMO_MODES", help="Comma-separated training modes (default ft,tecoa,mat,matplus; add fare if wanted).")] = None,
     eval_size: Annotated[Optional[int], typer.Option(envvar="DEMO_EVAL_SIZE", help="Test images per evaluation (default 300).")] = None,
     attacks: Annotated[Optional[str], typer.Option(envvar="DEMO_ATTACKS", help="Comma-separated attacks (default pgd,bert,coattack,sga).")] = None,
+    stages: Annotated[Optional[str], typer.Option(envvar="DEMO_STAGES", help="Stages of the augmentation table, one MAT+ cell each (default i2t-human,eda,randaug).")] = None,
+    seeds: Annotated[Optional[int], typer.Option(envvar="DEMO_SEEDS", help="Seeds per cell (default 1).")] = None,
     workers: Workers = 2,
 ) -> None:
-    """The whole study on the embedded `synth` dataset: ingest, pretrain, augment, stats, train each mode, eval, report."""
+    """`make study` on the embedded `synth` dataset with small budgets: ingest, pretrain, augment, stats, study."""
     from pipeline.demo import DemoConfig, DemoError, run_demo
 
     def run_command(argv: list[str]) -> int:
@@ -540,11 +548,8 @@ def demo(
             code = stop.exit_code
         return code if isinstance(code, int) else 0
 
-    def names(value: Optional[str]) -> Optional[tuple[str, ...]]:
-        return tuple(v.strip() for v in value.split(",") if v.strip()) if _env_or_none(value) else None
-
     given = dict(size=size, pretrain_steps=pretrain_steps, train_steps=train_steps, eval_size=eval_size,
-                 modes=names(modes), attacks=names(attacks), workers=workers)
+                 modes=_names(modes), attacks=_names(attacks), stages=_names(stages), seeds=seeds, workers=workers)
     try:
         config = DemoConfig(**{k: v for k, v in given.items() if v is not None})
     except ValueError as error:

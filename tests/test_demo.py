@@ -1,4 +1,5 @@
-"""demo.py: the phases, in order, as the CLI commands of the make targets (a recording runner, no work done)."""
+"""demo.py: the phases, in order, as the CLI commands of the make targets, the last one the study with the demo's
+budgets (a recording runner, no work done)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ class Recorder:
 
     def __call__(self, argv: list[str]) -> int:
         self.calls.append(argv)
-        if argv[0] == "report":
-            path = self.layout.dataset_manifests("synth") / "report.md"
+        if argv[0] == "study":
+            path = self.layout.dataset_manifests("synth") / "study" / "report.md"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("| model |\n")
         return 3 if argv[0] == self.fail else 0
@@ -30,21 +31,37 @@ def test_phases_run_in_order_with_the_budgets(tmp_path):
     layout = Layout(tmp_path / "s", tmp_path / "m", tmp_path / "r", tmp_path / "models")
     run = Recorder(layout)
     lines: list[str] = []
-    cfg = DemoConfig(size=300, pretrain_steps=7, train_steps=3, modes=("ft", "mat"), eval_size=20, attacks=("pgd",))
+    cfg = DemoConfig(size=300, pretrain_steps=7, train_steps=3, modes=("ft", "mat"), eval_size=20, attacks=("pgd",),
+                     stages=("eda",), seeds=2)
     markdown = run_demo(cfg, run, layout, echo=lines.append)
-    assert [c[0] for c in run.calls] == ["ingest", "pretrain", "augment", "stats", "train", "train", "eval", "eval",
-                                         "eval", "report"]
+    assert [c[0] for c in run.calls] == ["ingest", "pretrain", "augment", "stats", "study"]
     assert _option(run.calls[0], "--synth-size") == "300" and _option(run.calls[1], "--steps") == "7"
     assert _option(run.calls[2], "--stages") == "i2t-human,eda,randaug"
-    trains = run.calls[4:6]
-    assert [_option(c, "--mode") for c in trains] == ["ft", "mat"] and all(_option(c, "--steps") == "3" for c in trains)
-    evals = run.calls[6:9]
-    # the pretrained model is the reference row; each trained run is evaluated from its own run dir
-    assert _option(evals[0], "--ckpt") == str(layout.model_dir("synth", "clip"))
-    assert [_option(c, "--ckpt") for c in evals[1:]] == [_option(c, "--run-dir") for c in trains]
-    assert all(_option(c, "--size") == "20" and _option(c, "--attacks") == "pgd" for c in evals)
+    study = run.calls[4]
+    assert [_option(study, o) for o in ("--modes", "--steps", "--eval-size", "--attacks", "--stages", "--seeds")] == \
+        ["ft,mat", "3", "20", "pgd", "eda", "2"]
+    assert _option(study, "--combos") == "none"  # one MAT+ cell per stage, no N:N cell: the demo's budget
     assert any("generative stages skipped" in line and "I2T_MODEL" in line for line in lines)
     assert markdown == "| model |\n"
+
+
+def test_the_study_command_accepts_the_demo_options(tmp_path, monkeypatch):
+    """The argv the demo builds parses as the study command's options (no unknown option)."""
+    from typer.testing import CliRunner
+
+    import pipeline.study as study
+    from pipeline.cli import app
+
+    seen = {}
+    monkeypatch.setattr(study, "run_study", lambda cfg, layout, echo: seen.setdefault("cfg", cfg) and {"markdown": ""})
+    layout = Layout(tmp_path / "s", tmp_path / "m", tmp_path / "r", tmp_path / "models")
+    run = Recorder(layout)
+    run_demo(DemoConfig(train_steps=4, stages=("eda", "randaug")), run, layout, echo=lambda line: None)
+    result = CliRunner().invoke(app, run.calls[-1])
+    assert result.exit_code == 0, result.output
+    cfg = seen["cfg"]
+    assert (cfg.steps, cfg.stages, cfg.combos, cfg.eval_size, cfg.modes) == (4, ("eda", "randaug"), (), 300,
+                                                                          ("ft", "tecoa", "mat", "matplus"))
 
 
 def test_a_failed_phase_stops_the_demo_but_stats_is_optional(tmp_path):
@@ -52,11 +69,11 @@ def test_a_failed_phase_stops_the_demo_but_stats_is_optional(tmp_path):
     lines: list[str] = []
     run_demo(DemoConfig(modes=("ft",), attacks=("pgd",)), Recorder(layout, fail="stats"), layout, echo=lines.append)
     assert any("phase stats skipped" in line for line in lines)
-    with pytest.raises(DemoError, match="train"):
-        run_demo(DemoConfig(modes=("ft",)), Recorder(layout, fail="train"), layout, echo=lines.append)
+    with pytest.raises(DemoError, match="study"):
+        run_demo(DemoConfig(modes=("ft",)), Recorder(layout, fail="study"), layout, echo=lines.append)
 
 
-@pytest.mark.parametrize("change", [{"size": 0}, {"train_steps": 0}, {"modes": ()}])
+@pytest.mark.parametrize("change", [{"size": 0}, {"train_steps": 0}, {"modes": ()}, {"seeds": 0}])
 def test_bad_config_raises(change):
     with pytest.raises(ValueError):
         DemoConfig(**change)

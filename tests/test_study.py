@@ -231,3 +231,25 @@ def test_a_killed_study_resumes_without_redoing_done_units(toy_layout, tiny_mode
     assert again.returncode == 0, out
     assert "eval-pretrained-s0: done" in out and "train-ft-s0: ran" in out and "eval-ft-s0: ran" in out
     assert any(p.name.startswith("ft-s0.stale-") for p in (toy_layout.runs_dir / "study-toy").iterdir())
+
+
+def test_eval_takes_several_checkpoints(monkeypatch, tmp_path):
+    """`make eval CKPT=a,b` runs one evaluation per checkpoint; EVAL_NAME with several is refused."""
+    from typer.testing import CliRunner
+
+    import pipeline.evaluate as evaluate
+    from pipeline.cli import app
+
+    seen = []
+
+    def fake(cfg, layout):
+        seen.append(cfg.checkpoint)
+        row = {k: 0.0 for k in ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "tr_asr", "ir_asr")}
+        return {"name": Path(cfg.checkpoint).name, "metrics": {"clean": row}}
+
+    monkeypatch.setattr(evaluate, "evaluate", fake)
+    result = CliRunner().invoke(app, ["eval", "--ckpt", "runs/a, runs/b", "--attacks", ""])
+    assert result.exit_code == 0, result.output
+    assert seen == ["runs/a", "runs/b"] and result.output.count("clean") == 2
+    refused = CliRunner().invoke(app, ["eval", "--ckpt", "runs/a,runs/b", "--name", "one"])
+    assert refused.exit_code == 2 and "EVAL_NAME" in refused.output and seen == ["runs/a", "runs/b"]
