@@ -24,10 +24,10 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 # Debian packages: WordNet 3.0 for EDA (read by nltk offline) and a Penn-Treebank tagger lexicon.
 APT_PACKAGES := wordnet-base wordnet-sense-index liblingua-en-tagger-perl
 
-.PHONY: setup ingest augment stats filter export pretrain train eval report demo test bench clean tiny-models help
+.PHONY: setup ingest augment stats filter export pretrain train eval report study demo test bench clean tiny-models help
 
 help:
-	@echo "make demo | test | setup | ingest | augment | stats | filter | export | pretrain | train | eval | report | bench | clean"
+	@echo "make demo | test | setup | ingest | augment | stats | filter | export | pretrain | train | eval | report | study | bench | clean"
 	@echo "see README.md; every target takes the CLI options as variables (DATASET=..., STAGES=..., MODE=...)"
 
 setup: $(STAMP) $(APT_STAMP) $(NLTK_STAMP)
@@ -83,6 +83,10 @@ eval: setup
 
 report: setup
 	$(CLI) report
+
+# The paper's comparisons on an ingested dataset (resumable): make study DATASET=coco CLIP=... MLM=... SEEDS=3
+study: setup
+	$(CLI) study
 
 demo: setup
 	$(CLI) demo
