@@ -313,7 +313,7 @@ def run_plan(units: list[Unit], layout: Layout, dataset: str, echo: Callable[[st
     records = study_dir(layout, dataset) / "units"
     records.mkdir(parents=True, exist_ok=True)
     stamps, status = Stamps(layout, dataset), {}
-    start, spent = time.perf_counter(), {"cost": 0.0, "seconds": 0.0}
+    start, spent = time.perf_counter(), {}  # kind -> [cost, seconds] of the units run by this call
     for i, unit in enumerate(units, 1):
         record_path = records / f"{unit.name}.json"
         t0 = time.perf_counter()
@@ -329,18 +329,29 @@ def run_plan(units: list[Unit], layout: Layout, dataset: str, echo: Callable[[st
                     _set_aside_stale_run(unit, fp)
                 unit.run()
                 seconds = time.perf_counter() - t0
-                spent["cost"] += unit.cost
-                spent["seconds"] += seconds
+                totals = spent.setdefault(unit.kind, [0.0, 0.0])
+                totals[0] += unit.cost
+                totals[1] += seconds
                 atomic_write_json(record_path, {"name": unit.name, "kind": unit.kind, "fingerprint": fp,
                                                 "output": str(unit.output), "seconds": round(seconds, 1),
                                                 "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
                 status[unit.name] = "ran"
-        left = sum(u.cost for u in units[i:])
-        rate = spent["seconds"] / spent["cost"] if spent["cost"] else None
-        eta = f"about {left * rate / 60:.1f} min left" if rate else "time left: not known until a unit has run"
+        eta = _time_left(units[i:], spent)
         echo(f"[{i}/{len(units)}] {unit.kind} {unit.name}: {status[unit.name]} in {time.perf_counter() - t0:.0f} s; "
              f"elapsed {(time.perf_counter() - start) / 60:.1f} min, {eta}")
     return status
+
+
+def _time_left(units: list[Unit], spent: dict[str, list[float]]) -> str:
+    """Seconds per cost unit measured on each kind of unit run so far (all kinds pooled for a kind not yet run)."""
+    if not units:
+        return "nothing left"
+    if not spent:
+        return "time left: known once a unit has run"
+    pooled = sum(s for _, s in spent.values()) / max(sum(c for c, _ in spent.values()), 1e-9)
+    rate = {kind: s / c if c else pooled for kind, (c, s) in spent.items()}
+    left = sum(u.cost * rate.get(u.kind, pooled) for u in units)
+    return f"about {left / 60:.1f} min left"
 
 
 def load_outcomes(path: Path) -> dict[str, Outcomes]:
