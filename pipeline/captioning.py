@@ -70,6 +70,24 @@ def checkpoint_problem(model: str, env_var: str, marker: str) -> str | None:
     return None
 
 
+class RemoteCodeRefused(ValueError):
+    """A checkpoint whose own Python code would run, refused because it was not reviewed (not a local folder)."""
+
+
+def remote_code_problem(model: str) -> str | None:
+    """Why the lmdeploy backend refuses `model` without --trust-remote-code (None for a local directory).
+
+    lmdeploy builds InternVL pipelines with `trust_remote_code=True` internally: the modelling code that ships
+    with the checkpoint runs in this process. A local directory is code the user has in hand and can read; a hub
+    id is fetched code nobody here looked at.
+    """
+    if Path(model).expanduser().is_dir():
+        return None
+    return (f"backend lmdeploy loads InternVL checkpoints with trust_remote_code=True (the checkpoint's own Python "
+            f"code runs here), and {model!r} is not a local directory: download it, review its *.py files and set "
+            "I2T_MODEL to the folder, or accept its code with --trust-remote-code (TRUST_REMOTE_CODE=1)")
+
+
 def resolve_checkpoint(model: str, env_var: str, marker: str) -> str:
     problem = checkpoint_problem(model, env_var, marker)
     if problem:
@@ -261,16 +279,22 @@ def jpeg_data_url(image_bytes: bytes) -> str:
 
 class LmdeployCaptioner:
     """lmdeploy VLM pipeline. Runs only on an NVIDIA GPU node (lmdeploy refuses to build a pipeline without one);
-    the tests drive this glue with a stand-in module of the same call signature."""
+    the tests drive this glue with a stand-in module of the same call signature. lmdeploy loads the checkpoint with
+    trust_remote_code=True, so a checkpoint that is not a local directory needs `trust_remote_code`."""
 
     name: ClassVar[str] = "lmdeploy"
     ENGINES: ClassVar[dict[str, str]] = {"turbomind": "TurbomindEngineConfig", "pytorch": "PytorchEngineConfig"}
 
     def __init__(
         self, model: str, settings: CaptionSettings, device: str = "auto", dtype: str = "auto",
-        engine: str = "turbomind", max_batch_size: int = 64, session_len: int = 4096, **_: Any,
+        engine: str = "turbomind", max_batch_size: int = 64, session_len: int = 4096, trust_remote_code: bool = False,
+        **_: Any,
     ):
         import importlib
+
+        problem = None if trust_remote_code else remote_code_problem(model)
+        if problem:
+            raise RemoteCodeRefused(problem)
 
         lmdeploy = importlib.import_module("lmdeploy")  # lazy: only GPU nodes with the lmdeploy env have it
         self.settings = settings

@@ -173,6 +173,7 @@ def augment(
     executor: Executor = "local",
     retries: Annotated[int, typer.Option(envvar="RETRIES", help="Times a failed shard is retried before it is recorded.")] = 1,
     overwrite: Overwrite = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", envvar="TRUST_REMOTE_CODE", help="i2t-internvl on lmdeploy: accept a checkpoint that is not a local directory (lmdeploy loads it with trust_remote_code=True, running its own Python code).")] = False,
 ) -> None:
     """Run augmentation stages; each writes SHARDS_DIR/<dataset>/<stage>/, aligned with the base shards.
 
@@ -186,9 +187,12 @@ def augment(
     extra = os.environ.get("STAGE_OPTS", "").split()
     try:
         _plain_list(stages, "stage")
+        overrides = _stage_overrides(extra + list(settings or []))
+        if trust_remote_code:
+            overrides.setdefault("i2t-internvl", {})["trust_remote_code"] = "true"
         run_augment(
             dataset=dataset, data_root=data_root, fmt=_env_or_none(fmt), stage_names=_env_or_none(stages),
-            overrides=_stage_overrides(extra + list(settings or [])), scorer_spec=_env_or_none(scorer), seed=seed,
+            overrides=overrides, scorer_spec=_env_or_none(scorer), seed=seed,
             device=device, workers=workers, executor=executor, retries=retries, overwrite=overwrite, layout=layout(),
         )
     except (ValueError, FileNotFoundError) as error:

@@ -278,8 +278,12 @@ def _scorer_settings(scorer: Any) -> dict[str, Any] | None:
 
 
 def stage_settings(config: Any, context: StageContext, scorer: Any = None) -> dict[str, Any]:
-    """The settings fingerprinted in every shard's stats file, as JSON values (tuples become lists)."""
-    settings = {"stage": dataclasses.asdict(config), "seed": context.seed, "scorer": _scorer_settings(scorer)}
+    """The settings fingerprinted in every shard's stats file, as JSON values (tuples become lists).
+
+    A config field with `metadata={"fingerprint": False}` (whom to trust, not what to compute) is left out."""
+    skipped = {f.name for f in dataclasses.fields(config) if not f.metadata.get("fingerprint", True)}
+    options = {k: v for k, v in dataclasses.asdict(config).items() if k not in skipped}
+    settings = {"stage": options, "seed": context.seed, "scorer": _scorer_settings(scorer)}
     return json.loads(json.dumps(settings, sort_keys=True, default=str))
 
 

@@ -2,6 +2,9 @@
 
 Backends (`backend`): `transformers` (InternVL "-hf" checkpoints, runs anywhere, used by the tests) and `lmdeploy`
 (TurboMind / PyTorch engine on an NVIDIA GPU, from its own environment). See pipeline/captioning.py.
+lmdeploy loads InternVL checkpoints with `trust_remote_code=True` internally (the checkpoint's own Python code
+runs), so that backend takes only a local checkpoint directory unless `trust_remote_code` is set
+(`--trust-remote-code` / TRUST_REMOTE_CODE=1 on `augment`).
 
 Each image gets `captions_per_image` sampled captions; caption n is sampled with seed `seed_for(key, n)`, and the
 sampling of a row depends only on that seed (not on the batch), so reruns and resumes give the same text. All
@@ -27,6 +30,7 @@ from pipeline.captioning import (
     checkpoint_problem,
     checkpoint_revision,
     clean_caption,
+    remote_code_problem,
     resolve_checkpoint,
 )
 from pipeline.stage import BaseSample, SampleResult, Stage, StageContext, Variant
@@ -51,6 +55,9 @@ class InternVLCaptionConfig:
     batch_size: int = 16
     dtype: str = "auto"
     device: str = "auto"
+    # lmdeploy only: accept a non-local checkpoint whose code lmdeploy runs (trust_remote_code=True). Says whom
+    # to trust, not what to compute: left out of the settings fingerprint.
+    trust_remote_code: bool = field(default=False, metadata={"fingerprint": False})
 
     def __post_init__(self) -> None:
         checks = {
@@ -90,6 +97,9 @@ class InternVLCaptionStage(Stage):
     @classmethod
     def availability(cls, config: InternVLCaptionConfig) -> tuple[bool, str]:
         if config.backend == "lmdeploy":
+            refused = None if config.trust_remote_code else remote_code_problem(config.model)
+            if refused:
+                return False, refused
             try:
                 importlib.metadata.version("lmdeploy")
             except importlib.metadata.PackageNotFoundError:
@@ -110,6 +120,7 @@ class InternVLCaptionStage(Stage):
         self.captioner = CAPTIONERS[c.backend](
             resolve_checkpoint(c.model, "I2T_MODEL", "config.json"), c.settings(),
             device=device, dtype=c.dtype, engine=c.engine, max_batch_size=c.batch_size * c.captions_per_image,
+            trust_remote_code=c.trust_remote_code,
         )
 
     def augment_batch(self, samples: list[BaseSample]) -> list[SampleResult]:

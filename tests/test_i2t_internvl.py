@@ -15,12 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.captioning import CheckpointNotFound, clean_caption
+from pipeline.captioning import CheckpointNotFound, LmdeployCaptioner, RemoteCodeRefused, clean_caption
 from pipeline.stage import BaseSample, StageContext
 from pipeline.tiny_models import build_tiny_internvl
 from stages.i2t_internvl import InternVLCaptionConfig, InternVLCaptionStage
 
-COCO = Path("/work/shared/data/coco-mini/val2017")
+COCO = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-mini" / "val2017"
 PROMPT = "Describe this image in one short factual sentence."
 
 
@@ -206,6 +206,35 @@ def test_lmdeploy_glue_passes_batched_requests_and_seeds(internvl_dir, fake_lmde
         url = image["image_url"]["url"]
         assert base64.b64decode(url.split(",", 1)[1]) == sample.image_bytes
     assert [v.text for v in results[0].variants] == [f"A photo number {s % 1000} of a street." for s in seeds[:2]]
+
+
+def test_lmdeploy_refuses_a_hub_checkpoint_unless_its_code_is_trusted(fake_lmdeploy):
+    hub_id = "OpenGVLab/InternVL3-1B"
+    config = InternVLCaptionConfig(model=hub_id, backend="lmdeploy")
+    ok, why = InternVLCaptionStage.availability(config)
+    assert not ok and "trust_remote_code=True" in why and "--trust-remote-code" in why and hub_id in why
+    with pytest.raises(RemoteCodeRefused, match="not a local directory"):  # a worker building the pipeline
+        LmdeployCaptioner(hub_id, config.settings())
+    assert not fake_lmdeploy.pipelines  # lmdeploy never got the id
+    LmdeployCaptioner(hub_id, config.settings(), trust_remote_code=True)
+    assert [p.model_path for p in fake_lmdeploy.pipelines] == [hub_id]
+    _, why = InternVLCaptionStage.availability(InternVLCaptionConfig(model=hub_id, backend="lmdeploy", trust_remote_code=True))
+    assert "trust_remote_code" not in why  # trusted: what is left is lmdeploy's own needs (its package, a GPU)
+
+
+def test_augment_cli_needs_trust_remote_code_for_a_hub_checkpoint_on_lmdeploy(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    env = {"SHARDS_DIR": str(tmp_path / "s"), "MANIFESTS_DIR": str(tmp_path / "m"), "TRUST_REMOTE_CODE": ""}
+    argv = ["augment", "--stages", "i2t-internvl", "--set", "i2t-internvl.backend=lmdeploy",
+            "--set", "i2t-internvl.model=OpenGVLab/InternVL3-1B"]
+    refused = CliRunner().invoke(app, argv, env=env)
+    assert refused.exit_code == 2 and "--trust-remote-code" in " ".join(refused.output.split())
+    trusted = CliRunner().invoke(app, argv, env={**env, "TRUST_REMOTE_CODE": "1"})
+    assert trusted.exit_code == 2 and "trust_remote_code=True" not in " ".join(trusted.output.split())
+    assert not (tmp_path / "s").exists()  # refused before any work
 
 
 def test_lmdeploy_is_imported_lazily(internvl_dir, monkeypatch):
