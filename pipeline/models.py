@@ -9,6 +9,13 @@ are random-init configurations: ``tiny`` for tests, ``small`` for the CPU demo (
 
 Pixels handed to a :class:`CLIPBundle` are always in [0, 1]; the mean/std normalisation happens inside
 :meth:`CLIPBundle.encode_images`, so attacks perturb and clip in pixel space and differentiate through it.
+:meth:`CLIPBundle.preprocess` is :func:`pipeline.images.model_pixels`, the preprocessing training uses too.
+
+transformers 4.50+ and 5.x: ``get_image_features`` / ``get_text_features`` return the projected tensor in 4.x
+and an output object holding it as ``pooler_output`` in 5.x; :func:`projected` accepts both (the same numbers:
+4.50.0, 4.57.6 and 5.24 give bit-identical embeddings, training losses and attacks on the same model dir).
+Only :func:`train_tokenizers` (tokenizers from an empty vocabulary: ``make pretrain``, the tests' tiny models)
+needs 5.x.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import transformers
 from PIL import Image
 from transformers import (
     AutoTokenizer,
@@ -165,6 +173,11 @@ def train_tokenizers(captions: Iterable[str], vocab_size: int) -> tuple[CLIPToke
     """
     if vocab_size < 16:
         raise ValueError(f"vocab_size must be >= 16, got {vocab_size}")
+    if int(transformers.__version__.split(".")[0]) < 5:
+        # 4.x tokenizer classes cannot start from an empty vocabulary (they need vocab/merges files).
+        raise RuntimeError(f"training tokenizers from scratch (make pretrain, the test suite's tiny models) needs "
+                           f"transformers>=5; installed: {transformers.__version__}. Loading, training and "
+                           f"evaluating saved or hub models works with 4.50 and later.")
     captions = list(captions)
     clip_tok = CLIPTokenizer().train_new_from_iterator(captions, vocab_size=vocab_size + 258)
     alphabet = list(string.ascii_lowercase + string.digits + string.punctuation)

@@ -143,3 +143,9 @@ def test_encode_path_accepts_what_either_transformers_major_returns(tiny_clip, t
 def test_an_unknown_features_return_type_is_named():
     with pytest.raises(TypeError, match="tuple"):
         projected((torch.zeros(1, 2), torch.zeros(1, 2)))
+
+
+def test_training_tokenizers_on_transformers_4_is_refused_by_name(tiny_captions, monkeypatch):
+    monkeypatch.setattr("transformers.__version__", "4.57.6")
+    with pytest.raises(RuntimeError, match="transformers>=5; installed: 4.57.6"):
+        train_tokenizers(tiny_captions, vocab_size=100)
