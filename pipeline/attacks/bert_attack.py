@@ -1,65 +1,69 @@
-"""BERT-Attack on CLIP captions, batched over the whole batch.
+"""BERT-Attack on CLIP captions, batched over the whole batch, in two variants.
 
 Li et al., "BERT-ATTACK: Adversarial Attack Against BERT Using BERT" (EMNLP 2020), in the form Co-Attack
-(Zhang et al. 2022) and SGA (Lu et al. 2023) use against vision-language models:
+(Zhang et al. 2022) and SGA (Lu et al. 2023) run it against CLIP. Goal: a callable
+``goal(text_emb [N, D] L2-normalised, owner [N] long) -> score [N]``, higher = more adversarial, where ``owner``
+indexes the attacked texts: :func:`image_similarity_goal` (lower the cosine to the paired image; SGA's loss, the
+default use) and :func:`text_drift_goal` (move away from the clean caption embedding; Co-Attack's loss).
 
-1. word importance: each word is removed in turn and the goal is scored on every such variant (all variants of
-   the whole batch go through the CLIP text encoder in a few chunked forwards); the word whose removal helps the
-   attacker most is the most important;
-2. candidates: the masked LM reads the *unmasked* caption once and proposes its top-k (default 10) tokens at
-   each word's position; sub-word pieces (``##x``), non-words, stop words and the original word are dropped;
-3. the ``n_words`` (default 1) most important words that have candidates are replaced one after another, each by
-   the candidate that maximises the goal (all candidates of the batch scored in chunked forwards).
+``variant="reference"`` (the default, what evaluation runs) follows ``TextAttacker.img_guided_attack`` of
+Zoky-2020/SGA (``attacker.py``) and ``BertAttack.attack`` of adversarial-for-goodness/Co-Attack
+(``attack/bert_attack.py``), which are the same algorithm, with their CLIP wrappers' text path:
 
-Goal: a callable ``goal(text_emb [N, D] L2-normalised, owner [N] long) -> score [N]``, higher = more
-adversarial, where ``owner`` indexes the attacked texts. :func:`image_similarity_goal` (lower the cosine to the
-paired image; the default use, and SGA's guidance) and :func:`text_drift_goal` (move away from the clean
-caption embedding; Co-Attack's text loss) are provided; MAT or others may pass their own.
+1. words are the caption split on single spaces; CLIP scores a text as the wrappers' ``inference_text`` sees it:
+   the masked-LM tokeniser's ids (truncated to ``max_length`` = 30 tokens) decoded back to a string;
+2. importance: each word in turn replaced by ``[UNK]``; score = KL(softmax(clean embedding) || softmax(masked
+   embedding)) summed over the embedding (the reference's ``get_important_scores``), whatever the goal;
+3. candidates: the masked LM reads the unmasked caption once; a one-piece word takes its top-k tokens while the
+   raw logit is >= ``mlm_threshold`` (0.3; 0 or None: no filter); a word of several pieces takes the
+   reference's piece combinations (:func:`~pipeline.attacks.text_parts.piece_combinations`: top 4 at each of the
+   first 12 pieces, the first 24 combinations, ranked by the masked LM's perplexity); candidates equal to the
+   word, containing ``##`` or in :data:`~pipeline.attacks.text_parts.FILTER_WORDS` are dropped;
+4. words are visited by importance (filter words, and words starting beyond ``max_length - 2`` pieces,
+   skipped); the current caption and every candidate are scored with the goal, and the best replaces the word
+   only if it beats the current caption (ties keep it); the walk stops after ``n_words`` changes;
+5. position quirk kept: the reference reads the masked LM's predictions for a word at its piece offsets counted
+   *without* the leading ``[CLS]``, i.e. one position early (at the previous piece; ``[CLS]`` for the first
+   word). ``skip_cls=True`` reads them at the word itself, as LinyangLee/BERT-Attack (``bertattack.py``) does.
 
-MLM-score threshold (``mlm_threshold``, default 0.3): in the Co-Attack and SGA code a candidate is kept only if
-its masked-LM *raw logit* (the top-k values of the logits, not a probability) at that position is at least the
-threshold; 0 there disables the filter (``None`` here). With bert-base-uncased the top-10 logits are usually far
-above 0.3, so the filter rarely prunes anything; it matters only for weak masked LMs.
+Remaining differences from the reference: the reference's ALBEF tokenizer adds no ``[SEP]`` (one more piece fits
+in ``max_length``); ties between equal perplexities are broken by a stable sort; scores are computed in batches
+(float summation order may differ in the last bits); SGA's CLIP script sets ``max_length=77``, Co-Attack's keeps
+30 (our default).
 
-Deliberate differences from the reference code, for speed and for a well-defined result:
-- importance uses the goal itself (the original BERT-Attack principle) and removes the word (tokenizer-agnostic)
-  instead of scoring KL drift of an ``[UNK]`` substitution;
-- a word the masked LM splits into several pieces is skipped (the reference expands piece combinations);
-- the best candidate always replaces the word (the reference may keep the original when no candidate helps), so
-  exactly ``n_words`` words change whenever that many words have candidates.
+``variant="fast"`` (what training uses) keeps the earlier behaviour, for speed: words are regex words; only
+words with candidates are scored, by removing the word and scoring the goal; candidates are single-piece
+words only, from the masked LM's top-k at the word itself, minus :data:`~pipeline.attacks.text_parts.STOP_WORDS`;
+the ``n_words`` most important words are replaced one after another by their best candidate, even if it does not
+raise the goal. CLIP scores edited token ids (:class:`~pipeline.attacks.text_parts.TokenEditor`) instead of
+re-tokenised strings; the outputs are those of tokenising the strings (tested).
+
+``constraint="synonyms"`` (both variants; default None, as the reference code, which has no semantic filter):
+a candidate must share a WordNet synset with the word it replaces, standing in for the BERT-Attack paper's
+semantic-similarity constraint (its code filters with counter-fitted word vectors, cosine >= 0.4).
 
 Shapes: texts list[str] (N) -> :class:`TextAttackResult` with N texts and, per text, the changes made.
 """
 
 from __future__ import annotations
 
-import re
+import bisect
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from pipeline.attacks.base import MultimodalAttack, check_positive, embed_texts, kl_drift
+from pipeline.attacks.text_parts import FILTER_WORDS, STOP_WORDS, Caption, TokenEditor, embed_ids, piece_combinations
 from pipeline.models import CLIPBundle, MLMBundle
 
 TextGoal = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+VARIANTS = ("reference", "fast")
+CONSTRAINTS = (None, "synonyms")
 
-# English function words never attacked nor used as replacements (articles, pronouns, prepositions,
-# conjunctions, auxiliaries, quantifiers): swapping them changes little meaning and yields ungrammatical text.
-STOP_WORDS: frozenset[str] = frozenset("""
-a an the this that these those some any each every all both either neither no none other another such same
-i me my mine myself we us our ours you your yours he him his she her hers it its itself they them their theirs
-who whom whose which what whatever whoever where when why how there here then than thus
-am is are was were be been being do does did doing done have has had having
-can could may might must shall should will would ought
-and or nor but if so because although though while whereas unless until since whether yet
-of in on at by for from to into onto upon with within without about above below over under across along around
-among between beyond through throughout toward towards behind before after during near off out up down per via
-not only just also too very more most less least much many few several enough even ever never again already
-s t d ll m re ve don didn doesn isn aren wasn weren hasn haven hadn won wouldn shouldn couldn
-""".split())
-
-_WORD = re.compile(r"[A-Za-z0-9]+(?:'[A-Za-z]+)?")
+__all__ = ["BERTAttack", "BERTTextAttack", "FILTER_WORDS", "STOP_WORDS", "TextAttackResult", "TextGoal", "WordChange",
+           "image_similarity_goal", "text_drift_goal"]
 
 
 def image_similarity_goal(image_emb: torch.Tensor) -> TextGoal:
@@ -70,6 +74,13 @@ def image_similarity_goal(image_emb: torch.Tensor) -> TextGoal:
 def text_drift_goal(clean_text_emb: torch.Tensor) -> TextGoal:
     """Move each text away from its clean embedding (KL of the softmaxed embeddings), as Co-Attack's text loss."""
     return lambda emb, owner: kl_drift(emb, clean_text_emb[owner], reduction="none").sum(-1)
+
+
+@functools.cache
+def _synonyms(word: str) -> frozenset[str]:
+    from pipeline.wordnet_offline import load_wordnet
+
+    return frozenset(lemma.name().lower() for synset in load_wordnet().synsets(word) for lemma in synset.lemmas())
 
 
 @dataclass(frozen=True)
@@ -85,55 +96,146 @@ class TextAttackResult:
     changes: list[list[WordChange]]
 
 
-@dataclass
-class _Caption:
-    """A caption split into words (with character spans) that can be re-rendered with replacements."""
-
-    text: str
-    spans: list[tuple[int, int]]
-    words: list[str] = field(default_factory=list)
-
-    @classmethod
-    def parse(cls, text: str) -> _Caption:
-        matches = list(_WORD.finditer(text))
-        return cls(text, [m.span() for m in matches], [m.group() for m in matches])
-
-    def render(self, words: list[str]) -> str:
-        out, last = [], 0
-        for (start, end), word in zip(self.spans, words):
-            out += [self.text[last:start], word]
-            last = end
-        out.append(self.text[last:])
-        text = "".join(out)
-        return re.sub(r"\s{2,}", " ", text).strip() if "" in words else text  # tidy up after a removed word
-
-    def with_word(self, index: int, word: str, words: list[str] | None = None) -> str:
-        words = list(self.words if words is None else words)
-        words[index] = word
-        return self.render(words)
-
-
 @dataclass(frozen=True)
 class BERTAttack:
     n_words: int = 1
     top_k: int = 10
     mlm_threshold: float | None = 0.3
+    variant: str = "reference"
+    max_length: int = 30  # reference: masked-LM tokens per caption (the reference's max_length)
+    skip_cls: bool = False  # reference: read candidates at the word itself instead of one position early
+    constraint: str | None = None
     batch_size: int = 512  # texts per CLIP text-encoder forward
-    stop_words: frozenset[str] = field(default=STOP_WORDS, repr=False)
+    stop_words: frozenset[str] | None = field(default=None, repr=False)  # None: the variant's list
 
     def __post_init__(self) -> None:
         check_positive("n_words", self.n_words)
         check_positive("top_k", self.top_k)
         check_positive("batch_size", self.batch_size)
+        if self.max_length < 3:
+            raise ValueError(f"max_length must be >= 3, got {self.max_length!r}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant={self.variant!r}: choose one of {VARIANTS}")
+        if self.constraint not in CONSTRAINTS:
+            raise ValueError(f"constraint={self.constraint!r}: choose one of {CONSTRAINTS}")
+
+    @property
+    def stops(self) -> frozenset[str]:
+        if self.stop_words is not None:
+            return self.stop_words
+        return FILTER_WORDS if self.variant == "reference" else STOP_WORDS
 
     @torch.no_grad()
     def __call__(self, clip: CLIPBundle, mlm: MLMBundle, texts: list[str], goal: TextGoal) -> TextAttackResult:
-        captions = [_Caption.parse(t) for t in texts]
-        candidates = self._candidates(mlm, texts, captions)  # per text: {word index: [replacement words]}
+        if self.variant == "reference":
+            return self._reference(clip, mlm, texts, goal)
+        return self._fast(clip, mlm, texts, goal)
+
+    def _allowed(self, word: str, candidate: str) -> bool:
+        return self.constraint is None or candidate.lower() in _synonyms(word.lower())
+
+    # ------------------------------------------------------------------------------------------ reference
+
+    def _reference(self, clip: CLIPBundle, mlm: MLMBundle, texts: list[str], goal: TextGoal) -> TextAttackResult:
+        limit = mlm.model.config.max_position_embeddings
+        if self.max_length > limit:
+            raise ValueError(f"max_length={self.max_length} exceeds the masked LM's {limit} positions")
+        tok = mlm.tokenizer
+        words = [t.split(" ") for t in texts]
+        enc = tok(texts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt")
+        logits = mlm.model(input_ids=enc["input_ids"].to(mlm.device),
+                           attention_mask=enc["attention_mask"].to(mlm.device)).logits.float()
+        top_scores, top_ids = (t.cpu() for t in logits.topk(self.top_k, dim=-1))
+
+        # Importance: KL drift of the clean embedding when a word becomes [UNK] (goal-independent, as the reference).
+        clean = self._view_embed(clip, mlm, texts)
+        masked = [(i, " ".join(ws[:j] + [tok.unk_token] + ws[j + 1:])) for i, ws in enumerate(words)
+                  for j in range(len(ws))]
+        owner = torch.tensor([i for i, _ in masked], device=clean.device)
+        drift = kl_drift(self._view_embed(clip, mlm, [m for _, m in masked]), clean[owner], reduction="none")
+        drift, start = drift.sum(-1).cpu().tolist(), 0
+        order: list[list[int]] = []
+        for ws in words:
+            scores = drift[start:start + len(ws)]
+            order.append(sorted(range(len(ws)), key=lambda j: -scores[j]))  # stable: ties keep word order
+            start += len(ws)
+
+        keys = [self._piece_keys(tok, ws) for ws in words]
+        final = [list(ws) for ws in words]
+        changes: list[list[WordChange]] = [[] for _ in texts]
+        cursor = [0] * len(texts)
+        while True:
+            trials: list[tuple[int, int, list[str]]] = []  # one word per caption and round, in importance order
+            for i in range(len(texts)):
+                while len(changes[i]) < self.n_words and cursor[i] < len(order[i]):
+                    j = order[i][cursor[i]]
+                    cursor[i] += 1
+                    found = self._reference_candidates(mlm, words[i][j], keys[i][j], top_scores[i], top_ids[i])
+                    if found:  # a word without candidates keeps its text: the reference's argmax is the original
+                        trials.append((i, j, found))
+                        break
+            if not trials:
+                break
+            variants = [(i, " ".join(final[i][:j] + [c] + final[i][j + 1:])) for i, j, found in trials
+                        for c in [final[i][j], *found]]
+            emb = self._view_embed(clip, mlm, [v for _, v in variants])
+            scores = goal(emb, torch.tensor([i for i, _ in variants], device=emb.device)).float().cpu()
+            start = 0
+            for i, j, found in trials:
+                best = int(scores[start:start + 1 + len(found)].argmax())  # first maximum: the original wins ties
+                start += 1 + len(found)
+                if best:
+                    changes[i].append(WordChange(j, words[i][j], found[best - 1]))
+                    final[i][j] = found[best - 1]
+        return TextAttackResult([" ".join(ws) for ws in final], changes)
+
+    @staticmethod
+    def _piece_keys(tok, words: list[str]) -> list[tuple[int, int]]:
+        """[start, end) of each word's pieces in the caption's pieces, counted without [CLS] (as the reference)."""
+        keys, index = [], 0
+        for word in words:
+            n = len(tok.tokenize(word))
+            keys.append((index, index + n))
+            index += n
+        return keys
+
+    def _reference_candidates(self, mlm: MLMBundle, word: str, key: tuple[int, int], top_scores: torch.Tensor,
+                              top_ids: torch.Tensor) -> list[str]:
+        if word in self.stops or key[0] > self.max_length - 2:
+            return []
+        shift = 1 if self.skip_cls else 0
+        ids, scores = top_ids[key[0] + shift:key[1] + shift], top_scores[key[0] + shift:key[1] + shift]
+        if len(ids) == 1:
+            found = []
+            for token_id, score in zip(ids[0].tolist(), scores[0].tolist()):
+                if self.mlm_threshold and score < self.mlm_threshold:
+                    break
+                found.append(mlm.tokenizer.convert_ids_to_tokens(token_id))
+        else:
+            found = piece_combinations(mlm, ids) if len(ids) else []
+        return [c for c in found if c != word and "##" not in c and c not in self.stops and self._allowed(word, c)]
+
+    def _view_embed(self, clip: CLIPBundle, mlm: MLMBundle, texts: list[str]) -> torch.Tensor:
+        """CLIP embeddings of texts as the reference's CLIP wrapper sees them: masked-LM ids decoded back."""
+        tok = mlm.tokenizer
+        ids = tok(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        decoded = tok.batch_decode(ids, clean_up_tokenization_spaces=True)
+        specials = [s for s in (tok.pad_token, tok.cls_token, tok.sep_token) if s]
+        for special in specials:
+            decoded = [d.replace(special, "") for d in decoded]
+        return embed_texts(clip, [d.strip() for d in decoded], self.batch_size)
+
+    # ----------------------------------------------------------------------------------------------- fast
+
+    def _fast(self, clip: CLIPBundle, mlm: MLMBundle, texts: list[str], goal: TextGoal) -> TextAttackResult:
+        captions = [Caption.parse(t) for t in texts]
+        candidates = self._fast_candidates(mlm, texts, captions)  # per text: {word index: [replacement words]}
+        editor = TokenEditor(clip, captions)
+        editor.prepare([w for per in candidates for ws in per.values() for w in ws])
 
         # 1. Importance: score every caption with one eligible word removed.
-        variants = [(i, p, c.with_word(p, "")) for i, c in enumerate(captions) for p in candidates[i]]
-        scores = self._score(clip, [v[2] for v in variants], [v[0] for v in variants], goal)
+        variants = [(i, p, "") for i, per in enumerate(candidates) for p in per]
+        scores = self._score_edits(clip, editor, None, variants, goal)
         order: list[list[int]] = [[] for _ in texts]
         for (i, p, _), _s in sorted(zip(variants, scores.tolist()), key=lambda vs: -vs[1]):
             order[i].append(p)  # sorted() is stable: ties keep word order
@@ -146,8 +248,7 @@ class BERTAttack:
                       for w in candidates[i][order[i][step]]]
             if not trials:
                 break
-            trial_texts = [captions[i].with_word(p, w, words[i]) for i, p, w in trials]
-            trial_scores = self._score(clip, trial_texts, [t[0] for t in trials], goal).tolist()
+            trial_scores = self._score_edits(clip, editor, words, trials, goal).tolist()
             best: dict[int, tuple[float, int, str]] = {}
             for (i, p, w), s in zip(trials, trial_scores):
                 if i not in best or s > best[i][0]:
@@ -157,7 +258,7 @@ class BERTAttack:
                 words[i][p] = w
         return TextAttackResult([c.render(w) for c, w in zip(captions, words)], changes)
 
-    def _candidates(self, mlm: MLMBundle, texts: list[str], captions: list[_Caption]) -> list[dict[int, list[str]]]:
+    def _fast_candidates(self, mlm: MLMBundle, texts: list[str], captions: list[Caption]) -> list[dict[int, list[str]]]:
         """Masked-LM top-k replacement words for every single-piece, non-stop word of every caption."""
         enc = mlm.tokenizer(texts, padding=True, truncation=True, return_offsets_mapping=True, return_tensors="pt")
         offsets = enc.pop("offset_mapping").tolist()
@@ -165,16 +266,22 @@ class BERTAttack:
                            attention_mask=enc["attention_mask"].to(mlm.device)).logits
         top_scores, top_ids = logits.float().topk(self.top_k, dim=-1)
         top_scores, top_ids = top_scores.cpu(), top_ids.cpu()
+        stops = self.stops
         out: list[dict[int, list[str]]] = []
         for i, caption in enumerate(captions):
+            pieces_at = [(a, b, j) for j, (a, b) in enumerate(offsets[i]) if b > a]  # ascending offsets
+            starts = [a for a, _, _ in pieces_at]
             per_word: dict[int, list[str]] = {}
             for p, ((start, end), word) in enumerate(zip(caption.spans, caption.words)):
-                pieces = [j for j, (a, b) in enumerate(offsets[i]) if b > a and a >= start and b <= end]
-                if len(pieces) != 1 or word.lower() in self.stop_words:
+                if word.lower() in stops:
                     continue
-                tokens = mlm.tokenizer.convert_ids_to_tokens(top_ids[i, pieces[0]].tolist())
+                inside = [j for a, b, j in pieces_at[bisect.bisect_left(starts, start):bisect.bisect_left(starts, end)]
+                          if b <= end]
+                if len(inside) != 1:
+                    continue
+                tokens = mlm.tokenizer.convert_ids_to_tokens(top_ids[i, inside[0]].tolist())
                 words = list(dict.fromkeys(
-                    tok for tok, s in zip(tokens, top_scores[i, pieces[0]].tolist())
+                    tok for tok, s in zip(tokens, top_scores[i, inside[0]].tolist())
                     if self._is_replacement(tok, word) and (self.mlm_threshold is None or s >= self.mlm_threshold)))
                 if words:
                     per_word[p] = words
@@ -182,13 +289,25 @@ class BERTAttack:
         return out
 
     def _is_replacement(self, token: str, word: str) -> bool:
-        return token.isalnum() and token.lower() != word.lower() and token.lower() not in self.stop_words
+        return (token.isalnum() and token.lower() != word.lower() and token.lower() not in self.stops
+                and self._allowed(word, token))
 
-    def _score(self, clip: CLIPBundle, texts: list[str], owner: list[int], goal: TextGoal) -> torch.Tensor:
-        if not texts:
+    def _score_edits(self, clip: CLIPBundle, editor: TokenEditor, words: list[list[str]] | None,
+                     edits: list[tuple[int, int, str]], goal: TextGoal) -> torch.Tensor:
+        """Goal of each caption ``i`` with word ``p`` set to ``w`` ("" removes it), for (i, p, w) in ``edits``."""
+        if not edits:
             return torch.empty(0)
-        emb = embed_texts(clip, texts, self.batch_size)
-        return goal(emb, torch.tensor(owner, device=emb.device)).float().cpu()
+        ids = [editor.edit(i, p, w, None if words is None else words[i]) for i, p, w in edits]
+        missing = [k for k, row in enumerate(ids) if row is None]
+        if missing:
+            strings = [editor.captions[edits[k][0]].with_word(edits[k][1], edits[k][2],
+                                                              None if words is None else words[edits[k][0]])
+                       for k in missing]
+            enc = clip.tokenizer(strings, truncation=True, max_length=clip.max_length)["input_ids"]
+            for k, row in zip(missing, enc):
+                ids[k] = row
+        emb = embed_ids(clip, ids, self.batch_size)
+        return goal(emb, torch.tensor([e[0] for e in edits], device=emb.device)).float().cpu()
 
 
 @dataclass(frozen=True)
