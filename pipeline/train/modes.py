@@ -164,7 +164,7 @@ class MAT(Mode):
         super().__init__(cfg, clip, mlm)
         if mlm is None:
             raise ValueError(f"mode {self.name!r} needs a masked LM for BERT-Attack (MLM=<dir or id>)")
-        self.text_attack = BERTAttack(n_words=cfg.attack.n_words, top_k=cfg.attack.k)
+        self.text_attack = BERTAttack(n_words=cfg.attack.n_words, top_k=cfg.attack.k, variant="fast")
 
     def _attack_texts(self, texts: list[str], images: torch.Tensor) -> list[str]:
         """Each caption's words replaced to lower its cosine to its (clean or adversarial) image."""
