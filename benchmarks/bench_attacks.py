@@ -1,7 +1,11 @@
-"""Attack cost per image relative to one clean forward (embedding the image and its captions), small CLIP on synth.
+"""Attack throughput at the evaluation defaults, small CLIP on synth.
 
-A random-init `small` CLIP and masked LM (the demo's sizes) with tokenizers trained on the synth captions; 32
-test images with their 5 captions each; the cost of an attack does not depend on the weights being trained.
+A random-init `small` CLIP and masked LM (the demo's sizes) with tokenizers trained on the synth captions; one
+evaluation batch (the default ``EvalConfig.batch_size`` test images, 5 captions each, normalised) attacked the
+way `make eval` does it (:func:`pipeline.evaluate.attacked_embeddings`: the attack with its published defaults,
+then the adversarial images and captions embedded), at the evaluation's default precision (fp32). The cost of an
+attack does not depend on the weights being trained. Figures: attacked images per second for each attack, and
+its cost per image relative to one clean forward (embedding the images and their captions).
 """
 
 from __future__ import annotations
@@ -12,20 +16,15 @@ from pathlib import Path
 
 import torch
 
-from pipeline.attacks import build_attack
-from pipeline.evaluate import embed, load_test_set
+from pipeline.evaluate import DEFAULT_ATTACKS, EvalConfig, attacked_embeddings, embed, load_test_set
 from pipeline.ingest import IngestConfig, run_ingest
 from pipeline.models import autocast, build_clip, build_mlm, train_tokenizers
 from pipeline.paths import Layout
 from pipeline.stage import RunOptions
 from pipeline.train.pretrain import read_captions
 
-IMAGES = 32
-NAMES = {"pgd": "attack_cost_pgd", "bert": "attack_cost_bert", "coattack": "attack_cost_coattack",
-         "sga": "attack_cost_sga"}
 
-
-def _best_of(fn, repeats: int = 2) -> float:
+def _best_of(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -36,19 +35,20 @@ def _best_of(fn, repeats: int = 2) -> float:
 
 def run() -> dict[str, float]:
     torch.manual_seed(0)
+    cfg = EvalConfig(checkpoint="random-init small", device="cpu")
     with tempfile.TemporaryDirectory() as tmp:
         layout = Layout(shards_dir=Path(tmp) / "shards", manifests_dir=Path(tmp) / "manifests")
-        run_ingest(IngestConfig(dataset="synth", synth_size=IMAGES * 10), layout, RunOptions(workers=1))
+        run_ingest(IngestConfig(dataset="synth", synth_size=cfg.batch_size * 10), layout, RunOptions(workers=1))
         clip_tok, bert_tok = train_tokenizers(read_captions(layout.base_dir("synth")), vocab_size=300)
         clip, mlm = build_clip("small", clip_tok), build_mlm("small", bert_tok)
-        data = load_test_set(layout.base_dir("synth"), "test", clip, IMAGES)
+        data = load_test_set(layout.base_dir("synth"), "test", clip, cfg.batch_size, cfg.normalise_captions)
+    n = len(data.keys)
     texts = [c for group in data.captions for c in group]
-    with autocast("cpu"):
-        clean = _best_of(lambda: embed(clip, data.images, texts, IMAGES), repeats=3)
-        figures = {}
-        for attack, figure in NAMES.items():
-            attacker = build_attack(attack)
-            cost = _best_of(lambda: attacker(clip, mlm, data.images, data.captions), repeats=1)
-            figures[figure] = round(cost / clean, 1)
-    figures["attack_clean_forward_ms_per_image"] = round(1000 * clean / len(data.keys), 2)
+    with autocast("cpu", cfg.precision):
+        clean = _best_of(lambda: embed(clip, data.images, texts, cfg.batch_size), repeats=3)
+    figures = {"attack_clean_forward_ms_per_image": round(1000 * clean / n, 2)}
+    for attack in DEFAULT_ATTACKS:
+        seconds = _best_of(lambda: attacked_embeddings(clip, mlm, data, attack, cfg), repeats=1)
+        figures[f"attack_images_per_s_{attack}"] = round(n / seconds, 2)
+        figures[f"attack_cost_{attack}"] = round(seconds / clean, 1)
     return figures

@@ -410,10 +410,13 @@ def eval_command(
     n_words: Annotated[Optional[int], typer.Option(envvar="N_WORDS", help="BERT-Attack words replaced (default 1).")] = None,
     precision: Annotated[str, typer.Option(envvar="EVAL_PRECISION", help="fp32 (the reference protocol), auto or bf16 (faster, not comparable to published numbers).")] = "fp32",
     device: Annotated[str, typer.Option(envvar="DEVICE", help="auto, cpu or cuda.")] = "auto",
+    seed: Annotated[int, typer.Option(envvar="EVAL_SEED", help="Seed of the attacks' random starts and noise (batch i uses a seed derived from it and i).")] = 0,
+    normalise_captions: Annotated[bool, typer.Option("--normalise-captions/--no-normalise-captions", envvar="CAPTION_NORMALISE", help="Normalise captions as the reference evaluations do (lower case, punctuation stripped, 30 words); CAPTION_NORMALISE=0 keeps them as stored.")] = True,
 ) -> None:
     """Retrieval R@1/5/10 (TR and IR) clean and under PGD, BERT-Attack, Co-Attack, SGA; writes evals/<name>.json.
 
-    Several checkpoints (CKPT=run1,run2,...) are evaluated one after the other, each named after its run."""
+    Resumable: rerun the same command after a crash and the finished attacks and batches are kept. Several
+    checkpoints (CKPT=run1,run2,...) are evaluated one after the other, each named after its run."""
     from pipeline.evaluate import EvalConfig, evaluate
     from pipeline.models import ModelNotFoundError
 
@@ -426,7 +429,8 @@ def eval_command(
                 checkpoint=one, dataset=dataset, mlm=_env_or_none(mlm), name=_env_or_none(name),
                 mode=_env_or_none(mode), split=split, size=size, batch_size=batch_size,
                 attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()), eps=eps, steps=steps,
-                step_size=step_size, top_k=top_k, n_words=n_words, precision=precision, device=device,
+                step_size=step_size, top_k=top_k, n_words=n_words, precision=precision, device=device, seed=seed,
+                normalise_captions=normalise_captions,
             )
             record = evaluate(config, layout())
         except (ValueError, FileNotFoundError, ModelNotFoundError) as error:

@@ -13,17 +13,37 @@ Protocol (the one of the Co-Attack and SGA evaluation code on CLIP):
 4. attack success rate (ASR): the share of queries right at R@1 on clean data that the attack makes wrong
    (TR over images, IR over captions).
 
+Captions are normalised as the reference evaluations read them (:func:`normalise_caption`, their
+``pre_caption`` with 30 words) before anything sees them, clean or attacked; ``normalise_captions=False``
+(``--no-normalise-captions``, ``CAPTION_NORMALISE=0``) keeps them as stored. Seeds: batch ``i`` of every attack
+runs with the seed ``derive_seed("eval-batch", seed, i)`` (random starts, SGA's noise), so a batch's result
+depends on the settings and its index only, never on the batches before it; two seeds give two draws.
+
+Resume: each finished batch (its adversarial embeddings) and each finished attack (its row) is stored
+atomically under ``evals/partial/`` (:mod:`pipeline.eval_resume`), keyed by a fingerprint of everything that
+changes the numbers (model and masked-LM files, the test images and captions as loaded, attacks and their
+resolved options, seed, size, batch size, device, precision, caption normalisation). A rerun after a crash or a
+kill skips the finished attacks and batches and gives the same JSON metrics as an uninterrupted run; the partial
+files go once the JSON is written, and those of other settings under the same name when a run starts.
+
+Memory: retrieval keeps one images x captions float32 matrix and compares it in slices
+(:mod:`pipeline.retrieval`): COCO's 5,000 x 25,010 needs about 0.7 GB, not the 2.5 GB captions x captions
+matrix of a direct implementation.
+
 Output: ``MANIFESTS_DIR/<dataset>/evals/<name>.json`` with mode, checkpoint, settings and metrics per attack
-(each row with ``per_query``: every image's TR rank and every caption's IR rank, capped at 10 = a miss at every
-K), and ``captions_per_image``: what ``make study`` bootstraps.
+(each row also holds ``embeddings_sha256``, a digest of the embeddings the metrics came from: two runs with equal
+digests attacked every image and caption identically; and ``per_query``: every image's TR rank and every
+caption's IR rank, capped at 10 = a miss at every K), and ``captions_per_image``: what ``make study`` bootstraps.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import logging
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,9 +54,20 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.models import PRECISIONS, CLIPBundle, MLMBundle, autocast, load_clip, load_mlm, resolve_device
+from pipeline.eval_resume import PartialStore, fingerprint, model_stamp
+from pipeline.models import (
+    PRECISIONS,
+    CLIPBundle,
+    MLMBundle,
+    autocast,
+    load_clip,
+    load_mlm,
+    resolve_device,
+    resolve_precision,
+)
 from pipeline.paths import Layout
 from pipeline.retrieval import attack_success_rate, recall_at_k
+from pipeline.seeding import derive_seed
 from pipeline.shards import atomic_write_json, list_shards, read_tar
 
 log = logging.getLogger(__name__)
@@ -44,6 +75,9 @@ log = logging.getLogger(__name__)
 CLEAN = "clean"
 DEFAULT_ATTACKS = ("pgd", "bert", "coattack", "sga")
 KS = (1, 5, 10)
+MAX_WORDS = 30  # SGA's paired_dataset (max_words=30)
+_DELETED = re.compile(r"[,.'!?\"()*#:;~]")
+_SPACE_RUNS = re.compile(r"\s{2,}")
 
 
 @dataclass(frozen=True)
@@ -69,6 +103,7 @@ class EvalConfig:
     precision: str = "fp32"  # the reference evaluations run fp32; "auto" / "bf16" trade fidelity for speed
     device: str = "auto"
     seed: int = 0
+    normalise_captions: bool = True  # the reference's pre_caption (normalise_caption); False: captions as stored
 
     def attack_options(self) -> dict[str, Any]:
         options = {"eps": self.eps, "steps": self.steps, "step_size": self.step_size, "top_k": self.top_k,
@@ -91,6 +126,20 @@ def check_eval(cfg: EvalConfig) -> None:
         raise ValueError(f"precision={cfg.precision!r}: choose one of {PRECISIONS}")
     if cfg.eps is not None and not 0 <= cfg.eps <= 1:
         raise ValueError(f"eps={cfg.eps}: must be in [0, 1] (pixels in [0, 1]; 2/255 = {2 / 255:.5f})")
+
+
+def normalise_caption(caption: str, max_words: int = MAX_WORDS) -> str:
+    """A caption as the reference evaluations feed it to the model.
+
+    Same effect as ``pre_caption`` in Zoky-2020/SGA ``dataset.py`` and adversarial-for-goodness/Co-Attack
+    ``dataset/utils.py`` (SGA's ``paired_dataset`` passes ``max_words=30``): lower case; the characters
+    , . ' ! ? " ( ) * # : ; ~ deleted; ``-`` and ``/`` turned into spaces and ``<person>`` into ``person``; every run
+    of two or more whitespace characters turned into one space (a single tab or newline stays, as there); a
+    final newline and outer spaces removed; then the first ``max_words`` space-separated words kept.
+    """
+    text = _DELETED.sub("", caption.lower()).replace("-", " ").replace("/", " ").replace("<person>", "person")
+    text = _SPACE_RUNS.sub(" ", text).rstrip("\n").strip(" ")
+    return " ".join(text.split(" ")[:max_words])
 
 
 @dataclass
@@ -116,8 +165,10 @@ class TestSet:
             yield self.images_u8[start:start + batch_size].float().div_(255.0), self.captions[start:start + batch_size]
 
 
-def load_test_set(base_dir: Path, split: str, clip: CLIPBundle, size: int | None = None) -> TestSet:
-    """The split's images (preprocessed to the model's size) with all their captions, in shard order."""
+def load_test_set(base_dir: Path, split: str, clip: CLIPBundle, size: int | None = None,
+                  normalise: bool = True) -> TestSet:
+    """The split's images (preprocessed to the model's size) with all their captions (normalised by
+    :func:`normalise_caption` unless ``normalise`` is False), in shard order."""
     shards = list_shards(base_dir, split)
     if not shards:
         raise FileNotFoundError(f"no {split}-*.tar shards in {base_dir}: run `make ingest` first")
@@ -129,7 +180,7 @@ def load_test_set(base_dir: Path, split: str, clip: CLIPBundle, size: int | None
                 continue
             keys.append(sample["__key__"])
             images.append(Image.open(io.BytesIO(sample["jpg"])))
-            captions.append(list(meta["captions"]))
+            captions.append([normalise_caption(c) if normalise else c for c in meta["captions"]])
             if size is not None and len(keys) >= size:
                 break
         if size is not None and len(keys) >= size:
@@ -160,27 +211,67 @@ def embed(clip: CLIPBundle, images: torch.Tensor, texts: list[str], batch_size: 
 
 
 def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, txt2img: torch.Tensor) -> dict[str, Any]:
-    """TR / IR R@K (percent) and the per-query R@1 hits (kept to compute ASR) on the full similarity matrix."""
-    sim = image_emb @ text_emb.T
-    return recall_at_k(sim, txt2img, KS)
+    """TR / IR R@K (percent) and the per-query R@1 hits (kept to compute ASR) on the full similarity matrix, and
+    ``embeddings_sha256``, a digest of the embeddings: equal digests mean the same (adversarial) embeddings, the
+    check that a resumed or repeated evaluation reproduced the attacks exactly."""
+    out = recall_at_k(image_emb @ text_emb.T, txt2img, KS)
+    digest = hashlib.sha256(image_emb.float().contiguous().numpy())
+    digest.update(text_emb.float().contiguous().numpy())
+    out["embeddings_sha256"] = digest.hexdigest()
+    return out
 
 
-def attacked_embeddings(clip: CLIPBundle, mlm: MLMBundle | None, data: TestSet, attack: str,
-                        cfg: EvalConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embeddings of every adversarial image and caption, each batch attacked with its own captions."""
+def batch_seed(seed: int, index: int) -> int:
+    """The attacks' seed for batch ``index``: from the evaluation seed and the index only."""
+    return derive_seed("eval-batch", seed, index)
+
+
+def attacked_embeddings(clip: CLIPBundle, mlm: MLMBundle | None, data: TestSet, attack: str, cfg: EvalConfig,
+                        store: PartialStore | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(adversarial image embeddings, adversarial caption embeddings, attack seconds) of the whole test set.
+
+    Each batch is attacked with its own captions and :func:`batch_seed`; batches finished in ``store`` are read
+    from it and new ones written to it as they finish.
+    """
     from pipeline.attacks import build_attack
 
-    attacker = build_attack(attack, **cfg.attack_options())
-    image_emb, text_emb = [], []
-    batches = data.batches(cfg.batch_size)
+    image_emb, text_emb, seconds, reused = [], [], 0.0, 0
     total = -(-len(data.keys) // cfg.batch_size)
-    for images, captions in tqdm(batches, total=total, desc=f"eval {attack}", unit="batch", leave=False):
-        with autocast(clip.device, cfg.precision):
-            out = attacker(clip, mlm, images, captions)
-            img, txt = embed(clip, out.images, [t for group in out.texts for t in group], cfg.batch_size)
-        image_emb.append(img)
-        text_emb.append(txt)
-    return torch.cat(image_emb), torch.cat(text_emb)
+    batches = tqdm(data.batches(cfg.batch_size), total=total, desc=f"eval {attack}", unit="batch", leave=False)
+    for index, (images, captions) in enumerate(batches):
+        done = store.load_batch(attack, index) if store is not None else None
+        if done is None:
+            start = time.perf_counter()
+            attacker = build_attack(attack, **cfg.attack_options(), seed=batch_seed(cfg.seed, index))
+            with autocast(clip.device, cfg.precision):
+                out = attacker(clip, mlm, images, captions)
+                img, txt = embed(clip, out.images, [t for group in out.texts for t in group], cfg.batch_size)
+            done = img, txt, time.perf_counter() - start
+            if store is not None:
+                store.save_batch(attack, index, *done)
+        else:
+            reused += 1
+        image_emb.append(done[0])
+        text_emb.append(done[1])
+        seconds += done[2]
+    if reused:
+        log.info("%s: %d of %d batches taken from an interrupted run", attack, reused, total)
+    return torch.cat(image_emb), torch.cat(text_emb), seconds
+
+
+def resume_fingerprint(cfg: EvalConfig, device: str, precision: str, clip_dir: str, mlm_dir: str | None,
+                       data: TestSet) -> str:
+    """Fingerprint of everything that changes an evaluation's numbers (the key of its partial results)."""
+    from pipeline.attacks import build_attack
+
+    content = hashlib.sha256(json.dumps([data.keys, data.captions]).encode())
+    content.update(data.images_u8.contiguous().numpy())
+    labels = {"name", "mode", "checkpoint", "mlm", "device", "precision"}  # labels, or resolved below
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in labels}
+    settings.update(device=device, precision=precision, clip=model_stamp(clip_dir), data=content.hexdigest(),
+                    mlm=model_stamp(mlm_dir) if mlm_dir else None,
+                    resolved_attacks={a: repr(build_attack(a, **cfg.attack_options())) for a in cfg.attacks})
+    return fingerprint(settings)
 
 
 def _row(metrics: dict[str, Any], clean: dict[str, Any] | None, seconds: float, n_images: int) -> dict[str, Any]:
@@ -206,12 +297,17 @@ def evaluate(cfg: EvalConfig, layout: Layout | None = None) -> dict[str, Any]:
     clip_dir, default_name, default_mode = resolve_checkpoint(cfg.checkpoint)
     name, mode = cfg.name or default_name, cfg.mode or default_mode
     out = eval_path(layout, cfg.dataset, name)  # refuses a name that is not plain before any work
+    precision = resolve_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
-    # 2. Models and data.
+    # 2. Models and data; the store of partial results.
     clip = load_clip(clip_dir, device=device)
     needs_mlm = any(a in {"bert", "coattack", "sga"} for a in cfg.attacks)
-    mlm = load_mlm(cfg.mlm or layout.model_dir(cfg.dataset, "mlm"), device=device) if needs_mlm else None
-    data = load_test_set(layout.base_dir(cfg.dataset), cfg.split, clip, cfg.size)
+    mlm_dir = str(cfg.mlm or layout.model_dir(cfg.dataset, "mlm")) if needs_mlm else None
+    mlm = load_mlm(mlm_dir, device=device) if mlm_dir else None
+    data = load_test_set(layout.base_dir(cfg.dataset), cfg.split, clip, cfg.size, cfg.normalise_captions)
+    store = PartialStore(out.parent / "partial", name,
+                         resume_fingerprint(cfg, device, precision, clip_dir, mlm_dir, data))
+    store.drop_stale()
     texts = [t for group in data.captions for t in group]
     log.info("eval %s (%s): %d images, %d captions, attacks %s", name, mode, len(data.keys), len(texts), cfg.attacks)
     # 3. Clean retrieval.
@@ -223,9 +319,16 @@ def evaluate(cfg: EvalConfig, layout: Layout | None = None) -> dict[str, Any]:
     results = {CLEAN: _row(clean, None, time.perf_counter() - start, len(data.keys))}
     # 4. Each attack.
     for attack in cfg.attacks:
-        start = time.perf_counter()
-        metrics = retrieval_metrics(*attacked_embeddings(clip, mlm, data, attack, cfg), data.txt2img)
-        results[attack] = _row(metrics, clean, time.perf_counter() - start, len(data.keys))
+        row = store.finished(attack)
+        if row is None:
+            adv_image_emb, adv_text_emb, seconds = attacked_embeddings(clip, mlm, data, attack, cfg, store)
+            start = time.perf_counter()
+            metrics = retrieval_metrics(adv_image_emb, adv_text_emb, data.txt2img)
+            row = _row(metrics, clean, seconds + time.perf_counter() - start, len(data.keys))
+            store.finish(attack, row)
+        else:
+            log.info("%s: finished in an interrupted run with the same settings", attack)
+        results[attack] = row
         log.info("%s %s: TR@1 %.1f IR@1 %.1f (ASR %.1f / %.1f) in %.0f s", name, attack, results[attack]["tr_r1"],
                  results[attack]["ir_r1"], results[attack]["tr_asr"], results[attack]["ir_asr"],
                  results[attack]["seconds"])
@@ -233,9 +336,10 @@ def evaluate(cfg: EvalConfig, layout: Layout | None = None) -> dict[str, Any]:
     record = {"name": name, "mode": mode, "checkpoint": str(cfg.checkpoint), "model_dir": clip_dir,
               "dataset": cfg.dataset, "split": cfg.split, "n_images": len(data.keys), "n_texts": len(texts),
               "captions_per_image": [len(group) for group in data.captions],
-              "settings": dataclasses.asdict(cfg), "attack_options": cfg.attack_options(), "metrics": results,
+              "precision": precision, "settings": dataclasses.asdict(cfg), "attack_options": cfg.attack_options(), "metrics": results,
               "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     atomic_write_json(out, record)
+    store.remove()
     log.info("wrote %s", out)
     return record
 

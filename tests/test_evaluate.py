@@ -7,7 +7,17 @@ import json
 import pytest
 import torch
 
-from pipeline.evaluate import CLEAN, EvalConfig, check_eval, eval_path, evaluate, resolve_checkpoint
+from pipeline.evaluate import (
+    CLEAN,
+    EvalConfig,
+    attacked_embeddings,
+    check_eval,
+    eval_path,
+    evaluate,
+    load_test_set,
+    normalise_caption,
+    resolve_checkpoint,
+)
 from pipeline.paths import Layout
 
 
@@ -94,6 +104,8 @@ def test_eval_json_written_with_settings(record, trained):
     assert written["mode"] == "pretrained" and written["settings"]["attacks"] == ["pgd", "bert", "coattack", "sga"]
     assert set(written["metrics"]) == {CLEAN, "pgd", "bert", "coattack", "sga"}
     assert written["metrics"]["sga"]["ir_r1"] == record["metrics"]["sga"]["ir_r1"]
+    assert written["settings"]["normalise_captions"] is True and written["settings"]["seed"] == 0
+    assert written["precision"] == "fp32"  # the reference protocol's precision by default
 
 
 def test_stronger_budget_breaks_more(trained, record):
@@ -103,6 +115,62 @@ def test_stronger_budget_breaks_more(trained, record):
     assert strong["metrics"]["pgd"]["tr_asr"] >= record["metrics"]["pgd"]["tr_asr"]
     assert strong["metrics"]["pgd"]["ir_r1"] < record["metrics"][CLEAN]["ir_r1"]
     assert strong["attack_options"] == {"eps": 8 / 255, "step_size": 2 / 255}
+
+
+@pytest.mark.parametrize("caption, expected", [
+    ("A Man's  DOG, running!!", "a mans dog running"),  # case, deleted punctuation, a double space
+    ("  Two-tone / striped   cat.\n", "two tone striped cat"),  # '-' and '/' become spaces; ends trimmed
+    ("<PERSON> rides (a) \"bike\"; ok? #1 ~ *", "person rides a bike ok 1"),
+    ("hello \t\n  world", "hello world"),  # any whitespace run of two or more is one space
+    ("a\tb", "a\tb"),  # a single tab stays, as in the reference (only runs of two or more are collapsed)
+    ("!!!", ""),
+    ("Café ÉTÉ, 3:30", "café été 330"),
+    (" ".join(f"w{i}" for i in range(40)), " ".join(f"w{i}" for i in range(30))),  # the first 30 words
+])
+def test_captions_normalised_as_the_reference_pre_caption(caption, expected):
+    assert normalise_caption(caption) == expected
+
+
+def test_captions_normalised_by_default_and_kept_when_asked(trained):
+    from pipeline.models import load_clip
+
+    clip = load_clip(str(trained.model_dir("synth", "clip")), device="cpu")
+    normalised = load_test_set(trained.base_dir("synth"), "test", clip, 10)
+    raw = load_test_set(trained.base_dir("synth"), "test", clip, 10, normalise=False)
+    assert normalised.captions == [[normalise_caption(c) for c in group] for group in raw.captions]
+    assert normalised.captions != raw.captions  # synth captions have capitals and full stops
+
+
+def test_cli_turns_normalisation_off_and_sets_the_seed(trained, monkeypatch):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    for key, value in (("SHARDS_DIR", trained.shards_dir), ("MANIFESTS_DIR", trained.manifests_dir),
+                       ("RUNS_DIR", trained.runs_dir), ("MODELS_DIR", trained.models_dir)):
+        monkeypatch.setenv(key, str(value))
+    monkeypatch.setenv("CAPTION_NORMALISE", "0")
+    result = CliRunner().invoke(app, ["eval", "--ckpt", str(trained.model_dir("synth", "clip")), "--name", "raw",
+                                      "--size", "10", "--attacks", "", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    written = json.loads(eval_path(trained, "synth", "raw").read_text())
+    assert written["settings"]["normalise_captions"] is False and written["settings"]["seed"] == 3
+
+
+def test_seed_reaches_the_attacks(trained):
+    """The same seed gives the same PGD examples, another seed other ones (the random start)."""
+    from pipeline.models import load_clip
+
+    clip = load_clip(str(trained.model_dir("synth", "clip")), device="cpu")
+    data = load_test_set(trained.base_dir("synth"), "test", clip, 8)
+
+    def adversarial_images(seed: int) -> torch.Tensor:
+        cfg = EvalConfig(checkpoint="unused", batch_size=4, attacks=("pgd",), seed=seed)
+        return attacked_embeddings(clip, None, data, "pgd", cfg)[0]
+
+    first = adversarial_images(0)
+    assert torch.equal(first, adversarial_images(0))
+    assert not torch.allclose(first, adversarial_images(1), atol=1e-6)
 
 
 def test_run_dir_resolves_to_its_clip_and_mode(tmp_path):
