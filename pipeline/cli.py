@@ -348,7 +348,7 @@ def train(
     weight_decay: Annotated[Optional[float], _opt("WEIGHT_DECAY", "AdamW weight decay (default 0.1).")] = None,
     eps: Annotated[Optional[float], _opt("EPS", "L-inf budget on [0,1] pixels (default 2/255).")] = None,
     pgd_steps: Annotated[Optional[int], _opt("PGD_STEPS", "PGD steps while training (default 2).")] = None,
-    pgd_step_size: Annotated[Optional[float], _opt("PGD_STEP_SIZE", "PGD step size while training (default 1/255).")] = None,
+    pgd_step_size: Annotated[Optional[float], _opt("PGD_STEP_SIZE", "PGD step size while training (default EPS/2: 1/255 at 2/255).")] = None,
     n_words: Annotated[Optional[int], _opt("N_WORDS", "BERT-Attack words replaced (default 1).")] = None,
     top_k: Annotated[Optional[int], _opt("TOP_K", "BERT-Attack masked-LM candidates (default 10).")] = None,
     order: Annotated[Optional[str], _opt("MAT_ORDER", "text-first | image-first | joint (default text-first).")] = None,

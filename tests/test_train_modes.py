@@ -123,3 +123,24 @@ def test_unknown_mode_and_bad_values_are_named():
         check_train(TrainConfig(mode="nope"), tuple(MODES))
     with pytest.raises(ValueError, match="order"):
         check_train(TrainConfig(attack=AttackConfig(order="sideways")), tuple(MODES))
+
+
+
+@pytest.mark.parametrize("eps, step_size, expected", [(2 / 255, None, 1 / 255), (4 / 255, None, 2 / 255),
+                                                      (4 / 255, 0.5 / 255, 0.5 / 255)])
+def test_training_pgd_step_follows_eps_unless_given(eps, step_size, expected, tiny_model_dirs, monkeypatch):
+    from pipeline.train import modes
+
+    real_pgd, built = modes.PGD, []
+
+    def recording_pgd(**kwargs):
+        built.append(real_pgd(**kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(modes, "PGD", recording_pgd)
+    cfg = TrainConfig(mode="tecoa", attack=AttackConfig(eps=eps, step_size=step_size))
+    clip = load_clip(tiny_model_dirs["clip"])
+    mode = build_mode(cfg, clip)
+    net = DualEncoder(clip).train()
+    train_step(net, mode, [_batch(4)], bf16=False, device=torch.device("cpu"))
+    assert built and built[0].step_length == pytest.approx(expected)

@@ -48,7 +48,7 @@ class AttackConfig:
 
     eps: float = 2 / 255
     pgd_steps: int = 2
-    step_size: float = 1 / 255
+    step_size: float | None = None  # None: eps / 2 (1/255 at 2/255), so the ball's corners stay in reach
     random_start: bool = True
     n_words: int = 1  # BERT-Attack: words replaced per caption
     k: int = 10  # BERT-Attack: masked-LM candidates per position
@@ -136,7 +136,7 @@ def check_train(cfg: TrainConfig, modes: tuple[str, ...]) -> None:
     if cfg.optim.lr <= 0 or cfg.optim.warmup < 0 or not 0 <= cfg.optim.min_lr_ratio <= 1:
         raise ValueError(f"optim={cfg.optim}: lr must be > 0, warmup >= 0, min_lr_ratio in [0, 1]")
     a = cfg.attack
-    if not 0 <= a.eps <= 1 or a.pgd_steps < 0 or a.step_size < 0:
+    if not 0 <= a.eps <= 1 or a.pgd_steps < 0 or (a.step_size is not None and a.step_size < 0):
         raise ValueError(f"attack eps={a.eps}, pgd_steps={a.pgd_steps}, step_size={a.step_size}: out of range")
     if a.order not in ORDERS:
         raise ValueError(f"attack.order={a.order!r}: choose one of {ORDERS}")

@@ -42,6 +42,9 @@ from pipeline.models import CLIPBundle, MLMBundle
 from pipeline.train.config import TrainConfig
 from pipeline.train.losses import ClipLoss, FareLoss, info_nce
 
+# Training's PGD step when none is given: eps / 2, so 2 steps from a random start reach any corner of the ball.
+TRAIN_STEP_RATIO = 0.5
+
 Batch = dict[str, Any]
 Terms = dict[str, torch.Tensor]
 
@@ -98,7 +101,8 @@ class Mode:
 
     def _pgd(self, images: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         a = self.cfg.attack
-        attack = PGD(eps=a.eps, steps=a.pgd_steps, step_size=a.step_size, random_start=a.random_start)
+        attack = PGD(eps=a.eps, steps=a.pgd_steps, step_size=a.step_size, step_ratio=TRAIN_STEP_RATIO,
+                     random_start=a.random_start)
         return self._timed("image_attack", lambda: attack(images, loss_fn).detach())
 
     def _contrastive(self, net: nn.Module, images: torch.Tensor, texts: list[str]) -> Terms:
