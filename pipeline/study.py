@@ -343,14 +343,15 @@ def run_plan(units: list[Unit], layout: Layout, dataset: str, echo: Callable[[st
 
 
 def _time_left(units: list[Unit], spent: dict[str, list[float]]) -> str:
-    """Seconds per cost unit measured on each kind of unit run so far (all kinds pooled for a kind not yet run)."""
+    """Seconds per cost unit measured on each kind run so far; a training or evaluation kind not yet run takes
+    the other's rate (their costs share a scale: FT-step equivalents), prepare units count only once measured."""
     if not units:
         return "nothing left"
-    if not spent:
-        return "time left: known once a unit has run"
-    pooled = sum(s for _, s in spent.values()) / max(sum(c for c, _ in spent.values()), 1e-9)
-    rate = {kind: s / c if c else pooled for kind, (c, s) in spent.items()}
-    left = sum(u.cost * rate.get(u.kind, pooled) for u in units)
+    measured = {kind: s / c for kind, (c, s) in spent.items() if c}
+    shared = [measured[k] for k in ("train", "eval") if k in measured]
+    if not shared:
+        return "time left: known after the first training or evaluation"
+    left = sum(u.cost * measured.get(u.kind, shared[0]) for u in units if u.kind in measured or not u.prepare)
     return f"about {left / 60:.1f} min left"
 
 

@@ -253,3 +253,15 @@ def test_eval_takes_several_checkpoints(monkeypatch, tmp_path):
     assert seen == ["runs/a", "runs/b"] and result.output.count("clean") == 2
     refused = CliRunner().invoke(app, ["eval", "--ckpt", "runs/a,runs/b", "--name", "one"])
     assert refused.exit_code == 2 and "EVAL_NAME" in refused.output and seen == ["runs/a", "runs/b"]
+
+
+def test_time_left_uses_the_rates_measured_so_far():
+    from pipeline.study import Unit, _time_left
+
+    left = [Unit("t", "train", {}, Path("x"), cost=30.0), Unit("e", "eval", {}, Path("y"), cost=60.0),
+            Unit("a", "augment", {}, Path("z"), cost=1e6, prepare=True)]
+    assert "known after" in _time_left(left, {"augment": [300.0, 90.0]})
+    # 2 s per cost unit measured on training; evaluation not yet run takes the same; an unmeasured prepare unit
+    # adds nothing: (30 + 60) * 2 s = 3 min
+    assert _time_left(left, {"train": [10.0, 20.0]}) == "about 3.0 min left"
+    assert _time_left([], {}) == "nothing left"
