@@ -13,7 +13,8 @@ Pixels handed to a :class:`CLIPBundle` are always in [0, 1]; the mean/std normal
 
 transformers 4.50+ and 5.x: ``get_image_features`` / ``get_text_features`` return the projected tensor in 4.x
 and an output object holding it as ``pooler_output`` in 5.x; :func:`projected` accepts both (the same numbers:
-4.50.0, 4.57.6 and 5.24 give bit-identical embeddings, training losses and attacks on the same model dir).
+4.50.0, 4.57.6 and 5.24 give bit-identical embeddings, training losses and attacks on the same model dir;
+loading keeps the global RNG untouched, which 4.x's loading otherwise advances).
 Only :func:`train_tokenizers` (tokenizers from an empty vocabulary: ``make pretrain``, the tests' tiny models)
 needs 5.x.
 """
@@ -367,14 +368,18 @@ def _how_to_provide(name: str) -> str:
 
 @contextlib.contextmanager
 def _loading(name: str) -> Iterator[dict[str, Any]]:
-    """Resolve how to load ``name``; turn any 'not found' into :class:`ModelNotFoundError`."""
+    """Resolve how to load ``name``; turn any 'not found' into :class:`ModelNotFoundError`.
+
+    The global CPU RNG is left as it was: transformers 4.x draws from it while loading (5.x does not), which
+    would shift every later random draw of a seeded run."""
     path = Path(name).expanduser()
     looks_local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
     if looks_local and not path.is_dir():
         raise ModelNotFoundError(_how_to_provide(name))
     kwargs = {"local_files_only": looks_local or _hub_offline()}
     try:
-        yield kwargs
+        with torch.random.fork_rng(devices=[]):
+            yield kwargs
     except OSError as err:  # transformers raises OSError (or a subclass) for anything missing
         raise ModelNotFoundError(f"{_how_to_provide(name)} ({err.__class__.__name__}: {err})") from err
 

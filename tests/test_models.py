@@ -149,3 +149,19 @@ def test_training_tokenizers_on_transformers_4_is_refused_by_name(tiny_captions,
     monkeypatch.setattr("transformers.__version__", "4.57.6")
     with pytest.raises(RuntimeError, match="transformers>=5; installed: 4.57.6"):
         train_tokenizers(tiny_captions, vocab_size=100)
+
+
+def test_loading_leaves_the_global_rng_as_it_was(tiny_model_dirs, monkeypatch):
+    """transformers 4.x draws random initial weights while loading; a seeded run must not see that."""
+    original = CLIPModel.from_pretrained.__func__
+
+    def like_v4(cls, *args, **kwargs):
+        torch.rand(1000)  # what 4.x's weight initialisation does to the global generator
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(CLIPModel, "from_pretrained", classmethod(like_v4))
+    torch.manual_seed(0)
+    load_clip(tiny_model_dirs["clip"])
+    after_load = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(after_load, torch.rand(3))
