@@ -262,30 +262,34 @@ class BERTAttack:
         """Masked-LM top-k replacement words for every single-piece, non-stop word of every caption."""
         enc = mlm.tokenizer(texts, padding=True, truncation=True, return_offsets_mapping=True, return_tensors="pt")
         offsets = enc.pop("offset_mapping").tolist()
-        logits = mlm.model(input_ids=enc["input_ids"].to(mlm.device),
-                           attention_mask=enc["attention_mask"].to(mlm.device)).logits
-        top_scores, top_ids = logits.float().topk(self.top_k, dim=-1)
-        top_scores, top_ids = top_scores.cpu(), top_ids.cpu()
         stops = self.stops
-        out: list[dict[int, list[str]]] = []
+        targets: list[tuple[int, int, int]] = []  # (caption, word, position of its single piece)
         for i, caption in enumerate(captions):
             pieces_at = [(a, b, j) for j, (a, b) in enumerate(offsets[i]) if b > a]  # ascending offsets
             starts = [a for a, _, _ in pieces_at]
-            per_word: dict[int, list[str]] = {}
             for p, ((start, end), word) in enumerate(zip(caption.spans, caption.words)):
                 if word.lower() in stops:
                     continue
                 inside = [j for a, b, j in pieces_at[bisect.bisect_left(starts, start):bisect.bisect_left(starts, end)]
                           if b <= end]
-                if len(inside) != 1:
-                    continue
-                tokens = mlm.tokenizer.convert_ids_to_tokens(top_ids[i, inside[0]].tolist())
-                words = list(dict.fromkeys(
-                    tok for tok, s in zip(tokens, top_scores[i, inside[0]].tolist())
-                    if self._is_replacement(tok, word) and (self.mlm_threshold is None or s >= self.mlm_threshold)))
-                if words:
-                    per_word[p] = words
-            out.append(per_word)
+                if len(inside) == 1:
+                    targets.append((i, p, inside[0]))
+        out: list[dict[int, list[str]]] = [{} for _ in texts]
+        if not targets:
+            return out
+        logits = mlm.model(input_ids=enc["input_ids"].to(mlm.device),
+                           attention_mask=enc["attention_mask"].to(mlm.device)).logits
+        rows = logits[torch.tensor([i for i, _, _ in targets]), torch.tensor([j for _, _, j in targets])]
+        top_scores, top_ids = (t.cpu() for t in rows.float().topk(self.top_k, dim=-1))  # only the rows used
+        unique = top_ids.unique().tolist()
+        token_of = dict(zip(unique, mlm.tokenizer.convert_ids_to_tokens(unique)))
+        for (i, p, _), ids, scores in zip(targets, top_ids.tolist(), top_scores.tolist()):
+            word = captions[i].words[p]
+            words = list(dict.fromkeys(
+                token_of[t] for t, s in zip(ids, scores)
+                if (self.mlm_threshold is None or s >= self.mlm_threshold) and self._is_replacement(token_of[t], word)))
+            if words:
+                out[i][p] = words
         return out
 
     def _is_replacement(self, token: str, word: str) -> bool:
