@@ -91,6 +91,8 @@ study: setup
 demo: setup
 	$(CLI) demo
 
+# The package's own benchmarks (found from the installed package, never the current directory); BENCH=train,eda_randaug
+# runs a subset; BENCH=gpu the real-size GPU figures (GPU_BENCH_SIZE=tiny|real, default real on CUDA).
 bench: setup
 	$(CLI) bench
 

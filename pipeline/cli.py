@@ -570,12 +570,15 @@ def demo(
 
 @app.command()
 def bench(
-    only: Annotated[Optional[str], typer.Option(envvar="BENCH", help="Comma-separated benchmark module names (e.g. ingest,train); default all.")] = None,
+    only: Annotated[Optional[str], typer.Option(envvar="BENCH", help="Comma-separated benchmark names (e.g. ingest,train); default all but gpu (real-size models: BENCH=gpu).")] = None,
 ) -> None:
-    """Run benchmarks/bench_*.py and write MANIFESTS_DIR/bench.json (one flat object of named figures)."""
+    """Run the package's own benchmarks/bench_*.py (not the current directory's) and write MANIFESTS_DIR/bench.json."""
     from pipeline.bench import run_benchmarks
 
-    figures = run_benchmarks(Path("benchmarks"), layout().manifests_dir / "bench.json", _env_or_none(only))
+    try:
+        figures = run_benchmarks(layout().manifests_dir / "bench.json", _env_or_none(only))
+    except (ValueError, FileNotFoundError) as error:
+        _fail(str(error))
     typer.echo(json.dumps(figures, indent=1, sort_keys=True))
 
 
