@@ -497,6 +497,7 @@ def study(
     lr: Annotated[Optional[float], _opt("LR", "Peak learning rate (default train's, 1e-4; e.g. 1e-5 for ViT-B/16).")] = None,
     eval_size: Annotated[Optional[int], _opt("EVAL_SIZE", "First N test images (default all: the published protocol).")] = None,
     eval_batch: Annotated[Optional[int], _opt("EVAL_BATCH", "Images attacked together (default 64).")] = None,
+    eval_split: Annotated[Optional[str], _opt("EVAL_SPLIT", "Split to evaluate on (default test; val when the dataset has no test split).")] = None,
     attacks: Annotated[Optional[str], _opt("ATTACKS", "Attacks of the defences table (default pgd,bert,coattack,sga).")] = None,
     stages: Annotated[Optional[str], _opt("STUDY_STAGES", "Stages of the augmentation table (default every available one).")] = None,
     combos: Annotated[Optional[str], _opt("STUDY_COMBOS", "N:N cells as text+image stage pairs, e.g. eda+randaug; none; default auto.")] = None,
@@ -519,7 +520,7 @@ def study(
     given = dict(
         dataset=dataset, clip=_env_or_none(clip), mlm=_env_or_none(mlm), seeds=seeds, modes=_names(modes),
         steps=steps, mode_steps=_mode_steps(mode_steps), aug_steps=aug_steps, batch_size=batch_size, lr=lr,
-        eval_size=eval_size, eval_batch=eval_batch, stages=_names(stages), combos=_combos(combos),
+        eval_size=eval_size, eval_batch=eval_batch, eval_split=_env_or_none(eval_split), stages=_names(stages), combos=_combos(combos),
         attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()) if attacks is not None else None,
         augmentation=augmentation, pretrain_steps=pretrain_steps, resamples=resamples, precision=precision,
         device=device, workers=workers, data_workers=data_workers)

@@ -38,7 +38,7 @@ import numpy as np
 from pipeline.bootstrap import Outcomes
 from pipeline.eval_resume import fingerprint, model_stamp
 from pipeline.paths import Layout, plain_name
-from pipeline.shards import atomic_write_json
+from pipeline.shards import atomic_write_json, list_shards
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ class StudyConfig:
     lr: float | None = None  # default TrainConfig's
     precision: str = "auto"
     eval_size: int | None = None  # first N test images; None = all (the published protocol)
+    eval_split: str | None = None  # None: "test", or "val" for datasets without a test split (COCO's own splits)
     eval_batch: int = 64
     attacks: tuple[str, ...] = ATTACKS
     stages: tuple[str, ...] | None = None  # augmentation table; None = every stage whose shards exist (+ CPU ones)
@@ -220,6 +221,9 @@ def build_plan(cfg: StudyConfig, layout: Layout) -> tuple[list[Cell], list[Unit]
         if not layout.manifest_path(cfg.dataset, stage).is_file():
             units.append(Unit(f"augment-{stage}", "augment", {"stage": stage}, layout.manifest_path(cfg.dataset, stage),
                               cost=300.0, run=_augmenter(cfg, layout, stage), prepare=True))
+    split = cfg.eval_split or ("test" if list_shards(layout.base_dir(cfg.dataset), "test") else "val")
+    if cfg.eval_split is None and split != "test":
+        log.warning("%s has no test split: the study evaluates on %r", cfg.dataset, split)
     runs_root = layout.runs_dir / f"study-{cfg.dataset}"
     optim = OptimConfig() if cfg.lr is None else OptimConfig(lr=cfg.lr)
     for seed in range(cfg.seeds):
@@ -237,7 +241,7 @@ def build_plan(cfg: StudyConfig, layout: Layout) -> tuple[list[Cell], list[Unit]
                                   cost=cell.steps * MODE_COST[cell.mode], run=_trainer(tcfg, layout, train)))
                 checkpoint, inputs = str(run_dir), {"clip": str(run_dir / "clip")}
             ecfg = EvalConfig(checkpoint=checkpoint, dataset=cfg.dataset, mlm=mlm, name=eval_name(cell, seed),
-                              mode=cell.mode, size=cfg.eval_size, batch_size=cfg.eval_batch, attacks=cell.attacks,
+                              mode=cell.mode, split=split, size=cfg.eval_size, batch_size=cfg.eval_batch, attacks=cell.attacks,
                               device=cfg.device, seed=seed)
             n_images = cfg.eval_size or 1000
             units.append(Unit(f"eval-{cell.id}-s{seed}", "eval", dataclasses.asdict(ecfg) | {"checkpoint": None},

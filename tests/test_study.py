@@ -265,3 +265,17 @@ def test_time_left_uses_the_rates_measured_so_far():
     # adds nothing: (30 + 60) * 2 s = 3 min
     assert _time_left(left, {"train": [10.0, 20.0]}) == "about 3.0 min left"
     assert _time_left([], {}) == "nothing left"
+
+
+def test_plan_evaluates_on_val_when_there_is_no_test_split(tmp_path):
+    from pipeline.paths import Layout
+    from pipeline.study import build_plan
+    from pipeline.train.toy import write_toy_shards
+
+    write_toy_shards(tmp_path / "shards", "toy", shards=1, per_shard=4, split="val")
+    layout = Layout(tmp_path / "shards", tmp_path / "manifests", tmp_path / "runs", tmp_path / "models")
+    cells, units = build_plan(StudyConfig(dataset="toy", clip="some/clip", modes=("ft",), augmentation=False), layout)
+    assert [u.name for u in units] == ["eval-pretrained-s0", "train-ft-s0", "eval-ft-s0"]
+    assert {u.settings["split"] for u in units if u.kind == "eval"} == {"val"}
+    _, units = build_plan(StudyConfig(dataset="toy", clip="c", modes=("ft",), augmentation=False, eval_split="train"), layout)
+    assert {u.settings["split"] for u in units if u.kind == "eval"} == {"train"}
