@@ -4,7 +4,8 @@ What counts as the pipeline's is listed here, by folder and name pattern (see do
 
 - SHARDS_DIR/<dataset>/<stage>/ holding a `sizes.json` or a stats file: `<split>-NNNNNN.tar`, their
   `.stats.json`, `sizes.json`, `*.tmp`, and `export.json` in an export folder (`export-<split>`, pipeline/export.py);
-- MANIFESTS_DIR/<dataset>/: the manifests, stats and report files, `plots/`, `filters/`, `evals/`; and
+- MANIFESTS_DIR/<dataset>/: the manifests, stats and report files, `plots/`, `filters/`, `evals/` (and the
+  interrupted evaluations' `evals/partial/`); and
   MANIFESTS_DIR/bench.json;
 - RUNS_DIR/<run>/ holding a `config.json` (a training or pretraining run): its config, metrics, TensorBoard
   events, checkpoints and models;
@@ -31,7 +32,8 @@ log = logging.getLogger(__name__)
 _SHARD = "*-[0-9][0-9][0-9][0-9][0-9][0-9]"  # <split>-NNNNNN, as shards.shard_name writes it
 SHARD_FILES = (f"{_SHARD}.tar", f"{_SHARD}.stats.json", "sizes.json", "*.tmp", "export.json")
 MANIFEST_FILES = ("*.json", "stats.md", "report.md", "report.png", "*.tmp")
-MANIFEST_DIRS = {"plots": ("*.png", "*.tmp"), "filters": ("*.json", "*.tmp"), "evals": ("*.json", "*.tmp")}
+MANIFEST_DIRS = {"plots": ("*.png", "*.tmp"), "filters": ("*.json", "*.tmp"),
+                 "evals/partial": ("*.json", "*.tmp"), "evals": ("*.json", "*.tmp")}  # partial before its parent
 RUN_FILES = ("config.json", "metrics.csv", "*.tmp")
 RUN_DIRS = ("tensorboard", "checkpoints", "clip", "mlm", "init")
 MODEL_KINDS = ("clip", "mlm")

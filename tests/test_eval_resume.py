@@ -207,3 +207,18 @@ def test_fingerprint_follows_every_setting_that_changes_the_numbers(layout):
     finally:
         weights.write_bytes(original)
     assert after != before and key() == before
+
+
+def test_clean_removes_interrupted_evaluations(tmp_path):
+    from pipeline.clean import clean
+
+    layout = Layout(shards_dir=tmp_path / "shards", manifests_dir=tmp_path / "manifests", runs_dir=tmp_path / "runs",
+                    models_dir=tmp_path / "models")
+    partial = eval_path(layout, "synth", "x").parent / "partial"
+    partial.mkdir(parents=True)
+    written = [partial / "x.0123456789abcdef.pgd.b000000.json", partial / "x.0123456789abcdef.pgd.done.json.tmp",
+               eval_path(layout, "synth", "y")]
+    for path in written:
+        path.write_text("{}")
+    clean(layout, "synth")
+    assert not any(path.exists() for path in written) and not partial.parent.exists()
