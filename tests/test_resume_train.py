@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import os
 from pathlib import Path
 
 import numpy as np
@@ -133,3 +134,51 @@ def test_state_pt_with_a_pickled_callable_is_refused(tiny_model_dirs, layout, tm
     # The loader is what refuses it: an unrestricted load would have run the code.
     torch.load(latest / "state.pt", weights_only=False)
     assert marker.exists()
+
+
+def _ddp_worker(rank: int, world: int, port: int, model_dirs: dict, root: str, run: str, stop_early: bool) -> None:
+    """One rank of `train()` under gloo; with stop_early, every rank stops right after the first checkpoint."""
+    import pipeline.train.main as train_main
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    layout = Layout(shards_dir=Path(root) / "shards", runs_dir=Path(root) / "runs")
+    if stop_early:
+        real_barrier = train_main.barrier
+
+        def barrier_then_stop() -> None:  # the first barrier follows the first checkpoint
+            real_barrier()
+            raise Interrupted()
+
+        train_main.barrier = barrier_then_stop
+    try:
+        train(_cfg(model_dirs, Path(root) / run, mode="tecoa", steps=4, save_every=2, device="cpu",
+                   data=DataConfig(num_workers=0, shuffle_buffer=8)), layout)
+    except Interrupted:
+        pass
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_rank_resume_restores_each_ranks_state(tiny_model_dirs, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    def spawn(run: str, stop_early: bool) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.spawn(_ddp_worker, args=(2, port, tiny_model_dirs, str(tmp_path), run, stop_early), nprocs=2, join=True)
+
+    write_toy_shards(tmp_path / "shards", "toy", shards=2, per_shard=16)
+    spawn("whole", False)
+    spawn("split", True)
+    assert not (tmp_path / "split" / "clip").exists()
+    state = checkpoints.read_state(checkpoints.latest_checkpoint(tmp_path / "split"))
+    assert state["step"] == 2 and len(state["rng"]) == 2  # one entry per rank, and they differ
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+    spawn("split", False)
+    _assert_same(_weights(tmp_path / "whole"), _weights(tmp_path / "split"))
