@@ -45,8 +45,10 @@ _WORD = r"[^\W_]+(?:['’\-][^\W_]+)*"
 _TOKEN = re.compile(_WORD + r"|[^\w\s]|_")
 _SPACE_BEFORE = re.compile(r"\s+([.,!?;:%)\]}])")
 _SPACE_AFTER = re.compile(r"([(\[{])\s+")
-# A caption that is already in detokenized form: words joined by single spaces, then closing punctuation only.
-_PLAIN = re.compile(rf"({_WORD}(?: {_WORD})*)([.,!?;:%)\]}}]*)")
+# A caption already in detokenized form: words joined by one space, with closing punctuation only right after
+# a word ("fruit, carrots."), which is how detokenize writes it.
+_CLOSING = r"[.,!?;:%)\]}]"
+_PLAIN = re.compile(rf"({_WORD}(?:{_CLOSING}* {_WORD})*)({_CLOSING}*)")
 _AUXILIARIES = frozenset("be am is are was were been being have has had having do does did".split())
 
 
@@ -74,9 +76,10 @@ class CaptionParts(NamedTuple):
 def split_caption(caption: str) -> CaptionParts:
     """The caption cut before its closing punctuation. Captions already in detokenized form (most) take a
     single regex match instead of tokenize + two detokenize calls; the result is the same (a test checks)."""
-    plain = _PLAIN.fullmatch(caption)
-    if plain:
-        return CaptionParts(plain[1].count(" ") + 1, plain[1], caption, plain[2], tuple(plain[2]))
+    text = caption.strip()  # detokenize strips too
+    plain = _PLAIN.fullmatch(text)
+    if plain:  # every separator holds exactly one space, so the words are the spaces + 1
+        return CaptionParts(plain[1].count(" ") + 1, plain[1], text, plain[2], tuple(plain[2]))
     tokens = tokenize(caption)
     words = [i for i, t in enumerate(tokens) if is_word(t)]
     end = words[-1] + 1 if words else 0

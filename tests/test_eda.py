@@ -242,7 +242,9 @@ def test_primary_only_and_counts_reconcile(stage: EDAStage) -> None:
 @pytest.mark.parametrize("caption", [
     *CAPTIONS, "A dog.", "Dog", "a man's black-and-white dog...", "Un café à Paris, près de la tour Eiffel.",
     "a dog .", "a  dog", " a dog", "a dog!?", "a dog (brown)", "(a dog)", 'a "dog"', "a dog -", "a dog_x", "a dog",
-    "a dog %", "word " * 3, "", "?!", "12 cats, 3 dogs.", "it’s a cat’s toy;",
+    "a dog %", "word " * 3, "", "?!", "12 cats, 3 dogs.", "it’s a cat’s toy;", "A kitchen sink and stove ",
+    "Bowls of fruit, carrots, and celery.", "fruit,carrots", "50% off", "x;  y", "a dog. ", "\tA cat.\n",
+    "one (two) three", "well... yes!", "a: b; c", "ends with comma ,", "A PERSON IS SKIING ON THE SLOPE ",
 ])
 def test_split_caption_matches_tokenize_and_detokenize(caption: str) -> None:
     # The general rule, which split_caption's regex fast path must reproduce exactly.
