@@ -32,7 +32,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import transformers
 from PIL import Image
 from transformers import (
     AutoTokenizer,
@@ -45,6 +44,7 @@ from transformers import (
     CLIPTokenizer,
     PreTrainedTokenizerBase,
 )
+from transformers import __version__ as TRANSFORMERS_VERSION
 
 from pipeline.images import model_pixels
 
@@ -174,10 +174,10 @@ def train_tokenizers(captions: Iterable[str], vocab_size: int) -> tuple[CLIPToke
     """
     if vocab_size < 16:
         raise ValueError(f"vocab_size must be >= 16, got {vocab_size}")
-    if int(transformers.__version__.split(".")[0]) < 5:
+    if int(TRANSFORMERS_VERSION.split(".")[0]) < 5:
         # 4.x tokenizer classes cannot start from an empty vocabulary (they need vocab/merges files).
         raise RuntimeError(f"training tokenizers from scratch (make pretrain, the test suite's tiny models) needs "
-                           f"transformers>=5; installed: {transformers.__version__}. Loading, training and "
+                           f"transformers>=5; installed: {TRANSFORMERS_VERSION}. Loading, training and "
                            f"evaluating saved or hub models works with 4.50 and later.")
     captions = list(captions)
     clip_tok = CLIPTokenizer().train_new_from_iterator(captions, vocab_size=vocab_size + 258)

@@ -146,7 +146,7 @@ def test_an_unknown_features_return_type_is_named():
 
 
 def test_training_tokenizers_on_transformers_4_is_refused_by_name(tiny_captions, monkeypatch):
-    monkeypatch.setattr("transformers.__version__", "4.57.6")
+    monkeypatch.setattr("pipeline.models.TRANSFORMERS_VERSION", "4.57.6")
     with pytest.raises(RuntimeError, match="transformers>=5; installed: 4.57.6"):
         train_tokenizers(tiny_captions, vocab_size=100)
 
