@@ -3,8 +3,9 @@
 Architectures are built from their configs with random weights (costs do not depend on the weights):
 CLIP ViT-B/16 (224 px, 77-token text tower, 49,408-token vocabulary), a bert-base masked LM (30,522 tokens),
 Stable Diffusion 1.5's UNet + VAE with its CLIP ViT-L/14 text encoder at 512 px, and InternVL3-1B
-(InternViT-300M at 448 px + a Qwen2.5-0.5B-sized language model, transformers' InternVL classes). Tokenizers
-are trained offline on synth captions (a few hundred tokens; the embedding tables keep the real sizes).
+(InternViT-300M at 448 px + a Qwen2.5-0.5B-sized language model with tied embeddings, transformers' InternVL
+classes): 149.6 M, 109.5 M, 859.5 M + 83.7 M + 123.1 M and 802 M parameters. Tokenizers are trained offline on
+synth captions (a few hundred tokens; the embedding tables keep the real sizes).
 
 Everything runs through the project's own code: `pipeline.train.loop.train_step` with `build_mode` (ft, tecoa,
 mat), `pipeline.attacks.build_attack` (pgd, coattack, sga), `stages.t2i_sd.StableDiffusionStage` and
