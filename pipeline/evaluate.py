@@ -100,6 +100,7 @@ class EvalConfig:
     top_k: int | None = None
     n_words: int | None = None
     mlm_threshold: float | None = None
+    constraint: str | None = None  # BERT-Attack candidates: "synonyms" (WordNet); None: unfiltered, as the reference
     precision: str = "fp32"  # the reference evaluations run fp32; "auto" / "bf16" trade fidelity for speed
     device: str = "auto"
     seed: int = 0
@@ -107,7 +108,7 @@ class EvalConfig:
 
     def attack_options(self) -> dict[str, Any]:
         options = {"eps": self.eps, "steps": self.steps, "step_size": self.step_size, "top_k": self.top_k,
-                   "n_words": self.n_words, "mlm_threshold": self.mlm_threshold}
+                   "n_words": self.n_words, "mlm_threshold": self.mlm_threshold, "constraint": self.constraint}
         return {k: v for k, v in options.items() if v is not None}
 
 

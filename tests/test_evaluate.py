@@ -67,36 +67,21 @@ def test_asr_ordering_of_multimodal_attacks(record):
     assert asr["sga"] >= asr["coattack"] >= asr["pgd"], asr
 
 
-def test_pgd_beats_a_meaning_preserving_bert_attack(trained, record, monkeypatch):
-    """Published order PGD > BERT-Attack (Co-Attack/SGA tables) once text edits must keep the caption's meaning.
+def test_bert_attack_with_the_synonym_constraint_is_weaker_than_pgd(trained, record):
+    """The shipped BERT-Attack through the evaluation's own options: with ``constraint="synonyms"`` (a candidate
+    must share a WordNet synset with the word it replaces, standing in for the BERT-Attack paper's semantic
+    filter) its edits keep the caption's meaning, and it is weaker than PGD at 2/255 and than the unconstrained
+    reference attack, the published order PGD > BERT-Attack (Co-Attack / SGA tables)."""
+    from pipeline.wordnet_offline import availability
 
-    Unconstrained BERT-Attack (the reference code has no semantic filter) swaps an attribute of a synth caption
-    ("red" -> "blue"), a label change that breaks almost every query; restricting candidates to synonyms of the
-    replaced word (synth's own synonym groups, standing in for BERT-Attack's semantic-similarity constraint)
-    leaves a real adversarial perturbation, which is far weaker than PGD at 2/255.
-    """
-    from dataclasses import dataclass
-
-    import pipeline.attacks as attacks
-    from pipeline.attacks.bert_attack import BERTAttack, BERTTextAttack
-    from pipeline.sources import synth
-
-    groups = [syns for _, syns in synth.COLORS.values()] + list(synth.SHAPES.values()) + [s for _, s in synth.SIZES.values()]
-    group_of = {word: i for i, group in enumerate(groups) for word in group}
-
-    @dataclass(frozen=True)
-    class SynonymBERTAttack(BERTAttack):
-        def _is_replacement(self, token: str, word: str) -> bool:
-            same = word.lower() in group_of and group_of.get(token.lower()) == group_of[word.lower()]
-            return super()._is_replacement(token, word) and same
-
-    build = attacks.build_attack
-    monkeypatch.setattr(attacks, "build_attack", lambda name, **options: BERTTextAttack(text=SynonymBERTAttack())
-                        if name == "bert" else build(name, **options))
+    if not availability()[0]:
+        pytest.skip(availability()[1])
     constrained = evaluate(EvalConfig(checkpoint=str(trained.model_dir("synth", "clip")), name="tiny-synonyms",
-                                      size=60, batch_size=32, attacks=("bert",)), trained)
-    asr = lambda m: (m["tr_asr"] + m["ir_asr"]) / 2  # noqa: E731
-    assert asr(constrained["metrics"]["bert"]) < asr(record["metrics"]["pgd"]) < asr(record["metrics"]["bert"])
+                                      size=60, batch_size=32, attacks=("bert",), constraint="synonyms"), trained)
+    assert constrained["attack_options"] == {"constraint": "synonyms"}
+    asr = {name: (m["tr_asr"] + m["ir_asr"]) / 2 for name, m in record["metrics"].items() if name != CLEAN}
+    synonyms_only = (constrained["metrics"]["bert"]["tr_asr"] + constrained["metrics"]["bert"]["ir_asr"]) / 2
+    assert synonyms_only < asr["pgd"] and synonyms_only < asr["bert"]
 
 
 def test_eval_json_written_with_settings(record, trained):
