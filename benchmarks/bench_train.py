@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.models import build_clip, build_mlm, load_clip, load_mlm, resolve_precision, train_tokenizers
+from pipeline.attacks import BERTAttack, image_similarity_goal
+from pipeline.models import autocast, build_clip, build_mlm, load_clip, load_mlm, resolve_precision, train_tokenizers
 from pipeline.paths import Layout
 from pipeline.sources.synth import captions_for, sample_params
 from pipeline.train import data
@@ -70,9 +71,6 @@ def _best_step(mode, net, batch: dict, repeats: int) -> tuple[float, dict[str, f
 
 
 def _text_attack_s(clip, mlm, batch: dict, variant: str, repeats: int) -> float:
-    from pipeline.attacks import BERTAttack, image_similarity_goal
-    from pipeline.models import autocast
-
     attack = BERTAttack(variant=variant)
     best = float("inf")
     with torch.no_grad(), autocast(torch.device("cpu"), resolve_precision("auto", "cpu")):
