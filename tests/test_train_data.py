@@ -164,3 +164,22 @@ def test_bad_captions_or_augment_or_all_with_stages_are_named():
         check_data(DataConfig(augment="crop"))
     with pytest.raises(ValueError, match="i2t-human"):
         check_data(DataConfig(captions="all", stages=("i2t-human",)))
+
+
+def test_captions_and_train_augment_reach_the_config_from_env_and_options(monkeypatch):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    seen = []
+
+    def capture(fn, cfg, layout):
+        seen.append(cfg.data)
+        raise SystemExit(0)
+
+    monkeypatch.setattr("pipeline.cli._run_training", capture)
+    runner = CliRunner()
+    runner.invoke(app, ["train"], env={"CAPTIONS": "all", "TRAIN_AUGMENT": "rrc"})
+    runner.invoke(app, ["train", "--captions", "primary"], env={"CAPTIONS": "all"})
+    runner.invoke(app, ["train"], env={"CAPTIONS": "", "TRAIN_AUGMENT": ""})
+    assert [(d.captions, d.augment) for d in seen] == [("all", "rrc"), ("primary", "none"), ("primary", "none")]
