@@ -25,11 +25,14 @@ Zoky-2020/SGA (``attacker.py``) and ``BertAttack.attack`` of adversarial-for-goo
 5. position quirk kept: the reference reads the masked LM's predictions for a word at its piece offsets counted
    *without* the leading ``[CLS]``, i.e. one position early (at the previous piece; ``[CLS]`` for the first
    word). ``skip_cls=True`` reads them at the word itself, as LinyangLee/BERT-Attack (``bertattack.py``) does.
+   Also as the reference: candidates are the masked LM's raw tokens, so special tokens (``[MASK]``, ``[SEP]``)
+   and punctuation outside the list can win, and punctuation or capitals glued to a word make it another word
+   (the evaluation normalises captions first, as the reference's ``pre_caption``).
 
 Remaining differences from the reference: the reference's ALBEF tokenizer adds no ``[SEP]`` (one more piece fits
 in ``max_length``); ties between equal perplexities are broken by a stable sort; scores are computed in batches
 (float summation order may differ in the last bits); SGA's CLIP script sets ``max_length=77``, Co-Attack's keeps
-30 (our default).
+30 (our default: the demo's masked LM has 64 positions); ``stop_words`` replaces the variant's list when given.
 
 ``variant="fast"`` (what training uses) keeps the earlier behaviour, for speed: words are regex words; only
 words with candidates are scored, by removing the word and scoring the goal; candidates are single-piece
