@@ -20,7 +20,8 @@ from pipeline.eval_resume import PartialStore
 from pipeline.evaluate import EvalConfig, eval_path, evaluate, load_test_set, resume_fingerprint
 from pipeline.paths import Layout
 
-SIZE, BATCH = 20, 4  # 5 batches per attack
+SIZE, BATCH = 20, 4  # 5 batches per attack in the kill test
+QUICK = {"size": 12, "steps": 2, "top_k": 3}  # the in-process tests: 3 batches per attack, cheap attacks
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +44,8 @@ def layout(tmp_path_factory) -> Layout:
 
 
 def _config(layout: Layout, name: str, **change) -> EvalConfig:
-    return EvalConfig(checkpoint=str(layout.model_dir("synth", "clip")), name=name, size=SIZE, batch_size=BATCH,
-                      device="cpu", **change)
+    settings = {"size": SIZE, "batch_size": BATCH, "device": "cpu", **change}
+    return EvalConfig(checkpoint=str(layout.model_dir("synth", "clip")), name=name, **settings)
 
 
 def _metrics(record: dict) -> dict:
@@ -136,35 +137,36 @@ def _tamper(layout: Layout, name: str) -> None:
 
 
 def test_resume_uses_partials_of_the_same_settings_and_never_stale_ones(layout, monkeypatch):
-    attacks = ("pgd",)
-    reference = {seed: _metrics(evaluate(_config(layout, f"ref{seed}", attacks=attacks, seed=seed), layout))
+    quick = {**QUICK, "attacks": ("pgd",)}
+    reference = {seed: _metrics(evaluate(_config(layout, f"ref{seed}", seed=seed, **quick), layout))
                  for seed in (0, 1)}
     assert reference[0]["pgd"]["embeddings_sha256"] != reference[1]["pgd"]["embeddings_sha256"]
     # Same settings: the stored (tampered) batches are taken, so the tampering shows in the result.
     with monkeypatch.context() as patch:
-        _crash_after(patch, 3)
+        _crash_after(patch, 2)
         with pytest.raises(Crash):
-            evaluate(_config(layout, "resume", attacks=attacks, seed=0), layout)
-    assert len(_partial_files(layout, "resume")) == 3
+            evaluate(_config(layout, "resume", seed=0, **quick), layout)
+    assert len(_partial_files(layout, "resume")) == 2
     _tamper(layout, "resume")
-    assert _metrics(evaluate(_config(layout, "resume", attacks=attacks, seed=0), layout)) != reference[0]
+    assert _metrics(evaluate(_config(layout, "resume", seed=0, **quick), layout)) != reference[0]
     assert not _partial_files(layout, "resume")
     # Another seed under the same name: the stale batches are dropped, not used.
     with monkeypatch.context() as patch:
-        _crash_after(patch, 3)
+        _crash_after(patch, 2)
         with pytest.raises(Crash):
-            evaluate(_config(layout, "resume", attacks=attacks, seed=0), layout)
+            evaluate(_config(layout, "resume", seed=0, **quick), layout)
     _tamper(layout, "resume")
-    assert _metrics(evaluate(_config(layout, "resume", attacks=attacks, seed=1), layout)) == reference[1]
+    assert _metrics(evaluate(_config(layout, "resume", seed=1, **quick), layout)) == reference[1]
     assert not _partial_files(layout, "resume")
 
 
 def test_finished_attacks_are_skipped_on_resume(layout, monkeypatch):
     """A crash in the second attack keeps the first one's row: the rerun does not attack its batches again."""
+    quick = {**QUICK, "attacks": ("pgd", "bert")}
     with monkeypatch.context() as patch:
-        _crash_after(patch, 5 + 2)
+        _crash_after(patch, 3 + 1)
         with pytest.raises(Crash):
-            evaluate(_config(layout, "skip", attacks=("pgd", "bert")), layout)
+            evaluate(_config(layout, "skip", **quick), layout)
     assert any(name.endswith(".pgd.done.json") for name in _partial_files(layout, "skip"))
     assert not any(".pgd.b" in name for name in _partial_files(layout, "skip"))
     attacked, save = [], PartialStore.save_batch
@@ -174,9 +176,9 @@ def test_finished_attacks_are_skipped_on_resume(layout, monkeypatch):
         save(self, attack, *args)
 
     monkeypatch.setattr(PartialStore, "save_batch", save_and_note)
-    record = evaluate(_config(layout, "skip", attacks=("pgd", "bert")), layout)
-    assert attacked == ["bert"] * 3  # bert's batches 2..4; pgd came from its stored row
-    assert _metrics(record) == _metrics(evaluate(_config(layout, "skip-whole", attacks=("pgd", "bert")), layout))
+    record = evaluate(_config(layout, "skip", **quick), layout)
+    assert attacked == ["bert"] * 2  # bert's batches 1 and 2; pgd came from its stored row
+    assert _metrics(record) == _metrics(evaluate(_config(layout, "skip-whole", **quick), layout))
 
 
 def test_fingerprint_follows_every_setting_that_changes_the_numbers(layout):
