@@ -336,8 +336,8 @@ def evaluate(cfg: EvalConfig, layout: Layout | None = None) -> dict[str, Any]:
     # 5. Write.
     record = {"name": name, "mode": mode, "checkpoint": str(cfg.checkpoint), "model_dir": clip_dir,
               "dataset": cfg.dataset, "split": cfg.split, "n_images": len(data.keys), "n_texts": len(texts),
-              "captions_per_image": [len(group) for group in data.captions],
-              "precision": precision, "settings": dataclasses.asdict(cfg), "attack_options": cfg.attack_options(), "metrics": results,
+              "captions_per_image": [len(group) for group in data.captions], "precision": precision,
+              "settings": dataclasses.asdict(cfg), "attack_options": cfg.attack_options(), "metrics": results,
               "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     atomic_write_json(out, record)
     store.remove()
