@@ -34,6 +34,8 @@ SHARD_FILES = (f"{_SHARD}.tar", f"{_SHARD}.stats.json", "sizes.json", "*.tmp", "
 MANIFEST_FILES = ("*.json", "stats.md", "report.md", "report.png", "*.tmp")
 MANIFEST_DIRS = {"plots": ("*.png", "*.tmp"), "filters": ("*.json", "*.tmp"),
                  "evals/partial": ("*.json", "*.tmp"), "evals": ("*.json", "*.tmp")}  # partial before its parent
+# Folders removed whole (each holds tracker output the pipeline wrote, nothing of the user's).
+MANIFEST_TREES = ("evals/tracking",)
 RUN_FILES = ("config.json", "metrics.csv", "*.tmp")
 RUN_DIRS = ("tensorboard", "checkpoints", "clip", "mlm", "init")
 MODEL_KINDS = ("clip", "mlm")
@@ -111,6 +113,10 @@ def _clean_manifests(root: Path, datasets: list[Path], report: CleanReport) -> N
     for dataset_dir in datasets:
         for path in _matching(dataset_dir, MANIFEST_FILES):
             _remove(path, root, report)
+        for name in MANIFEST_TREES:
+            tree = dataset_dir / name
+            if tree.is_dir() and not tree.is_symlink():
+                _remove(tree, root, report)
         for name, patterns in MANIFEST_DIRS.items():
             sub = dataset_dir / name
             if sub.is_dir() and not sub.is_symlink():

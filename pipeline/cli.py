@@ -24,6 +24,7 @@ app = typer.Typer(
 log = logging.getLogger("pipeline")
 
 
+
 def _plain(what: str):
     """An option callback refusing a name that is not plain (paths.plain_name): names become folder names."""
 
@@ -412,6 +413,8 @@ def eval_command(
     device: Annotated[str, typer.Option(envvar="DEVICE", help="auto, cpu or cuda.")] = "auto",
     seed: Annotated[int, typer.Option(envvar="EVAL_SEED", help="Seed of the attacks' random starts and noise (batch i uses a seed derived from it and i).")] = 0,
     normalise_captions: Annotated[bool, typer.Option("--normalise-captions/--no-normalise-captions", envvar="CAPTION_NORMALISE", help="Normalise captions as the reference evaluations do (lower case, punctuation stripped, 30 words); CAPTION_NORMALISE=0 keeps them as stored.")] = True,
+    report_to: ReportTo = None,
+    wandb_mode: WandbMode = None,
 ) -> None:
     """Retrieval R@1/5/10 (TR and IR) clean and under PGD, BERT-Attack, Co-Attack, SGA; writes evals/<name>.json.
 
@@ -419,6 +422,7 @@ def eval_command(
     checkpoints (CKPT=run1,run2,...) are evaluated one after the other, each named after its run."""
     from pipeline.evaluate import EvalConfig, evaluate
     from pipeline.models import ModelNotFoundError
+    from pipeline.train.config import override
 
     checkpoints = [c.strip() for c in checkpoint.split(",") if c.strip()]
     if len(checkpoints) > 1 and _env_or_none(name):
@@ -432,6 +436,7 @@ def eval_command(
                 step_size=step_size, top_k=top_k, n_words=n_words, precision=precision, device=device, seed=seed,
                 normalise_captions=normalise_captions,
             )
+            config = override(config, report_to=_reporters(report_to), wandb_mode=_env_or_none(wandb_mode))
             record = evaluate(config, layout())
         except (ValueError, FileNotFoundError, ModelNotFoundError) as error:
             _fail(str(error))

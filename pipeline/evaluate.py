@@ -66,6 +66,7 @@ from pipeline.models import (
     resolve_precision,
 )
 from pipeline.paths import Layout
+from pipeline.tracking import Tracker, check_reporters
 from pipeline.retrieval import attack_success_rate, recall_at_k
 from pipeline.seeding import derive_seed
 from pipeline.shards import atomic_write_json, list_shards, read_tar
@@ -75,6 +76,7 @@ log = logging.getLogger(__name__)
 CLEAN = "clean"
 DEFAULT_ATTACKS = ("pgd", "bert", "coattack", "sga")
 KS = (1, 5, 10)
+TRACKING_DIR = "tracking"  # evals/tracking/<name>/{tensorboard,wandb}/
 MAX_WORDS = 30  # SGA's paired_dataset (max_words=30)
 _DELETED = re.compile(r"[,.'!?\"()*#:;~]")
 _SPACE_RUNS = re.compile(r"\s{2,}")
@@ -105,6 +107,8 @@ class EvalConfig:
     device: str = "auto"
     seed: int = 0
     normalise_captions: bool = True  # the reference's pre_caption (normalise_caption); False: captions as stored
+    report_to: tuple[str, ...] = ("tensorboard",)  # trackers of the metrics (pipeline/tracking.py); () for none
+    wandb_mode: str = "offline"
 
     def attack_options(self) -> dict[str, Any]:
         options = {"eps": self.eps, "steps": self.steps, "step_size": self.step_size, "top_k": self.top_k,
@@ -115,6 +119,8 @@ class EvalConfig:
 def check_eval(cfg: EvalConfig) -> None:
     """Raise ValueError naming the first bad value."""
     from pipeline.attacks import ATTACKS
+
+    check_reporters(cfg.report_to, cfg.wandb_mode)
 
     unknown = [a for a in cfg.attacks if a not in ATTACKS]
     if unknown:
@@ -267,7 +273,7 @@ def resume_fingerprint(cfg: EvalConfig, device: str, precision: str, clip_dir: s
 
     content = hashlib.sha256(json.dumps([data.keys, data.captions]).encode())
     content.update(data.images_u8.contiguous().numpy())
-    labels = {"name", "mode", "checkpoint", "mlm", "device", "precision"}  # labels, or resolved below
+    labels = {"name", "mode", "checkpoint", "mlm", "device", "precision", "report_to", "wandb_mode"}  # labels, or resolved
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in labels}
     settings.update(device=device, precision=precision, clip=model_stamp(clip_dir), data=content.hexdigest(),
                     mlm=model_stamp(mlm_dir) if mlm_dir else None,
@@ -342,7 +348,16 @@ def evaluate(cfg: EvalConfig, layout: Layout | None = None) -> dict[str, Any]:
     atomic_write_json(out, record)
     store.remove()
     log.info("wrote %s", out)
+    track(record, cfg, out.parent / TRACKING_DIR / name)
     return record
+
+
+def track(record: dict[str, Any], cfg: EvalConfig, log_dir: Path) -> None:
+    """The evaluation's metrics to the trackers of ``cfg.report_to``: ``eval/<attack>/<metric>`` at step 0."""
+    tracker = Tracker(log_dir, cfg.report_to, record["settings"], name=record["name"], wandb_mode=cfg.wandb_mode)
+    for attack, row in record["metrics"].items():
+        tracker.log(0, {k: v for k, v in row.items() if isinstance(v, (int, float))}, prefix=f"eval/{attack}")
+    tracker.close()
 
 
 def eval_path(layout: Layout, dataset: str, name: str) -> Path:

@@ -65,3 +65,25 @@ def test_training_run_reports_to_tensorboard_and_offline_wandb(tiny_model_dirs, 
     raw = log_file.read_bytes()
     for needle in (b"train/loss", b"train/lr", b"shuffle_buffer", b"report_to", b'"ft"'):
         assert needle in raw, needle
+
+
+def test_evaluation_metrics_go_to_tensorboard_and_clean_removes_them(tiny_model_dirs, tmp_path):
+    from pipeline.clean import clean
+    from pipeline.evaluate import EvalConfig, evaluate
+    from pipeline.ingest import IngestConfig, run_ingest
+    from pipeline.stage import RunOptions
+
+    layout = Layout(shards_dir=tmp_path / "shards", manifests_dir=tmp_path / "manifests", runs_dir=tmp_path / "runs",
+                    models_dir=tmp_path / "models")
+    run_ingest(IngestConfig(dataset="synth", synth_size=60, shard_size=1000), layout, RunOptions(workers=1))
+    record = evaluate(EvalConfig(checkpoint=tiny_model_dirs["clip"], name="tracked", attacks=("pgd",), size=6,
+                                 steps=1, device="cpu"), layout)
+    log_dir = layout.dataset_manifests("synth") / "evals" / "tracking" / "tracked" / "tensorboard"
+    events = EventAccumulator(str(log_dir)).Reload()
+    for attack in ("clean", "pgd"):
+        (scalar,) = events.Scalars(f"eval/{attack}/tr_r1")
+        assert scalar.value == pytest.approx(record["metrics"][attack]["tr_r1"])
+    assert events.Scalars("eval/pgd/ir_asr")[0].value == pytest.approx(record["metrics"]["pgd"]["ir_asr"])
+
+    clean(layout, "synth")
+    assert not (layout.dataset_manifests("synth") / "evals").exists()
