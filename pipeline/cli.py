@@ -339,6 +339,8 @@ def train(
     mode: Annotated[str, _opt("MODE", "ft | tecoa | fare | mat | matplus.")] = "mat",
     stages: Annotated[Optional[str], _opt("STAGES", "Comma-separated augmentation stages to train on (matplus; default i2t-human).")] = None,
     filter_: Annotated[Optional[str], typer.Option("--filter", envvar="FILTER", help="Filter manifest (path or name) that drops variants.")] = None,
+    train_data: Annotated[Optional[str], _opt("TRAIN_DATA", "Base shard URLs instead of SHARDS_DIR/<dataset>/base: a brace pattern (/data/coco/base/train-{000000..000226}.tar), a '::' list or pipe: commands; stage shards are found beside them by the stage's name.")] = None,
+    train_num_samples: Annotated[Optional[int], _opt("TRAIN_NUM_SAMPLES", "Samples in TRAIN_DATA when no sizes.json lies beside the shards (logged only).")] = None,
     clip: Annotated[Optional[str], _opt("CLIP", "CLIP to fine-tune (HF id or dir; default MODELS_DIR/<dataset>/clip).")] = None,
     mlm: Annotated[Optional[str], _opt("MLM", "Masked LM for BERT-Attack (default MODELS_DIR/<dataset>/mlm).")] = None,
     steps: Annotated[Optional[int], _opt("STEPS", "Optimiser steps (default 150).")] = None,
@@ -383,7 +385,8 @@ def train(
            "attack.k": top_k, "attack.order": _env_or_none(order), "data.stages": stage_list,
            "data.filter": _env_or_none(filter_), "data.num_workers": data_workers,
            "data.shuffle_buffer": shuffle_buffer, "data.resampled": resampled,
-           "data.captions": _env_or_none(captions), "data.augment": _env_or_none(train_augment)},
+           "data.captions": _env_or_none(captions), "data.augment": _env_or_none(train_augment),
+           "data.urls": _env_or_none(train_data), "data.num_samples": train_num_samples},
     )
     result = _run_training(run_train, cfg, layout())
     last = result.history[-1] if result.history else {}
@@ -403,6 +406,7 @@ def eval_command(
     attacks: Annotated[str, typer.Option(envvar="ATTACKS", help="Comma-separated attacks (pgd,bert,coattack,sga); empty string: clean only.")] = "pgd,bert,coattack,sga",
     size: Annotated[Optional[int], typer.Option(envvar="EVAL_SIZE", help="First N test images (default all).")] = None,
     split: Annotated[str, typer.Option(envvar="EVAL_SPLIT", help="Split to evaluate on.")] = "test",
+    eval_data: Annotated[Optional[str], typer.Option(envvar="EVAL_DATA", help="Test shard URLs (brace pattern, '::' list, pipe: commands) instead of SHARDS_DIR/<dataset>/base/<split>-*.tar.")] = None,
     batch_size: Annotated[int, typer.Option(envvar="EVAL_BATCH", help="Images attacked together (with all their captions).")] = 64,
     eps: Annotated[Optional[float], typer.Option(envvar="EPS", help="L-inf budget on [0,1] pixels for every image attack (default each attack's, 2/255).")] = None,
     steps: Annotated[Optional[int], typer.Option(envvar="ATTACK_STEPS", help="PGD steps of every image attack (default 10).")] = None,
@@ -431,7 +435,7 @@ def eval_command(
         try:
             config = EvalConfig(
                 checkpoint=one, dataset=dataset, mlm=_env_or_none(mlm), name=_env_or_none(name),
-                mode=_env_or_none(mode), split=split, size=size, batch_size=batch_size,
+                mode=_env_or_none(mode), split=split, data=_env_or_none(eval_data), size=size, batch_size=batch_size,
                 attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()), eps=eps, steps=steps,
                 step_size=step_size, top_k=top_k, n_words=n_words, precision=precision, device=device, seed=seed,
                 normalise_captions=normalise_captions,

@@ -69,7 +69,8 @@ from pipeline.paths import Layout
 from pipeline.tracking import Tracker, check_reporters
 from pipeline.retrieval import attack_success_rate, recall_at_k
 from pipeline.seeding import derive_seed
-from pipeline.shards import atomic_write_json, list_shards, read_tar
+from pipeline.shard_urls import expand_urls, read_url
+from pipeline.shards import atomic_write_json, list_shards
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ class EvalConfig:
     name: str | None = None  # output file name; default the run dir / model dir name
     mode: str | None = None  # row label; default the run's training mode, "pretrained" for a bare CLIP dir
     split: str = "test"
+    data: str | None = None  # test shard URLs (pipeline/shard_urls.py) instead of SHARDS_DIR/<dataset>/base/<split>-*
     size: int | None = None  # first N test images (None: all)
     batch_size: int = 64  # images attacked together (with all their captions)
     attacks: tuple[str, ...] = DEFAULT_ATTACKS
@@ -179,9 +181,14 @@ def load_test_set(base_dir: Path, split: str, clip: CLIPBundle, size: int | None
     shards = list_shards(base_dir, split)
     if not shards:
         raise FileNotFoundError(f"no {split}-*.tar shards in {base_dir}: run `make ingest` first")
+    return load_test_urls([str(s) for s in shards], clip, size, normalise)
+
+
+def load_test_urls(urls: list[str], clip: CLIPBundle, size: int | None = None, normalise: bool = True) -> TestSet:
+    """:func:`load_test_set` from shard URLs (local paths, ``pipe:`` commands; see pipeline/shard_urls.py)."""
     keys, images, captions = [], [], []
-    for shard in shards:
-        for sample in read_tar(shard):
+    for url in urls:
+        for sample in read_url(url):
             meta = json.loads(sample["json"])
             if not meta.get("captions"):
                 continue
@@ -311,7 +318,10 @@ def evaluate(cfg: EvalConfig, layout: Layout | None = None) -> dict[str, Any]:
     needs_mlm = any(a in {"bert", "coattack", "sga"} for a in cfg.attacks)
     mlm_dir = str(cfg.mlm or layout.model_dir(cfg.dataset, "mlm")) if needs_mlm else None
     mlm = load_mlm(mlm_dir, device=device) if mlm_dir else None
-    data = load_test_set(layout.base_dir(cfg.dataset), cfg.split, clip, cfg.size, cfg.normalise_captions)
+    if cfg.data:
+        data = load_test_urls(expand_urls(cfg.data), clip, cfg.size, cfg.normalise_captions)
+    else:
+        data = load_test_set(layout.base_dir(cfg.dataset), cfg.split, clip, cfg.size, cfg.normalise_captions)
     store = PartialStore(out.parent / "partial", name,
                          resume_fingerprint(cfg, device, precision, clip_dir, mlm_dir, data))
     store.drop_stale()

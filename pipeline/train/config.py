@@ -60,6 +60,10 @@ class DataConfig:
     """Which shards are streamed and how a pair is drawn from them."""
 
     split: str = "train"
+    # Shard URLs (brace pattern, '::' list, pipe: command; pipeline/shard_urls.py) instead of
+    # SHARDS_DIR/<dataset>/base/<split>-*.tar; stage shards sit beside them in folders named after the stage.
+    urls: str | None = None
+    num_samples: int | None = None  # samples in `urls` when no sizes.json lies beside them (logging only)
     stages: tuple[str, ...] = ()  # augmentation stages zipped with the base shards (MAT+)
     filter: str | None = None  # filter manifest: a path, or a name under MANIFESTS_DIR/<dataset>/filters/
     shuffle_buffer: int = 1000

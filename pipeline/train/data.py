@@ -37,6 +37,7 @@ import webdataset as wds
 from pipeline.images import decode_rgb, model_pixels, random_resized_crop_pixels
 from pipeline.seeding import derive_seed
 from pipeline.train.config import DataConfig, check_data
+from pipeline.shard_urls import check_stage_urls, stage_url
 from pipeline.shards import list_shards
 
 log = logging.getLogger(__name__)
@@ -58,39 +59,23 @@ def shard_urls(base_dir: Path, split: str, stages: Iterable[str] = ()) -> list[s
     tars = list_shards(base_dir, split)
     if not tars:
         raise FileNotFoundError(f"no {split}-*.tar shards in {base_dir}: run `make ingest` first")
-    for stage in stages:
-        missing = [t.name for t in tars if not (base_dir.parent / stage / t.name).exists()]
-        if missing:
-            raise FileNotFoundError(
-                f"stage {stage!r} lacks {len(missing)} of {len(tars)} shards in {base_dir.parent / stage} "
-                f"(first: {missing[0]}): run `make augment STAGES={stage}`"
-            )
-    return [str(t) for t in tars]
-
-
-def dataset_size(base_dir: Path, split: str) -> int | None:
-    sizes_path = base_dir / "sizes.json"
-    if not sizes_path.exists():
-        return None
-    sizes = json.loads(sizes_path.read_text())
-    return sum(n for name, n in sizes.items() if name.startswith(f"{split}-"))
+    urls = [str(t) for t in tars]
+    check_stage_urls(urls, tuple(stages))
+    return urls
 
 
 def _zip_stages(src: Iterator[dict[str, Any]], stages: tuple[str, ...], handler=wds.reraise_exception):
     """For each base shard url, yield base samples with each stage's aligned sample under `sample[stage]`."""
     for item in src:
-        base_url = Path(item["url"])
-        readers = [wds.tariterators.tarfile_samples([{"url": str(base_url)}], handler=handler)]
-        readers += [
-            wds.tariterators.tarfile_samples([{"url": str(base_url.parent.parent / s / base_url.name)}], handler=handler)
-            for s in stages
-        ]
+        base_url = item["url"]
+        readers = [wds.tariterators.tarfile_samples([{"url": url}], handler=handler)
+                   for url in (base_url, *(stage_url(base_url, s) for s in stages))]
         for parts in zip(*readers, strict=True):
             base = parts[0]
             for stage, part in zip(stages, parts[1:]):
                 if part["__key__"] != base["__key__"]:
                     raise ValueError(
-                        f"stage {stage!r} shard {base_url.name} is not aligned with base: "
+                        f"stage {stage!r} shard of {base_url} is not aligned with base: "
                         f"key {part['__key__']!r} where base has {base['__key__']!r}"
                     )
                 base[stage] = part

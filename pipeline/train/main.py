@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.models import CLIPBundle, MLMBundle, load_clip, load_mlm, resolve_precision
 from pipeline.paths import Layout, plain_name
+from pipeline.shard_urls import check_stage_urls, dataset_size, expand_urls
 from pipeline.shards import atomic_write_json
 from pipeline.train import checkpoints, data
 from pipeline.train.config import TrainConfig, check_train, resolve_stages, to_dict
@@ -96,7 +97,13 @@ def build_batches(cfg: TrainConfig, layout: Layout, image_size: int, seed: int, 
     run continues the same order (a cost of one data pass over them, no training)."""
     for stage in cfg.data.stages:
         plain_name(stage, "stage")
-    urls = data.shard_urls(layout.base_dir(cfg.dataset), cfg.data.split, cfg.data.stages)
+    if cfg.data.urls:
+        urls = expand_urls(cfg.data.urls)
+        check_stage_urls(urls, cfg.data.stages)
+    else:
+        urls = data.shard_urls(layout.base_dir(cfg.dataset), cfg.data.split, cfg.data.stages)
+    size = dataset_size(urls, cfg.data.num_samples)
+    log.info("training data: %d shards, %s samples", len(urls), size if size is not None else "unknown (no sizes.json)")
     pipeline = data.build_pipeline(
         urls, batch_size=cfg.batch_size, image_size=image_size, stages=cfg.data.stages,
         keep=load_keep_fn(cfg, layout), shuffle_buffer=cfg.data.shuffle_buffer,
