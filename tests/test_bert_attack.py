@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import string
 
 import pytest
 import torch
@@ -12,19 +13,24 @@ import torch.nn.functional as F
 
 from pipeline.attacks import BERTAttack, build_attack, image_similarity_goal, text_drift_goal
 from pipeline.attacks.text_parts import FILTER_WORDS, STOP_WORDS, Caption, TokenEditor
+from pipeline.models import build_clip, train_tokenizers
 
 WORD = re.compile(r"[A-Za-z0-9]+(?:'[A-Za-z]+)?")
 
 
 @pytest.fixture(scope="module")
-def no_symbols(tiny_mlm) -> frozenset[str]:
-    """FILTER_WORDS plus every masked-LM token with a non-alphanumeric character ("[MASK]", "\\", ...).
+def clip(tiny_captions):
+    """A tiny CLIP whose tokeniser knows every character as a word of its own.
 
-    The tiny CLIP tokeniser maps characters it never saw to its end-of-text id, where CLIP pools: such a
-    candidate cuts the caption short for CLIP and ties every later edit exactly, and float noise breaks exact
-    ties. The comparisons with a brute-force loop leave them out.
+    The shared tiny CLIP maps end-of-word forms it never saw ("l" alone, "[") to its end-of-text id, where CLIP
+    pools: a candidate holding one cuts the caption short for CLIP and ties every later edit exactly, and float
+    noise (batch composition) then decides exact ties.
     """
-    return FILTER_WORDS | {t for t in tiny_mlm.tokenizer.get_vocab() if not t.removeprefix("##").isalnum()}
+    torch.manual_seed(0)
+    alphabet = " ".join(string.ascii_lowercase + string.digits + string.punctuation)
+    clip_tok, _ = train_tokenizers([*tiny_captions, *[alphabet] * 3], vocab_size=300)
+    return build_clip("tiny", clip_tok)
+
 
 MULTI_PIECE = ["a red triangles on a plain background", "the squares is purplish with a checkered pattern",
                "the triangles"]  # "triangles" -> triangle ##s, "purplish" -> purp ##l ##is ##h in the tiny vocab
@@ -56,7 +62,7 @@ def _mlm_topk(mlm, text: str, word_index: int, k: int) -> tuple[list[str], list[
 
 @torch.no_grad()
 def _brute_reference(clip, mlm, text: str, image_emb: torch.Tensor, *, n_words=1, k=10, threshold=0.3,
-                     max_length=30, skip_cls=False, stops=FILTER_WORDS) -> tuple[str, list[tuple[int, str, str]]]:
+                     max_length=30, skip_cls=False) -> tuple[str, list[tuple[int, str, str]]]:
     """The Co-Attack / SGA text attack on one caption, transcribed loop by loop, one text at a time."""
     tok = mlm.tokenizer
 
@@ -78,7 +84,7 @@ def _brute_reference(clip, mlm, text: str, image_emb: torch.Tensor, *, n_words=1
     for j in sorted(range(len(words)), key=lambda j: importance[j], reverse=True):
         if len(changes) >= n_words:
             break
-        if words[j] in stops or keys[j][0] > max_length - 2:
+        if words[j] in FILTER_WORDS or keys[j][0] > max_length - 2:
             continue
         a, b = (keys[j][0] + 1, keys[j][1] + 1) if skip_cls else keys[j]
         if b - a == 1:
@@ -91,7 +97,7 @@ def _brute_reference(clip, mlm, text: str, image_emb: torch.Tensor, *, n_words=1
                 ppl.append(F.cross_entropy(logits, torch.tensor(combo)).exp().item())
             ranked = [combos[c] for c in sorted(range(len(combos)), key=lambda c: ppl[c])]
             cands = [" ".join(tok.convert_ids_to_tokens(list(c))).replace(" ##", "") for c in ranked]
-        cands = [c for c in cands if c != words[j] and "##" not in c and c not in stops]
+        cands = [c for c in cands if c != words[j] and "##" not in c and c not in FILTER_WORDS]
         options = [" ".join(final)] + [" ".join(final[:j] + [c] + final[j + 1:]) for c in cands]
         sims = [-(embed(o) @ image_emb).item() for o in options]
         best = max(range(len(options)), key=lambda o: (sims[o], -o))  # first maximum
@@ -103,36 +109,35 @@ def _brute_reference(clip, mlm, text: str, image_emb: torch.Tensor, *, n_words=1
 
 @pytest.mark.parametrize("skip_cls", [False, True])
 @pytest.mark.parametrize("n_words", [1, 2])
-def test_reference_equals_a_brute_force_transcription(tiny_clip, tiny_mlm, tiny_captions, no_symbols, skip_cls,
-                                                     n_words):
+def test_reference_equals_a_brute_force_transcription(clip, tiny_mlm, tiny_captions, skip_cls, n_words):
     texts = _captions(tiny_captions, 5) + MULTI_PIECE
-    image_emb = _image_goal(tiny_clip, len(texts))
-    attack = BERTAttack(n_words=n_words, skip_cls=skip_cls, stop_words=no_symbols)
-    result = attack(tiny_clip, tiny_mlm, texts, image_similarity_goal(image_emb))
+    image_emb = _image_goal(clip, len(texts))
+    attack = BERTAttack(n_words=n_words, skip_cls=skip_cls)
+    result = attack(clip, tiny_mlm, texts, image_similarity_goal(image_emb))
     for i, text in enumerate(texts):
-        expected, changes = _brute_reference(tiny_clip, tiny_mlm, text, image_emb[i], n_words=n_words,
-                                             skip_cls=skip_cls, stops=no_symbols)
+        expected, changes = _brute_reference(clip, tiny_mlm, text, image_emb[i], n_words=n_words,
+                                             skip_cls=skip_cls)
         assert result.texts[i] == expected
         assert [(c.word_index, c.original, c.replacement) for c in result.changes[i]] == changes
     attacked = {c.original for per in result.changes for c in per}
     assert attacked & {"triangles", "squares", "purplish"}, "a multi-piece word was attacked"
 
 
-def test_reference_keeps_the_original_when_no_candidate_helps(tiny_clip, tiny_mlm, tiny_captions):
+def test_reference_keeps_the_original_when_no_candidate_helps(clip, tiny_mlm, tiny_captions):
     texts = _captions(tiny_captions, 4) + MULTI_PIECE
     with torch.no_grad():
-        own = tiny_clip.encode_texts(texts).float()
+        own = clip.encode_texts(texts).float()
     stay = image_similarity_goal(-own)  # the goal prefers each caption's own embedding: no edit can raise it
-    kept = BERTAttack(mlm_threshold=None)(tiny_clip, tiny_mlm, texts, stay)
+    kept = BERTAttack(mlm_threshold=None)(clip, tiny_mlm, texts, stay)
     assert kept.texts == texts and not any(kept.changes)
-    forced = BERTAttack(variant="fast", mlm_threshold=None)(tiny_clip, tiny_mlm, texts, stay)
+    forced = BERTAttack(variant="fast", mlm_threshold=None)(clip, tiny_mlm, texts, stay)
     assert all(len(c) == 1 for c in forced.changes[:4])  # fast replaces anyway
 
 
-def test_reference_never_attacks_filter_words(tiny_clip, tiny_mlm, tiny_captions):
+def test_reference_never_attacks_filter_words(clip, tiny_mlm, tiny_captions):
     texts = _captions(tiny_captions, 8)
-    result = BERTAttack(n_words=3, mlm_threshold=None)(tiny_clip, tiny_mlm, texts,
-                                                       image_similarity_goal(_image_goal(tiny_clip, len(texts))))
+    result = BERTAttack(n_words=3, mlm_threshold=None)(clip, tiny_mlm, texts,
+                                                       image_similarity_goal(_image_goal(clip, len(texts))))
     assert any(result.changes)
     for text, changes in zip(texts, result.changes):
         for change in changes:
@@ -182,28 +187,27 @@ def _unoptimised_fast(clip, mlm, text: str, image_emb: torch.Tensor, *, n_words=
     return caption.render(words), changes
 
 
-# Characters the tiny CLIP tokeniser knows (punctuation it maps to its end-of-text id: see no_symbols).
 SPACING = ["A Red star on a PLAIN background", "  the circle   is green ", "a purple circle", "red"]
 TRICKY = ["A Red star, on a plain background!", "the blue circle's edge is red-ish (2 of 3)",
           "green,square,striped", "a 'red' 3d star on a plain background", "a purple circle", "x"]
 
 
 @pytest.mark.parametrize("n_words", [1, 2])
-def test_fast_equals_its_unoptimised_path(tiny_clip, tiny_mlm, tiny_captions, n_words):
-    texts = _captions(tiny_captions, 6) + SPACING
-    image_emb = _image_goal(tiny_clip, len(texts), seed=3)
+def test_fast_equals_its_unoptimised_path(clip, tiny_mlm, tiny_captions, n_words):
+    texts = _captions(tiny_captions, 6) + SPACING + TRICKY
+    image_emb = _image_goal(clip, len(texts), seed=3)
     result = BERTAttack(variant="fast", n_words=n_words, mlm_threshold=None, batch_size=5)(
-        tiny_clip, tiny_mlm, texts, image_similarity_goal(image_emb))
+        clip, tiny_mlm, texts, image_similarity_goal(image_emb))
     for i, text in enumerate(texts):
-        expected, changes = _unoptimised_fast(tiny_clip, tiny_mlm, text, image_emb[i], n_words=n_words)
+        expected, changes = _unoptimised_fast(clip, tiny_mlm, text, image_emb[i], n_words=n_words)
         assert result.texts[i] == expected
         assert [(c.word_index, c.original, c.replacement) for c in result.changes[i]] == changes
 
 
-def test_token_editor_equals_tokenising_the_edited_string(tiny_clip, tiny_captions):
+def test_token_editor_equals_tokenising_the_edited_string(clip, tiny_captions):
     texts = _captions(tiny_captions, 3) + TRICKY + ["x,red,y and caf\u00e9s", "it'd be a 'dog"]
     captions = [Caption.parse(t) for t in texts]
-    editor = TokenEditor(tiny_clip, captions)
+    editor = TokenEditor(clip, captions)
     editor.prepare(["blue", "triangle", "a1"])
     spliced = 0
     for i, caption in enumerate(captions):
@@ -212,17 +216,17 @@ def test_token_editor_equals_tokenising_the_edited_string(tiny_clip, tiny_captio
                 ids = editor.edit(i, p, word, None)
                 if ids is not None:
                     spliced += 1
-                    expected = tiny_clip.tokenizer(caption.with_word(p, word), truncation=True,
-                                                   max_length=tiny_clip.max_length)["input_ids"]
+                    expected = clip.tokenizer(caption.with_word(p, word), truncation=True,
+                                                   max_length=clip.max_length)["input_ids"]
                     assert ids == expected, (caption.text, p, word)
     assert spliced > 50
 
 
 @pytest.mark.parametrize("n_words", [1, 2])
-def test_fast_changes_n_words_with_mlm_candidates_never_stop_words(tiny_clip, tiny_mlm, tiny_captions, n_words):
+def test_fast_changes_n_words_with_mlm_candidates_never_stop_words(clip, tiny_mlm, tiny_captions, n_words):
     texts = _captions(tiny_captions, 4)
     attack = BERTAttack(variant="fast", n_words=n_words, mlm_threshold=None)
-    result = attack(tiny_clip, tiny_mlm, texts, image_similarity_goal(_image_goal(tiny_clip, len(texts))))
+    result = attack(clip, tiny_mlm, texts, image_similarity_goal(_image_goal(clip, len(texts))))
     for clean, adv, changes in zip(texts, result.texts, result.changes):
         before, after = clean.split(), adv.split()
         diff = [i for i, (a, b) in enumerate(zip(before, after)) if a != b]
@@ -233,19 +237,19 @@ def test_fast_changes_n_words_with_mlm_candidates_never_stop_words(tiny_clip, ti
             assert change.replacement in _mlm_topk(tiny_mlm, clean, change.word_index, 10)[0]
 
 
-def test_fast_mlm_threshold_filters_on_the_raw_logit(tiny_clip, tiny_mlm, tiny_captions):
+def test_fast_mlm_threshold_filters_on_the_raw_logit(clip, tiny_mlm, tiny_captions):
     texts = _captions(tiny_captions, 4)
-    goal = image_similarity_goal(_image_goal(tiny_clip, len(texts)))
+    goal = image_similarity_goal(_image_goal(clip, len(texts)))
     _, logits = _mlm_topk(tiny_mlm, texts[0], 1, 10)
     threshold = sorted(logits)[5]  # keeps at most the top half of each word's candidates
-    result = BERTAttack(variant="fast", mlm_threshold=threshold)(tiny_clip, tiny_mlm, texts, goal)
+    result = BERTAttack(variant="fast", mlm_threshold=threshold)(clip, tiny_mlm, texts, goal)
     assert any(result.changes)
     for text, changes in zip(texts, result.changes):
         for change in changes:
             tokens, scores = _mlm_topk(tiny_mlm, text, change.word_index, 10)
             assert scores[tokens.index(change.replacement)] >= threshold
     for variant in ("fast", "reference"):  # every tiny-caption word is one piece: the threshold filters them all
-        unreachable = BERTAttack(variant=variant, mlm_threshold=1e9)(tiny_clip, tiny_mlm, texts, goal)
+        unreachable = BERTAttack(variant=variant, mlm_threshold=1e9)(clip, tiny_mlm, texts, goal)
         assert unreachable.texts == texts and not any(unreachable.changes)
 
 
@@ -253,34 +257,38 @@ def test_fast_mlm_threshold_filters_on_the_raw_logit(tiny_clip, tiny_mlm, tiny_c
 
 
 @pytest.mark.parametrize("variant", ["reference", "fast"])
-def test_attack_lowers_image_text_similarity(tiny_clip, tiny_mlm, tiny_captions, variant):
+def test_attack_lowers_image_text_similarity(clip, tiny_mlm, tiny_captions, variant):
     texts = _captions(tiny_captions, 8)
-    image_emb = _image_goal(tiny_clip, len(texts), seed=1)
-    adv = BERTAttack(variant=variant, mlm_threshold=None)(tiny_clip, tiny_mlm, texts,
-                                                           image_similarity_goal(image_emb)).texts
+    image_emb = _image_goal(clip, len(texts), seed=1)
+    # The reference's CLIP wrapper drops [SEP] / [CLS] / [PAD] from what it scores, so those candidates "help" it
+    # while the returned text keeps them; leave them out to measure the text as returned.
+    stops = FILTER_WORDS | {"[SEP]", "[CLS]", "[PAD]"} if variant == "reference" else None
+    adv = BERTAttack(variant=variant, mlm_threshold=None, stop_words=stops)(clip, tiny_mlm, texts,
+                                                                             image_similarity_goal(image_emb)).texts
     with torch.no_grad():
-        clean_sim = (tiny_clip.encode_texts(texts) * image_emb).sum(-1)
-        adv_sim = (tiny_clip.encode_texts(adv) * image_emb).sum(-1)
-    assert adv_sim.mean() < clean_sim.mean() and (adv_sim <= clean_sim + 1e-6).float().mean() >= 0.75
+        clean_sim = (clip.encode_texts(texts) * image_emb).sum(-1)
+        adv_sim = (clip.encode_texts(adv) * image_emb).sum(-1)
+    assert adv_sim.mean() < clean_sim.mean()
+    if variant == "reference":  # an edit is kept only if it lowers the similarity
+        assert (adv_sim <= clean_sim + 1e-6).all()
 
 
 @pytest.mark.parametrize("variant", ["reference", "fast"])
-def test_batched_attack_equals_per_sample_loop(tiny_clip, tiny_mlm, tiny_captions, no_symbols, variant):
+def test_batched_attack_equals_per_sample_loop(clip, tiny_mlm, tiny_captions, variant):
     texts = _captions(tiny_captions, 4) + MULTI_PIECE[:1]
     texts[1] = "A Red star, on a plain background!"  # padding differs
-    image_emb = _image_goal(tiny_clip, len(texts))
-    attack = BERTAttack(variant=variant, n_words=2, mlm_threshold=None, batch_size=7,
-                        stop_words=no_symbols if variant == "reference" else None)
-    batched = attack(tiny_clip, tiny_mlm, texts, image_similarity_goal(image_emb))
+    image_emb = _image_goal(clip, len(texts))
+    attack = BERTAttack(variant=variant, n_words=2, mlm_threshold=None, batch_size=7)
+    batched = attack(clip, tiny_mlm, texts, image_similarity_goal(image_emb))
     for i, text in enumerate(texts):
-        single = attack(tiny_clip, tiny_mlm, [text], image_similarity_goal(image_emb[i:i + 1]))
+        single = attack(clip, tiny_mlm, [text], image_similarity_goal(image_emb[i:i + 1]))
         assert single.texts[0] == batched.texts[i] and single.changes[0] == batched.changes[i]
     if variant == "fast":  # regex words: casing and punctuation around them survive
-        assert batched.texts[1].startswith(("A ", "a ")) and batched.texts[1].endswith("background!")
+        assert re.fullmatch(r"A \w+ \w+, on a \w+ \w+!", batched.texts[1])
 
 
 @pytest.mark.parametrize("variant", ["reference", "fast"])
-def test_synonym_constraint_keeps_only_wordnet_synonyms(tiny_clip, tiny_mlm, variant):
+def test_synonym_constraint_keeps_only_wordnet_synonyms(clip, tiny_mlm, variant):
     from pipeline.wordnet_offline import availability, load_wordnet
 
     if not availability()[0]:
@@ -288,7 +296,7 @@ def test_synonym_constraint_keeps_only_wordnet_synonyms(tiny_clip, tiny_mlm, var
     wn = load_wordnet()
     texts = ["a green circle on a plain background", "the star is green with a striped pattern"]
     with torch.no_grad():
-        goal = text_drift_goal(tiny_clip.encode_texts(texts).float())  # any edit raises it
+        goal = text_drift_goal(clip.encode_texts(texts).float())  # any edit raises it
     options = dict(variant=variant, top_k=len(tiny_mlm.tokenizer), mlm_threshold=None)  # every token a candidate
     bound = build_attack("bert", constraint="synonyms", **options).text
     free = build_attack("bert", **options).text
@@ -296,10 +304,10 @@ def test_synonym_constraint_keeps_only_wordnet_synonyms(tiny_clip, tiny_mlm, var
     def synonyms(word: str) -> set[str]:
         return {lemma.name().lower() for s in wn.synsets(word) for lemma in s.lemmas()}
 
-    kept = bound(tiny_clip, tiny_mlm, texts, goal).changes
+    kept = bound(clip, tiny_mlm, texts, goal).changes
     assert all(len(c) == 1 for c in kept)  # the tiny vocabulary has one WordNet synonym of "green": "k"
     assert all(c.replacement in synonyms(c.original) for per in kept for c in per)
-    assert any(c.replacement not in synonyms(c.original) for per in free(tiny_clip, tiny_mlm, texts, goal).changes
+    assert any(c.replacement not in synonyms(c.original) for per in free(clip, tiny_mlm, texts, goal).changes
                for c in per)
 
 
