@@ -417,6 +417,7 @@ def eval_command(
     device: Annotated[str, typer.Option(envvar="DEVICE", help="auto, cpu or cuda.")] = "auto",
     seed: Annotated[int, typer.Option(envvar="EVAL_SEED", help="Seed of the attacks' random starts and noise (batch i uses a seed derived from it and i).")] = 0,
     normalise_captions: Annotated[bool, typer.Option("--normalise-captions/--no-normalise-captions", envvar="CAPTION_NORMALISE", help="Normalise captions as the reference evaluations do (lower case, punctuation stripped, 30 words); CAPTION_NORMALISE=0 keeps them as stored.")] = True,
+    constraint: Annotated[Optional[str], typer.Option(envvar="ATTACK_CONSTRAINT", help="BERT-Attack candidate filter: synonyms (WordNet synonyms of the replaced word only); default none, as the reference code.")] = None,
     report_to: ReportTo = None,
     wandb_mode: WandbMode = None,
 ) -> None:
@@ -438,7 +439,7 @@ def eval_command(
                 mode=_env_or_none(mode), split=split, data=_env_or_none(eval_data), size=size, batch_size=batch_size,
                 attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()), eps=eps, steps=steps,
                 step_size=step_size, top_k=top_k, n_words=n_words, precision=precision, device=device, seed=seed,
-                normalise_captions=normalise_captions,
+                normalise_captions=normalise_captions, constraint=_env_or_none(constraint),
             )
             config = override(config, report_to=_reporters(report_to), wandb_mode=_env_or_none(wandb_mode))
             record = evaluate(config, layout())

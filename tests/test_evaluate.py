@@ -135,11 +135,13 @@ def test_cli_turns_normalisation_off_and_sets_the_seed(trained, monkeypatch):
                        ("RUNS_DIR", trained.runs_dir), ("MODELS_DIR", trained.models_dir)):
         monkeypatch.setenv(key, str(value))
     monkeypatch.setenv("CAPTION_NORMALISE", "0")
+    monkeypatch.setenv("ATTACK_CONSTRAINT", "synonyms")
     result = CliRunner().invoke(app, ["eval", "--ckpt", str(trained.model_dir("synth", "clip")), "--name", "raw",
                                       "--size", "10", "--attacks", "", "--seed", "3"])
     assert result.exit_code == 0, result.output
     written = json.loads(eval_path(trained, "synth", "raw").read_text())
     assert written["settings"]["normalise_captions"] is False and written["settings"]["seed"] == 3
+    assert written["attack_options"]["constraint"] == "synonyms"
 
 
 def test_seed_reaches_the_attacks(trained):
