@@ -548,10 +548,10 @@ def study(
 @app.command()
 def demo(
     size: Annotated[Optional[int], typer.Option(envvar="DEMO_SIZE", help="Images in the embedded synth dataset, 80/10/10 split (default 3000).")] = None,
-    pretrain_steps: Annotated[Optional[int], typer.Option(envvar="DEMO_PRETRAIN_STEPS", help="CLIP pretraining steps (default 1000).")] = None,
-    train_steps: Annotated[Optional[int], typer.Option(envvar="DEMO_TRAIN_STEPS", help="Fine-tuning steps of every cell (default 100).")] = None,
+    pretrain_steps: Annotated[Optional[int], typer.Option(envvar="DEMO_PRETRAIN_STEPS", help="CLIP pretraining steps (default 700).")] = None,
+    train_steps: Annotated[Optional[int], typer.Option(envvar="DEMO_TRAIN_STEPS", help="Fine-tuning steps of every cell (default 70).")] = None,
     modes: Annotated[Optional[str], typer.Option(envvar="DEMO_MODES", help="Comma-separated training modes (default ft,tecoa,mat,matplus; add fare if wanted).")] = None,
-    eval_size: Annotated[Optional[int], typer.Option(envvar="DEMO_EVAL_SIZE", help="Test images per evaluation (default 300).")] = None,
+    eval_size: Annotated[Optional[int], typer.Option(envvar="DEMO_EVAL_SIZE", help="Test images per evaluation (default 150).")] = None,
     attacks: Annotated[Optional[str], typer.Option(envvar="DEMO_ATTACKS", help="Comma-separated attacks (default pgd,bert,coattack,sga).")] = None,
     stages: Annotated[Optional[str], typer.Option(envvar="DEMO_STAGES", help="Stages of the augmentation table, one MAT+ cell each (default i2t-human,eda,randaug).")] = None,
     seeds: Annotated[Optional[int], typer.Option(envvar="DEMO_SEEDS", help="Seeds per cell (default 1).")] = None,

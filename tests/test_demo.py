@@ -60,7 +60,7 @@ def test_the_study_command_accepts_the_demo_options(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, run.calls[-1])
     assert result.exit_code == 0, result.output
     cfg = seen["cfg"]
-    assert (cfg.steps, cfg.stages, cfg.combos, cfg.eval_size, cfg.modes) == (4, ("eda", "randaug"), (), 300,
+    assert (cfg.steps, cfg.stages, cfg.combos, cfg.eval_size, cfg.modes) == (4, ("eda", "randaug"), (), DemoConfig().eval_size,
                                                                           ("ft", "tecoa", "mat", "matplus"))
 
 
