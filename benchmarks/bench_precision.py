@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.models import build_clip, resolve_precision, train_tokenizers
+from pipeline.models import build_clip, cpu_info, resolve_precision, train_tokenizers
 from pipeline.sources.synth import captions_for, sample_params
 from pipeline.train.config import TrainConfig
 from pipeline.train.loop import train_step
@@ -80,12 +80,6 @@ def _step_seconds(repeats: int) -> dict[str, float]:
     return best
 
 
-def _cpu_name() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return "unknown"
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
 
 
 def run(repeats: int = 3) -> dict[str, float | str]:
@@ -96,7 +90,7 @@ def run(repeats: int = 3) -> dict[str, float | str]:
     return {
         "precision_auto_over_best": round(steps[here["auto"]] / min(steps.values()), 3),
         "precision_auto": here["auto"],
-        "precision_cpu": _cpu_name(),
+        "precision_cpu": cpu_info().get("model name", "unknown"),
         "precision_cpu_capability": here["cpu_capability"],
         "precision_bf16_step_cpu_s": round(steps["bf16"], 3),
         "precision_fp32_step_cpu_s": round(steps["fp32"], 3),

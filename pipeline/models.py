@@ -22,6 +22,7 @@ needs 5.x.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import string
@@ -116,13 +117,26 @@ def cpu_runs_bf16_natively() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_info() -> dict[str, str]:
+    """The first CPU's fields of Linux's /proc/cpuinfo ("model name", "flags", ...), read once per process
+    (autocast asks for every batch); empty where the file does not exist."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    info: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():  # the first processor's block ends
+            break
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    return info
+
+
 def cpu_flags() -> set[str]:
     """The CPU feature flags Linux reports (empty elsewhere: then "auto" takes the safe fp32)."""
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return next((set(line.split(":", 1)[1].split()) for line in cpuinfo.splitlines() if line.startswith("flags")), set())
+    return set(cpu_info().get("flags", "").split())
 
 
 def resolve_precision(precision: str, device: str | torch.device) -> str:
