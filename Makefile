@@ -48,7 +48,7 @@ $(APT_STAMP):
 	@mkdir -p $(VENV) && touch $@
 
 $(NLTK_STAMP): | $(STAMP) $(APT_STAMP)
-	$(PY) -m pipeline.wordnet_offline
+	$(PY) -m pipeline.augment.wordnet
 
 ingest: setup
 	$(CLI) ingest
@@ -60,7 +60,7 @@ augment: setup
 # stages offline: make tiny-models && make augment STAGES=i2t-internvl,t2i-sd \
 #   I2T_MODEL=$(MODELS_DIR)/tiny-internvl T2I_MODEL=$(MODELS_DIR)/tiny-sd
 tiny-models: setup
-	$(PY) -m pipeline.tiny_models $(MODELS_DIR)
+	$(PY) -m pipeline.augment.tiny_models $(MODELS_DIR)
 
 stats: setup
 	$(CLI) stats
@@ -99,8 +99,8 @@ bench: setup
 test: setup
 	$(PY) -m pytest -q
 
-# Only the CLI removes files (it knows which are the pipeline's: pipeline/clean.py); no `rm` is built here.
+# Only the CLI removes files (it knows which are the pipeline's: pipeline/commands/clean.py); no `rm` is built here.
 clean:
 	@if [ -x $(CLI) ]; then $(CLI) clean; \
-	elif [ -x $(PY) ] && $(PY) -c 'import pipeline.cli' 2>/dev/null; then $(PY) -m pipeline clean; \
+	elif [ -x $(PY) ] && $(PY) -c 'import pipeline.commands.cli' 2>/dev/null; then $(PY) -m pipeline clean; \
 	else echo "clean: the pipeline is not installed (make setup), so it has written nothing to remove"; fi

@@ -2,7 +2,7 @@
 
 A random-init `small` CLIP and masked LM (the demo's sizes) with tokenizers trained on the synth captions; one
 evaluation batch (the default ``EvalConfig.batch_size`` test images, 5 captions each, normalised) attacked the
-way `make eval` does it (:func:`pipeline.evaluate.attacked_embeddings`: the attack with its published defaults,
+way `make eval` does it (:func:`pipeline.evaluation.evaluate.attacked_embeddings`: the attack with its published defaults,
 then the adversarial images and captions embedded), at the evaluation's default precision (fp32). The cost of an
 attack does not depend on the weights being trained. Figures: attacked images per second for each attack, and
 its cost per image relative to one clean forward (embedding the images and their captions).
@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
-from pipeline.evaluate import DEFAULT_ATTACKS, EvalConfig, attacked_embeddings, embed, load_test_set
-from pipeline.ingest import IngestConfig, run_ingest
-from pipeline.models import autocast, build_clip, build_mlm, train_tokenizers
-from pipeline.paths import Layout
-from pipeline.stage import RunOptions
+from pipeline.evaluation.evaluate import DEFAULT_ATTACKS, EvalConfig, attacked_embeddings, embed, load_test_set
+from pipeline.data.ingest import IngestConfig, run_ingest
+from pipeline.models.device import autocast
+from pipeline.models.hf import build_clip, build_mlm, train_tokenizers
+from pipeline.core.paths import Layout
+from pipeline.core.executor import RunOptions
 from pipeline.train.pretrain import read_captions
 
 

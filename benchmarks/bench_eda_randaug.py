@@ -26,11 +26,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torchvision.transforms import v2
 
-from pipeline.images import encode_jpeg
-from pipeline.stage import BaseSample, StageContext
+from pipeline.core.images import encode_jpeg
+from pipeline.augment.stage import BaseSample, StageContext
 from stages.eda import EDAStage, detokenize, is_word, tokenize
 from stages.randaug import RandAugmentStage
 
@@ -48,7 +47,7 @@ def _samples(limit: int) -> list[BaseSample]:
         images = sorted(data["images"], key=lambda i: i["id"])[:limit]
         return [BaseSample(f"coco_{i['id']}", (COCO_MINI / "train2017" / i["file_name"]).read_bytes(),
                            captions[i["id"]], {"primary": 0}) for i in images]
-    from pipeline.sources import SourceOptions, read_source  # fallback: the embedded synth dataset
+    from pipeline.data.sources import SourceOptions, read_source  # fallback: the embedded synth dataset
 
     records = [r for r in read_source("synth", SourceOptions(synth_size=limit)) if hasattr(r, "captions")]
     return [BaseSample(r.image_id, r.read_image(), r.captions, {"primary": 0}) for r in records]

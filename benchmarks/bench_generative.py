@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.stage import BaseSample, StageContext
-from pipeline.tiny_models import build_tiny_internvl, build_tiny_sd
+from pipeline.augment.stage import BaseSample, StageContext
+from pipeline.augment.tiny_models import build_tiny_internvl, build_tiny_sd
 from stages.i2t_internvl import InternVLCaptionConfig, InternVLCaptionStage
 from stages.t2i_sd import StableDiffusionConfig, StableDiffusionStage
 

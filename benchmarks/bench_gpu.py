@@ -44,11 +44,12 @@ from PIL import Image
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertTokenizer, CLIPConfig, CLIPModel
 
 from pipeline.attacks import build_attack
-from pipeline.images import encode_jpeg
-from pipeline.models import CLIPBundle, MLMBundle, autocast, resolve_device, resolve_precision, train_tokenizers
-from pipeline.sources.synth import captions_for, sample_params
-from pipeline.stage import BaseSample, StageContext
-from pipeline.tiny_models import INTERNVL_CHAT_TEMPLATE, build_tiny_internvl
+from pipeline.core.images import encode_jpeg
+from pipeline.models.device import autocast, resolve_device, resolve_precision
+from pipeline.models.hf import CLIPBundle, MLMBundle, train_tokenizers
+from pipeline.data.sources.synth import captions_for, sample_params
+from pipeline.augment.stage import BaseSample, StageContext
+from pipeline.augment.tiny_models import INTERNVL_CHAT_TEMPLATE, build_tiny_internvl
 from pipeline.train.config import TrainConfig
 from pipeline.train.loop import train_step
 from pipeline.train.modes import DualEncoder, build_mode

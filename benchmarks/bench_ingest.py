@@ -6,9 +6,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.ingest import IngestConfig, run_ingest
-from pipeline.paths import Layout
-from pipeline.stage import RunOptions
+from pipeline.data.ingest import IngestConfig, run_ingest
+from pipeline.core.paths import Layout
+from pipeline.core.executor import RunOptions
 
 COCO_MINI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco-mini"
 

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.models import build_clip, cpu_info, resolve_precision, train_tokenizers
-from pipeline.sources.synth import captions_for, sample_params
+from pipeline.models.device import cpu_info, resolve_precision
+from pipeline.models.hf import build_clip, train_tokenizers
+from pipeline.data.sources.synth import captions_for, sample_params
 from pipeline.train.config import TrainConfig
 from pipeline.train.loop import train_step
 from pipeline.train.modes import DualEncoder, build_mode

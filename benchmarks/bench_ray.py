@@ -13,9 +13,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.ingest import IngestConfig, run_ingest
-from pipeline.paths import Layout
-from pipeline.stage import RunOptions, StageContext, run_stage
+from pipeline.data.ingest import IngestConfig, run_ingest
+from pipeline.core.paths import Layout
+from pipeline.augment.stage import StageContext, run_stage
+from pipeline.core.executor import RunOptions
 from stages.randaug import RandAugmentStage
 
 log = logging.getLogger(__name__)

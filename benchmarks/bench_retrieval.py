@@ -22,7 +22,7 @@ N_IMAGES, N_TEXTS, DIM = 5_000, 25_000, 512
 def measure() -> dict[str, float]:
     import torch
 
-    from pipeline.retrieval import recall_at_k, similarity
+    from pipeline.evaluation.retrieval import recall_at_k, similarity
 
     g = torch.Generator().manual_seed(0)
     img, txt = torch.randn(N_IMAGES, DIM, generator=g), torch.randn(N_TEXTS, DIM, generator=g)

@@ -15,12 +15,14 @@ from pathlib import Path
 import torch
 from PIL import ImageOps
 
-from pipeline.ingest import IngestConfig, run_ingest
-from pipeline.models import autocast, build_clip, train_tokenizers
-from pipeline.paths import Layout
-from pipeline.scoring import Scorer, ScorerConfig
-from pipeline.shards import list_shards, read_tar
-from pipeline.stage import BaseSample, RunOptions, SampleResult, Variant
+from pipeline.data.ingest import IngestConfig, run_ingest
+from pipeline.models.device import autocast
+from pipeline.models.hf import build_clip, train_tokenizers
+from pipeline.core.paths import Layout
+from pipeline.augment.scoring import Scorer, ScorerConfig
+from pipeline.core.shards import list_shards, read_tar
+from pipeline.augment.stage import BaseSample, SampleResult, Variant
+from pipeline.core.executor import RunOptions
 from pipeline.train.pretrain import read_captions
 
 IMAGES = 512

@@ -26,10 +26,12 @@ from pathlib import Path
 
 import torch
 
+from pipeline.curate.pairs import base_shard_urls
 from pipeline.attacks import BERTAttack, image_similarity_goal
-from pipeline.models import autocast, build_clip, build_mlm, load_clip, load_mlm, resolve_precision, train_tokenizers
-from pipeline.paths import Layout
-from pipeline.sources.synth import captions_for, sample_params
+from pipeline.models.device import autocast, resolve_precision
+from pipeline.models.hf import build_clip, build_mlm, load_clip, load_mlm, train_tokenizers
+from pipeline.core.paths import Layout
+from pipeline.data.sources.synth import captions_for, sample_params
 from pipeline.train import data
 from pipeline.train.config import PretrainConfig, TrainConfig
 from pipeline.train.loop import train_step
@@ -86,7 +88,7 @@ def _loader_samples_per_s(image_size: int, batches: int = 6) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         base = write_toy_shards(Path(tmp), shards=2, per_shard=2 * BATCH, image_size=image_size,
                                 text_stage="txt", image_stage="img")
-        urls = data.shard_urls(base, "train", ("txt", "img"))
+        urls = base_shard_urls(base, "train", ("txt", "img"))
         pipeline = data.build_pipeline(urls, batch_size=BATCH, image_size=image_size, stages=("txt", "img"),
                                        shuffle_buffer=BATCH)
         stream = iter(pipeline)

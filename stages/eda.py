@@ -7,7 +7,7 @@ below: nlpaug's ``RandomWordAug(action="insert")`` raises NotImplementedError an
 embeddings or a language model). Variant j of caption c uses ``ops[j % len(ops)]``, so the default four
 variants are one of each operation, as in the EDA paper's generator.
 
-WordNet and the POS tagger SynonymAug needs come from Debian packages (see pipeline/wordnet_offline.py: the
+WordNet and the POS tagger SynonymAug needs come from Debian packages (see pipeline/augment/wordnet.py: the
 tagger is an HMM over the Lingua::EN::Tagger lexicon); ``nltk.download`` is made to fail loudly.
 nlpaug has no seed argument: Python's global RNG is seeded per variant from
 ``seed_for(key, c * variants_per_caption + j)`` (numpy's too for an augmenter marked ``uses_numpy``; none of
@@ -34,8 +34,8 @@ from typing import Any, ClassVar, NamedTuple, Protocol
 
 import numpy as np
 
-from pipeline import wordnet_offline
-from pipeline.stage import BaseSample, SampleResult, Stage, StageContext, Variant
+from pipeline.augment import wordnet
+from pipeline.augment.stage import BaseSample, SampleResult, Stage, StageContext, Variant
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ OPS: dict[str, Op] = {
 class KeySeeds:
     """``Stage.seed_for(key, v)`` for the variants of one key, cheaper: the SHA-256 of the parts that repeat
     (dataset, stage name, key) is computed once and copied per variant; the hashed bytes are exactly
-    ``pipeline.seeding.derive_seed``'s (a test compares the two)."""
+    ``pipeline.core.seeding.derive_seed``'s (a test compares the two)."""
 
     def __init__(self, stage: Stage, key: str):
         self._hash = hashlib.sha256(f"{stage.context.dataset}\x1f{stage.name}\x1f{key}\x1f".encode())
@@ -230,11 +230,11 @@ class EDAStage(Stage):
 
     @classmethod
     def availability(cls, config: Any = None) -> tuple[bool, str]:
-        return wordnet_offline.availability()
+        return wordnet.availability()
 
     def setup(self) -> None:
-        self.wordnet = wordnet_offline.load_wordnet()
-        self.tagger = wordnet_offline.load_tagger()
+        self.wordnet = wordnet.load_wordnet()
+        self.tagger = wordnet.load_tagger()
         words = self.tagger.function_words | _AUXILIARIES
         self.stopwords = frozenset(words | {w.capitalize() for w in words})
         self.augmenters = {op: OPS[op].build(self) for op in dict.fromkeys(self.config.ops)}

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from pipeline.stage import BaseSample, SampleResult, Stage, Variant
+from pipeline.augment.stage import BaseSample, SampleResult, Stage, Variant
 
 OP = "i2t-human"
 

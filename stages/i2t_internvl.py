@@ -1,7 +1,7 @@
 """i2t-internvl: new captions for each image, written by an InternVL vision-language model.
 
 Backends (`backend`): `transformers` (InternVL "-hf" checkpoints, runs anywhere, used by the tests) and `lmdeploy`
-(TurboMind / PyTorch engine on an NVIDIA GPU, from its own environment). See pipeline/captioning.py.
+(TurboMind / PyTorch engine on an NVIDIA GPU, from its own environment). See pipeline/augment/captioning.py.
 lmdeploy loads InternVL checkpoints with `trust_remote_code=True` internally (the checkpoint's own Python code
 runs), so that backend takes only a local checkpoint directory unless `trust_remote_code` is set
 (`--trust-remote-code` / TRUST_REMOTE_CODE=1 on `augment`).
@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from pipeline.captioning import (
+from pipeline.augment.captioning import (
     CAPTIONERS,
     DEFAULT_PROMPT,
     DTYPES,
@@ -33,7 +33,7 @@ from pipeline.captioning import (
     remote_code_problem,
     resolve_checkpoint,
 )
-from pipeline.stage import BaseSample, SampleResult, Stage, StageContext, Variant
+from pipeline.augment.stage import BaseSample, SampleResult, Stage, StageContext, Variant
 
 DEFAULT_MODEL = "OpenGVLab/InternVL3-1B-hf"
 

@@ -24,9 +24,9 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from pipeline.images import encode_jpeg
-from pipeline.seeding import derive_seed
-from pipeline.stage import BaseSample, SampleResult, Stage, StageContext, Variant
+from pipeline.core.images import encode_jpeg
+from pipeline.core.seeding import derive_seed
+from pipeline.augment.stage import BaseSample, SampleResult, Stage, StageContext, Variant
 
 OP = "randaug"
 

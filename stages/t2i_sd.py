@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.captioning import (
+from pipeline.augment.captioning import (
     DTYPES,
     checkpoint_problem,
     checkpoint_revision,
@@ -31,9 +31,9 @@ from pipeline.captioning import (
     resolve_checkpoint,
     resolve_dtype,
 )
-from pipeline.images import encode_jpeg
-from pipeline.models import resolve_device
-from pipeline.stage import BaseSample, SampleResult, Stage, StageContext, Variant
+from pipeline.core.images import encode_jpeg
+from pipeline.models.device import resolve_device
+from pipeline.augment.stage import BaseSample, SampleResult, Stage, StageContext, Variant
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 MARKER = "model_index.json"

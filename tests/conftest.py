@@ -52,7 +52,7 @@ def tiny_captions() -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory, tiny_captions) -> dict[str, str]:
     """{"clip": dir, "mlm": dir} of tiny random-init models saved with save_pretrained."""
-    from pipeline.models import build_clip, build_mlm, train_tokenizers
+    from pipeline.models.hf import build_clip, build_mlm, train_tokenizers
 
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("tiny_models")
@@ -64,14 +64,14 @@ def tiny_model_dirs(tmp_path_factory, tiny_captions) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def tiny_clip(tiny_model_dirs):
-    from pipeline.models import load_clip
+    from pipeline.models.hf import load_clip
 
     return load_clip(tiny_model_dirs["clip"])
 
 
 @pytest.fixture(scope="session")
 def tiny_mlm(tiny_model_dirs):
-    from pipeline.models import load_mlm
+    from pipeline.models.hf import load_mlm
 
     return load_mlm(tiny_model_dirs["mlm"])
 

@@ -4,7 +4,6 @@ import contextlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import pipeline.attacks.sga as sga_module
 from pipeline.attacks import (
@@ -235,7 +234,7 @@ def test_sga_runs_text_image_text_with_set_level_guidance(tiny_clip, tiny_mlm, t
 
 @pytest.mark.parametrize("name", ["pgd", "coattack", "sga"])
 def test_eval_eps_without_step_size_scales_how_far_images_move(name, tiny_clip, tiny_mlm, tiny_captions):
-    from pipeline.evaluate import EvalConfig
+    from pipeline.evaluation.evaluate import EvalConfig
 
     images = torch.rand(3, 3, tiny_clip.image_size, tiny_clip.image_size, generator=torch.Generator().manual_seed(5))
     groups = _groups(tiny_captions, len(images))

@@ -11,8 +11,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline import bench
-from pipeline.cli import app
+from pipeline.commands import bench
+from pipeline.commands.cli import app
 
 MARKER = "executed-from-cwd"
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from pipeline.attacks import BERTAttack, build_attack, image_similarity_goal, text_drift_goal
 from pipeline.attacks.text_parts import FILTER_WORDS, STOP_WORDS, Caption, TokenEditor
-from pipeline.models import build_clip, train_tokenizers
+from pipeline.models.hf import build_clip, train_tokenizers
 
 WORD = re.compile(r"[A-Za-z0-9]+(?:'[A-Za-z]+)?")
 
@@ -289,7 +289,7 @@ def test_batched_attack_equals_per_sample_loop(clip, tiny_mlm, tiny_captions, va
 
 @pytest.mark.parametrize("variant", ["reference", "fast"])
 def test_synonym_constraint_keeps_only_wordnet_synonyms(clip, tiny_mlm, variant):
-    from pipeline.wordnet_offline import availability, load_wordnet
+    from pipeline.augment.wordnet import availability, load_wordnet
 
     if not availability()[0]:
         pytest.skip(availability()[1])

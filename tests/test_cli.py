@@ -7,10 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from pipeline.commands.cli import app
 
 runner = CliRunner()
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.demo import DemoConfig, DemoError, run_demo
-from pipeline.paths import Layout
+from pipeline.commands.demo import DemoConfig, DemoError, run_demo
+from pipeline.core.paths import Layout
 
 
 class Recorder:
@@ -49,8 +49,8 @@ def test_the_study_command_accepts_the_demo_options(tmp_path, monkeypatch):
     """The argv the demo builds parses as the study command's options (no unknown option)."""
     from typer.testing import CliRunner
 
-    import pipeline.study as study
-    from pipeline.cli import app
+    import pipeline.study.run as study
+    from pipeline.commands.cli import app
 
     seen = {}
     monkeypatch.setattr(study, "run_study", lambda cfg, layout, echo: seen.setdefault("cfg", cfg) and {"markdown": ""})

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import wordnet_offline
-from pipeline.stage import BaseSample, StageContext
+from pipeline.augment import wordnet
+from pipeline.augment.stage import BaseSample, StageContext
 from stages.eda import OPS, EDAStage, KeySeeds, WordNetInsertion, detokenize, is_word, split_caption, tokenize
 
 CAPTIONS = [
@@ -24,7 +24,7 @@ CAPTIONS = [
 
 
 def _require_wordnet() -> None:
-    ok, reason = wordnet_offline.availability()
+    ok, reason = wordnet.availability()
     if not ok:
         if os.environ.get("CI"):
             pytest.fail(reason)
@@ -64,32 +64,32 @@ def _run(stage: EDAStage, captions: list[str], key: str = "k0"):
 
 
 def test_prepare_copies_wordnet_and_writes_lexnames(tmp_path: Path, monkeypatch) -> None:
-    if not (wordnet_offline.DEBIAN_WORDNET_DIR / "data.noun").exists():
+    if not (wordnet.DEBIAN_WORDNET_DIR / "data.noun").exists():
         pytest.skip("Debian wordnet-base not installed")
     import nltk
     from nltk.corpus.reader import WordNetCorpusReader
 
     monkeypatch.setattr(nltk.data, "path", [str(tmp_path), *nltk.data.path])  # nltk reads only its data roots
 
-    wordnet_offline.prepare(tmp_path)
-    root = wordnet_offline.wordnet_dir(tmp_path)
+    wordnet.prepare(tmp_path)
+    root = wordnet.wordnet_dir(tmp_path)
     lines = (root / "lexnames").read_text().splitlines()
     assert len(lines) == 45 and lines[5] == "05\tnoun.animal\t1" and lines[44] == "44\tadj.ppl\t3"
     assert not any(p.is_symlink() for p in root.iterdir())
     reader = WordNetCorpusReader(str(root), None)
     assert reader.synset("dog.n.01").lexname() == "noun.animal"
-    assert wordnet_offline.availability(tmp_path) == (True, "")
-    assert not wordnet_offline.availability(tmp_path / "nowhere")[0]
+    assert wordnet.availability(tmp_path) == (True, "")
+    assert not wordnet.availability(tmp_path / "nowhere")[0]
 
 
 def test_nltk_download_fails_loudly() -> None:
     import nltk
     import nltk.downloader
 
-    wordnet_offline.guard_nltk_download()
-    with pytest.raises(wordnet_offline.OfflineDataError, match="offline"):
+    wordnet.guard_nltk_download()
+    with pytest.raises(wordnet.OfflineDataError, match="offline"):
         nltk.download("averaged_perceptron_tagger")
-    with pytest.raises(wordnet_offline.OfflineDataError):
+    with pytest.raises(wordnet.OfflineDataError):
         nltk.downloader.Downloader().download("wordnet")
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.eval_resume import PartialStore
-from pipeline.evaluate import EvalConfig, eval_path, evaluate, load_test_set, resume_fingerprint
-from pipeline.paths import Layout
+from pipeline.evaluation.resume import PartialStore
+from pipeline.evaluation.evaluate import EvalConfig, eval_path, evaluate, load_test_set, resume_fingerprint
+from pipeline.core.paths import Layout
 
 SIZE, BATCH = 20, 4  # 5 batches per attack in the kill test
 QUICK = {"size": 12, "steps": 2, "top_k": 3}  # the in-process tests: 3 batches per attack, cheap attacks
@@ -27,9 +27,9 @@ QUICK = {"size": 12, "steps": 2, "top_k": 3}  # the in-process tests: 3 batches 
 @pytest.fixture(scope="module")
 def layout(tmp_path_factory) -> Layout:
     """synth (200 images, 20 test) and random-init tiny CLIP / masked LM with tokenizers of its captions."""
-    from pipeline.ingest import IngestConfig, run_ingest
-    from pipeline.models import build_clip, build_mlm, train_tokenizers
-    from pipeline.stage import RunOptions
+    from pipeline.data.ingest import IngestConfig, run_ingest
+    from pipeline.models.hf import build_clip, build_mlm, train_tokenizers
+    from pipeline.core.executor import RunOptions
     from pipeline.train.pretrain import read_captions
 
     root = tmp_path_factory.mktemp("eval_resume")
@@ -182,7 +182,7 @@ def test_finished_attacks_are_skipped_on_resume(layout, monkeypatch):
 
 
 def test_fingerprint_follows_every_setting_that_changes_the_numbers(layout):
-    from pipeline.models import load_clip
+    from pipeline.models.hf import load_clip
 
     clip_dir = str(layout.model_dir("synth", "clip"))
     mlm_dir = str(layout.model_dir("synth", "mlm"))
@@ -212,7 +212,7 @@ def test_fingerprint_follows_every_setting_that_changes_the_numbers(layout):
 
 
 def test_clean_removes_interrupted_evaluations(tmp_path):
-    from pipeline.clean import clean
+    from pipeline.commands.clean import clean
 
     layout = Layout(shards_dir=tmp_path / "shards", manifests_dir=tmp_path / "manifests", runs_dir=tmp_path / "runs",
                     models_dir=tmp_path / "models")

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from pipeline.evaluate import (
+from pipeline.evaluation.evaluate import (
     CLEAN,
     EvalConfig,
     attacked_embeddings,
@@ -18,14 +18,14 @@ from pipeline.evaluate import (
     normalise_caption,
     resolve_checkpoint,
 )
-from pipeline.paths import Layout
+from pipeline.core.paths import Layout
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Layout:
     """synth (600 images, 60 test) ingested, a tiny CLIP and masked LM pretrained on it by `pretrain`."""
-    from pipeline.ingest import IngestConfig, run_ingest
-    from pipeline.stage import RunOptions
+    from pipeline.data.ingest import IngestConfig, run_ingest
+    from pipeline.core.executor import RunOptions
     from pipeline.train.config import PretrainConfig
     from pipeline.train.pretrain import pretrain
 
@@ -72,7 +72,7 @@ def test_bert_attack_with_the_synonym_constraint_is_weaker_than_pgd(trained, rec
     must share a WordNet synset with the word it replaces, standing in for the BERT-Attack paper's semantic
     filter) its edits keep the caption's meaning, and it is weaker than PGD at 2/255 and than the unconstrained
     reference attack, the published order PGD > BERT-Attack (Co-Attack / SGA tables)."""
-    from pipeline.wordnet_offline import availability
+    from pipeline.augment.wordnet import availability
 
     if not availability()[0]:
         pytest.skip(availability()[1])
@@ -117,7 +117,7 @@ def test_captions_normalised_as_the_reference_pre_caption(caption, expected):
 
 
 def test_captions_normalised_by_default_and_kept_when_asked(trained):
-    from pipeline.models import load_clip
+    from pipeline.models.hf import load_clip
 
     clip = load_clip(str(trained.model_dir("synth", "clip")), device="cpu")
     normalised = load_test_set(trained.base_dir("synth"), "test", clip, 10)
@@ -129,7 +129,7 @@ def test_captions_normalised_by_default_and_kept_when_asked(trained):
 def test_cli_turns_normalisation_off_and_sets_the_seed(trained, monkeypatch):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from pipeline.commands.cli import app
 
     for key, value in (("SHARDS_DIR", trained.shards_dir), ("MANIFESTS_DIR", trained.manifests_dir),
                        ("RUNS_DIR", trained.runs_dir), ("MODELS_DIR", trained.models_dir)):
@@ -146,7 +146,7 @@ def test_cli_turns_normalisation_off_and_sets_the_seed(trained, monkeypatch):
 
 def test_seed_reaches_the_attacks(trained):
     """The same seed gives the same PGD examples, another seed other ones (the random start)."""
-    from pipeline.models import load_clip
+    from pipeline.models.hf import load_clip
 
     clip = load_clip(str(trained.model_dir("synth", "clip")), device="cpu")
     data = load_test_set(trained.base_dir("synth"), "test", clip, 8)

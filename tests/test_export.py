@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from pipeline import export
-from pipeline.export import ExportConfig, run_export
-from pipeline.paths import Layout
-from pipeline.shards import list_shards, read_tar, sha256_file, write_stats, write_tar
+from pipeline.curate import export
+from pipeline.curate.export import ExportConfig, run_export
+from pipeline.core.paths import Layout
+from pipeline.core.shards import list_shards, read_tar, write_stats, write_tar
+from pipeline.core.fileio import sha256_file
 from pipeline.train.toy import write_toy_shards
 
 IMAGES = 2 * 6  # write_toy_shards(shards=2, per_shard=6)
@@ -112,8 +113,8 @@ def test_an_interrupted_export_is_detected_and_redone(layout, monkeypatch):
 def test_cli_export_and_clean_remove_it(layout, monkeypatch):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
-    from pipeline.clean import clean
+    from pipeline.commands.cli import app
+    from pipeline.commands.clean import clean
 
     monkeypatch.setenv("SHARDS_DIR", str(layout.shards_dir))
     monkeypatch.setenv("MANIFESTS_DIR", str(layout.manifests_dir))

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from pipeline.ingest import IngestConfig, run_ingest
-from pipeline.paths import Layout
-from pipeline.shards import list_shards, read_tar
-from pipeline.stage import BaseSample, StageContext, run_stage
+from pipeline.data.ingest import IngestConfig, run_ingest
+from pipeline.core.paths import Layout
+from pipeline.core.shards import list_shards, read_tar
+from pipeline.augment.stage import BaseSample, StageContext, run_stage
 from stages.i2t_human import I2THumanStage
 
 CAPTIONS = ["A dog runs on grass.", "A brown dog running.", "A puppy plays outside.", "Dog in a field.",

@@ -15,9 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.captioning import CheckpointNotFound, LmdeployCaptioner, RemoteCodeRefused, clean_caption
-from pipeline.stage import BaseSample, StageContext
-from pipeline.tiny_models import build_tiny_internvl
+from pipeline.augment.captioning import CheckpointNotFound, LmdeployCaptioner, RemoteCodeRefused, clean_caption
+from pipeline.augment.stage import BaseSample, StageContext
+from pipeline.augment.tiny_models import build_tiny_internvl
 from stages.i2t_internvl import InternVLCaptionConfig, InternVLCaptionStage
 
 COCO = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-mini" / "val2017"
@@ -225,7 +225,7 @@ def test_lmdeploy_refuses_a_hub_checkpoint_unless_its_code_is_trusted(fake_lmdep
 def test_augment_cli_needs_trust_remote_code_for_a_hub_checkpoint_on_lmdeploy(tmp_path):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from pipeline.commands.cli import app
 
     env = {"SHARDS_DIR": str(tmp_path / "s"), "MANIFESTS_DIR": str(tmp_path / "m"), "TRUST_REMOTE_CODE": ""}
     argv = ["augment", "--stages", "i2t-internvl", "--set", "i2t-internvl.backend=lmdeploy",

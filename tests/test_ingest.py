@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.ingest import IngestConfig, run_ingest
-from pipeline.paths import Layout
-from pipeline.shards import ShardError, list_shards, read_stats, read_tar, sha256_file, stats_path
-from pipeline.stage import RunOptions
+from pipeline.data.ingest import IngestConfig, run_ingest
+from pipeline.core.paths import Layout
+from pipeline.core.shards import ShardError, list_shards, read_stats, read_tar, stats_path
+from pipeline.core.fileio import sha256_file
+from pipeline.core.executor import RunOptions
 
 COCO_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-mini"
 

@@ -28,9 +28,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.ingest import IngestConfig, run_ingest
-from pipeline.paths import Layout
-from pipeline.shards import list_shards
+from pipeline.data.ingest import IngestConfig, run_ingest
+from pipeline.core.paths import Layout
+from pipeline.core.shards import list_shards
 from pipeline.train import checkpoints
 
 log = logging.getLogger(__name__)

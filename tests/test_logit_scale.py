@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from pipeline.models import load_clip
-from pipeline.paths import Layout
+from pipeline.models.hf import load_clip
+from pipeline.core.paths import Layout
 from pipeline.train.config import DataConfig, OptimConfig, TrainConfig
 from pipeline.train.loop import LOGIT_SCALE_MAX, clamp_logit_scale
 from pipeline.train.main import train

@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from pipeline.metrics import (
+from pipeline.core.metrics import (
     FewSamplesWarning,
     MahalanobisReference,
     RunningGaussian,

@@ -6,15 +6,7 @@ from PIL import Image
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from pipeline.models import (
-    CLIP_PRESETS,
-    ModelNotFoundError,
-    build_clip,
-    load_clip,
-    load_mlm,
-    projected,
-    train_tokenizers,
-)
+from pipeline.models.hf import CLIP_PRESETS, ModelNotFoundError, build_clip, load_clip, load_mlm, projected, train_tokenizers
 
 
 def test_tokenizers_are_word_level_on_the_caption_vocabulary(tiny_captions):
@@ -146,7 +138,7 @@ def test_an_unknown_features_return_type_is_named():
 
 
 def test_training_tokenizers_on_transformers_4_is_refused_by_name(tiny_captions, monkeypatch):
-    monkeypatch.setattr("pipeline.models.TRANSFORMERS_VERSION", "4.57.6")
+    monkeypatch.setattr("pipeline.models.hf.TRANSFORMERS_VERSION", "4.57.6")
     with pytest.raises(RuntimeError, match="transformers>=5; installed: 4.57.6"):
         train_tokenizers(tiny_captions, vocab_size=100)
 

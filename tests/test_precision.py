@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from pipeline import models
-from pipeline.models import autocast, resolve_precision
+from pipeline.models import device as models
+from pipeline.models.device import autocast, resolve_precision
 
 
 @pytest.fixture
@@ -69,7 +69,7 @@ def test_autocast_follows_the_resolved_precision(cpu):
 def test_choice_is_logged_once(cpu, caplog, monkeypatch):
     monkeypatch.setattr(models, "_logged_choices", set())
     cpu("AVX2", {"avx2"})
-    with caplog.at_level(logging.INFO, logger="pipeline.models"):
+    with caplog.at_level(logging.INFO, logger="pipeline.models.device"):
         for _ in range(3):
             resolve_precision("auto", "cpu")
     assert [r.getMessage() for r in caplog.records].count("precision auto -> fp32 (CPU capability AVX2)") == 1
@@ -78,6 +78,6 @@ def test_choice_is_logged_once(cpu, caplog, monkeypatch):
 def test_real_torch_limited_to_avx2_resolves_to_fp32():
     """Not a mock: torch itself told to use AVX2 kernels, as on an AVX2-only machine."""
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
-    out = subprocess.run([sys.executable, "-c", "from pipeline.models import resolve_precision as r; print(r('auto', 'cpu'))"],
+    out = subprocess.run([sys.executable, "-c", "from pipeline.models.device import resolve_precision as r; print(r('auto', 'cpu'))"],
                          env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "fp32"

@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from pipeline.evaluate import load_test_set
-from pipeline.images import RRC_RATIO, RRC_SCALE, _rrc_box, decode_rgb, encode_jpeg, model_pixels
-from pipeline.shards import read_tar, sample_key, shard_name, write_tar
+from pipeline.curate.pairs import base_shard_urls
+from pipeline.evaluation.evaluate import load_test_set
+from pipeline.core.images import RRC_RATIO, RRC_SCALE, _rrc_box, decode_rgb, encode_jpeg, model_pixels
+from pipeline.core.shards import read_tar, sample_key, shard_name, write_tar
 from pipeline.train import data
 
 WIDTH, HEIGHT = 70, 56  # non-square (within RandomResizedCrop's aspect range): squash != centre crop
@@ -38,7 +39,7 @@ def wide_shard(tmp_path_factory):
 
 
 def _train_pixels(base, size: int, augment: str = "none", seed: int = 0) -> torch.Tensor:
-    urls = data.shard_urls(base, "train")
+    urls = base_shard_urls(base, "train")
     pipeline = data.build_pipeline(urls, batch_size=1, image_size=size, shuffle_buffer=0, resampled=False,
                                    seed=seed, augment=augment)
     return next(iter(pipeline))["images"][0]

@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.images import encode_jpeg
-from pipeline.ingest import IngestConfig, run_ingest
-from pipeline.paths import Layout
-from pipeline.shards import list_shards, stats_path
-from pipeline.stage import BaseSample, StageContext, run_stage
+from pipeline.core.images import encode_jpeg
+from pipeline.data.ingest import IngestConfig, run_ingest
+from pipeline.core.paths import Layout
+from pipeline.core.shards import list_shards, stats_path
+from pipeline.augment.stage import BaseSample, StageContext, run_stage
 from stages.randaug import RandAugmentStage
 
 

@@ -20,10 +20,11 @@ from typing import ClassVar
 
 import pytest
 
-from pipeline.ingest import IngestConfig, run_ingest
-from pipeline.paths import Layout
-from pipeline.shards import list_shards, read_stats, shard_is_done, stats_path
-from pipeline.stage import RunOptions, StageContext, StageJob, run_stage
+from pipeline.data.ingest import IngestConfig, run_ingest
+from pipeline.core.paths import Layout
+from pipeline.core.shards import list_shards, read_stats, shard_is_done, stats_path
+from pipeline.augment.stage import StageContext, StageJob, run_stage
+from pipeline.core.executor import RunOptions
 from stages.randaug import RandAugmentStage
 
 DATASET = "synth"
@@ -117,7 +118,7 @@ def test_ray_run_is_byte_identical_to_local_and_resumes(ray_session, base_root, 
 
 def test_generative_stage_on_ray_matches_local(ray_session, base_root, tmp_path) -> None:
     """t2i-sd with a tiny random SD checkpoint: each actor loads the pipeline once; same bytes as local."""
-    from pipeline.tiny_models import build_tiny_sd
+    from pipeline.augment.tiny_models import build_tiny_sd
     from stages.t2i_sd import StableDiffusionStage
 
     config = StableDiffusionStage.Config(model=str(build_tiny_sd(tmp_path / "sd")), steps=2, height=32, width=32,
@@ -192,8 +193,8 @@ def test_shard_failing_past_retries_is_recorded(ray_session, base_root, tmp_path
 
 
 def test_get_executor_registers_ray(ray_session) -> None:
-    from pipeline.executor import EXECUTORS, get_executor
-    from pipeline.ray_executor import run_ray
+    from pipeline.core.executor import EXECUTORS, get_executor
+    from pipeline.core.ray_executor import run_ray
 
     assert get_executor("ray") is run_ray and EXECUTORS["ray"] is run_ray
 
@@ -209,7 +210,7 @@ def _job(device: str = "cpu", config_device: str | None = None, needs_gpu: bool 
 
 
 def test_gpu_stages_get_an_actor_per_gpu(ray_session, monkeypatch) -> None:
-    from pipeline.ray_executor import ActorResources, actor_resources, pool_size, task_needs_gpu
+    from pipeline.core.ray_executor import ActorResources, actor_resources, pool_size, task_needs_gpu
 
     assert not task_needs_gpu(_job("cpu"))
     assert task_needs_gpu(_job("cuda"))  # DEVICE=cuda, stage without its own device option

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from pipeline.paths import Layout
-from pipeline.report import METRICS, build_report
+from pipeline.core.paths import Layout
+from pipeline.evaluation.report import METRICS, build_report
 
 
 def _eval(name: str, mode: str, r1: dict[str, float]) -> dict:

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.paths import Layout
+from pipeline.core.paths import Layout
 from pipeline.train import checkpoints
 from pipeline.train.config import DataConfig, OptimConfig, TrainConfig
 from pipeline.train.main import train

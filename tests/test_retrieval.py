@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.retrieval import attack_success_rate, recall_at_k, retrieval_ranks, similarity
+from pipeline.evaluation.retrieval import attack_success_rate, recall_at_k, retrieval_ranks, similarity
 
 
 def _brute_force(sim: torch.Tensor, txt2img: list[int], k: int) -> tuple[float, float]:

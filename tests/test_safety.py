@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.clean import clean
-from pipeline.evaluate import eval_path
-from pipeline.filters import filter_path, find_filter
-from pipeline.ingest import IngestConfig, run_ingest
-from pipeline.paths import NAME_MAX, Layout, is_plain_name, plain_name
+from pipeline.commands.cli import app
+from pipeline.commands.clean import clean
+from pipeline.evaluation.evaluate import eval_path
+from pipeline.curate.filters import filter_path, find_filter
+from pipeline.data.ingest import IngestConfig, run_ingest
+from pipeline.core.paths import NAME_MAX, Layout, is_plain_name, plain_name
 
 ROOT = Path(__file__).parents[1]
 BAD_NAMES = ["..", "../x", "/etc", "a/b", "", "x" * (NAME_MAX + 1), ".hidden", "-rf", "a\\b", "a..b", "a b", "\x00"]

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import CLIPTokenizer
 
-from pipeline.metrics import RunningGaussian, frechet_from_stats
-from pipeline.paths import Layout
-from pipeline.scoring import Scorer, ScorerConfig, ScorerNotFoundError, load_scorer, summarize_features
-from pipeline.shards import sample_key, shard_name, write_stats, write_tar
+from pipeline.core.metrics import RunningGaussian, frechet_from_stats, frechet_summary, merge_feature_stats
+from pipeline.core.paths import Layout
+from pipeline.augment.scoring import Scorer, ScorerConfig, ScorerNotFoundError, load_scorer
+from pipeline.core.shards import sample_key, shard_name, write_stats, write_tar
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30),
            "purple": (140, 30, 170), "cyan": (30, 210, 210), "white": (240, 240, 240), "black": (15, 15, 15)}
@@ -64,7 +64,7 @@ def jpeg(image: Image.Image) -> bytes:
 
 def train_toy_clip(directory: Path, seed: int = 0, steps: int = 80) -> str:
     """A tiny CLIP (models.py 'tiny' preset) trained a few seconds to match colour words with colour images."""
-    from pipeline.models import build_clip
+    from pipeline.models.hf import build_clip
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -124,7 +124,7 @@ def scorer(toy_clip_dir, toy_base) -> Scorer:
 
 def _planted_stage_results(records: list[dict], rng: np.random.Generator):
     """Per sample: genuine text variants, a caption of another colour, a garbled caption; image variants likewise."""
-    from pipeline.stage import BaseSample, SampleResult, Variant
+    from pipeline.augment.stage import BaseSample, SampleResult, Variant
 
     names = list(COLOURS)
     samples, text_results, image_results = [], [], []
@@ -178,7 +178,7 @@ def test_shard_feature_stats_match_raw_features(scorer: Scorer, toy_base) -> Non
     halves = [(samples[:10], image_results[:10]), (samples[10:], image_results[10:])]
     per_shard = [json.loads(json.dumps(scorer.score_shard(s, r, "image"))) for s, r in halves]
     assert set(per_shard[0]) == {"image"}
-    summary = summarize_features(per_shard)
+    summary = frechet_summary(merge_feature_stats(per_shard))
     originals = scorer.embed_images([s.image_bytes for s in samples])
     variants = scorer.embed_images([v.image_jpeg for r in image_results for v in r.variants])
     direct = frechet_from_stats(RunningGaussian(scorer.dim).update(variants),
@@ -235,8 +235,9 @@ class _PlantedStage:
 
 
 def test_runner_scores_and_filter_drops_planted_variants(scorer: Scorer, toy_base) -> None:
-    from pipeline.filters import FilterConfig, load_filter, filter_path, run_filter
-    from pipeline.stage import RunOptions, Stage, StageContext, run_stage
+    from pipeline.curate.filters import FilterConfig, load_filter, filter_path, run_filter
+    from pipeline.augment.stage import Stage, StageContext, run_stage
+    from pipeline.core.executor import RunOptions
 
     layout, _ = toy_base
     stages = [type(f"Planted{m}", (_PlantedStage, Stage), {"name": f"planted-{m}", "modality": m}) for m in ("text", "image")]
@@ -251,7 +252,7 @@ def test_runner_scores_and_filter_drops_planted_variants(scorer: Scorer, toy_bas
     keep = load_filter(filter_path(layout, "toy", "clean"))
     kept_ops: dict[str, list[str]] = {}
     for stage_cls in stages:
-        from pipeline.stats import read_stage_scores
+        from pipeline.curate.stats import read_stage_scores
 
         scores = read_stage_scores(stage_cls.name, layout.stage_dir("toy", stage_cls.name))
         for key, index, op in zip(scores.keys, scores.index, scores.ops):

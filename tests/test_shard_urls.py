@@ -8,11 +8,11 @@ import shutil
 import pytest
 import torch
 
-from pipeline.evaluate import EvalConfig, evaluate
-from pipeline.models import load_clip
-from pipeline.paths import Layout
-from pipeline.shard_urls import check_stage_urls, dataset_size, expand_urls, read_url, stage_url
-from pipeline.shards import read_tar
+from pipeline.evaluation.evaluate import EvalConfig, evaluate
+from pipeline.models.hf import load_clip
+from pipeline.core.paths import Layout
+from pipeline.core.shard_urls import check_stage_urls, dataset_size, expand_urls, read_url, stage_url
+from pipeline.core.shards import read_tar
 from pipeline.train.config import DataConfig, OptimConfig, TrainConfig
 from pipeline.train.main import train
 from pipeline.train.toy import write_toy_shards
@@ -88,8 +88,8 @@ def test_training_from_a_pipe_url_pattern_equals_training_from_the_dataset_folde
 
 
 def test_evaluation_from_a_pipe_url_equals_evaluation_from_the_dataset_folder(tmp_path, tiny_model_dirs):
-    from pipeline.ingest import IngestConfig, run_ingest
-    from pipeline.stage import RunOptions
+    from pipeline.data.ingest import IngestConfig, run_ingest
+    from pipeline.core.executor import RunOptions
 
     layout = _layout(tmp_path / "ingested")
     run_ingest(IngestConfig(dataset="synth", synth_size=60, shard_size=1000), layout, RunOptions(workers=1))

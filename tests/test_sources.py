@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.sources import Record, Skip, SourceError, SourceOptions, SplitFractions, detect_format, read_source
-from pipeline.sources.synth import CAPTIONS_PER_IMAGE
+from pipeline.data.sources import Record, Skip, SourceError, SourceOptions, SplitFractions, detect_format, read_source
+from pipeline.data.sources.synth import CAPTIONS_PER_IMAGE
 
 COCO_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-mini"
 

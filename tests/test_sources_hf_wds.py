@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.ingest import IngestConfig, run_ingest
-from pipeline.paths import Layout
-from pipeline.shards import list_shards, sha256_file, write_tar
-from pipeline.sources import SourceError, detect_format
+from pipeline.data.ingest import IngestConfig, run_ingest
+from pipeline.core.paths import Layout
+from pipeline.core.shards import list_shards, write_tar
+from pipeline.core.fileio import sha256_file
+from pipeline.data.sources import SourceError, detect_format
 
 COCO_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-mini"
 needs_coco = pytest.mark.skipif(not COCO_MINI.exists(), reason="needs ../shared/data/coco-mini")
@@ -115,7 +116,7 @@ def test_hf_embedded_images_and_row_per_caption_grouping(tmp_path):
 
 
 def _read(tar: Path) -> list[dict]:
-    from pipeline.shards import read_tar
+    from pipeline.core.shards import read_tar
 
     return read_tar(tar)
 
@@ -220,7 +221,7 @@ def test_cli_ingest_hf_with_limit(tmp_path, monkeypatch):
     import datasets
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from pipeline.commands.cli import app
 
     rows = [{"img": {"bytes": jpeg((10 * i, 0, 0)), "path": f"p{i}.jpg"}, "text": f"picture {i}"} for i in range(6)]
     features = datasets.Features({"img": datasets.Image(), "text": datasets.Value("string")})

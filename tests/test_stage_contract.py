@@ -12,10 +12,10 @@ from typing import ClassVar
 
 import pytest
 
-from pipeline.ingest import IngestConfig, run_ingest
-from pipeline.paths import Layout
-from pipeline.shards import list_shards, read_stats, read_tar, stats_path
-from pipeline.stage import (
+from pipeline.data.ingest import IngestConfig, run_ingest
+from pipeline.core.paths import Layout
+from pipeline.core.shards import list_shards, read_stats, read_tar, stats_path
+from pipeline.augment.stage import (
     BaseSample,
     RunOptions,
     SampleResult,

@@ -12,12 +12,12 @@ from typing import Any, ClassVar
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.ingest import IngestConfig, run_ingest
-from pipeline.manifests import build_manifest
-from pipeline.paths import Layout
-from pipeline.shards import list_shards, read_stats, stats_path
-from pipeline.stage import (
+from pipeline.commands.cli import app
+from pipeline.data.ingest import IngestConfig, run_ingest
+from pipeline.core.manifests import build_manifest
+from pipeline.core.paths import Layout
+from pipeline.core.shards import list_shards, read_stats, stats_path
+from pipeline.augment.stage import (
     BaseSample,
     RunOptions,
     SampleResult,

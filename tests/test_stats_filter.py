@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.filters import FilterConfig, filter_path, find_filter, load_filter, run_filter
-from pipeline.paths import Layout
-from pipeline.shards import sample_key, sha256_file, shard_name, write_stats, write_tar
-from pipeline.stats import read_stage_scores, run_stats
+from pipeline.curate.filters import FilterConfig, filter_path, find_filter, load_filter, run_filter
+from pipeline.core.paths import Layout
+from pipeline.core.shards import sample_key, shard_name, write_stats, write_tar
+from pipeline.core.fileio import sha256_file
+from pipeline.curate.stats import read_stage_scores, run_stats
 
 DATASET = "toy"
 PERCENTILES = {"image": list(np.linspace(0.0, 2.0, 101)), "text": list(np.linspace(0.0, 4.0, 101))}
@@ -144,7 +145,7 @@ def test_filter_refuses_bad_configs_and_unscored_stages(scored) -> None:
 
 
 def test_cli_stats_and_filter(scored, monkeypatch) -> None:
-    from pipeline.cli import app
+    from pipeline.commands.cli import app
 
     layout, planted = scored
     env = {"SHARDS_DIR": str(layout.shards_dir), "MANIFESTS_DIR": str(layout.manifests_dir), "DATASET": DATASET}

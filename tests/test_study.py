@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.bootstrap import Bootstrap, Outcomes
-from pipeline.study import Cell, StudyConfig, plan_cells
-from pipeline.study_report import CONTRADICTS, SUPPORTS, UNDECIDED, CellResult, build_study_report, mean_r1, recall
+from pipeline.study.bootstrap import Bootstrap, Outcomes
+from pipeline.study.plan import Cell, StudyConfig, plan_cells
+from pipeline.study.report import CONTRADICTS, SUPPORTS, UNDECIDED, CellResult, build_study_report, mean_r1, recall
 
 N_IMAGES, CAPTIONS = 300, 2
 
@@ -57,7 +57,7 @@ def test_point_is_the_plain_recall_and_the_interval_holds_it():
 
 
 def _difference(a: Outcomes, b: Outcomes):
-    from pipeline.study_report import Study
+    from pipeline.study.report import Study
 
     cells = [CellResult(Cell(name, "mat", attacks=("sga",)), {0: {"clean": o, "sga": o}}) for name, o in (("a", a), ("b", b))]
     return Study(cells, resamples=500).difference(["a"], ["b"], "robust", mean_r1(("sga",)))
@@ -78,7 +78,7 @@ def test_a_null_difference_is_not():
 
 def test_seeds_widen_the_interval():
     """Two seeds far apart: the two-level bootstrap's interval covers the seed spread, one seed's does not."""
-    from pipeline.study_report import Study
+    from pipeline.study.report import Study
 
     low, high = planted(0.3, seed=5), planted(0.7, seed=6)
     one = Study([CellResult(Cell("c", "mat"), {0: {"clean": low}})], resamples=500)
@@ -184,7 +184,7 @@ def test_bad_config_raises(change):
 
 @pytest.fixture()
 def toy_layout(tmp_path, tiny_model_dirs):
-    from pipeline.paths import Layout
+    from pipeline.core.paths import Layout
     from pipeline.train.toy import write_toy_shards
 
     write_toy_shards(tmp_path / "shards", "toy", shards=1, per_shard=16)
@@ -237,8 +237,8 @@ def test_eval_takes_several_checkpoints(monkeypatch, tmp_path):
     """`make eval CKPT=a,b` runs one evaluation per checkpoint; EVAL_NAME with several is refused."""
     from typer.testing import CliRunner
 
-    import pipeline.evaluate as evaluate
-    from pipeline.cli import app
+    import pipeline.evaluation.evaluate as evaluate
+    from pipeline.commands.cli import app
 
     seen = []
 
@@ -256,7 +256,7 @@ def test_eval_takes_several_checkpoints(monkeypatch, tmp_path):
 
 
 def test_time_left_uses_the_rates_measured_so_far():
-    from pipeline.study import Unit, _time_left
+    from pipeline.study.run import Unit, _time_left
 
     left = [Unit("t", "train", {}, Path("x"), cost=30.0), Unit("e", "eval", {}, Path("y"), cost=60.0),
             Unit("a", "augment", {}, Path("z"), cost=1e6, prepare=True)]
@@ -268,8 +268,8 @@ def test_time_left_uses_the_rates_measured_so_far():
 
 
 def test_plan_evaluates_on_val_when_there_is_no_test_split(tmp_path):
-    from pipeline.paths import Layout
-    from pipeline.study import build_plan
+    from pipeline.core.paths import Layout
+    from pipeline.study.run import build_plan
     from pipeline.train.toy import write_toy_shards
 
     write_toy_shards(tmp_path / "shards", "toy", shards=1, per_shard=4, split="val")

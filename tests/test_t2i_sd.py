@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.captioning import CheckpointNotFound
-from pipeline.stage import BaseSample, StageContext
-from pipeline.tiny_models import build_tiny_sd
+from pipeline.augment.captioning import CheckpointNotFound
+from pipeline.augment.stage import BaseSample, StageContext
+from pipeline.augment.tiny_models import build_tiny_sd
 from stages.t2i_sd import StableDiffusionConfig, StableDiffusionStage
 
 CAPTIONS = ["a red dog on the grass", "two people riding a bike", "a blue car in the street", "a cat on a table"]

@@ -7,8 +7,8 @@ import importlib.util
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from pipeline.paths import Layout
-from pipeline.tracking import Tracker, check_reporters, parse_report_to
+from pipeline.core.paths import Layout
+from pipeline.core.tracking import Tracker, check_reporters, parse_report_to
 from pipeline.train.config import DataConfig, OptimConfig, TrainConfig, check_train
 from pipeline.train.main import train
 from pipeline.train.modes import MODES
@@ -68,10 +68,10 @@ def test_training_run_reports_to_tensorboard_and_offline_wandb(tiny_model_dirs, 
 
 
 def test_evaluation_metrics_go_to_tensorboard_and_clean_removes_them(tiny_model_dirs, tmp_path):
-    from pipeline.clean import clean
-    from pipeline.evaluate import EvalConfig, evaluate
-    from pipeline.ingest import IngestConfig, run_ingest
-    from pipeline.stage import RunOptions
+    from pipeline.commands.clean import clean
+    from pipeline.evaluation.evaluate import EvalConfig, evaluate
+    from pipeline.data.ingest import IngestConfig, run_ingest
+    from pipeline.core.executor import RunOptions
 
     layout = Layout(shards_dir=tmp_path / "shards", manifests_dir=tmp_path / "manifests", runs_dir=tmp_path / "runs",
                     models_dir=tmp_path / "models")

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.shards import read_tar
+from pipeline.curate.pairs import base_shard_urls
+from pipeline.core.shards import read_tar
 from pipeline.train import data
 from pipeline.train.config import DataConfig, check_data
 from pipeline.train.toy import write_toy_shards
@@ -23,7 +24,7 @@ def toy_base(tmp_path_factory):
 
 
 def _draw(base, stages, keep=None, batches=6, resampled=True, seed=0, batch_size=8, captions="primary"):
-    urls = data.shard_urls(base, "train", stages)
+    urls = base_shard_urls(base, "train", stages)
     pipeline = data.build_pipeline(urls, batch_size=batch_size, image_size=32, stages=stages, keep=keep,
                                    shuffle_buffer=16, resampled=resampled, seed=seed, captions=captions)
     return list(itertools.islice(iter(pipeline), batches))
@@ -32,7 +33,7 @@ def _draw(base, stages, keep=None, batches=6, resampled=True, seed=0, batch_size
 def _shard_captions(base) -> dict[str, tuple[list[str], int]]:
     """key -> (all captions, primary index), read from the base shards."""
     out = {}
-    for url in data.shard_urls(base, "train"):
+    for url in base_shard_urls(base, "train"):
         for sample in read_tar(Path(url)):
             meta = json.loads(sample["json"])
             out[sample["__key__"]] = (meta["captions"], meta["primary"])
@@ -92,7 +93,7 @@ def test_same_seed_same_stream_and_epoch_mode_covers_each_sample_once(toy_base):
 
 def test_missing_or_misaligned_stage_is_named(toy_base, tmp_path):
     with pytest.raises(FileNotFoundError, match="stage 'nope'"):
-        data.shard_urls(toy_base, "train", ("nope",))
+        base_shard_urls(toy_base, "train", ("nope",))
     root = tmp_path / "toy"
     shutil.copytree(toy_base.parent, root)
     # Same names, different keys: swap the stage's two shards.
@@ -106,7 +107,7 @@ def test_missing_or_misaligned_stage_is_named(toy_base, tmp_path):
 def test_a_filter_is_found_by_name_where_make_filter_writes_it(tmp_path):
     from dataclasses import replace
 
-    from pipeline.paths import Layout
+    from pipeline.core.paths import Layout
     from pipeline.train.config import TrainConfig
     from pipeline.train.main import load_keep_fn
 
@@ -169,7 +170,7 @@ def test_bad_captions_or_augment_or_all_with_stages_are_named():
 def test_captions_and_train_augment_reach_the_config_from_env_and_options(monkeypatch):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from pipeline.commands.cli import app
 
     seen = []
 
@@ -177,7 +178,7 @@ def test_captions_and_train_augment_reach_the_config_from_env_and_options(monkey
         seen.append(cfg.data)
         raise SystemExit(0)
 
-    monkeypatch.setattr("pipeline.cli._run_training", capture)
+    monkeypatch.setattr("pipeline.commands.cli._run_training", capture)
     runner = CliRunner()
     runner.invoke(app, ["train"], env={"CAPTIONS": "all", "TRAIN_AUGMENT": "rrc"})
     runner.invoke(app, ["train", "--captions", "primary"], env={"CAPTIONS": "all"})

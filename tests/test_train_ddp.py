@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from pipeline.models import load_clip
+from pipeline.models.hf import load_clip
 from pipeline.train.config import TrainConfig
 from pipeline.train.loop import train_step
 from pipeline.train.modes import DualEncoder, build_mode

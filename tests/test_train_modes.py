@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from pipeline.models import load_clip, load_mlm
+from pipeline.models.hf import load_clip, load_mlm
 from pipeline.train.config import AttackConfig, TrainConfig
 from pipeline.train.loop import train_step
 from pipeline.train.modes import MODES, DualEncoder, build_mode

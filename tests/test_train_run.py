@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from pipeline.models import load_clip
-from pipeline.paths import Layout
+from pipeline.models.hf import load_clip
+from pipeline.core.paths import Layout
 from pipeline.train.config import DataConfig, OptimConfig, TrainConfig
 from pipeline.train.main import train
 from pipeline.train.toy import write_toy_shards
@@ -63,7 +63,7 @@ def test_resume_continues_where_it_stopped(tiny_model_dirs, layout, tmp_path):
 
 
 def test_pretrain_saves_loadable_models(layout):
-    from pipeline.models import load_mlm
+    from pipeline.models.hf import load_mlm
     from pipeline.train.config import PretrainConfig
     from pipeline.train.pretrain import pretrain
 

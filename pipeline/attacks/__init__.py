@@ -31,7 +31,7 @@ from pipeline.attacks.bert_attack import (
 from pipeline.attacks.co_attack import CoAttack
 from pipeline.attacks.pgd import PGD, PGDAttack
 from pipeline.attacks.sga import SGA
-from pipeline.models import CLIPBundle, MLMBundle
+from pipeline.models.hf import CLIPBundle, MLMBundle
 
 ATTACKS: dict[str, type[MultimodalAttack]] = {
     "pgd": PGDAttack,

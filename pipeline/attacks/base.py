@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pipeline.models import CLIPBundle, MLMBundle
+from pipeline.models.hf import CLIPBundle, MLMBundle
 
 log = logging.getLogger(__name__)
 

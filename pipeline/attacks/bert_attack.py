@@ -59,7 +59,7 @@ import torch
 
 from pipeline.attacks.base import MultimodalAttack, check_positive, embed_texts, kl_drift
 from pipeline.attacks.text_parts import FILTER_WORDS, STOP_WORDS, Caption, TokenEditor, embed_ids, piece_combinations
-from pipeline.models import CLIPBundle, MLMBundle
+from pipeline.models.hf import CLIPBundle, MLMBundle
 
 TextGoal = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 VARIANTS = ("reference", "fast")
@@ -81,7 +81,7 @@ def text_drift_goal(clean_text_emb: torch.Tensor) -> TextGoal:
 
 @functools.cache
 def _synonyms(word: str) -> frozenset[str]:
-    from pipeline.wordnet_offline import load_wordnet
+    from pipeline.augment.wordnet import load_wordnet
 
     return frozenset(lemma.name().lower() for synset in load_wordnet().synsets(word) for lemma in synset.lemmas())
 

@@ -38,7 +38,7 @@ import torch
 from pipeline.attacks.base import MultimodalAttack, check_positive, embed_texts, kl_drift, make_generator
 from pipeline.attacks.bert_attack import BERTAttack, text_drift_goal
 from pipeline.attacks.pgd import PGD
-from pipeline.models import CLIPBundle, MLMBundle
+from pipeline.models.hf import CLIPBundle, MLMBundle
 
 
 def per_image_mean(values: torch.Tensor, txt2img: torch.Tensor, n_images: int) -> torch.Tensor:

@@ -39,7 +39,7 @@ from pipeline.attacks.base import (
     make_generator,
     pair_similarity_loss,
 )
-from pipeline.models import CLIPBundle, MLMBundle
+from pipeline.models.hf import CLIPBundle, MLMBundle
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
 STARTS = ("symmetric", "positive")

@@ -35,7 +35,7 @@ from torchvision.transforms.v2 import functional as TF
 from pipeline.attacks.base import MultimodalAttack, check_positive, embed_texts, make_generator, pair_similarity_loss
 from pipeline.attacks.bert_attack import BERTAttack, image_similarity_goal
 from pipeline.attacks.pgd import PGD
-from pipeline.models import CLIPBundle, MLMBundle
+from pipeline.models.hf import CLIPBundle, MLMBundle
 
 
 def scaled_copies(images01: torch.Tensor, scales: tuple[float, ...], noise_std: float,

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from pipeline.models import CLIPBundle, MLMBundle
+from pipeline.models.hf import CLIPBundle, MLMBundle
 
 FILTER_WORDS: frozenset[str] = frozenset("""
 a about above across after afterwards again against ain all almost alone along already also although am among

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline.models import CLIPBundle
+from pipeline.models.hf import CLIPBundle
 
 log = logging.getLogger(__name__)
 

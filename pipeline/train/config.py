@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.tracking import check_reporters
+from pipeline.core.tracking import check_reporters
 
 # "auto": bf16 where the hardware runs it natively, fp32 elsewhere (pipeline.models.resolve_precision).
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -60,7 +60,7 @@ class DataConfig:
     """Which shards are streamed and how a pair is drawn from them."""
 
     split: str = "train"
-    # Shard URLs (brace pattern, '::' list, pipe: command; pipeline/shard_urls.py) instead of
+    # Shard URLs (brace pattern, '::' list, pipe: command; pipeline/core/shard_urls.py) instead of
     # SHARDS_DIR/<dataset>/base/<split>-*.tar; stage shards sit beside them in folders named after the stage.
     urls: str | None = None
     num_samples: int | None = None  # samples in `urls` when no sizes.json lies beside them (logging only)
@@ -94,7 +94,7 @@ class TrainConfig:
     resume: str = "auto"
     run_dir: str | None = None  # default RUNS_DIR/<mode>-<dataset>-<YYYYmmdd-HHMMSS>
     device: str = "auto"
-    report_to: tuple[str, ...] = ("tensorboard",)  # tensorboard, wandb (pipeline/tracking.py); () for none
+    report_to: tuple[str, ...] = ("tensorboard",)  # tensorboard, wandb (pipeline/core/tracking.py); () for none
     wandb_mode: str = "offline"
     optim: OptimConfig = field(default_factory=OptimConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)

@@ -17,7 +17,7 @@ caption its own pair, as the ALBEF-style training files do (one entry per captio
 before the shuffle buffer, and the batcher keeps two captions of one image out of one batch (they would be
 false negatives of each other in the contrastive loss).
 
-Pixels: :func:`pipeline.images.model_pixels`, the evaluation's and scoring's preprocessing (CLIP's resize of
+Pixels: :func:`pipeline.core.images.model_pixels`, the evaluation's and scoring's preprocessing (CLIP's resize of
 the shorter side and centre crop); ``augment="rrc"`` replaces it by open_clip's training random resized crop.
 """
 
@@ -28,22 +28,17 @@ import logging
 import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import webdataset as wds
 
-from pipeline.images import decode_rgb, model_pixels, random_resized_crop_pixels
-from pipeline.seeding import derive_seed
+from pipeline.core.images import decode_rgb, model_pixels, random_resized_crop_pixels
+from pipeline.core.seeding import derive_seed
+from pipeline.curate.pairs import CAPTION_INDEX, KeepFn, compatible_texts, pair_options, zip_stages
 from pipeline.train.config import DataConfig, check_data
-from pipeline.shard_urls import check_stage_urls, stage_url
-from pipeline.shards import list_shards
 
 log = logging.getLogger(__name__)
-
-KeepFn = Callable[[str, str, int], bool]
-
 
 @dataclass(frozen=True)
 class Pair:
@@ -52,37 +47,6 @@ class Pair:
     image_source: str  # "base" or the stage that made the image
     text_source: str  # "base" or the stage that made the text
     key: str
-
-
-def shard_urls(base_dir: Path, split: str, stages: Iterable[str] = ()) -> list[str]:
-    """Base shard paths of `split`; checks every stage has the aligned shard of each one."""
-    tars = list_shards(base_dir, split)
-    if not tars:
-        raise FileNotFoundError(f"no {split}-*.tar shards in {base_dir}: run `make ingest` first")
-    urls = [str(t) for t in tars]
-    check_stage_urls(urls, tuple(stages))
-    return urls
-
-
-def _zip_stages(src: Iterator[dict[str, Any]], stages: tuple[str, ...], handler=wds.reraise_exception):
-    """For each base shard url, yield base samples with each stage's aligned sample under `sample[stage]`."""
-    for item in src:
-        base_url = item["url"]
-        readers = [wds.tariterators.tarfile_samples([{"url": url}], handler=handler)
-                   for url in (base_url, *(stage_url(base_url, s) for s in stages))]
-        for parts in zip(*readers, strict=True):
-            base = parts[0]
-            for stage, part in zip(stages, parts[1:]):
-                if part["__key__"] != base["__key__"]:
-                    raise ValueError(
-                        f"stage {stage!r} shard of {base_url} is not aligned with base: "
-                        f"key {part['__key__']!r} where base has {base['__key__']!r}"
-                    )
-                base[stage] = part
-            yield base
-
-
-zip_stages = wds.filters.pipelinefilter(_zip_stages)
 
 
 def _worker_seed(seed: int) -> int:
@@ -99,14 +63,13 @@ def _seeded_shuffle(src: Iterator[Any], bufsize: int, seed: int):
 
 seeded_shuffle = wds.filters.pipelinefilter(_seeded_shuffle)
 
-_CAPTION = "__caption__"  # set by expand_captions: the caption index a copy of the sample pairs with
 
 
 def _expand_captions(src: Iterator[dict[str, Any]]):
     """One copy of each sample per caption, marked with the caption's index (``captions="all"``)."""
     for sample in src:
         for index in range(len(json.loads(sample["json"])["captions"])):
-            yield {**sample, _CAPTION: index}
+            yield {**sample, CAPTION_INDEX: index}
 
 
 expand_captions = wds.filters.pipelinefilter(_expand_captions)
@@ -172,41 +135,6 @@ class PairDrawer:
         text = self._rng.choice(compatible_texts(texts, image.caption_index, meta))
         return Pair(image=image.data, text=text.data, image_source=image.source, text_source=text.source,
                     key=sample["__key__"])
-
-
-class Option(NamedTuple):
-    """An image or a text a zipped sample offers: base (variant None) or a stage's kept variant."""
-
-    data: Any  # image bytes or text
-    caption_index: int | None  # the caption it derives from or depicts; None: pairs with any text
-    source: str  # "base" or the stage
-    variant: int | None = None  # index in the stage's variants
-    record: dict[str, Any] | None = None  # the variant's record (scores: alignment, src_sim, shift)
-
-
-def pair_options(sample: dict[str, Any], meta: dict[str, Any], stages: tuple[str, ...],
-                 keep: KeepFn | None) -> tuple[list[Option], list[Option]]:
-    """(images, texts) of a zipped sample: the base image and primary caption, then each kept variant."""
-    key = sample["__key__"]
-    primary = sample.get(_CAPTION, int(meta.get("primary", 0)))
-    texts = [Option(meta["captions"][primary], primary, "base")]
-    images = [Option(sample["jpg"], None, "base")]
-    for stage in stages:
-        part = sample[stage]
-        for index, variant in enumerate(json.loads(part["json"]).get("variants", [])):
-            if keep is not None and not keep(stage, key, index):
-                continue
-            if "file" in variant:
-                images.append(Option(part[variant["file"]], variant.get("caption_index"), stage, index, variant))
-            else:
-                texts.append(Option(variant["text"], variant.get("caption_index"), stage, index, variant))
-    return images, texts
-
-
-def compatible_texts(texts: list[Option], depicted: int | None, meta: dict[str, Any]) -> list[Option]:
-    """The texts an image depicting caption `depicted` pairs with (caption `depicted` itself when none is loaded)."""
-    compatible = texts if depicted is None else [t for t in texts if t.caption_index == depicted]
-    return compatible or [Option(meta["captions"][depicted], depicted, "base")]
 
 
 class Collate:

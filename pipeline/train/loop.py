@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from pipeline.models import autocast
-from pipeline.tracking import Tracker
+from pipeline.models.device import autocast
+from pipeline.core.tracking import Tracker
 from pipeline.train.distributed import DistEnv, all_reduce_mean
 from pipeline.train.modes import Mode
 

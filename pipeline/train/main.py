@@ -20,10 +20,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.models import CLIPBundle, MLMBundle, load_clip, load_mlm, resolve_precision
-from pipeline.paths import Layout, plain_name
-from pipeline.shard_urls import check_stage_urls, dataset_size, expand_urls
-from pipeline.shards import atomic_write_json
+from pipeline.curate.pairs import base_shard_urls
+from pipeline.models.device import resolve_precision
+from pipeline.models.hf import CLIPBundle, MLMBundle, load_clip, load_mlm
+from pipeline.core.paths import Layout, plain_name
+from pipeline.core.shard_urls import check_stage_urls, dataset_size, expand_urls
+from pipeline.core.fileio import atomic_write_json
 from pipeline.train import checkpoints, data
 from pipeline.train.config import TrainConfig, check_train, resolve_stages, to_dict
 from pipeline.train.distributed import DistEnv, barrier, init_distributed
@@ -74,7 +76,7 @@ def load_keep_fn(cfg: TrainConfig, layout: Layout):
     """The filter's `keeps(stage, key, variant_index)`, or None when no filter is given."""
     if not cfg.data.filter:
         return None
-    from pipeline.filters import find_filter, load_filter
+    from pipeline.curate.filters import find_filter, load_filter
 
     path = find_filter(cfg.data.filter, cfg.dataset, layout)
     return load_filter(path).keeps
@@ -101,7 +103,7 @@ def build_batches(cfg: TrainConfig, layout: Layout, image_size: int, seed: int, 
         urls = expand_urls(cfg.data.urls)
         check_stage_urls(urls, cfg.data.stages)
     else:
-        urls = data.shard_urls(layout.base_dir(cfg.dataset), cfg.data.split, cfg.data.stages)
+        urls = base_shard_urls(layout.base_dir(cfg.dataset), cfg.data.split, cfg.data.stages)
     size = dataset_size(urls, cfg.data.num_samples)
     log.info("training data: %d shards, %s samples", len(urls), size if size is not None else "unknown (no sizes.json)")
     pipeline = data.build_pipeline(

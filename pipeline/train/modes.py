@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 
 from pipeline.attacks import PGD, BERTAttack, image_similarity_goal
-from pipeline.models import CLIPBundle, MLMBundle
+from pipeline.models.hf import CLIPBundle, MLMBundle
 from pipeline.train.config import TrainConfig
 from pipeline.train.losses import ClipLoss, FareLoss, info_nce
 

@@ -21,10 +21,11 @@ import torch
 from tqdm import tqdm
 from transformers import DataCollatorForLanguageModeling
 
-from pipeline.models import MLMBundle, autocast, build_clip, build_mlm, train_tokenizers
-from pipeline.paths import Layout
-from pipeline.shards import list_shards, read_tar
-from pipeline.tracking import Tracker
+from pipeline.models.device import autocast
+from pipeline.models.hf import MLMBundle, build_clip, build_mlm, train_tokenizers
+from pipeline.core.paths import Layout
+from pipeline.core.shards import list_shards, read_tar
+from pipeline.core.tracking import Tracker
 from pipeline.train.config import DataConfig, OptimConfig, PretrainConfig, TrainConfig, check_pretrain
 from pipeline.train.distributed import pick_device
 from pipeline.train.loop import cosine_with_warmup

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.shards import sample_key, shard_name, write_sizes, write_stats, write_tar
+from pipeline.core.shards import sample_key, shard_name, write_sizes, write_stats, write_tar
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220), "yellow": (240, 220, 30),
            "purple": (140, 40, 180), "orange": (250, 140, 20), "white": (245, 245, 245), "black": (15, 15, 15)}

@@ -1,0 +1,91 @@
+"""`make demo`: the study (`make study`) on the embedded `synth` dataset, on CPU, in about 20 minutes.
+
+Each phase runs the very command its own make target runs (``mat-pipeline <command> ...``, through the typer
+app in-process), so the demo is only an ordering of targets with small budgets:
+
+1. ``ingest`` the synth dataset;
+2. ``pretrain`` the small CLIP and masked LM that stand in for pretrained models;
+3. ``augment`` with the stages that run here (i2t-human, eda, randaug); the generative ones are skipped;
+4. ``stats`` of the augmentations;
+5. ``study``: the defences table (pretrained, FT, TeCoA, MAT, MAT+; FARE when asked) under every attack, and
+   the augmentation table (MAT+ with each CPU stage alone, its own pairing, no N:N cell) under the multimodal
+   attacks, with bootstrap intervals, the figure and the claims (pipeline/study/run.py).
+
+Budgets come from :class:`DemoConfig` (env: DEMO_SIZE, DEMO_PRETRAIN_STEPS, DEMO_TRAIN_STEPS, DEMO_MODES,
+DEMO_EVAL_SIZE, DEMO_ATTACKS, DEMO_STAGES, DEMO_SEEDS) so a bigger study is one command too.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pipeline.core.paths import Layout
+
+log = logging.getLogger(__name__)
+
+DATASET = "synth"
+CPU_STAGES = ("i2t-human", "eda", "randaug")
+GENERATIVE_STAGES = {"i2t-internvl": "I2T_MODEL", "t2i-sd": "T2I_MODEL"}
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    # Sized for 20 minutes with set-up on 2 CPU cores without bf16 instructions (fp32: see README, "The demo").
+    size: int = 3000  # synth images (80 % train, 10 % val, 10 % test: about 300 test images)
+    pretrain_steps: int = 700
+    train_steps: int = 70  # every cell of both tables (the MAT+ i2t-human and MAT cells are shared by both)
+    modes: tuple[str, ...] = ("ft", "tecoa", "mat", "matplus")
+    eval_size: int = 150  # the first 150 test images (750 captions)
+    attacks: tuple[str, ...] = ("pgd", "bert", "coattack", "sga")
+    stages: tuple[str, ...] = CPU_STAGES  # augmentation table: one MAT+ cell per stage
+    seeds: int = 1
+    workers: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("size", "pretrain_steps", "train_steps", "eval_size", "seeds", "workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 1")
+        if not self.modes:
+            raise ValueError("modes is empty: give at least one training mode")
+
+
+#: Runs one CLI command (argv without the program name) and returns its exit code.
+Runner = Callable[[list[str]], int]
+
+
+class DemoError(RuntimeError):
+    """A demo phase failed."""
+
+
+def run_demo(cfg: DemoConfig, run: Runner, layout: Layout | None = None, echo: Callable[[str], None] = print) -> str:
+    """Run every phase with ``run(argv)`` (one CLI command each); returns the report's Markdown."""
+    layout = layout or Layout.from_env()
+    timings: dict[str, float] = {}
+
+    def phase(name: str, argv: list[str], optional: bool = False) -> None:
+        echo(f"== {name}: mat-pipeline {' '.join(argv)}")
+        start = time.perf_counter()
+        code = run(argv)
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+        if code and not optional:
+            raise DemoError(f"demo phase {name!r} failed: `mat-pipeline {' '.join(argv)}` exited with {code}")
+        if code:
+            echo(f"(phase {name} skipped: exit {code}; the study goes on without it)")
+
+    data = ["--dataset", DATASET]
+    phase("ingest", ["ingest", *data, "--synth-size", str(cfg.size), "--workers", str(cfg.workers)])
+    phase("pretrain", ["pretrain", *data, "--steps", str(cfg.pretrain_steps)])
+    echo(f"generative stages skipped: {', '.join(GENERATIVE_STAGES)} (no generative models on this machine); "
+         f"enable them with {' / '.join(f'{v}=<model dir or id>' for v in GENERATIVE_STAGES.values())} "
+         f"and `make augment STAGES={','.join(GENERATIVE_STAGES)}` (see README)")
+    phase("augment", ["augment", *data, "--stages", ",".join(CPU_STAGES), "--workers", str(cfg.workers)])
+    phase("stats", ["stats", *data], optional=True)  # descriptive only: nothing downstream reads it
+    phase("study", ["study", *data, "--modes", ",".join(cfg.modes), "--steps", str(cfg.train_steps),
+                    "--eval-size", str(cfg.eval_size), "--attacks", ",".join(cfg.attacks),
+                    "--stages", ",".join(cfg.stages), "--combos", "none", "--seeds", str(cfg.seeds)])
+    echo("\n== phase times: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
+         + f"; total {sum(timings.values()) / 60:.1f} min")
+    return (layout.dataset_manifests(DATASET) / "study" / "report.md").read_text()

@@ -1,0 +1,149 @@
+"""WebDataset shard I/O with atomic commits.
+
+A shard is committed in this order: the tar is written under a temporary name and renamed into place, then
+its stats file `<name>.stats.json` is written (also via a temporary name). The stats file holds the tar's
+sha256, so a shard is done only when the stats file exists and the tar still matches it; anything else (a
+crash mid-write, a truncated or edited tar) is redone on the next run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import webdataset as wds
+
+from pipeline.core.fileio import atomic_write_bytes, atomic_write_json, sha256_file
+
+log = logging.getLogger(__name__)
+
+STATS_SUFFIX = ".stats.json"
+
+
+class ShardError(RuntimeError):
+    """A shard that cannot be read (truncated, corrupt or missing)."""
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def sample_key(split: str, shard_index: int, index: int) -> str:
+    # A webdataset key ends at the first dot of a member name: keys must hold no dots.
+    return f"{split}_{shard_index:06d}_{index:06d}"
+
+
+def stats_path(tar_path: Path) -> Path:
+    return tar_path.with_name(tar_path.name[: -len(".tar")] + STATS_SUFFIX)
+
+
+def write_tar(path: Path, samples: list[dict[str, Any]]) -> str:
+    """Write samples (webdataset dicts with `__key__`) to `path` atomically; return the tar's sha256.
+
+    Member mtimes are fixed, so the same samples always give the same bytes.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    writer = wds.TarWriter(buffer, encoder=False, mtime=0, user="mat", group="mat")
+    for sample in samples:
+        key = sample["__key__"]
+        if "." in key:
+            raise ValueError(f"sample key {key!r} holds a dot; webdataset keys must not")
+        writer.write({k: (v if k.startswith("__") else _encode_member(v)) for k, v in sample.items()})
+    writer.tarstream.close()  # closes the tar (end blocks) but keeps our buffer open
+    data = buffer.getvalue()
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _encode_member(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    return json.dumps(value, sort_keys=True, ensure_ascii=False).encode("utf-8")
+
+
+def read_tar(path: Path) -> list[dict[str, Any]]:
+    """All samples of a tar, in order, as {"__key__": ..., ext: bytes}; ShardError if it is truncated or corrupt."""
+    if not path.exists():
+        raise ShardError(f"missing shard {path}")
+    samples: list[dict[str, Any]] = []
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, extension = member.name.partition(".")
+                handle = tar.extractfile(member)
+                data = handle.read() if handle else b""
+                if len(data) != member.size:
+                    raise ShardError(f"truncated member {member.name} in {path}")
+                if not samples or samples[-1]["__key__"] != key:
+                    samples.append({"__key__": key})
+                samples[-1][extension] = data
+    except (tarfile.TarError, EOFError, OSError) as error:
+        raise ShardError(f"corrupt or truncated shard {path}: {error}") from error
+    if path.stat().st_size % 512 != 0:
+        raise ShardError(f"truncated shard {path}: size is not a multiple of 512 bytes")
+    return samples
+
+
+def iter_json(sample: dict[str, Any], extension: str = "json") -> dict[str, Any]:
+    return json.loads(sample[extension])
+
+
+def write_stats(tar_path: Path, stats: dict[str, Any]) -> None:
+    atomic_write_json(stats_path(tar_path), stats)
+
+
+def read_stats(tar_path: Path) -> dict[str, Any] | None:
+    path = stats_path(tar_path)
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def shard_is_done(tar_path: Path, verify: bool = True) -> bool:
+    """True when the stats file exists and (with verify) the tar on disk is the one it describes."""
+    stats = read_stats(tar_path)
+    if stats is None or not tar_path.exists():
+        return False
+    if verify and sha256_file(tar_path) != stats.get("sha256"):
+        log.warning("shard %s does not match its stats file (truncated or modified): redoing it", tar_path)
+        return False
+    return True
+
+
+def list_shards(directory: Path, split: str | None = None) -> list[Path]:
+    pattern = f"{split}-*.tar" if split else "*-*.tar"
+    return sorted(p for p in directory.glob(pattern) if p.is_file())
+
+
+def write_sizes(directory: Path) -> dict[str, int]:
+    """`sizes.json`: samples per committed shard, as open_clip reads it."""
+    sizes = {}
+    for tar_path in list_shards(directory):
+        stats = read_stats(tar_path)
+        if stats is not None:
+            sizes[tar_path.name] = int(stats["samples"])
+    atomic_write_json(directory / "sizes.json", sizes)
+    return sizes
+
+
+def webdataset_urls(paths: list[Path]) -> list[str]:
+    return [str(p) for p in paths]
+
+
+def open_webdataset(paths: list[Path], **kwargs: Any) -> Iterator[dict[str, Any]]:
+    """A plain webdataset reader over the given tars (for users who want the library's own iteration)."""
+    return iter(wds.WebDataset(webdataset_urls(paths), shardshuffle=False, **kwargs))

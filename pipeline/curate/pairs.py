@@ -1,0 +1,89 @@
+"""The one-to-many pairs of a dataset: base samples zipped with their stages' aligned samples, and the images and
+texts each offers (the base image and primary caption, then every variant a filter keeps).
+
+Training draws one pair per sample from these (pipeline/train/data.py); export writes all of them
+(pipeline/curate/export.py).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import webdataset as wds
+
+from pipeline.core.shard_urls import check_stage_urls, stage_url
+from pipeline.core.shards import list_shards
+
+#: keep(stage, key, variant index) -> whether a filter keeps that variant
+KeepFn = Callable[[str, str, int], bool]
+
+CAPTION_INDEX = "__caption__"  # set by training's caption expansion: the caption index a copy of the sample pairs with
+
+
+def base_shard_urls(base_dir: Path, split: str, stages: Iterable[str] = ()) -> list[str]:
+    """Base shard paths of `split`; checks every stage has the aligned shard of each one."""
+    tars = list_shards(base_dir, split)
+    if not tars:
+        raise FileNotFoundError(f"no {split}-*.tar shards in {base_dir}: run `make ingest` first")
+    urls = [str(t) for t in tars]
+    check_stage_urls(urls, tuple(stages))
+    return urls
+
+
+def _zip_stages(src: Iterator[dict[str, Any]], stages: tuple[str, ...], handler=wds.reraise_exception):
+    """For each base shard url, yield base samples with each stage's aligned sample under `sample[stage]`."""
+    for item in src:
+        base_url = item["url"]
+        readers = [wds.tariterators.tarfile_samples([{"url": url}], handler=handler)
+                   for url in (base_url, *(stage_url(base_url, s) for s in stages))]
+        for parts in zip(*readers, strict=True):
+            base = parts[0]
+            for stage, part in zip(stages, parts[1:]):
+                if part["__key__"] != base["__key__"]:
+                    raise ValueError(
+                        f"stage {stage!r} shard of {base_url} is not aligned with base: "
+                        f"key {part['__key__']!r} where base has {base['__key__']!r}"
+                    )
+                base[stage] = part
+            yield base
+
+
+zip_stages = wds.filters.pipelinefilter(_zip_stages)
+
+
+class Option(NamedTuple):
+    """An image or a text a zipped sample offers: base (variant None) or a stage's kept variant."""
+
+    data: Any  # image bytes or text
+    caption_index: int | None  # the caption it derives from or depicts; None: pairs with any text
+    source: str  # "base" or the stage
+    variant: int | None = None  # index in the stage's variants
+    record: dict[str, Any] | None = None  # the variant's record (scores: alignment, src_sim, shift)
+
+
+def pair_options(sample: dict[str, Any], meta: dict[str, Any], stages: tuple[str, ...],
+                 keep: KeepFn | None) -> tuple[list[Option], list[Option]]:
+    """(images, texts) of a zipped sample: the base image and primary caption, then each kept variant."""
+    key = sample["__key__"]
+    primary = sample.get(CAPTION_INDEX, int(meta.get("primary", 0)))
+    texts = [Option(meta["captions"][primary], primary, "base")]
+    images = [Option(sample["jpg"], None, "base")]
+    for stage in stages:
+        part = sample[stage]
+        for index, variant in enumerate(json.loads(part["json"]).get("variants", [])):
+            if keep is not None and not keep(stage, key, index):
+                continue
+            if "file" in variant:
+                images.append(Option(part[variant["file"]], variant.get("caption_index"), stage, index, variant))
+            else:
+                texts.append(Option(variant["text"], variant.get("caption_index"), stage, index, variant))
+    return images, texts
+
+
+def compatible_texts(texts: list[Option], depicted: int | None, meta: dict[str, Any]) -> list[Option]:
+    """The texts an image depicting caption `depicted` pairs with (caption `depicted` itself when none is loaded)."""
+    compatible = texts if depicted is None else [t for t in texts if t.caption_index == depicted]
+    return compatible or [Option(meta["captions"][depicted], depicted, "base")]

@@ -1,0 +1,215 @@
+"""`make stats`: one row per stage (counts, alignment, diversity, shift, Frechet distances) and plots.
+
+Reads the manifests (counts, stage-level Frechet distances) and the stage shards' per-variant JSON (scores);
+writes MANIFESTS_DIR/<dataset>/stats.json, stats.md and plots/*.png. Nothing is recomputed with a model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.core.paths import Layout
+from pipeline.core.shards import list_shards, read_tar
+from pipeline.core.fileio import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+QUANTILES = (0.1, 0.5, 0.9)
+SCATTER_POINTS = 2000  # per stage, so the picture stays readable
+
+
+@dataclass
+class StageScores:
+    """Every variant of a stage, flattened: key, variant index, op, and scores (NaN when not scored)."""
+
+    stage: str
+    keys: list[str]
+    index: np.ndarray
+    ops: list[str]
+    alignment: np.ndarray
+    src_sim: np.ndarray
+    shift: np.ndarray
+    modality: str  # "text", "image", "both" or "" when the stage has no variants
+    samples: int
+    samples_with_variants: int
+
+    @property
+    def scored(self) -> bool:
+        return bool(len(self.alignment)) and not np.isnan(self.alignment).all()
+
+    @property
+    def diversity(self) -> np.ndarray:
+        return 1.0 - self.src_sim
+
+
+def read_stage_scores(stage: str, shard_dir: Path) -> StageScores:
+    keys, index, ops, rows, kinds = [], [], [], [], set()
+    samples = with_variants = 0
+    for tar_path in list_shards(shard_dir):
+        for sample in read_tar(tar_path):
+            record = json.loads(sample["json"])
+            samples += 1
+            with_variants += bool(record["variants"])
+            for i, variant in enumerate(record["variants"]):
+                keys.append(record["key"])
+                index.append(i)
+                ops.append(str(variant.get("op", "")))
+                rows.append([variant.get(name, np.nan) for name in ("alignment", "src_sim", "shift")])
+                kinds.update(kind for kind, field in (("text", "text"), ("image", "file")) if field in variant)
+    scores = np.array(rows, dtype=np.float64).reshape(-1, 3)
+    modality = "both" if len(kinds) == 2 else next(iter(kinds), "")
+    return StageScores(stage, keys, np.array(index, dtype=np.int64), ops, *scores.T, modality, samples, with_variants)
+
+
+def stage_manifests(layout: Layout, dataset: str) -> dict[str, dict[str, Any]]:
+    """{stage: manifest} for every manifest of the dataset (base first), skipping stats and filter files."""
+    found = {}
+    for path in sorted(layout.dataset_manifests(dataset).glob("*.json")):
+        manifest = json.loads(path.read_text())
+        if isinstance(manifest, dict) and "stage" in manifest and "shards" in manifest:
+            found[manifest["stage"]] = manifest
+    if not found:
+        raise FileNotFoundError(f"no manifests in {layout.dataset_manifests(dataset)}: run `make augment DATASET={dataset}`")
+    return dict(sorted(found.items(), key=lambda item: item[0] != "base"))
+
+
+def _mean(values: np.ndarray) -> float | None:
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if len(values) else None
+
+
+def stage_row(manifest: dict[str, Any], scores: StageScores | None) -> dict[str, Any]:
+    stats = manifest.get("stats", {})
+    features = stats.get("features") or {}
+    scorer = (manifest.get("config") or {}).get("scorer") or {}
+    row: dict[str, Any] = {
+        "stage": manifest["stage"],
+        "modality": scores.modality if scores else "",
+        "images": manifest["counts"]["written"],
+        "skipped": manifest["counts"]["skipped"],
+        "with_variants": scores.samples_with_variants if scores else None,
+        "variants": stats.get("variants", len(scores.keys) if scores else None),
+        "variant_skips": stats.get("variant_skips"),
+        "fd_image": features.get("fd_image"),
+        "fd_text": features.get("fd_text"),
+        "scorer": scorer.get("name"),
+    }
+    if scores is not None and scores.scored:
+        alignment = scores.alignment[~np.isnan(scores.alignment)]
+        row["alignment_mean"] = float(alignment.mean())
+        row.update({f"alignment_p{round(q * 100)}": float(np.quantile(alignment, q)) for q in QUANTILES})
+        row["diversity_mean"] = _mean(scores.diversity)
+        row["shift_mean"] = _mean(scores.shift)
+    return row
+
+
+COLUMNS = [  # (row field, table header, format)
+    ("stage", "stage", "{}"), ("modality", "mod.", "{}"), ("images", "images", "{:,}"), ("variants", "variants", "{:,}"),
+    ("variant_skips", "var. skips", "{:,}"), ("alignment_mean", "align. mean", "{:.3f}"),
+    ("alignment_p10", "p10", "{:.3f}"), ("alignment_p50", "p50", "{:.3f}"), ("alignment_p90", "p90", "{:.3f}"),
+    ("diversity_mean", "diversity", "{:.3f}"), ("shift_mean", "shift", "{:.2f}"),
+    ("fd_image", "FD image", "{:.4f}"), ("fd_text", "FD text", "{:.4f}"),
+]
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(header for _, header, _ in COLUMNS) + " |",
+             "|" + "|".join("---" if name in ("stage", "modality") else "---:" for name, _, _ in COLUMNS) + "|"]
+    for row in rows:
+        cells = [fmt.format(row[name]) if row.get(name) not in (None, "") else "–" for name, _, fmt in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _plot_histograms(scores: list[StageScores], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for stage in scores:
+        ax.hist(stage.alignment[~np.isnan(stage.alignment)], bins=40, histtype="step", density=True,
+                linewidth=1.5, label=f"{stage.stage} (n={len(stage.keys):,})")
+    ax.set(xlabel="alignment (cosine image-text)", ylabel="density", title="Alignment of augmented pairs per stage")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_scatter(scores: list[StageScores], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 5))
+    rng = np.random.default_rng(0)
+    for stage in scores:
+        ok = np.flatnonzero(~np.isnan(stage.alignment) & ~np.isnan(stage.src_sim))
+        shown = rng.choice(ok, size=min(len(ok), SCATTER_POINTS), replace=False) if len(ok) else ok
+        points = ax.scatter(stage.diversity[shown], stage.alignment[shown], s=4, alpha=0.3)
+        ax.scatter(stage.diversity[ok].mean(), stage.alignment[ok].mean(), s=120, marker="*", edgecolors="black",
+                   color=points.get_facecolor()[0][:3], label=stage.stage, zorder=3)
+    ax.set(xlabel="diversity (1 - cosine to the original)", ylabel="alignment (cosine image-text)",
+           title="Augmentation quality: aligned and diverse is up and right")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_frechet(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.get("fd_image") is not None or r.get("fd_text") is not None]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    positions = np.arange(len(rows))
+    for offset, side in ((-0.2, "image"), (0.2, "text")):
+        values = [r.get(f"fd_{side}") or 0.0 for r in rows]
+        ax.bar(positions + offset, values, width=0.4, label=f"FD {side}")
+    ax.set_xticks(positions, [r["stage"] for r in rows])
+    ax.set(ylabel="Frechet distance to the originals", title="Distribution shift per stage (lower is closer)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_stats(dataset: str, layout: Layout | None = None) -> dict[str, Any]:
+    """Build the table and the plots; write stats.json, stats.md and plots/*.png; return the stats dict."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    layout = layout or Layout.from_env()
+    # 1. Read manifests and the variants' scores.
+    manifests = stage_manifests(layout, dataset)
+    scores = {stage: read_stage_scores(stage, layout.stage_dir(dataset, stage))
+              for stage in manifests if stage != "base"}
+    # 2. Rows.
+    rows = [stage_row(manifest, scores.get(stage)) for stage, manifest in manifests.items()]
+    # 3. Plots.
+    out_dir = layout.dataset_manifests(dataset)
+    plot_dir = out_dir / "plots"
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    scored = [s for s in scores.values() if s.scored]
+    plots = {}
+    if scored:
+        plots["alignment_hist"] = plot_dir / "alignment_hist.png"
+        _plot_histograms(scored, plots["alignment_hist"])
+        plots["alignment_vs_diversity"] = plot_dir / "alignment_vs_diversity.png"
+        _plot_scatter(scored, plots["alignment_vs_diversity"])
+    else:
+        log.warning("no stage of %s has scores: run `make pretrain` (or pass SCORER=...) and `make augment`", dataset)
+    if any(r.get("fd_image") is not None or r.get("fd_text") is not None for r in rows):
+        plots["frechet"] = plot_dir / "frechet.png"
+        _plot_frechet(rows, plots["frechet"])
+    # 4. Write.
+    result = {"dataset": dataset, "rows": rows, "plots": {name: str(path) for name, path in plots.items()}}
+    atomic_write_json(out_dir / "stats.json", result)
+    table = markdown_table(rows)
+    images = "\n".join(f"![{name}](plots/{path.name})" for name, path in plots.items())
+    (out_dir / "stats.md").write_text(f"# Stats: {dataset}\n\n{table}\n\n{images}\n")
+    result["markdown"] = table
+    return result

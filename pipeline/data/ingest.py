@@ -1,0 +1,190 @@
+"""`ingest`: a source → base shards `SHARDS_DIR/<dataset>/base/<split>-NNNNNN.tar` + the base manifest."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.executor import TaskResult, get_executor
+from pipeline.core.images import DEFAULT_MAX_PIXELS, ImageError, prepare_image
+from pipeline.core.manifests import build_manifest, write_manifest
+from pipeline.core.paths import Layout, plain_name
+from pipeline.core.shards import list_shards, read_stats, sample_key, shard_is_done, shard_name, stats_path, write_stats, write_tar
+from pipeline.data.sources import Record, Skip, SourceOptions, SplitFractions, detect_format, read_source
+from pipeline.core.executor import RunOptions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    dataset: str = "synth"
+    fmt: str | None = None  # auto-detected from data_root when None
+    data_root: Path | None = None
+    shard_size: int = 500
+    max_side: int | None = None  # resize only when asked
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    fractions: SplitFractions = SplitFractions()
+    synth_size: int = 4000
+    synth_seed: int = 0
+    image_column: str = "image"
+    caption_column: str = "caption"
+    id_column: str | None = None
+    id_prefix: str | None = None
+    split_column: str = "split"
+    limit: int | None = None  # only the first N images the source yields (bad ones included), for a quick try
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1 image, got {self.limit}")
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
+        if self.max_side is not None and self.max_side < 8:
+            raise ValueError(f"max_side must be >= 8 pixels, got {self.max_side}")
+        plain_name(self.dataset, "dataset")
+
+    def resolved_format(self) -> str:
+        if self.fmt:
+            return self.fmt
+        if self.data_root is None:
+            if self.dataset == "synth":
+                return "synth"
+            raise ValueError(f"dataset {self.dataset!r} needs DATA_ROOT (and FORMAT unless it can be detected)")
+        return detect_format(self.data_root)
+
+
+@dataclass(frozen=True)
+class IngestJob:
+    out_tar: Path
+    split: str
+    shard_index: int
+    records: tuple[Record, ...]
+    max_side: int | None
+    max_pixels: int
+
+    def plan_hash(self) -> str:
+        text = "\n".join(f"{r.image_id}\t{r.source}\t{'|'.join(r.captions)}" for r in self.records)
+        return hashlib.sha256(f"{self.max_side}|{self.max_pixels}\n{text}".encode()).hexdigest()
+
+
+def ingest_shard(job: IngestJob) -> TaskResult:
+    started = time.perf_counter()
+    samples, skipped, keys = [], [], []
+    caption_skips: list[dict[str, str]] = []
+    captions_in = captions_out = 0
+    for index, record in enumerate(job.records):
+        captions_in += len(record.captions) + len(record.caption_skips)
+        caption_skips.extend(record.caption_skips)
+        try:
+            prepared = prepare_image(record.read_image(), job.max_side, job.max_pixels)
+        except (ImageError, OSError) as error:
+            skipped.append({"source": record.source, "reason": str(error)})
+            caption_skips.extend({"source": f"{record.source}#caption{i}", "reason": "image skipped"} for i in range(len(record.captions)))
+            continue
+        key = sample_key(job.split, job.shard_index, index)
+        meta: dict[str, Any] = {
+            "key": key,
+            "image_id": record.image_id,
+            "captions": record.captions,
+            "primary": 0,
+            "split": record.split,
+            "source": record.source,
+            "width": prepared.width,
+            "height": prepared.height,
+        }
+        if prepared.converted:
+            meta["converted"] = prepared.converted
+        samples.append({"__key__": key, "jpg": prepared.jpeg, "txt": record.captions[0], "json": meta})
+        keys.append(key)
+        captions_out += len(record.captions)
+    sha256 = write_tar(job.out_tar, samples)
+    stats = {
+        "shard": job.out_tar.name,
+        "sha256": sha256,
+        "plan": job.plan_hash(),
+        "input": len(job.records),
+        "samples": len(samples),
+        "skipped": skipped,
+        "keys": keys,
+        "splits": {job.split: len(samples)},
+        "captions": {"input": captions_in, "written": captions_out, "skipped": len(caption_skips)},
+        "caption_skips": caption_skips,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    write_stats(job.out_tar, stats)
+    return TaskResult(job.out_tar.name, ok=True, stats=stats)
+
+
+def plan_shards(records: list[Record], out_dir: Path, config: IngestConfig) -> list[IngestJob]:
+    by_split: dict[str, list[Record]] = defaultdict(list)
+    for record in records:
+        by_split[record.split].append(record)
+    jobs = []
+    for split in sorted(by_split):
+        split_records = sorted(by_split[split], key=lambda r: r.image_id)
+        for shard_index, start in enumerate(range(0, len(split_records), config.shard_size)):
+            chunk = tuple(split_records[start : start + config.shard_size])
+            jobs.append(IngestJob(out_dir / shard_name(split, shard_index), split, shard_index, chunk, config.max_side, config.max_pixels))
+    return jobs
+
+
+def run_ingest(config: IngestConfig, layout: Layout, options: RunOptions = RunOptions()) -> dict[str, Any]:
+    """Read the source, write the base shards (resuming done ones), and write the base manifest."""
+    # 1. Read the source's metadata (images are read in the workers).
+    fmt = config.resolved_format()
+    out_dir = layout.base_dir(config.dataset)
+    if config.data_root is not None and config.data_root.resolve().is_relative_to(out_dir.resolve()):
+        # e.g. a wds ingest of shards/<dataset>/base into the same dataset would overwrite what it reads
+        raise ValueError(f"DATA_ROOT {config.data_root} is inside the output {out_dir}: ingest into another DATASET")
+    source_options = SourceOptions(
+        data_root=config.data_root, fractions=config.fractions, synth_size=config.synth_size,
+        synth_seed=config.synth_seed, image_column=config.image_column, caption_column=config.caption_column,
+        id_column=config.id_column, id_prefix=config.id_prefix, split_column=config.split_column,
+    )
+    records: list[Record] = []
+    reader_skips: list[dict[str, str]] = []
+    # The limit is part of the config (manifest, settings); another limit changes the records, so the shard plans.
+    for item in itertools.islice(read_source(fmt, source_options), config.limit):
+        if isinstance(item, Skip):
+            reader_skips.append({"source": item.source, "reason": item.reason})
+        else:
+            records.append(item)
+    if not records:
+        raise ValueError(f"no usable record in the {fmt} source {config.data_root or ''} ({len(reader_skips)} skipped)")
+    log.info("%s (%s): %d images, %d skipped while reading", config.dataset, fmt, len(records), len(reader_skips))
+
+    # 2. Plan shards; keep those already done with the same plan, remove shards no longer in the plan.
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jobs = plan_shards(records, out_dir, config)
+    planned = {job.out_tar.name for job in jobs}
+    for stale in list_shards(out_dir):
+        if stale.name not in planned:
+            log.warning("removing %s: not part of this ingest plan", stale)
+            stats_path(stale).unlink(missing_ok=True)
+            stale.unlink()
+    todo = [
+        (job.out_tar.name, job)
+        for job in jobs
+        if options.mode == "overwrite" or not shard_is_done(job.out_tar) or (read_stats(job.out_tar) or {}).get("plan") != job.plan_hash()
+    ]
+    log.info("%d of %d base shards to write", len(todo), len(jobs))
+
+    # 3. Write shards.
+    results = get_executor(options.executor)(ingest_shard, todo, options.workers, "ingest", options.retries)
+    for result, (_, job) in zip(results, todo):
+        if not result.ok:
+            result.stats["sources"] = [r.source for r in job.records]
+
+    # 4. Manifest.
+    config_record = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()}
+    config_record["fmt"] = fmt
+    manifest = build_manifest(config.dataset, "base", out_dir, config_record, results, extra_skipped=reader_skips)
+    write_manifest(layout.manifest_path(config.dataset, "base"), manifest, out_dir)
+    return manifest

@@ -1,0 +1,367 @@
+"""`make eval`: image-text retrieval on the test split, clean and under the attacks, one JSON per evaluation.
+
+Protocol (the one of the Co-Attack and SGA evaluation code on CLIP):
+
+1. the test split is read whole (or its first ``size`` images): every image with *all* its captions;
+2. clean: embed every image and caption, one similarity matrix images x captions; text retrieval (TR, image ->
+   captions; a hit when any of the image's captions is in the top K) and image retrieval (IR, caption -> image),
+   R@1/5/10 over the full matrix;
+3. each attack runs white-box against the evaluated model, batch by batch: a batch of images is attacked together
+   with its own captions (``run_attack`` from :mod:`pipeline.attacks`), and every adversarial image and caption
+   replaces its clean one. TR and IR are then computed on the matrix *adversarial images x adversarial captions*
+   (an image-only attack leaves the captions clean, a text-only one the images), as the reference code does;
+4. attack success rate (ASR): the share of queries right at R@1 on clean data that the attack makes wrong
+   (TR over images, IR over captions).
+
+Captions are normalised as the reference evaluations read them (:func:`normalise_caption`, their
+``pre_caption`` with 30 words) before anything sees them, clean or attacked; ``normalise_captions=False``
+(``--no-normalise-captions``, ``CAPTION_NORMALISE=0``) keeps them as stored. Seeds: batch ``i`` of every attack
+runs with the seed ``derive_seed("eval-batch", seed, i)`` (random starts, SGA's noise), so a batch's result
+depends on the settings and its index only, never on the batches before it; two seeds give two draws.
+
+Resume: each finished batch (its adversarial embeddings) and each finished attack (its row) is stored
+atomically under ``evals/partial/`` (:mod:`pipeline.evaluation.resume`), keyed by a fingerprint of everything that
+changes the numbers (model and masked-LM files, the test images and captions as loaded, attacks and their
+resolved options, seed, size, batch size, device, precision, caption normalisation). A rerun after a crash or a
+kill skips the finished attacks and batches and gives the same JSON metrics as an uninterrupted run; the partial
+files go once the JSON is written, and those of other settings under the same name when a run starts.
+
+Memory: retrieval keeps one images x captions float32 matrix and compares it in slices
+(:mod:`pipeline.evaluation.retrieval`): COCO's 5,000 x 25,010 needs about 0.7 GB, not the 2.5 GB captions x captions
+matrix of a direct implementation.
+
+Output: ``MANIFESTS_DIR/<dataset>/evals/<name>.json`` with mode, checkpoint, settings and metrics per attack
+(each row also holds ``embeddings_sha256``, a digest of the embeddings the metrics came from: two runs with equal
+digests attacked every image and caption identically; and ``per_query``: every image's TR rank and every
+caption's IR rank, capped at 10 = a miss at every K), and ``captions_per_image``: what ``make study`` bootstraps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline.evaluation.resume import PartialStore, fingerprint, model_stamp
+from pipeline.models.device import PRECISIONS, autocast, resolve_device, resolve_precision
+from pipeline.models.hf import CLIPBundle, MLMBundle, load_clip, load_mlm
+from pipeline.core.paths import Layout
+from pipeline.core.tracking import Tracker, check_reporters
+from pipeline.evaluation.retrieval import attack_success_rate, recall_at_k
+from pipeline.core.seeding import derive_seed
+from pipeline.core.shard_urls import expand_urls, read_url
+from pipeline.core.shards import list_shards
+from pipeline.core.fileio import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+CLEAN = "clean"
+DEFAULT_ATTACKS = ("pgd", "bert", "coattack", "sga")
+KS = (1, 5, 10)
+TRACKING_DIR = "tracking"  # evals/tracking/<name>/{tensorboard,wandb}/
+MAX_WORDS = 30  # SGA's paired_dataset (max_words=30)
+_DELETED = re.compile(r"[,.'!?\"()*#:;~]")
+_SPACE_RUNS = re.compile(r"\s{2,}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """One evaluation. ``checkpoint``: a training run dir (its ``clip/``), or any CLIP dir / hub id."""
+
+    checkpoint: str
+    dataset: str = "synth"
+    mlm: str | None = None  # masked LM of the text attacks; default MODELS_DIR/<dataset>/mlm
+    name: str | None = None  # output file name; default the run dir / model dir name
+    mode: str | None = None  # row label; default the run's training mode, "pretrained" for a bare CLIP dir
+    split: str = "test"
+    data: str | None = None  # test shard URLs (pipeline/core/shard_urls.py) instead of SHARDS_DIR/<dataset>/base/<split>-*
+    size: int | None = None  # first N test images (None: all)
+    batch_size: int = 64  # images attacked together (with all their captions)
+    attacks: tuple[str, ...] = DEFAULT_ATTACKS
+    # Overrides of every attack's defaults (None keeps the published defaults of each attack):
+    eps: float | None = None
+    steps: int | None = None
+    step_size: float | None = None
+    top_k: int | None = None
+    n_words: int | None = None
+    mlm_threshold: float | None = None
+    constraint: str | None = None  # BERT-Attack candidates: "synonyms" (WordNet); None: unfiltered, as the reference
+    precision: str = "fp32"  # the reference evaluations run fp32; "auto" / "bf16" trade fidelity for speed
+    device: str = "auto"
+    seed: int = 0
+    normalise_captions: bool = True  # the reference's pre_caption (normalise_caption); False: captions as stored
+    report_to: tuple[str, ...] = ("tensorboard",)  # trackers of the metrics (pipeline/core/tracking.py); () for none
+    wandb_mode: str = "offline"
+
+    def attack_options(self) -> dict[str, Any]:
+        options = {"eps": self.eps, "steps": self.steps, "step_size": self.step_size, "top_k": self.top_k,
+                   "n_words": self.n_words, "mlm_threshold": self.mlm_threshold, "constraint": self.constraint}
+        return {k: v for k, v in options.items() if v is not None}
+
+
+def check_eval(cfg: EvalConfig) -> None:
+    """Raise ValueError naming the first bad value."""
+    from pipeline.attacks import ATTACKS
+
+    check_reporters(cfg.report_to, cfg.wandb_mode)
+
+    unknown = [a for a in cfg.attacks if a not in ATTACKS]
+    if unknown:
+        raise ValueError(f"attacks={unknown}: unknown; valid: {sorted(ATTACKS)}")
+    if cfg.size is not None and cfg.size < 2:
+        raise ValueError(f"size={cfg.size}: need at least 2 test images")
+    if cfg.batch_size < 1:
+        raise ValueError(f"batch_size={cfg.batch_size}: must be >= 1")
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"precision={cfg.precision!r}: choose one of {PRECISIONS}")
+    if cfg.eps is not None and not 0 <= cfg.eps <= 1:
+        raise ValueError(f"eps={cfg.eps}: must be in [0, 1] (pixels in [0, 1]; 2/255 = {2 / 255:.5f})")
+
+
+def normalise_caption(caption: str, max_words: int = MAX_WORDS) -> str:
+    """A caption as the reference evaluations feed it to the model.
+
+    Same effect as ``pre_caption`` in Zoky-2020/SGA ``dataset.py`` and adversarial-for-goodness/Co-Attack
+    ``dataset/utils.py`` (SGA's ``paired_dataset`` passes ``max_words=30``): lower case; the characters
+    , . ' ! ? " ( ) * # : ; ~ deleted; ``-`` and ``/`` turned into spaces and ``<person>`` into ``person``; every run
+    of two or more whitespace characters turned into one space (a single tab or newline stays, as there); a
+    final newline and outer spaces removed; then the first ``max_words`` space-separated words kept.
+    """
+    text = _DELETED.sub("", caption.lower()).replace("-", " ").replace("/", " ").replace("<person>", "person")
+    text = _SPACE_RUNS.sub(" ", text).rstrip("\n").strip(" ")
+    return " ".join(text.split(" ")[:max_words])
+
+
+@dataclass
+class TestSet:
+    """Test images (uint8 [N, 3, S, S], exact: preprocessing yields k/255 values) and their captions per image."""
+
+    keys: list[str]
+    images_u8: torch.Tensor
+    captions: list[list[str]]
+    txt2img: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.txt2img = torch.tensor([i for i, group in enumerate(self.captions) for _ in group], dtype=torch.long)
+
+    @property
+    def images(self) -> torch.Tensor:
+        """All images as float [0, 1] pixels."""
+        return self.images_u8.float().div_(255.0)
+
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, list[list[str]]]]:
+        """(float [0, 1] pixels, captions per image) of consecutive images."""
+        for start in range(0, len(self.keys), batch_size):
+            yield self.images_u8[start:start + batch_size].float().div_(255.0), self.captions[start:start + batch_size]
+
+
+def load_test_set(base_dir: Path, split: str, clip: CLIPBundle, size: int | None = None,
+                  normalise: bool = True) -> TestSet:
+    """The split's images (preprocessed to the model's size) with all their captions (normalised by
+    :func:`normalise_caption` unless ``normalise`` is False), in shard order."""
+    shards = list_shards(base_dir, split)
+    if not shards:
+        raise FileNotFoundError(f"no {split}-*.tar shards in {base_dir}: run `make ingest` first")
+    return load_test_urls([str(s) for s in shards], clip, size, normalise)
+
+
+def load_test_urls(urls: list[str], clip: CLIPBundle, size: int | None = None, normalise: bool = True) -> TestSet:
+    """:func:`load_test_set` from shard URLs (local paths, ``pipe:`` commands; see pipeline/core/shard_urls.py)."""
+    keys, images, captions = [], [], []
+    for url in urls:
+        for sample in read_url(url):
+            meta = json.loads(sample["json"])
+            if not meta.get("captions"):
+                continue
+            keys.append(sample["__key__"])
+            images.append(Image.open(io.BytesIO(sample["jpg"])))
+            captions.append([normalise_caption(c) if normalise else c for c in meta["captions"]])
+            if size is not None and len(keys) >= size:
+                break
+        if size is not None and len(keys) >= size:
+            break
+    return TestSet(keys, clip.preprocess(images).mul_(255.0).round_().to(torch.uint8), captions)
+
+
+def resolve_checkpoint(checkpoint: str) -> tuple[str, str, str]:
+    """(CLIP dir or id, default name, default mode) of a run dir, a CLIP dir or a hub id."""
+    path = Path(checkpoint)
+    if (path / "clip").is_dir():  # a training run
+        config = path / "config.json"
+        mode = json.loads(config.read_text()).get("mode", path.name) if config.is_file() else path.name
+        return str(path / "clip"), path.name, mode
+    name = path.parent.name if path.name == "clip" else path.name
+    return str(checkpoint), name or "model", "pretrained"
+
+
+@torch.no_grad()
+def embed(clip: CLIPBundle, images: torch.Tensor, texts: list[str], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised float embeddings of images [N, D] and texts [M, D], in chunks."""
+    dim = clip.model.config.projection_dim
+    img = [clip.encode_images(images[s:s + batch_size].to(clip.device)).float().cpu()
+           for s in range(0, len(images), batch_size)]
+    step = 4 * batch_size
+    txt = [clip.encode_texts(texts[s:s + step]).float().cpu() for s in range(0, len(texts), step)]
+    return torch.cat(img) if img else torch.empty(0, dim), torch.cat(txt) if txt else torch.empty(0, dim)
+
+
+def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, txt2img: torch.Tensor) -> dict[str, Any]:
+    """TR / IR R@K (percent) and the per-query R@1 hits (kept to compute ASR) on the full similarity matrix, and
+    ``embeddings_sha256``, a digest of the embeddings: equal digests mean the same (adversarial) embeddings, the
+    check that a resumed or repeated evaluation reproduced the attacks exactly."""
+    out = recall_at_k(image_emb @ text_emb.T, txt2img, KS)
+    digest = hashlib.sha256(image_emb.float().contiguous().numpy())
+    digest.update(text_emb.float().contiguous().numpy())
+    out["embeddings_sha256"] = digest.hexdigest()
+    return out
+
+
+def batch_seed(seed: int, index: int) -> int:
+    """The attacks' seed for batch ``index``: from the evaluation seed and the index only."""
+    return derive_seed("eval-batch", seed, index)
+
+
+def attacked_embeddings(clip: CLIPBundle, mlm: MLMBundle | None, data: TestSet, attack: str, cfg: EvalConfig,
+                        store: PartialStore | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(adversarial image embeddings, adversarial caption embeddings, attack seconds) of the whole test set.
+
+    Each batch is attacked with its own captions and :func:`batch_seed`; batches finished in ``store`` are read
+    from it and new ones written to it as they finish.
+    """
+    from pipeline.attacks import build_attack
+
+    image_emb, text_emb, seconds, reused = [], [], 0.0, 0
+    total = -(-len(data.keys) // cfg.batch_size)
+    batches = tqdm(data.batches(cfg.batch_size), total=total, desc=f"eval {attack}", unit="batch", leave=False)
+    for index, (images, captions) in enumerate(batches):
+        done = store.load_batch(attack, index) if store is not None else None
+        if done is None:
+            start = time.perf_counter()
+            attacker = build_attack(attack, **cfg.attack_options(), seed=batch_seed(cfg.seed, index))
+            with autocast(clip.device, cfg.precision):
+                out = attacker(clip, mlm, images, captions)
+                img, txt = embed(clip, out.images, [t for group in out.texts for t in group], cfg.batch_size)
+            done = img, txt, time.perf_counter() - start
+            if store is not None:
+                store.save_batch(attack, index, *done)
+        else:
+            reused += 1
+        image_emb.append(done[0])
+        text_emb.append(done[1])
+        seconds += done[2]
+    if reused:
+        log.info("%s: %d of %d batches taken from an interrupted run", attack, reused, total)
+    return torch.cat(image_emb), torch.cat(text_emb), seconds
+
+
+def resume_fingerprint(cfg: EvalConfig, device: str, precision: str, clip_dir: str, mlm_dir: str | None,
+                       data: TestSet) -> str:
+    """Fingerprint of everything that changes an evaluation's numbers (the key of its partial results)."""
+    from pipeline.attacks import build_attack
+
+    content = hashlib.sha256(json.dumps([data.keys, data.captions]).encode())
+    content.update(data.images_u8.contiguous().numpy())
+    labels = {"name", "mode", "checkpoint", "mlm", "device", "precision", "report_to", "wandb_mode"}  # labels, or resolved
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in labels}
+    settings.update(device=device, precision=precision, clip=model_stamp(clip_dir), data=content.hexdigest(),
+                    mlm=model_stamp(mlm_dir) if mlm_dir else None,
+                    resolved_attacks={a: repr(build_attack(a, **cfg.attack_options())) for a in cfg.attacks})
+    return fingerprint(settings)
+
+
+def _row(metrics: dict[str, Any], clean: dict[str, Any] | None, seconds: float, n_images: int) -> dict[str, Any]:
+    row = {k: v for k, v in metrics.items() if not k.startswith("_")}
+    if clean is not None:
+        row["tr_asr"] = attack_success_rate(clean["_tr_hits"], metrics["_tr_hits"])
+        row["ir_asr"] = attack_success_rate(clean["_ir_hits"], metrics["_ir_hits"])
+    else:
+        row["tr_asr"] = row["ir_asr"] = 0.0
+    row["seconds"] = round(seconds, 2)
+    row["seconds_per_image"] = round(seconds / max(n_images, 1), 4)
+    # Per-query ranks, capped at max(KS) (= a miss at every K): the bootstrap of `make study` resamples them.
+    row["per_query"] = {side: metrics[f"_{side}"].clamp(max=max(KS)).tolist() for side in ("tr_rank", "ir_rank")}
+    return row
+
+
+def evaluate(cfg: EvalConfig, layout: Layout | None = None) -> dict[str, Any]:
+    """Run one evaluation and write its JSON; returns the record written."""
+    # 1. Validate and resolve.
+    check_eval(cfg)
+    layout = layout or Layout.from_env()
+    device = str(resolve_device(cfg.device))
+    clip_dir, default_name, default_mode = resolve_checkpoint(cfg.checkpoint)
+    name, mode = cfg.name or default_name, cfg.mode or default_mode
+    out = eval_path(layout, cfg.dataset, name)  # refuses a name that is not plain before any work
+    precision = resolve_precision(cfg.precision, device)
+    torch.manual_seed(cfg.seed)
+    # 2. Models and data; the store of partial results.
+    clip = load_clip(clip_dir, device=device)
+    needs_mlm = any(a in {"bert", "coattack", "sga"} for a in cfg.attacks)
+    mlm_dir = str(cfg.mlm or layout.model_dir(cfg.dataset, "mlm")) if needs_mlm else None
+    mlm = load_mlm(mlm_dir, device=device) if mlm_dir else None
+    if cfg.data:
+        data = load_test_urls(expand_urls(cfg.data), clip, cfg.size, cfg.normalise_captions)
+    else:
+        data = load_test_set(layout.base_dir(cfg.dataset), cfg.split, clip, cfg.size, cfg.normalise_captions)
+    store = PartialStore(out.parent / "partial", name,
+                         resume_fingerprint(cfg, device, precision, clip_dir, mlm_dir, data))
+    store.drop_stale()
+    texts = [t for group in data.captions for t in group]
+    log.info("eval %s (%s): %d images, %d captions, attacks %s", name, mode, len(data.keys), len(texts), cfg.attacks)
+    # 3. Clean retrieval.
+    start = time.perf_counter()
+    with autocast(device, cfg.precision):
+        image_emb = torch.cat([embed(clip, images, [], cfg.batch_size)[0] for images, _ in data.batches(cfg.batch_size)])
+        _, text_emb = embed(clip, torch.empty(0, 3, clip.image_size, clip.image_size), texts, cfg.batch_size)
+        clean = retrieval_metrics(image_emb, text_emb, data.txt2img)
+    results = {CLEAN: _row(clean, None, time.perf_counter() - start, len(data.keys))}
+    # 4. Each attack.
+    for attack in cfg.attacks:
+        row = store.finished(attack)
+        if row is None:
+            adv_image_emb, adv_text_emb, seconds = attacked_embeddings(clip, mlm, data, attack, cfg, store)
+            start = time.perf_counter()
+            metrics = retrieval_metrics(adv_image_emb, adv_text_emb, data.txt2img)
+            row = _row(metrics, clean, seconds + time.perf_counter() - start, len(data.keys))
+            store.finish(attack, row)
+        else:
+            log.info("%s: finished in an interrupted run with the same settings", attack)
+        results[attack] = row
+        log.info("%s %s: TR@1 %.1f IR@1 %.1f (ASR %.1f / %.1f) in %.0f s", name, attack, results[attack]["tr_r1"],
+                 results[attack]["ir_r1"], results[attack]["tr_asr"], results[attack]["ir_asr"],
+                 results[attack]["seconds"])
+    # 5. Write.
+    record = {"name": name, "mode": mode, "checkpoint": str(cfg.checkpoint), "model_dir": clip_dir,
+              "dataset": cfg.dataset, "split": cfg.split, "n_images": len(data.keys), "n_texts": len(texts),
+              "captions_per_image": [len(group) for group in data.captions], "precision": precision,
+              "settings": dataclasses.asdict(cfg), "attack_options": cfg.attack_options(), "metrics": results,
+              "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    atomic_write_json(out, record)
+    store.remove()
+    log.info("wrote %s", out)
+    track(record, cfg, out.parent / TRACKING_DIR / name)
+    return record
+
+
+def track(record: dict[str, Any], cfg: EvalConfig, log_dir: Path) -> None:
+    """The evaluation's metrics to the trackers of ``cfg.report_to``: ``eval/<attack>/<metric>`` at step 0."""
+    tracker = Tracker(log_dir, cfg.report_to, record["settings"], name=record["name"], wandb_mode=cfg.wandb_mode)
+    for attack, row in record["metrics"].items():
+        tracker.log(0, {k: v for k, v in row.items() if isinstance(v, (int, float))}, prefix=f"eval/{attack}")
+    tracker.close()
+
+
+def eval_path(layout: Layout, dataset: str, name: str) -> Path:
+    return layout.named_output(dataset, "evals", name)

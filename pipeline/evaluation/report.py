@@ -1,0 +1,142 @@
+"""`make report`: gather the evaluations of a dataset into report.md, report.png and report.json.
+
+Input: every ``MANIFESTS_DIR/<dataset>/evals/*.json`` written by :func:`pipeline.evaluation.evaluate.evaluate`.
+Output (same folder as the evals' parent):
+
+- ``report.json``: a list of records, one per (evaluation, attack), with at least ``name``, ``mode``, ``attack``
+  (``clean`` included), ``tr_r1``, ``tr_r5``, ``tr_r10``, ``ir_r1``, ``ir_r5``, ``ir_r10``, ``tr_asr``, ``ir_asr``;
+- ``report.md``: rows = evaluations (modes / checkpoints), columns = attacks x TR/IR R@1, then the same for ASR;
+- ``report.png``: grouped bars of TR and IR R@1 per attack, one bar per evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.paths import Layout
+from pipeline.core.fileio import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+METRICS = ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "tr_asr", "ir_asr")
+#: Row and column order: reference first, then the modes as the MAT paper lists them; attacks weakest first.
+MODE_ORDER = ("pretrained", "ft", "tecoa", "fare", "mat", "matplus")
+ATTACK_ORDER = ("clean", "bert", "pgd", "coattack", "sga")
+ATTACK_LABELS = {"clean": "Clean", "pgd": "PGD", "bert": "BERT-Attack", "coattack": "Co-Attack", "sga": "SGA"}
+MODE_LABELS = {"pretrained": "pretrained", "ft": "FT", "tecoa": "TeCoA", "fare": "FARE", "mat": "MAT",
+               "matplus": "MAT+"}
+
+
+def _rank(order: tuple[str, ...], value: str) -> tuple[int, str]:
+    return (order.index(value) if value in order else len(order), value)
+
+
+def load_evals(evals_dir: Path) -> list[dict[str, Any]]:
+    """Every evaluation JSON in the folder, ordered by mode (MODE_ORDER) then name."""
+    evals = [json.loads(p.read_text()) for p in sorted(evals_dir.glob("*.json"))]
+    return sorted(evals, key=lambda e: (_rank(MODE_ORDER, e["mode"]), e["name"]))
+
+
+def to_records(evals: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One flat record per (evaluation, attack): what report.json holds."""
+    records = []
+    for ev in evals:
+        for attack in sorted(ev["metrics"], key=lambda a: _rank(ATTACK_ORDER, a)):
+            m = ev["metrics"][attack]
+            records.append({"name": ev["name"], "mode": ev["mode"], "attack": attack, "checkpoint": ev["checkpoint"],
+                            "dataset": ev["dataset"], "n_images": ev["n_images"], "n_texts": ev["n_texts"],
+                            **{k: m[k] for k in METRICS}, "seconds": m.get("seconds")})
+    return records
+
+
+def row_labels(evals: list[dict[str, Any]]) -> list[str]:
+    """The mode's label, or the evaluation's name where several evaluations share a mode."""
+    counts = Counter(e["mode"] for e in evals)
+    return [MODE_LABELS.get(e["mode"], e["mode"]) if counts[e["mode"]] == 1 else e["name"] for e in evals]
+
+
+def attacks_of(records: list[dict[str, Any]]) -> list[str]:
+    return sorted({r["attack"] for r in records}, key=lambda a: _rank(ATTACK_ORDER, a))
+
+
+def markdown_table(records: list[dict[str, Any]], labels: dict[str, str], metric: str = "r1") -> str:
+    """Rows = evaluations, columns = attacks x (TR, IR) of ``metric`` (r1, r5, r10 or asr)."""
+    attacks = [a for a in attacks_of(records) if metric != "asr" or a != "clean"]
+    cell = {(r["name"], r["attack"]): r for r in records}
+    names = list(dict.fromkeys(r["name"] for r in records))
+    head = ["model"] + [f"{ATTACK_LABELS.get(a, a)} {side}" for a in attacks for side in ("TR", "IR")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in names:
+        values = []
+        for attack in attacks:
+            r = cell.get((name, attack))
+            values += [f"{r[f'{side}_{metric}']:.1f}" if r else "–" for side in ("tr", "ir")]
+        lines.append("| " + " | ".join([labels[name]] + values) + " |")
+    return "\n".join(lines)
+
+
+def render_markdown(evals: list[dict[str, Any]], records: list[dict[str, Any]]) -> str:
+    labels = dict(zip((e["name"] for e in evals), row_labels(evals)))
+    first = evals[0]
+    settings = ", ".join(f"{k}={v}" for k, v in sorted(first.get("attack_options", {}).items())) or "published defaults"
+    return "\n\n".join([
+        f"# Robust retrieval on {first['dataset']} ({first['split']} split, {first['n_images']} images, "
+        f"{first['n_texts']} captions)",
+        "Recall@1 (%) of text retrieval (TR, image → captions) and image retrieval (IR, caption → image) on the full "
+        "similarity matrix, clean and under white-box attacks against each model (adversarial images vs adversarial "
+        f"captions). Attack settings: {settings}.",
+        markdown_table(records, labels, "r1"),
+        "Attack success rate (%): share of the R@1-correct queries that the attack breaks.",
+        markdown_table(records, labels, "asr"),
+        "R@5 (%):",
+        markdown_table(records, labels, "r5"),
+    ]) + "\n"
+
+
+def plot(records: list[dict[str, Any]], labels: dict[str, str], path: Path) -> None:
+    """Grouped bars: for TR and IR, R@1 per attack, one bar per evaluation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    attacks = attacks_of(records)
+    names = list(dict.fromkeys(r["name"] for r in records))
+    cell = {(r["name"], r["attack"]): r for r in records}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
+    width = 0.8 / max(len(names), 1)
+    x = np.arange(len(attacks))
+    for ax, side, title in zip(axes, ("tr", "ir"), ("Text retrieval (image → caption)", "Image retrieval (caption → image)")):
+        for i, name in enumerate(names):
+            values = [cell[(name, a)][f"{side}_r1"] if (name, a) in cell else 0.0 for a in attacks]
+            ax.bar(x + (i - (len(names) - 1) / 2) * width, values, width, label=labels[name])
+        ax.set_xticks(x, [ATTACK_LABELS.get(a, a) for a in attacks])
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("R@1 (%)")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def build_report(dataset: str, layout: Layout | None = None) -> dict[str, Any]:
+    """Write report.md / report.png / report.json for a dataset; returns their paths and the Markdown."""
+    layout = layout or Layout.from_env()
+    root = layout.dataset_manifests(dataset)
+    evals = load_evals(root / "evals")
+    if not evals:
+        raise FileNotFoundError(f"no evaluations in {root / 'evals'}: run `make eval CKPT=...` first")
+    records = to_records(evals)
+    markdown = render_markdown(evals, records)
+    paths = {"json": root / "report.json", "md": root / "report.md", "png": root / "report.png"}
+    atomic_write_json(paths["json"], records)
+    paths["md"].write_text(markdown)
+    plot(records, dict(zip((e["name"] for e in evals), row_labels(evals))), paths["png"])
+    log.info("report: %s", ", ".join(str(p) for p in paths.values()))
+    return {"paths": paths, "markdown": markdown, "records": records}

@@ -1,0 +1,119 @@
+"""Resumable evaluation: the finished batches and attacks of an evaluation, stored as it goes.
+
+``MANIFESTS_DIR/<dataset>/evals/partial/`` holds, for an evaluation ``<name>`` whose settings hash to
+``<fp>`` (the first 16 hex digits of :func:`fingerprint`):
+
+- ``<name>.<fp>.<attack>.bNNNNNN.json``: batch NNNNNN under the attack: its adversarial image and caption
+  embeddings (float32, base64, exact) and the seconds it took;
+- ``<name>.<fp>.<attack>.done.json``: the attack's finished result row (its batch files are then removed).
+
+Every file is written atomically (``atomic_write_json``: a temporary file, then a rename), so a process killed
+at any moment leaves whole files only. A rerun with the same settings takes the finished attacks' rows and the
+finished batches as they are and attacks only the rest; the final result is the one an uninterrupted run gives,
+because each batch's attack depends on nothing but the settings and the batch index (its seed is derived from
+the evaluation seed and the index). Files of the same evaluation name under another fingerprint are stale: they
+are removed when the evaluation starts. The evaluation removes its own files once its JSON is written.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.core.fileio import atomic_write_json, sha256_file
+
+log = logging.getLogger(__name__)
+
+_FILE = re.compile(r"(?P<name>.+)\.(?P<fp>[0-9a-f]{16})\.(?P<attack>[A-Za-z0-9_]+)\.(?P<part>b\d{6}|done)\.json")
+
+
+def fingerprint(settings: dict[str, Any]) -> str:
+    """sha256 of the settings as canonical JSON (keys sorted)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def model_stamp(model: str) -> str:
+    """A local model folder: sha256 over its files' names and contents; anything else (a hub id): the id."""
+    path = Path(model)
+    if not path.is_dir():
+        return model
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(path).as_posix()}\0{sha256_file(file)}\0".encode())
+    return digest.hexdigest()
+
+
+def _encode(tensor: torch.Tensor) -> dict[str, Any]:
+    tensor = tensor.detach().float().cpu().contiguous()
+    return {"shape": list(tensor.shape), "float32": base64.b64encode(tensor.numpy().tobytes()).decode("ascii")}
+
+
+def _decode(blob: dict[str, Any]) -> torch.Tensor:
+    data = bytearray(base64.b64decode(blob["float32"]))
+    return torch.frombuffer(data, dtype=torch.float32).reshape(blob["shape"]) if data else torch.empty(blob["shape"])
+
+
+class PartialStore:
+    """The partial results of one evaluation (name + settings fingerprint) in ``folder``."""
+
+    def __init__(self, folder: Path, name: str, settings_fingerprint: str) -> None:
+        self.folder, self.name, self.fp = folder, name, settings_fingerprint[:16]
+
+    def _files(self) -> list[tuple[Path, re.Match[str]]]:
+        if not self.folder.is_dir():
+            return []
+        matches = ((p, _FILE.fullmatch(p.name)) for p in sorted(self.folder.iterdir()))
+        return [(p, m) for p, m in matches if m is not None and m["name"] == self.name]
+
+    def _path(self, attack: str, part: str) -> Path:
+        return self.folder / f"{self.name}.{self.fp}.{attack}.{part}.json"
+
+    def drop_stale(self) -> None:
+        """Remove this evaluation name's files made under other settings."""
+        stale = [p for p, m in self._files() if m["fp"] != self.fp]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        if stale:
+            log.info("removed %d partial results of %s made with other settings", len(stale), self.name)
+
+    def load_batch(self, attack: str, index: int) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(image embeddings, caption embeddings, seconds) of a finished batch, or None."""
+        path = self._path(attack, f"b{index:06d}")
+        if not path.is_file():
+            return None
+        blob = json.loads(path.read_text())
+        return _decode(blob["image"]), _decode(blob["text"]), float(blob["seconds"])
+
+    def save_batch(self, attack: str, index: int, image_emb: torch.Tensor, text_emb: torch.Tensor,
+                   seconds: float) -> None:
+        atomic_write_json(self._path(attack, f"b{index:06d}"), {
+            "attack": attack, "batch": index, "seconds": seconds,
+            "image": _encode(image_emb), "text": _encode(text_emb)})
+
+    def finished(self, attack: str) -> dict[str, Any] | None:
+        """The result row of an attack that finished under these settings, or None."""
+        path = self._path(attack, "done")
+        return json.loads(path.read_text())["row"] if path.is_file() else None
+
+    def finish(self, attack: str, row: dict[str, Any]) -> None:
+        """Store the attack's row, then drop its batch files (the row is all a rerun needs)."""
+        atomic_write_json(self._path(attack, "done"), {"attack": attack, "row": row})
+        for path, m in self._files():
+            if m["fp"] == self.fp and m["attack"] == attack and m["part"] != "done":
+                path.unlink(missing_ok=True)
+
+    def remove(self) -> None:
+        """Remove every file of this evaluation (and the folder when nothing else is left in it)."""
+        for path, _ in self._files():
+            path.unlink(missing_ok=True)
+        for tmp in self.folder.glob(f"{self.name}.{self.fp}.*.tmp") if self.folder.is_dir() else []:
+            tmp.unlink(missing_ok=True)
+        if self.folder.is_dir() and not any(self.folder.iterdir()):
+            self.folder.rmdir()

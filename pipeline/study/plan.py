@@ -1,0 +1,140 @@
+"""The study's plan: its settings (StudyConfig) and the cells of both tables (which modes, stages, steps and
+attacks), shared by the runner (pipeline/study/run.py) and the report (pipeline/study/report.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from pipeline.core.paths import plain_name
+
+MODES = ("ft", "tecoa", "fare", "mat", "matplus")
+ATTACKS = ("pgd", "bert", "coattack", "sga")
+MULTIMODAL_ATTACKS = ("coattack", "sga")
+CPU_STAGES = ("i2t-human", "eda", "randaug")
+#: stage -> (modality of its variants, cross-modal or intra-modal): the paper's two axes.
+STAGE_KINDS = {"i2t-human": ("text", "cross"), "eda": ("text", "intra"), "i2t-internvl": ("text", "cross"),
+               "randaug": ("image", "intra"), "t2i-sd": ("image", "cross")}
+PAIRING = {"text": "1:N", "image": "N:1", "both": "N:N"}
+DEFAULT_MATPLUS = ("i2t-human",)
+# Relative costs for the time-left estimate: training per step in FT steps (bench: MAT step / FT step 4.3),
+# evaluation per image in clean forwards (bench: attack_cost_*), and the demo's measured eval/train rate ratio.
+MODE_COST = {"ft": 1.0, "tecoa": 2.0, "fare": 2.0, "mat": 4.3, "matplus": 4.3}
+ATTACK_COST = {"pgd": 7.8, "bert": 10.2, "coattack": 17.2, "sga": 56.9}
+EVAL_COST_SCALE = 0.0067  # one clean-forward-image in FT steps (demo: 0.23 s per FT step, 43 s per eval of 300)
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Budgets and choices of a study; defaults are sized for a GPU run on COCO / Flickr30k."""
+
+    dataset: str = "synth"
+    clip: str | None = None  # default: the stand-in MODELS_DIR/<dataset>/clip (pretrained when missing)
+    mlm: str | None = None
+    seeds: int = 1
+    modes: tuple[str, ...] = MODES
+    steps: int = 2000  # training steps of every mode
+    mode_steps: tuple[tuple[str, int], ...] = ()  # per-mode overrides, e.g. (("ft", 500),)
+    aug_steps: int | None = None  # steps of the augmentation table's cells; default the matplus steps
+    batch_size: int = 128
+    lr: float | None = None  # default TrainConfig's
+    precision: str = "auto"
+    eval_size: int | None = None  # first N test images; None = all (the published protocol)
+    eval_split: str | None = None  # None: "test", or "val" for datasets without a test split (COCO's own splits)
+    eval_batch: int = 64
+    attacks: tuple[str, ...] = ATTACKS
+    stages: tuple[str, ...] | None = None  # augmentation table; None = every stage whose shards exist (+ CPU ones)
+    combos: tuple[tuple[str, ...], ...] | None = None  # N:N cells; None = auto (a text stage with an image stage)
+    augmentation: bool = True  # the augmentation table at all
+    pretrain_steps: int = 1200  # only when the stand-ins are missing
+    resamples: int = 1000
+    level: float = 0.95
+    device: str = "auto"
+    workers: int = 2
+    data_workers: int = 2
+
+    def __post_init__(self) -> None:
+        plain_name(self.dataset, "dataset")
+        for name in ("seeds", "steps", "batch_size", "eval_batch", "pretrain_steps", "resamples", "workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 1")
+        bad = [m for m in self.modes if m not in MODES] + [m for m, _ in self.mode_steps if m not in MODES]
+        if bad or not self.modes:
+            raise ValueError(f"modes={self.modes}, mode_steps={self.mode_steps}: choose among {MODES}")
+        if any(a not in ATTACKS for a in self.attacks):
+            raise ValueError(f"attacks={self.attacks}: choose among {ATTACKS}")
+        if self.eval_size is not None and self.eval_size < 2:
+            raise ValueError(f"eval_size={self.eval_size}: need at least 2 test images")
+        if self.aug_steps is not None and self.aug_steps < 1:
+            raise ValueError(f"aug_steps={self.aug_steps}: must be >= 1")
+        if not 0 < self.level < 1:
+            raise ValueError(f"level={self.level}: must be in (0, 1)")
+
+    def steps_of(self, mode: str) -> int:
+        return dict(self.mode_steps).get(mode, self.steps)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One model of the tables; trained (unless pretrained) and evaluated once per seed."""
+
+    id: str
+    mode: str  # a training mode or "pretrained"
+    stages: tuple[str, ...] = ()
+    steps: int = 0
+    tables: tuple[str, ...] = ()
+    attacks: tuple[str, ...] = ()
+
+    @property
+    def modality(self) -> str:
+        kinds = {STAGE_KINDS.get(s, ("", ""))[0] for s in self.stages} - {""}
+        return "both" if len(kinds) == 2 else next(iter(kinds), "")
+
+    @property
+    def pairing(self) -> str:
+        return PAIRING.get(self.modality, "1:1")
+
+
+def auto_combos(stages: list[str]) -> list[tuple[str, ...]]:
+    """N:N cells: the intra-modal pair (eda + randaug) and the cross-modal one (an I2T stage + t2i-sd)."""
+    combos = []
+    if "eda" in stages and "randaug" in stages:
+        combos.append(("eda", "randaug"))
+    i2t = next((s for s in ("i2t-internvl", "i2t-human") if s in stages), None)
+    if i2t and "t2i-sd" in stages:
+        combos.append((i2t, "t2i-sd"))
+    return combos
+
+
+def plan_cells(cfg: StudyConfig, stages: list[str]) -> list[Cell]:
+    """The cells of both tables, shared cells merged (the union of their tables and attacks)."""
+    multimodal = tuple(a for a in cfg.attacks if a in MULTIMODAL_ATTACKS) or cfg.attacks
+    wanted: list[tuple[str, tuple[str, ...], int, str, tuple[str, ...]]] = [("pretrained", (), 0, "defences", cfg.attacks)]
+    for mode in cfg.modes:
+        wanted.append((mode, DEFAULT_MATPLUS if mode == "matplus" else (), cfg.steps_of(mode), "defences", cfg.attacks))
+    if cfg.augmentation:
+        steps = cfg.aug_steps or cfg.steps_of("matplus")
+        chosen = [s for s in (cfg.stages if cfg.stages is not None else stages)]
+        unknown = [s for s in chosen if s not in STAGE_KINDS]
+        if unknown:
+            raise ValueError(f"stages={unknown}: unknown; known: {sorted(STAGE_KINDS)}")
+        combos = list(cfg.combos) if cfg.combos is not None else auto_combos(chosen)
+        wanted.append(("mat", (), steps, "augmentation", multimodal))
+        wanted += [("matplus", (s,), steps, "augmentation", multimodal) for s in chosen]
+        wanted += [("matplus", tuple(c), steps, "augmentation", multimodal) for c in combos]
+    cells: dict[tuple, Cell] = {}
+    for mode, cell_stages, steps, table, attacks in wanted:
+        key = (mode, cell_stages, steps)
+        old = cells.get(key)
+        if old is None:
+            ident = "-".join([mode, *(["_".join(cell_stages)] if cell_stages else []),
+                              *([f"{steps}steps"] if mode != "pretrained" and steps != cfg.steps_of(mode) else [])])
+            cells[key] = Cell(plain_name(ident, "cell"), mode, cell_stages, steps, (table,), attacks)
+        else:
+            merged = tuple(a for a in ATTACKS if a in old.attacks or a in attacks)
+            cells[key] = dataclasses.replace(old, tables=tuple(dict.fromkeys(old.tables + (table,))), attacks=merged)
+    return list(cells.values())
+
+
+def eval_name(cell: Cell, seed: int) -> str:
+    return f"study-{cell.id}-s{seed}"

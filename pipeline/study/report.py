@@ -1,0 +1,353 @@
+"""The study's report: the defences table, the augmentation table, the augmentation-quality figure, and the
+paper's claims judged from the numbers.
+
+Every number comes from the per-query ranks of the evaluations (:class:`pipeline.study.bootstrap.Outcomes`), so the
+points equal the evaluation JSONs' metrics and the intervals come from the same data. Scores:
+
+- *robust score* of a cell: the mean over the multimodal attacks (Co-Attack, SGA; every attack run when none
+  of them is) of (TR R@1 + IR R@1) / 2, in percent;
+- *gain* of an augmentation cell: its robust score minus MAT's (the MAT cell trained with the same steps).
+
+A difference is *significant* when its paired-bootstrap interval (same resampled test images for both sides,
+seeds resampled too when there are several) excludes zero. Claims (Waseda et al. 2024):
+
+1. multimodal AT beats unimodal defences under multimodal attacks: MAT against each of TeCoA and FARE;
+2. one-to-many augmentation helps: MAT+ (its default stages) against MAT;
+3. cross-modal augmentations beat intra-modal ones: mean gain of the cross-modal stages (i2t-human, i2t-internvl,
+   t2i-sd) against the intra-modal ones (eda, randaug), single-stage cells;
+4. text augmentations beat image augmentations: text stages against image stages, the same way;
+5. good augmentations are aligned, diverse and shift little: the Spearman correlation over single-stage cells of
+   the gain with alignment (+), diversity (+) and Frechet distance (-); at least 4 stages are needed.
+
+A claim is *supported* when every comparison it rests on is significant in its direction, *contradicted* when
+one is significant against it, and *undecided* otherwise. When clean retrieval is near chance (the median
+cell's clean R@1 below ``CHANCE_FACTOR`` x chance, chance = 100 / n_images % at R@1), the robustness comparison
+is declared meaningless and no claim is decided: a model that does not retrieve cannot lose to an attack.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.study.bootstrap import Bootstrap, Interval, Outcomes, Statistic, spearman
+from pipeline.evaluation.report import ATTACK_LABELS, MODE_LABELS
+from pipeline.core.fileio import atomic_write_json
+from pipeline.study.plan import MULTIMODAL_ATTACKS, STAGE_KINDS, Cell, StudyConfig
+
+log = logging.getLogger(__name__)
+
+CHANCE_FACTOR = 3.0
+MIN_STAGES_FOR_CORRELATION = 4
+SUPPORTS, CONTRADICTS, UNDECIDED = "supports", "contradicts", "cannot decide"
+ATTACK_ORDER = ("clean", "pgd", "bert", "coattack", "sga")
+
+
+@dataclass
+class CellResult:
+    cell: Cell
+    seeds: dict[int, dict[str, Outcomes]]  # seed -> attack ("clean" included) -> outcomes
+
+
+def recall(attack: str, side: str, k: int) -> Statistic:
+    return lambda outcomes, w: outcomes[attack].recall(side, k, w)
+
+
+def asr(attack: str, side: str) -> Statistic:
+    """Attack success rate: the share of clean R@1 hits that the attack turns into misses."""
+    def stat(outcomes: dict[str, Outcomes], w: np.ndarray) -> np.ndarray:
+        clean, adv = outcomes["clean"], outcomes[attack]
+        rank_c, rank_a = (clean.tr_rank, adv.tr_rank) if side == "tr" else (clean.ir_rank, adv.ir_rank)
+        owner = np.arange(clean.n_images) if side == "tr" else clean.owner
+        hit = np.bincount(owner, weights=rank_c == 0, minlength=clean.n_images)
+        broken = np.bincount(owner, weights=(rank_c == 0) & (rank_a > 0), minlength=clean.n_images)
+        return 100.0 * (w @ broken) / np.maximum(w @ hit, 1e-12)
+    return stat
+
+
+def mean_r1(attacks: tuple[str, ...]) -> Statistic:
+    """Mean over ``attacks`` of (TR R@1 + IR R@1) / 2."""
+    return lambda o, w: np.mean([(o[a].recall("tr", 1, w) + o[a].recall("ir", 1, w)) / 2 for a in attacks], axis=0)
+
+
+class Study:
+    """The cells' results with one shared bootstrap; every comparison the report makes."""
+
+    def __init__(self, results: list[CellResult], resamples: int = 1000, level: float = 0.95) -> None:
+        self.results = {r.cell.id: r for r in results}
+        n_images = {o.n_images for r in results for seed in r.seeds.values() for o in seed.values()}
+        if len(n_images) != 1:
+            raise ValueError(f"cells were evaluated on different test sets: {sorted(n_images)} images")
+        self.n_images = n_images.pop()
+        self.boot = Bootstrap(self.n_images, resamples, seed=0, level=level)
+        self.chance_r1 = 100.0 / self.n_images
+        self._reps: dict[tuple[str, str], np.ndarray] = {}
+
+    def seeds(self, cell: str) -> list[dict[str, Outcomes]]:
+        return [self.results[cell].seeds[s] for s in sorted(self.results[cell].seeds)]
+
+    def reps(self, cell: str, name: str, stat: Statistic) -> np.ndarray:
+        if (cell, name) not in self._reps:
+            self._reps[(cell, name)] = self.boot.replicates(self.seeds(cell), stat, cell)
+        return self._reps[(cell, name)]
+
+    def value(self, cell: str, name: str, stat: Statistic) -> Interval:
+        return self.boot.interval(self.boot.point(self.seeds(cell), stat), self.reps(cell, name, stat))
+
+    def spread(self, cell: str, stat: Statistic) -> float | None:
+        """Standard deviation across seeds (None for one seed)."""
+        values = [stat(o, self.boot.ones)[0] for o in self.seeds(cell)]
+        return float(np.std(values, ddof=1)) if len(values) > 1 else None
+
+    def difference(self, a: list[str], b: list[str], name: str, stat: Statistic) -> Interval:
+        """Mean of the cells ``a`` minus mean of the cells ``b``, paired over the same resamples."""
+        point = (np.mean([self.boot.point(self.seeds(c), stat) for c in a])
+                 - np.mean([self.boot.point(self.seeds(c), stat) for c in b]))
+        reps = np.mean([self.reps(c, name, stat) for c in a], axis=0) - np.mean([self.reps(c, name, stat) for c in b], axis=0)
+        return self.boot.interval(point, reps)
+
+    def clean_r1(self, cell: str) -> float:
+        return self.boot.point(self.seeds(cell), mean_r1(("clean",)))
+
+
+def robust_attacks(cells: list[Cell]) -> tuple[str, ...]:
+    common = set.intersection(*(set(c.attacks) for c in cells)) if cells else set()
+    return (tuple(a for a in MULTIMODAL_ATTACKS if a in common) or tuple(a for a in ATTACK_ORDER if a in common)
+            or ("clean",))
+
+
+def verdict(intervals: list[Interval], expected: int = 1) -> str:
+    signs = [iv.sign for iv in intervals]
+    if any(s == -expected for s in signs):
+        return CONTRADICTS
+    return SUPPORTS if signs and all(s == expected for s in signs) else UNDECIDED
+
+
+def _iv(iv: Interval, digits: int = 1) -> str:
+    return f"{iv.point:+.{digits}f} [{iv.low:+.{digits}f}, {iv.high:+.{digits}f}]"
+
+
+def _label(cell: Cell) -> str:
+    base = MODE_LABELS.get(cell.mode, cell.mode)
+    return base + (f" ({'+'.join(cell.stages)})" if cell.stages else "") + (f" @{cell.steps}" if "steps" in cell.id else "")
+
+
+def judge_claims(study: Study, cells: list[Cell], stage_stats: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], bool]:
+    """The five claims with their verdicts and evidence; and whether clean retrieval is near chance."""
+    defences = {c.mode: c.id for c in cells if "defences" in c.tables}
+    aug = [c for c in cells if "augmentation" in c.tables]
+    attacks = robust_attacks([c for c in cells if c.mode != "pretrained"])
+    score = mean_r1(attacks)
+    clean = sorted(study.clean_r1(c.id) for c in cells)
+    meaningless = bool(clean) and float(np.median(clean)) < CHANCE_FACTOR * study.chance_r1
+    claims: list[dict[str, Any]] = []
+
+    def add(claim: str, comparisons: dict[str, Interval], expected: int = 1, missing: str = "") -> None:
+        if missing:
+            claims.append({"claim": claim, "verdict": UNDECIDED, "why": missing, "comparisons": {}})
+            return
+        found = verdict(list(comparisons.values()), expected)
+        why = "; ".join(f"{k}: {_iv(v)}" + (" (significant)" if v.excludes_zero else " (within noise)")
+                        for k, v in comparisons.items())
+        if meaningless:
+            found, why = UNDECIDED, "clean retrieval is near chance, so the robustness comparison is meaningless; " + why
+        claims.append({"claim": claim, "verdict": found, "why": why,
+                       "comparisons": {k: v.as_dict() for k, v in comparisons.items()}})
+
+    unimodal = [m for m in ("tecoa", "fare") if m in defences]
+    add("multimodal adversarial training (MAT) beats unimodal defences under multimodal attacks",
+        {f"MAT - {MODE_LABELS[m]}": study.difference([defences["mat"]], [defences[m]], "robust", score) for m in unimodal}
+        if "mat" in defences and unimodal else {},
+        missing="" if "mat" in defences and unimodal else "needs MAT and TeCoA or FARE in the defences table")
+    has_plus = "mat" in defences and "matplus" in defences
+    add("one-to-many augmentation (MAT+) helps over MAT",
+        {"MAT+ - MAT": study.difference([defences["matplus"]], [defences["mat"]], "robust", score)} if has_plus else {},
+        missing="" if has_plus else "needs MAT and MAT+ in the defences table")
+    single = [c for c in aug if len(c.stages) == 1]
+    for claim, axis, first, second in (("cross-modal augmentations beat intra-modal ones", 1, "cross", "intra"),
+                                       ("text augmentations beat image augmentations", 0, "text", "image")):
+        a = [c.id for c in single if STAGE_KINDS[c.stages[0]][axis] == first]
+        b = [c.id for c in single if STAGE_KINDS[c.stages[0]][axis] == second]
+        add(claim, {f"mean {first} - mean {second}": study.difference(a, b, "robust", score)} if a and b else {},
+            missing="" if a and b else f"needs single-stage MAT+ cells of both kinds ({first}: {len(a)}, {second}: {len(b)})")
+    claims.append(quality_claim(study, aug, stage_stats, score, meaningless))
+    return claims, meaningless
+
+
+def stage_quality(stage: str, stats: dict[str, Any]) -> dict[str, float | None]:
+    modality = STAGE_KINDS.get(stage, ("", ""))[0]
+    return {"alignment": stats.get("alignment_mean"), "diversity": stats.get("diversity_mean"),
+            "shift": stats.get("shift_mean"), "frechet": stats.get(f"fd_{modality}")}
+
+
+def quality_claim(study: Study, aug: list[Cell], stage_stats: dict[str, dict[str, Any]], score: Statistic,
+                  meaningless: bool) -> dict[str, Any]:
+    claim = "good augmentations are well aligned, diverse, and shift the distribution little"
+    base = next((c for c in aug if c.mode == "mat"), None)
+    single = [c for c in aug if len(c.stages) == 1]
+    comparisons, expected_signs, missing = {}, [], ""
+    for quality, expected in (("alignment", 1), ("diversity", 1), ("frechet", -1)):
+        cells = [c for c in single if stage_quality(c.stages[0], stage_stats.get(c.stages[0], {}))[quality] is not None]
+        if base is None or len(cells) < MIN_STAGES_FOR_CORRELATION:
+            missing = (f"needs MAT and at least {MIN_STAGES_FOR_CORRELATION} scored single-stage cells "
+                       f"(has {len(cells)}): with fewer points a rank correlation cannot be told from chance")
+            break
+        x = np.array([stage_quality(c.stages[0], stage_stats[c.stages[0]])[quality] for c in cells])
+        gains = np.stack([study.reps(c.id, "robust", score) - study.reps(base.id, "robust", score) for c in cells], 1)
+        points = np.array([study.boot.point(study.seeds(c.id), score) - study.boot.point(study.seeds(base.id), score)
+                           for c in cells])
+        rho = study.boot.interval(float(spearman(x, points[None])[0]), spearman(x, gains))
+        comparisons[f"Spearman(gain, {quality})"] = rho
+        expected_signs.append(expected)
+    if missing:
+        return {"claim": claim, "verdict": UNDECIDED, "why": missing, "comparisons": {}}
+    signs = [iv.sign * expected for iv, expected in zip(comparisons.values(), expected_signs)]
+    found = CONTRADICTS if -1 in signs else SUPPORTS if all(s == 1 for s in signs) else UNDECIDED
+    why = "; ".join(f"{k}: {_iv(v, 2)}" for k, v in comparisons.items()) + " (expected +, +, -)"
+    if meaningless:
+        found, why = UNDECIDED, "clean retrieval is near chance, so the robustness comparison is meaningless; " + why
+    return {"claim": claim, "verdict": found, "why": why, "comparisons": {k: v.as_dict() for k, v in comparisons.items()}}
+
+
+def _r1(study: Study, cell: str, attack: str, side: str) -> str:
+    stat = recall(attack, side, 1)
+    iv, sd = study.value(cell, f"{attack}-{side}1", stat), study.spread(cell, stat)
+    return f"{iv.point:.1f}" + (f" ± {sd:.1f}" if sd is not None else "") + f" [{iv.low:.1f}, {iv.high:.1f}]"
+
+
+def defences_table(study: Study, cells: list[Cell]) -> str:
+    head = ["model", "attack", "TR R@1 [95% CI]", "TR R@5", "TR R@10", "IR R@1 [95% CI]", "IR R@5", "IR R@10",
+            "TR ASR", "IR ASR"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    for cell in (c for c in cells if "defences" in c.tables):
+        for attack in ("clean", *[a for a in ATTACK_ORDER if a in cell.attacks]):
+            at = [f"{study.boot.point(study.seeds(cell.id), recall(attack, s, k)):.1f}" for s in ("tr", "ir") for k in (5, 10)]
+            rates = [f"{study.boot.point(study.seeds(cell.id), asr(attack, s)):.1f}" if attack != "clean" else "–"
+                     for s in ("tr", "ir")]
+            lines.append("| " + " | ".join([_label(cell), ATTACK_LABELS.get(attack, attack), _r1(study, cell.id, attack, "tr"),
+                                            *at[:2], _r1(study, cell.id, attack, "ir"), *at[2:], *rates]) + " |")
+    return "\n".join(lines)
+
+
+def augmentation_rows(study: Study, cells: list[Cell], stage_stats: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    aug = [c for c in cells if "augmentation" in c.tables]
+    base = next((c for c in aug if c.mode == "mat"), None)
+    score = mean_r1(robust_attacks(aug))
+    rows = []
+    for cell in aug:
+        quality = [stage_quality(s, stage_stats.get(s, {})) for s in cell.stages]
+        row = {"cell": cell.id, "label": _label(cell), "stages": list(cell.stages), "pairing": cell.pairing,
+               "kind": "+".join(dict.fromkeys(STAGE_KINDS[s][1] for s in cell.stages)) or "–",
+               **{q: quality[0][q] if len(quality) == 1 else None for q in ("alignment", "diversity", "shift", "frechet")},
+               "clean_r1": study.clean_r1(cell.id), "robust": study.value(cell.id, "robust", score).as_dict(),
+               "gain": None}
+        if base is not None and cell.id != base.id:
+            row["gain"] = study.difference([cell.id], [base.id], "robust", score).as_dict()
+        rows.append(row)
+    return rows
+
+
+def augmentation_table(rows: list[dict[str, Any]], attacks: tuple[str, ...]) -> str:
+    robust = " / ".join(ATTACK_LABELS.get(a, a) for a in attacks)
+    head = ["cell", "pairing", "kind", "alignment", "diversity", "shift", "Frechet", "clean R@1",
+            f"robust R@1 ({robust}) [95% CI]", "gain over MAT [95% CI]"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * (len(head) - 3)]
+    fmt = lambda v, d: "–" if v is None else f"{v:.{d}f}"  # noqa: E731
+    for r in rows:
+        rb, g = r["robust"], r["gain"]
+        gain = "–" if g is None else _iv(Interval(**g)) + (" *" if Interval(**g).excludes_zero else "")
+        lines.append("| " + " | ".join([r["label"], r["pairing"], r["kind"], fmt(r["alignment"], 3), fmt(r["diversity"], 3),
+                                        fmt(r["shift"], 2), fmt(r["frechet"], 4), f"{r['clean_r1']:.1f}",
+                                        f"{rb['point']:.1f} [{rb['low']:.1f}, {rb['high']:.1f}]", gain]) + " |")
+    return "\n".join(lines)
+
+
+def plot_quality(rows: list[dict[str, Any]], path: Path) -> bool:
+    """Gain over MAT against alignment, diversity and Frechet distance, one point per single-stage cell."""
+    points = [r for r in rows if len(r["stages"]) == 1 and r["gain"] is not None]
+    if not points:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
+    for ax, quality, label in zip(axes, ("alignment", "diversity", "frechet"),
+                                  ("alignment (cosine)", "diversity (1 - cosine to the original)", "Frechet distance")):
+        for r in (p for p in points if p[quality] is not None):
+            g = r["gain"]
+            ax.errorbar(r[quality], g["point"], yerr=[[g["point"] - g["low"]], [g["high"] - g["point"]]], fmt="o", capsize=3)
+            ax.annotate(f"{r['stages'][0]} ({r['pairing']})", (r[quality], g["point"]), fontsize=8,
+                        xytext=(4, 4), textcoords="offset points")
+        ax.axhline(0, color="grey", linewidth=0.8)
+        ax.set(xlabel=label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("robust R@1 gain over MAT (points, 95% CI)")
+    fig.suptitle("Augmentation quality and robustness (one point per stage)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def records(study: Study, cells: list[Cell]) -> list[dict[str, Any]]:
+    """report.json: one record per cell and seed, every metric per attack (points of that seed alone)."""
+    out = []
+    for cell in cells:
+        for seed, outcomes in sorted(study.results[cell.id].seeds.items()):
+            ones = study.boot.ones
+            metrics = {a: {f"{s}_r{k}": float(o.recall(s, k, ones)[0]) for s in ("tr", "ir") for k in (1, 5, 10)}
+                       | ({f"{s}_asr": float(asr(a, s)(outcomes, ones)[0]) for s in ("tr", "ir")} if a != "clean" else {})
+                       for a, o in outcomes.items()}
+            out.append({"cell": cell.id, "mode": cell.mode, "stages": list(cell.stages), "pairing": cell.pairing,
+                        "steps": cell.steps, "tables": list(cell.tables), "seed": seed, "n_images": study.n_images,
+                        "metrics": metrics})
+    return out
+
+
+def build_study_report(results: list[CellResult], stage_stats: dict[str, dict[str, Any]], cfg: StudyConfig,
+                       out_dir: Path) -> dict[str, Any]:
+    """Write report.md, report.json and augmentation_quality.png to ``out_dir``; return what was written."""
+    study = Study(results, cfg.resamples, cfg.level)
+    cells = [r.cell for r in results]
+    claims, meaningless = judge_claims(study, cells, stage_stats)
+    aug_rows = augmentation_rows(study, cells, stage_stats)
+    aug_attacks = robust_attacks([c for c in cells if "augmentation" in c.tables])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figure = out_dir / "augmentation_quality.png"
+    has_figure = plot_quality(aug_rows, figure)
+    seeds = f"{cfg.seeds} seeds (mean ± sd across seeds; intervals resample seeds and images)" if cfg.seeds > 1 else \
+        "1 seed (intervals: bootstrap over test images with their captions)"
+    parts = [f"# Study on {cfg.dataset}",
+             f"{study.n_images} test images; {seeds}; {cfg.resamples} resamples, {cfg.level:.0%} percentile intervals; "
+             f"chance R@1 = {study.chance_r1:.2f} % (1 / n_images). Training steps: "
+             + ", ".join(f"{_label(c)} {c.steps}" for c in cells if c.mode != "pretrained") + "."]
+    if meaningless:
+        parts.append(f"**The robustness comparison is meaningless here.** The median model's clean R@1 is "
+                     f"{np.median([study.clean_r1(c.id) for c in cells]):.1f} %, below {CHANCE_FACTOR:.0f}x chance "
+                     f"({CHANCE_FACTOR * study.chance_r1:.1f} %): the models barely retrieve on clean data, so an attack "
+                     "has almost nothing to break and differences between defences are differences of noise. Use a "
+                     "pretrained CLIP (CLIP=...) or train the stand-in longer before reading the tables.")
+    parts.append("## The paper's claims\n\n" + "\n".join(
+        f"- **{c['verdict']}**: {c['claim']}. {c['why']}." for c in claims))
+    parts.append("## Defences\n\nR@K (%) clean and under each attack; ASR (%): the share of clean R@1 hits the attack "
+                 "breaks.\n\n" + defences_table(study, cells))
+    if aug_rows:
+        parts.append("## Augmentations\n\nMAT+ with one stage (its pairing: text variants 1:N, image variants N:1, "
+                     "both N:N) next to MAT; stage statistics from the stage manifests (diversity = 1 - src_sim; "
+                     "Frechet distance on the stage's modality). `*`: the gain's interval excludes zero.\n\n"
+                     + augmentation_table(aug_rows, aug_attacks)
+                     + (f"\n\n![augmentation quality]({figure.name})" if has_figure else ""))
+    markdown = "\n\n".join(parts) + "\n"
+    (out_dir / "report.md").write_text(markdown)
+    payload = {"dataset": cfg.dataset, "n_images": study.n_images, "chance_r1": study.chance_r1,
+               "meaningless": meaningless, "claims": claims, "augmentation": aug_rows, "records": records(study, cells)}
+    atomic_write_json(out_dir / "report.json", payload)
+    log.info("study report: %s", out_dir / "report.md")
+    return {"markdown": markdown, "claims": claims, "meaningless": meaningless, "figure": figure if has_figure else None,
+            **payload}

@@ -1,0 +1,260 @@
+"""`make study`: the paper's comparisons on any ingested dataset, as a resumable plan of units.
+
+A *cell* is one model of a table (a training mode with its augmentation stages and step budget, or the
+pretrained CLIP); per seed it needs up to two *units*: one training run and one evaluation. The plan:
+
+1. prepare units, only when missing: ``pretrain`` (the stand-in CLIP and masked LM, when no CLIP= is given) and
+   ``augment`` for the CPU stages (i2t-human, eda, randaug) whose shards are missing; existing outputs are taken
+   as they are;
+2. the defences table: pretrained, FT, TeCoA, FARE, MAT, MAT+ (its default stages), every attack;
+3. the augmentation table: MAT without augmentation and MAT+ with each available stage alone (its own pairing:
+   a text stage gives 1:N, an image stage N:1) and the N:N combinations (a text stage with an image stage),
+   evaluated under the multimodal attacks (Co-Attack, SGA). Cells the tables share are trained once.
+
+Resume: each finished unit writes ``study/units/<unit>.json`` with its *fingerprint*, a hash of its settings and
+of the stamps of its inputs (model files, stage manifests' shard digests, the training run it evaluates),
+computed when the unit comes up. A unit whose record holds the same fingerprint and whose output exists is
+skipped; a training run interrupted mid-way continues from its checkpoint (``train``'s resume), and an
+interrupted evaluation from its finished batches. A training folder made under another fingerprint is moved
+aside (``<dir>.stale-<time>``), never resumed with other settings and never deleted.
+
+Outputs in ``MANIFESTS_DIR/<dataset>/study/``: ``plan.json`` (every unit, resolved), ``units/``, and the report
+(:mod:`pipeline.study.report`): ``report.md``, ``report.json``, ``augmentation_quality.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.study.bootstrap import Outcomes
+from pipeline.study.plan import ATTACK_COST, CPU_STAGES, Cell, EVAL_COST_SCALE, MODE_COST, STAGE_KINDS, StudyConfig, eval_name, plan_cells
+from pipeline.evaluation.resume import fingerprint, model_stamp
+from pipeline.core.paths import Layout
+from pipeline.core.shards import list_shards
+from pipeline.core.fileio import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Unit:
+    name: str
+    kind: str  # pretrain | augment | train | eval
+    settings: dict[str, Any]
+    output: Path
+    inputs: dict[str, str] = field(default_factory=dict)  # what the fingerprint stamps: name -> model dir / stage
+    cost: float = 1.0
+    run: Callable[[], None] = field(default=lambda: None, repr=False)
+    prepare: bool = False  # done when its output exists (made by the study or by the user)
+
+
+def study_dir(layout: Layout, dataset: str) -> Path:
+    return layout.dataset_manifests(dataset) / "study"
+
+
+def available_stages(layout: Layout, dataset: str) -> list[str]:
+    """Known stages whose shards and manifest exist, plus the CPU stages (the study augments them)."""
+    made = [s for s in STAGE_KINDS if layout.manifest_path(dataset, s).is_file() and layout.stage_dir(dataset, s).is_dir()]
+    return [s for s in STAGE_KINDS if s in made or s in CPU_STAGES]
+
+
+def build_plan(cfg: StudyConfig, layout: Layout) -> tuple[list[Cell], list[Unit]]:
+    """Cells and units, in running order (prepare units first, then per seed: train, then eval)."""
+    from pipeline.evaluation.evaluate import EvalConfig, evaluate
+    from pipeline.train.config import DataConfig, OptimConfig, TrainConfig, to_dict
+    from pipeline.train.main import train
+
+    if not layout.base_dir(cfg.dataset).is_dir():
+        raise FileNotFoundError(f"no base shards in {layout.base_dir(cfg.dataset)}: run `make ingest DATASET={cfg.dataset}`")
+    units: list[Unit] = []
+    clip = cfg.clip or str(layout.model_dir(cfg.dataset, "clip"))
+    mlm = cfg.mlm or str(layout.model_dir(cfg.dataset, "mlm"))
+    if cfg.clip is None and not Path(clip).is_dir():
+        from pipeline.train.config import PretrainConfig
+        from pipeline.train.pretrain import pretrain
+
+        pcfg = PretrainConfig(dataset=cfg.dataset, steps=cfg.pretrain_steps, device=cfg.device, report_to=())
+        units.append(Unit("pretrain", "pretrain", to_dict(pcfg), Path(clip), cost=cfg.pretrain_steps * 1.5,
+                          run=lambda: pretrain(pcfg, layout), prepare=True))
+    stages = available_stages(layout, cfg.dataset)
+    cells = plan_cells(cfg, stages)
+    needed = sorted({s for c in cells for s in c.stages})
+    for stage in needed:
+        if not layout.manifest_path(cfg.dataset, stage).is_file():
+            units.append(Unit(f"augment-{stage}", "augment", {"stage": stage}, layout.manifest_path(cfg.dataset, stage),
+                              cost=300.0, run=_augmenter(cfg, layout, stage), prepare=True))
+    split = cfg.eval_split or ("test" if list_shards(layout.base_dir(cfg.dataset), "test") else "val")
+    if cfg.eval_split is None and split != "test":
+        log.warning("%s has no test split: the study evaluates on %r", cfg.dataset, split)
+    runs_root = layout.runs_dir / f"study-{cfg.dataset}"
+    optim = OptimConfig() if cfg.lr is None else OptimConfig(lr=cfg.lr)
+    for seed in range(cfg.seeds):
+        for cell in cells:
+            checkpoint, inputs = clip, {"clip": clip}
+            if cell.mode != "pretrained":
+                run_dir = runs_root / f"{cell.id}-s{seed}"
+                tcfg = TrainConfig(mode=cell.mode, dataset=cfg.dataset, clip=clip, mlm=mlm, steps=cell.steps,
+                                   batch_size=cfg.batch_size, precision=cfg.precision, seed=seed, device=cfg.device,
+                                   run_dir=str(run_dir), report_to=(), optim=optim,
+                                   data=DataConfig(stages=cell.stages, num_workers=cfg.data_workers))
+                settings = {k: v for k, v in to_dict(tcfg).items() if k not in ("run_dir", "device")}
+                units.append(Unit(f"train-{cell.id}-s{seed}", "train", settings, run_dir / "clip",
+                                  inputs={"clip": clip, "mlm": mlm, **{f"stage:{s}": s for s in cell.stages}},
+                                  cost=cell.steps * MODE_COST[cell.mode], run=_trainer(tcfg, layout, train)))
+                checkpoint, inputs = str(run_dir), {"clip": str(run_dir / "clip")}
+            ecfg = EvalConfig(checkpoint=checkpoint, dataset=cfg.dataset, mlm=mlm, name=eval_name(cell, seed),
+                              mode=cell.mode, split=split, size=cfg.eval_size, batch_size=cfg.eval_batch, attacks=cell.attacks,
+                              device=cfg.device, seed=seed)
+            n_images = cfg.eval_size or 1000
+            units.append(Unit(f"eval-{cell.id}-s{seed}", "eval", dataclasses.asdict(ecfg) | {"checkpoint": None},
+                              layout.named_output(cfg.dataset, "evals", ecfg.name),
+                              inputs={**inputs, **({"mlm": mlm} if set(cell.attacks) - {"pgd"} else {})},
+                              cost=EVAL_COST_SCALE * n_images * (1 + sum(ATTACK_COST[a] for a in cell.attacks)),
+                              run=lambda ecfg=ecfg: evaluate(ecfg, layout)))
+    return cells, units
+
+
+def _augmenter(cfg: StudyConfig, layout: Layout, stage: str) -> Callable[[], None]:
+    def run() -> None:
+        from pipeline.augment.runner import run_augment
+
+        run_augment(dataset=cfg.dataset, data_root=None, fmt=None, stage_names=stage, overrides={}, scorer_spec=None,
+                    seed=0, device="cpu", workers=cfg.workers, executor="local", retries=1, overwrite=False,
+                    layout=layout)
+    return run
+
+
+def _trainer(tcfg: Any, layout: Layout, train: Callable) -> Callable[[], None]:
+    def run() -> None:
+        train(tcfg, layout)
+    return run
+
+
+class Stamps:
+    """Stamps of a unit's inputs, computed when it comes up (after the units that make them), cached by mtime."""
+
+    def __init__(self, layout: Layout, dataset: str) -> None:
+        self.layout, self.dataset, self._cache = layout, dataset, {}
+
+    def of(self, name: str, value: str) -> str:
+        if name.startswith("stage:"):
+            manifest = json.loads(self.layout.manifest_path(self.dataset, value).read_text())
+            return fingerprint({"shards": manifest.get("shards"), "counts": manifest.get("counts")})
+        path = Path(value)
+        key = (value, max((p.stat().st_mtime_ns for p in path.rglob("*") if p.is_file()), default=0)) if path.is_dir() else (value, 0)
+        if key not in self._cache:
+            self._cache[key] = model_stamp(value)
+        return self._cache[key]
+
+    def fingerprint(self, unit: Unit) -> str:
+        base = self.layout.manifest_path(self.dataset, "base")
+        data = json.loads(base.read_text()).get("shards") if base.is_file() else None
+        return fingerprint({"kind": unit.kind, "settings": unit.settings, "base": data,
+                            "inputs": {k: self.of(k, v) for k, v in sorted(unit.inputs.items())}})
+
+
+def _set_aside_stale_run(unit: Unit, fp: str) -> None:
+    """A training folder made under another fingerprint is moved aside, so `train` does not resume it."""
+    run_dir = unit.output.parent
+    marker = run_dir / "study-fingerprint"
+    if run_dir.exists() and (not marker.is_file() or marker.read_text().strip() != fp):
+        aside = run_dir.with_name(f"{run_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+        log.warning("%s: made with other settings; moved to %s", run_dir, aside)
+        run_dir.rename(aside)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(fp + "\n")
+
+
+def write_plan(cfg: StudyConfig, cells: list[Cell], units: list[Unit], path: Path) -> None:
+    atomic_write_json(path, {
+        "config": dataclasses.asdict(cfg),
+        "cells": [dataclasses.asdict(c) | {"pairing": c.pairing, "modality": c.modality} for c in cells],
+        "units": [{"name": u.name, "kind": u.kind, "output": str(u.output), "inputs": u.inputs, "cost": round(u.cost, 1),
+                   "settings": u.settings} for u in units],
+    })
+
+
+def run_plan(units: list[Unit], layout: Layout, dataset: str, echo: Callable[[str], None] = log.info) -> dict[str, str]:
+    """Run the units in order, skipping the done ones; a progress line per unit. Returns {unit: done|ran|taken}."""
+    records = study_dir(layout, dataset) / "units"
+    records.mkdir(parents=True, exist_ok=True)
+    stamps, status = Stamps(layout, dataset), {}
+    start, spent = time.perf_counter(), {}  # kind -> [cost, seconds] of the units run by this call
+    for i, unit in enumerate(units, 1):
+        record_path = records / f"{unit.name}.json"
+        t0 = time.perf_counter()
+        if unit.prepare and unit.output.exists():
+            status[unit.name] = "taken"
+        else:
+            fp = None if unit.prepare else stamps.fingerprint(unit)
+            old = json.loads(record_path.read_text()) if record_path.is_file() else {}
+            if fp is not None and old.get("fingerprint") == fp and unit.output.exists():
+                status[unit.name] = "done"
+            else:
+                if unit.kind == "train":
+                    _set_aside_stale_run(unit, fp)
+                unit.run()
+                seconds = time.perf_counter() - t0
+                totals = spent.setdefault(unit.kind, [0.0, 0.0])
+                totals[0] += unit.cost
+                totals[1] += seconds
+                atomic_write_json(record_path, {"name": unit.name, "kind": unit.kind, "fingerprint": fp,
+                                                "output": str(unit.output), "seconds": round(seconds, 1),
+                                                "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+                status[unit.name] = "ran"
+        eta = _time_left(units[i:], spent)
+        echo(f"[{i}/{len(units)}] {unit.kind} {unit.name}: {status[unit.name]} in {time.perf_counter() - t0:.0f} s; "
+             f"elapsed {(time.perf_counter() - start) / 60:.1f} min, {eta}")
+    return status
+
+
+def _time_left(units: list[Unit], spent: dict[str, list[float]]) -> str:
+    """Seconds per cost unit measured on each kind run so far; a training or evaluation kind not yet run takes
+    the other's rate (their costs share a scale: FT-step equivalents), prepare units count only once measured."""
+    if not units:
+        return "nothing left"
+    measured = {kind: s / c for kind, (c, s) in spent.items() if c}
+    shared = [measured[k] for k in ("train", "eval") if k in measured]
+    if not shared:
+        return "time left: known after the first training or evaluation"
+    left = sum(u.cost * measured.get(u.kind, shared[0]) for u in units if u.kind in measured or not u.prepare)
+    return f"about {left / 60:.1f} min left"
+
+
+def load_outcomes(path: Path) -> dict[str, Outcomes]:
+    """Per-attack Outcomes of an evaluation JSON (its ``per_query`` ranks and ``captions_per_image``)."""
+    record = json.loads(path.read_text())
+    if "captions_per_image" not in record:
+        raise ValueError(f"{path}: no per-query results (made before they were recorded); delete it and rerun")
+    owner = np.repeat(np.arange(len(record["captions_per_image"])), record["captions_per_image"])
+    return {attack: Outcomes(np.asarray(m["per_query"]["tr_rank"]), np.asarray(m["per_query"]["ir_rank"]), owner)
+            for attack, m in record["metrics"].items()}
+
+
+def run_study(cfg: StudyConfig, layout: Layout | None = None, echo: Callable[[str], None] = log.info) -> dict[str, Any]:
+    """Plan, run (resuming), and write the report; returns the report builder's result."""
+    from pipeline.curate.stats import read_stage_scores, stage_row
+    from pipeline.study.report import CellResult, build_study_report
+
+    layout = layout or Layout.from_env()
+    out = study_dir(layout, cfg.dataset)
+    cells, units = build_plan(cfg, layout)
+    write_plan(cfg, cells, units, out / "plan.json")
+    echo(f"study {cfg.dataset}: {len(cells)} cells x {cfg.seeds} seed(s), {len(units)} units; plan: {out / 'plan.json'}")
+    run_plan(units, layout, cfg.dataset, echo)
+    results = [CellResult(cell, {seed: load_outcomes(layout.named_output(cfg.dataset, "evals", eval_name(cell, seed)))
+                                 for seed in range(cfg.seeds)}) for cell in cells]
+    stage_stats = {}
+    for stage in sorted({s for c in cells for s in c.stages}):
+        manifest = json.loads(layout.manifest_path(cfg.dataset, stage).read_text())
+        stage_stats[stage] = stage_row(manifest, read_stage_scores(stage, layout.stage_dir(cfg.dataset, stage)))
+    return build_study_report(results, stage_stats, cfg, out)
