@@ -13,6 +13,7 @@ from pipeline.core.shards import list_shards, shard_is_done
 from pipeline.data.sources import SplitFractions
 from pipeline.augment.stage import StageContext, config_from_overrides, run_stage
 from pipeline.core.executor import RunOptions
+from pipeline.core.shard_urls import base_fingerprints, path_or_spec
 from stages import DEFAULT_STAGES, STAGES, get_stage_class
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ def ensure_base(dataset: str, data_root: Path | None, fmt: str | None, layout: L
         return
     if manifest_path.exists():
         saved = read_manifest(manifest_path)["config"]
-        saved["data_root"] = Path(saved["data_root"]) if saved.get("data_root") else None
+        saved["data_root"] = path_or_spec(saved["data_root"]) if saved.get("data_root") else None
         saved["fractions"] = SplitFractions(**saved["fractions"])
         config = IngestConfig(**saved)
         log.warning("base shards of %s are missing or damaged: re-ingesting them", dataset)
@@ -63,7 +64,7 @@ def resolve_stages(stage_names: str | None, overrides: dict[str, dict[str, str]]
     return chosen
 
 
-def load_scorer_or_none(scorer_spec: str | None, dataset: str, layout: Layout) -> Any:
+def load_scorer_or_none(scorer_spec: str | None, dataset: str, layout: Layout, bases: list | None = None) -> Any:
     from pipeline.augment.scoring import load_scorer
 
     scorer = load_scorer(scorer_spec, dataset, layout)
@@ -72,7 +73,7 @@ def load_scorer_or_none(scorer_spec: str | None, dataset: str, layout: Layout) -
             "scoring skipped: no scorer for %s (run `make pretrain DATASET=%s` or pass SCORER=<CLIP dir or id>)", dataset, dataset
         )
         return None
-    scorer.prepare(layout.base_dir(dataset))
+    scorer.prepare(layout.base_dir(dataset) if bases is None else bases)
     return scorer
 
 
@@ -91,19 +92,26 @@ def run_augment(
     retries: int,
     overwrite: bool,
     layout: Layout,
+    base_data: str | None = None,
 ) -> list[dict[str, Any]]:
     # 1. Validate the request before any work.
     options = RunOptions(workers=workers, executor=executor, retries=retries, mode="overwrite" if overwrite else "incremental")
     chosen = resolve_stages(stage_names, overrides)
     if not chosen:
         raise ValueError("no stage to run")
-    # 2. Base shards, then the scorer (it fits the reference statistics on the base).
-    ensure_base(dataset, data_root, fmt, layout, RunOptions(workers=workers, executor=executor, retries=retries))
-    scorer = load_scorer_or_none(scorer_spec, dataset, layout)
+    # 2. Base shards (the dataset folder's, or BASE_DATA's URLs), then the scorer (it fits the reference on the base).
+    bases = None
+    if base_data is not None:
+        if data_root is not None:
+            raise ValueError("give BASE_DATA (base shard URLs) or DATA_ROOT (a dataset to ingest), not both")
+        bases = base_fingerprints(base_data)
+    else:
+        ensure_base(dataset, data_root, fmt, layout, RunOptions(workers=workers, executor=executor, retries=retries))
+    scorer = load_scorer_or_none(scorer_spec, dataset, layout, bases)
     # 3. Stages, one after the other, each shard-parallel.
     manifests = []
     for stage_cls, config in chosen:
-        manifest = run_stage(stage_cls, config, StageContext(dataset, seed, device), layout, options, scorer)
+        manifest = run_stage(stage_cls, config, StageContext(dataset, seed, device), layout, options, scorer, bases)
         for line in summary_lines(manifest):
             log.info(line)
         manifests.append(manifest)

@@ -3,7 +3,8 @@
 Hooks the stage runner calls (see docs/architecture.md):
 
     scorer = load_scorer(spec, dataset, layout)          # driver; None => scoring skipped (logged)
-    scorer.prepare(base_dir)                             # driver, once: reference Gaussians (cached .npz)
+    scorer.prepare(base_dir)                             # driver, once: reference Gaussians (cached .npz);
+                                                         # or prepare(bases), the fingerprints of base shard URLs
     features = scorer.score_shard(samples, results, m)   # worker, per shard: fills variant.extra, returns stats
 
 Per variant: ``alignment`` = cosine(image, text) of the pair the variant forms (raw cosine, as DataComp's
@@ -173,16 +174,20 @@ class Scorer:
 
     # ------------------------------------------------------------------------------ reference
 
-    def prepare(self, base_dir: Path) -> None:
-        """Fit (or load from cache) the Gaussians of the original image and caption features of the base."""
+    def prepare(self, base: Path | list[Any]) -> None:
+        """Fit (or load from cache) the Gaussians of the original image and caption features of the base: the
+        dataset's base folder, or shard_urls.Fingerprint's of base shard URLs (same cache key for the same shards)."""
         from pipeline.core.shards import list_shards, read_stats
 
-        shards = [(p, read_stats(p)) for p in list_shards(Path(base_dir))]
-        shards = [(p, s) for p, s in shards if s is not None]
+        if isinstance(base, (str, Path)):
+            shards = [(str(p), p.name, (read_stats(p) or {}).get("sha256")) for p in list_shards(Path(base))]
+            shards = [shard for shard in shards if shard[2] is not None]
+        else:
+            shards = [(shard.url, shard.name, shard.sha256) for shard in base]
         if not shards:
-            raise FileNotFoundError(f"no committed base shards in {base_dir}: run `make ingest` first")
+            raise FileNotFoundError(f"no committed base shards in {base}: run `make ingest` first")
         key = "|".join([self.revision(), str(self.config.shrinkage), str(self.config.reference_samples)]
-                       + [f"{p.name}:{s['sha256']}" for p, s in shards])
+                       + [f"{name}:{sha256}" for _, name, sha256 in shards])
         cache = self.cache_dir / f"reference-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
         if cache.exists():
             with np.load(cache) as arrays:
@@ -191,7 +196,7 @@ class Scorer:
                 self.shift_percentiles = {side: arrays[f"{side}_shift_percentiles"] for side in SIDES}
             log.info("scorer reference loaded from %s", cache)
             return
-        features = self._reference_features([p for p, _ in shards])
+        features = self._reference_features([url for url, _, _ in shards])
         arrays = {}
         for side, rows in features.items():
             reference = MahalanobisReference.fit(RunningGaussian(self.dim).update(rows), self.config.shrinkage)
@@ -208,18 +213,18 @@ class Scorer:
         log.info("scorer reference fitted on %d images / %d captions, cached at %s",
                  len(features["image"]), len(features["text"]), cache)
 
-    def _reference_features(self, shard_paths: list[Path]) -> dict[str, np.ndarray]:
+    def _reference_features(self, shard_urls: list[str]) -> dict[str, np.ndarray]:
         import json
 
         from tqdm import tqdm
 
-        from pipeline.core.shards import read_tar
+        from pipeline.core.shard_urls import read_url
 
         found: dict[str, list[np.ndarray]] = {side: [] for side in SIDES}
         count = 0
         progress = tqdm(total=self.config.reference_samples, desc="scorer reference", unit="img", leave=False)
-        for path in shard_paths:
-            samples = read_tar(path)[: self.config.reference_samples - count]
+        for url in shard_urls:
+            samples = read_url(url)[: self.config.reference_samples - count]
             found["image"].append(self.embed_images([s["jpg"] for s in samples]))
             found["text"].append(self.embed_texts([c for s in samples for c in json.loads(s["json"])["captions"]]))
             count += len(samples)

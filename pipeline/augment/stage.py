@@ -8,6 +8,10 @@ Every stage shard's stats file records the settings it was made with (`stage_set
 the seed and the scorer) and the sha256 of the base shard it was made from. A rerun skips a finished shard only
 when both still hold; a shard whose base changed is redone, and finished shards made with other settings stop
 the run with the differing settings named (`--overwrite` redoes them), so one manifest never mixes settings.
+
+The base shards are the dataset folder's, or a shard URL list (`BASE_DATA`, pipeline/core/shard_urls.py: paths,
+brace patterns, `pipe:` commands); a base shard's sha256 and keys are its `fingerprint` there (the stats file
+beside a local shard, else the bytes as read). Outputs always go to the dataset folder, named after the base shard.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from pipeline.core.images import decode_rgb
 from pipeline.core.manifests import build_manifest, write_manifest
 from pipeline.core.paths import Layout
 from pipeline.core.seeding import derive_seed
+from pipeline.core.shard_urls import Fingerprint, fingerprint, read_shard
 from pipeline.core.shards import ShardError, list_shards, read_stats, read_tar, shard_is_done, stats_path, write_stats, write_tar
 
 log = logging.getLogger(__name__)
@@ -166,7 +171,7 @@ class StageJob:
     stage_cls: type
     config: Any
     context: StageContext
-    base_tar: Path
+    base_tar: Path | str  # a path, or a shard URL (pipeline/core/shard_urls.py)
     out_tar: Path
     scorer: Any = None
     settings: dict[str, Any] = field(default_factory=dict)  # stage_settings(), recorded in the stats file
@@ -198,7 +203,8 @@ def variant_record(variant: Variant, file_name: str | None) -> dict[str, Any]:
 def process_shard(job: StageJob) -> TaskResult:
     started = time.perf_counter()
     try:
-        samples = [BaseSample.from_tar_sample(s) for s in read_tar(job.base_tar)]
+        base_samples, base_sha256 = read_shard(str(job.base_tar))
+        samples = [BaseSample.from_tar_sample(s) for s in base_samples]
     except (ShardError, KeyError, ValueError) as error:
         # Unusable base shard: run_stage records every key it should hold as skipped.
         return TaskResult(job.out_tar.name, ok=False, error=f"base shard unreadable: {error}")
@@ -245,7 +251,7 @@ def process_shard(job: StageJob) -> TaskResult:
         "ops": dict(ops),
         "features": features,
         "settings": job.settings,
-        "base_sha256": (read_stats(job.base_tar) or {}).get("sha256"),
+        "base_sha256": base_sha256,
         "seconds": round(time.perf_counter() - started, 3),
     }
     write_stats(job.out_tar, stats)
@@ -296,15 +302,15 @@ class SettingsChanged(ValueError):
     """Finished shards were made with other settings than this run's."""
 
 
-def _plan(base_tar: Path, out_tar: Path, settings: dict[str, Any], mode: str) -> tuple[bool, list[str]]:
+def _plan(base: Fingerprint, out_tar: Path, settings: dict[str, Any], mode: str) -> tuple[bool, list[str]]:
     """(redo this shard?, settings that differ from the finished shard's)."""
-    if mode == "overwrite" or not shard_is_done(out_tar) or not _aligned(base_tar, out_tar):
+    if mode == "overwrite" or not shard_is_done(out_tar) or not _aligned(base, out_tar):
         return True, []
     out_stats = read_stats(out_tar) or {}
     differences = settings_differences(out_stats.get("settings"), settings)
     if differences:
         return False, differences
-    if out_stats.get("base_sha256") != (read_stats(base_tar) or {}).get("sha256"):
+    if out_stats.get("base_sha256") != base.sha256:
         log.info("%s: its base shard changed since it was made: redoing it", out_tar)
         return True, []
     return False, []
@@ -317,26 +323,30 @@ def run_stage(
     layout: Layout,
     options: RunOptions = RunOptions(),
     scorer: Any = None,
+    bases: list[Fingerprint] | None = None,
 ) -> dict[str, Any]:
-    """Run a stage over every base shard of the dataset; return the manifest (also written to disk)."""
+    """Run a stage over every base shard of the dataset, or over `bases` (shard_urls.base_fingerprints of a URL
+    spec); return the manifest (also written to disk)."""
     # 1. Check inputs.
-    base_dir = layout.base_dir(context.dataset)
-    base_shards = [p for p in list_shards(base_dir) if read_stats(p) is not None]
-    if not base_shards:
-        raise FileNotFoundError(f"no base shards in {base_dir}: run `make ingest DATASET={context.dataset}` first")
+    if bases is None:
+        base_dir = layout.base_dir(context.dataset)
+        bases = [fingerprint(str(p)) for p in list_shards(base_dir) if read_stats(p) is not None]
+        if not bases:
+            raise FileNotFoundError(f"no base shards in {base_dir}: run `make ingest DATASET={context.dataset}` first")
+    base_of = {base.name: base for base in bases}
     out_dir = layout.stage_dir(context.dataset, stage_cls.name)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     # 2. Plan: one job per base shard, skipping shards already done with these settings (unless overwriting).
     settings = stage_settings(config, context, scorer)
     jobs, changed = [], {}
-    for base_tar in base_shards:
-        out_tar = out_dir / base_tar.name
-        redo, differences = _plan(base_tar, out_tar, settings, options.mode)
+    for base in bases:
+        out_tar = out_dir / base.name
+        redo, differences = _plan(base, out_tar, settings, options.mode)
         if differences:
             changed[out_tar.name] = differences
         elif redo:
-            jobs.append((out_tar.name, StageJob(stage_cls, config, context, base_tar, out_tar, scorer, settings)))
+            jobs.append((out_tar.name, StageJob(stage_cls, config, context, base.url, out_tar, scorer, settings)))
     if changed:
         names = sorted({d for diffs in changed.values() for d in diffs})
         raise SettingsChanged(
@@ -346,13 +356,13 @@ def run_stage(
         )
     for _, job in jobs:  # until redone, a shard is not finished: a failure cannot leave old-settings shards behind
         stats_path(job.out_tar).unlink(missing_ok=True)
-    log.info("%s/%s: %d of %d shards to do", context.dataset, stage_cls.name, len(jobs), len(base_shards))
+    log.info("%s/%s: %d of %d shards to do", context.dataset, stage_cls.name, len(jobs), len(bases))
 
     # 3. Run.
     results = get_executor(options.executor)(process_shard, jobs, options.workers, stage_cls.name, options.retries)
     for (_, job), result in zip(jobs, results):
         if not result.ok:  # unreadable base, raised, or its process died: its keys count as skipped
-            result.stats["sources"] = (read_stats(job.base_tar) or {}).get("keys", [str(job.base_tar)])
+            result.stats["sources"] = list(base_of[job.out_tar.name].keys)
 
     # 4. Manifest, from the stats files.
     stage = stage_cls(config, context)
@@ -370,10 +380,10 @@ def run_stage(
     return manifest
 
 
-def _aligned(base_tar: Path, out_tar: Path) -> bool:
-    """A stage shard is current only if it was made from the base shard now on disk (same keys)."""
-    base_stats, out_stats = read_stats(base_tar), read_stats(out_tar)
-    return bool(base_stats and out_stats and base_stats.get("keys") == out_stats.get("keys"))
+def _aligned(base: Fingerprint, out_tar: Path) -> bool:
+    """A stage shard is current only if it was made from the base shard there now (same keys)."""
+    out_stats = read_stats(out_tar)
+    return bool(out_stats and list(base.keys) == out_stats.get("keys"))
 
 
 def load_stage_variants(tar_path: Path) -> list[dict[str, Any]]:

@@ -47,7 +47,14 @@ def _plain_list(value: Optional[str], what: str) -> Optional[str]:
 
 # Options shared by several commands (each reads the environment variable of the same name as `make`).
 Dataset = Annotated[str, typer.Option("--dataset", envvar="DATASET", callback=_plain("dataset"), help="Dataset name (a plain name: letters, digits, _ - .); `synth` is the embedded one.")]
-DataRoot = Annotated[Optional[Path], typer.Option("--data-root", envvar="DATA_ROOT", help="Dataset folder or annotation file.")]
+def _data_root(value: str):
+    from pipeline.core.shard_urls import path_or_spec
+
+    return path_or_spec(value)  # a shard URL spec stays a string: a Path would fold the '//' of s3:// and https://
+
+
+DataRoot = Annotated[Optional[Path], typer.Option("--data-root", envvar="DATA_ROOT", parser=_data_root, help="Dataset folder or annotation file; FORMAT=wds: also shard URLs (a brace pattern, a '::' list, pipe: commands).")]
+BaseData = Annotated[Optional[str], typer.Option("--base-data", envvar="BASE_DATA", help="Base shard URLs instead of SHARDS_DIR/<dataset>/base: a brace pattern (/data/coco/base/train-{000000..000009}.tar), a '::' list or pipe: commands; stage shards are those beside them, by the stage's name.")]
 Format = Annotated[Optional[str], typer.Option("--format", envvar="FORMAT", help="coco | karpathy | albef | csv | imagefolder | hf | wds | synth (detected when empty).")]
 Workers = Annotated[int, typer.Option("--workers", envvar="WORKERS", help="Processes, one shard each at a time.")]
 Executor = Annotated[str, typer.Option("--executor", envvar="EXECUTOR", help="local (process pool) or ray.")]
@@ -175,6 +182,7 @@ def augment(
     retries: Annotated[int, typer.Option(envvar="RETRIES", help="Times a failed shard is retried before it is recorded.")] = 1,
     overwrite: Overwrite = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", envvar="TRUST_REMOTE_CODE", help="i2t-internvl on lmdeploy: accept a checkpoint that is not a local directory (lmdeploy loads it with trust_remote_code=True, running its own Python code).")] = False,
+    base_data: BaseData = None,
 ) -> None:
     """Run augmentation stages; each writes SHARDS_DIR/<dataset>/<stage>/, aligned with the base shards.
 
@@ -184,6 +192,7 @@ def augment(
     them (--overwrite redoes the stage with the new settings).
     """
     from pipeline.augment.runner import run_augment
+    from pipeline.core.shards import ShardError
 
     extra = os.environ.get("STAGE_OPTS", "").split()
     try:
@@ -195,8 +204,9 @@ def augment(
             dataset=dataset, data_root=data_root, fmt=_env_or_none(fmt), stage_names=_env_or_none(stages),
             overrides=overrides, scorer_spec=_env_or_none(scorer), seed=seed,
             device=device, workers=workers, executor=executor, retries=retries, overwrite=overwrite, layout=layout(),
+            base_data=_env_or_none(base_data),
         )
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, ShardError) as error:
         _fail(str(error))
 
 
@@ -204,17 +214,18 @@ def augment(
 
 
 @app.command()
-def stats(dataset: Dataset = "synth") -> None:
+def stats(dataset: Dataset = "synth", base_data: BaseData = None) -> None:
     """Per-stage table (counts, variants, alignment, diversity, shift, Frechet distances) and plots.
 
     Output: MANIFESTS_DIR/<dataset>/stats.json, stats.md and plots/*.png (alignment histogram, alignment vs
     diversity, Frechet distance per stage).
     """
+    from pipeline.core.shards import ShardError
     from pipeline.curate.stats import run_stats
 
     try:
-        result = run_stats(dataset, layout())
-    except (ValueError, FileNotFoundError) as error:
+        result = run_stats(dataset, layout(), _env_or_none(base_data))
+    except (ValueError, FileNotFoundError, ShardError) as error:
         _fail(str(error))
     typer.echo(result["markdown"])
     for path in result["plots"].values():

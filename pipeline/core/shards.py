@@ -74,24 +74,41 @@ def read_tar(path: Path) -> list[dict[str, Any]]:
     """All samples of a tar, in order, as {"__key__": ..., ext: bytes}; ShardError if it is truncated or corrupt."""
     if not path.exists():
         raise ShardError(f"missing shard {path}")
-    samples: list[dict[str, Any]] = []
     try:
         with tarfile.open(path, mode="r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, extension = member.name.partition(".")
-                handle = tar.extractfile(member)
-                data = handle.read() if handle else b""
-                if len(data) != member.size:
-                    raise ShardError(f"truncated member {member.name} in {path}")
-                if not samples or samples[-1]["__key__"] != key:
-                    samples.append({"__key__": key})
-                samples[-1][extension] = data
+            samples = _tar_samples(tar, path)
     except (tarfile.TarError, EOFError, OSError) as error:
         raise ShardError(f"corrupt or truncated shard {path}: {error}") from error
     if path.stat().st_size % 512 != 0:
         raise ShardError(f"truncated shard {path}: size is not a multiple of 512 bytes")
+    return samples
+
+
+def read_tar_bytes(data: bytes, where: str) -> list[dict[str, Any]]:
+    """:func:`read_tar` of a tar's bytes read from elsewhere (a shard URL), `where` naming it in errors."""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            samples = _tar_samples(tar, where)
+    except (tarfile.TarError, EOFError, OSError) as error:
+        raise ShardError(f"corrupt or truncated shard {where}: {error}") from error
+    if len(data) % 512 != 0:
+        raise ShardError(f"truncated shard {where}: size is not a multiple of 512 bytes")
+    return samples
+
+
+def _tar_samples(tar: tarfile.TarFile, where: Any) -> list[dict[str, Any]]:
+    samples: list[dict[str, Any]] = []
+    for member in tar:
+        if not member.isfile():
+            continue
+        key, _, extension = member.name.partition(".")
+        handle = tar.extractfile(member)
+        data = handle.read() if handle else b""
+        if len(data) != member.size:
+            raise ShardError(f"truncated member {member.name} in {where}")
+        if not samples or samples[-1]["__key__"] != key:
+            samples.append({"__key__": key})
+        samples[-1][extension] = data
     return samples
 
 

@@ -1,7 +1,7 @@
 """`make stats`: one row per stage (counts, alignment, diversity, shift, Frechet distances) and plots.
 
-Reads the manifests (counts, stage-level Frechet distances) and the stage shards' per-variant JSON (scores);
-writes MANIFESTS_DIR/<dataset>/stats.json, stats.md and plots/*.png. Nothing is recomputed with a model.
+Reads the manifests (counts, stage-level Frechet distances) and the stage shards' per-variant JSON (scores): the
+dataset folder's, or those aligned with base shard URLs (BASE_DATA, found by the stage's name); writes MANIFESTS_DIR/<dataset>/stats.json, stats.md and plots/*.png. Nothing is recomputed with a model.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.paths import Layout
-from pipeline.core.shards import list_shards, read_tar
+from pipeline.core.shard_urls import expand_urls, read_url, stage_urls
+from pipeline.core.shards import list_shards
 from pipeline.core.fileio import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -48,11 +49,13 @@ class StageScores:
         return 1.0 - self.src_sim
 
 
-def read_stage_scores(stage: str, shard_dir: Path) -> StageScores:
+def read_stage_scores(stage: str, shards: Path | list[str]) -> StageScores:
+    """Scores of a stage's shards: every tar in a folder, or a list of shard URLs."""
     keys, index, ops, rows, kinds = [], [], [], [], set()
     samples = with_variants = 0
-    for tar_path in list_shards(shard_dir):
-        for sample in read_tar(tar_path):
+    urls = [str(p) for p in list_shards(shards)] if isinstance(shards, Path) else shards
+    for url in urls:
+        for sample in read_url(url):
             record = json.loads(sample["json"])
             samples += 1
             with_variants += bool(record["variants"])
@@ -177,15 +180,19 @@ def _plot_frechet(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def run_stats(dataset: str, layout: Layout | None = None) -> dict[str, Any]:
-    """Build the table and the plots; write stats.json, stats.md and plots/*.png; return the stats dict."""
+def run_stats(dataset: str, layout: Layout | None = None, base_data: str | None = None) -> dict[str, Any]:
+    """Build the table and the plots; write stats.json, stats.md and plots/*.png; return the stats dict.
+
+    base_data: base shard URLs (shard_urls); each stage's shards are then those beside them, not the folder's."""
     import matplotlib
 
     matplotlib.use("Agg")
     layout = layout or Layout.from_env()
     # 1. Read manifests and the variants' scores.
     manifests = stage_manifests(layout, dataset)
-    scores = {stage: read_stage_scores(stage, layout.stage_dir(dataset, stage))
+    base_urls = expand_urls(base_data) if base_data is not None else None
+    scores = {stage: read_stage_scores(stage, layout.stage_dir(dataset, stage) if base_urls is None
+                                       else stage_urls(base_urls, stage))
               for stage in manifests if stage != "base"}
     # 2. Rows.
     rows = [stage_row(manifest, scores.get(stage)) for stage, manifest in manifests.items()]

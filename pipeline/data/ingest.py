@@ -16,6 +16,7 @@ from pipeline.core.executor import TaskResult, get_executor
 from pipeline.core.images import DEFAULT_MAX_PIXELS, ImageError, prepare_image
 from pipeline.core.manifests import build_manifest, write_manifest
 from pipeline.core.paths import Layout, plain_name
+from pipeline.core.shard_urls import expand_urls, is_local
 from pipeline.core.shards import list_shards, read_stats, sample_key, shard_is_done, shard_name, stats_path, write_stats, write_tar
 from pipeline.data.sources import Record, Skip, SourceOptions, SplitFractions, detect_format, read_source
 from pipeline.core.executor import RunOptions
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 class IngestConfig:
     dataset: str = "synth"
     fmt: str | None = None  # auto-detected from data_root when None
-    data_root: Path | None = None
+    data_root: Path | str | None = None  # a str: shard URLs (pipeline/core/shard_urls.py), read by FORMAT=wds
     shard_size: int = 500
     max_side: int | None = None  # resize only when asked
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -49,6 +50,8 @@ class IngestConfig:
         if self.max_side is not None and self.max_side < 8:
             raise ValueError(f"max_side must be >= 8 pixels, got {self.max_side}")
         plain_name(self.dataset, "dataset")
+        if isinstance(self.data_root, str) and self.fmt not in (None, "wds"):
+            raise ValueError(f"DATA_ROOT {self.data_root!r} is a shard URL spec: only FORMAT=wds reads one")
 
     def resolved_format(self) -> str:
         if self.fmt:
@@ -57,6 +60,8 @@ class IngestConfig:
             if self.dataset == "synth":
                 return "synth"
             raise ValueError(f"dataset {self.dataset!r} needs DATA_ROOT (and FORMAT unless it can be detected)")
+        if isinstance(self.data_root, str):
+            return "wds"
         return detect_format(self.data_root)
 
 
@@ -135,12 +140,18 @@ def plan_shards(records: list[Record], out_dir: Path, config: IngestConfig) -> l
     return jobs
 
 
+def _local_roots(data_root: Path | str | None) -> list[Path]:
+    if isinstance(data_root, str):
+        return [Path(url).expanduser() for url in expand_urls(data_root) if is_local(url)]
+    return [] if data_root is None else [data_root]
+
+
 def run_ingest(config: IngestConfig, layout: Layout, options: RunOptions = RunOptions()) -> dict[str, Any]:
     """Read the source, write the base shards (resuming done ones), and write the base manifest."""
     # 1. Read the source's metadata (images are read in the workers).
     fmt = config.resolved_format()
     out_dir = layout.base_dir(config.dataset)
-    if config.data_root is not None and config.data_root.resolve().is_relative_to(out_dir.resolve()):
+    if any(Path(root).resolve().is_relative_to(out_dir.resolve()) for root in _local_roots(config.data_root)):
         # e.g. a wds ingest of shards/<dataset>/base into the same dataset would overwrite what it reads
         raise ValueError(f"DATA_ROOT {config.data_root} is inside the output {out_dir}: ingest into another DATASET")
     source_options = SourceOptions(

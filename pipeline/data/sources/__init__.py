@@ -144,7 +144,7 @@ def make_record(
 
 @dataclass(frozen=True)
 class SourceOptions:
-    data_root: Path | None = None
+    data_root: Path | str | None = None  # a str: shard URLs (pipeline/core/shard_urls.py), for wds
     fractions: SplitFractions = SplitFractions()
     synth_size: int = 4000
     synth_seed: int = 0

@@ -12,22 +12,42 @@ Image ids: the `json`'s `image_id` when it has one (our shards, so a re-ingest g
 shard name's prefix (`train-000000.tar`), else the hash split of SourceOptions.fractions.
 
 Images stay in the tars: a record holds a `TarMember` (offset and size) that the worker reads.
+
+DATA_ROOT may also be a shard URL spec (pipeline/core/shard_urls.py: a brace pattern, a '::' list, `pipe:`
+commands, http(s) URLs). Local shards of it are read as above; a remote one is streamed once, in tar order, and
+its images travel in the records as bytes (they cannot be read again by offset), so they are held in memory until
+written: a large remote dataset wants LIMIT or a local copy. The `.parquet` beside a remote shard is not read (a
+`pipe:` command says how to read the tar, not where the parquet is), so failed rows only it lists are not counted.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import webdataset as wds
+
+from pipeline.core.shard_urls import expand_urls, is_local, shard_file_name
 from pipeline.data.sources import SPLITS, Record, Skip, SourceError, SourceOptions, TarMember, make_record
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
+log = logging.getLogger(__name__)
 
-def _shards(root: Path) -> list[Path]:
+
+def _shards(root: Path | str) -> list[Path | str]:
+    if isinstance(root, str):  # a shard URL spec: local shards as paths (read by offset), remote ones streamed
+        shards = [Path(url).expanduser() if is_local(url) else url for url in expand_urls(root)]
+        not_tar = [str(p) for p in shards if isinstance(p, Path) and p.suffix != ".tar"]
+        if not_tar:
+            raise SourceError(f"{not_tar[0]} is not an uncompressed .tar shard")
+        if any(isinstance(shard, str) for shard in shards):
+            log.warning("remote shards are streamed; an img2dataset .parquet beside them is not read")
+        return shards
     if root.is_file():
         if root.suffix != ".tar":
             raise SourceError(f"{root} is not an uncompressed .tar shard")
@@ -58,7 +78,49 @@ def _samples(tar_path: Path) -> Iterator[tuple[str, dict[str, tarfile.TarInfo], 
         raise SourceError(f"corrupt or truncated shard {tar_path}: {error}") from error
 
 
-def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+def _stream_samples(url: str) -> Iterator[tuple[str, dict[str, bytes], None]]:
+    """(key, {extension: bytes}) per sample of a remote shard, read once in tar order."""
+    stream, finished = None, False
+    try:
+        stream = wds.gopen(url, "rb")
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
+            key, members = None, {}
+            for member in tar:
+                if not member.isfile():
+                    continue
+                name_key, _, extension = member.name.partition(".")
+                if name_key != key and members:
+                    yield key, members, None
+                    members = {}
+                key = name_key
+                handle = tar.extractfile(member)
+                members[extension.lower()] = handle.read() if handle else b""
+            if members:
+                yield key, members, None
+        finished = True
+    except (tarfile.TarError, EOFError, OSError) as error:
+        raise SourceError(f"cannot read shard {url}: {error}") from error
+    finally:
+        try:
+            if stream is not None:
+                stream.close()  # a pipe: command's exit status is checked here
+        except OSError as error:
+            if finished:  # not when the reader stopped early (LIMIT): the command was cut off on purpose
+                raise SourceError(f"cannot read shard {url}: {error}") from error
+
+
+def _shard_name(shard: Path | str) -> str | None:
+    if isinstance(shard, Path):
+        return shard.name
+    try:
+        return shard_file_name(shard)
+    except ValueError:
+        return None
+
+
+def _read_member(tar: tarfile.TarFile | None, member: tarfile.TarInfo | bytes) -> bytes:
+    if isinstance(member, bytes):  # a streamed shard's member, already read
+        return member
     handle = tar.extractfile(member)
     return handle.read() if handle else b""
 
@@ -87,9 +149,10 @@ def _status_skip(source: str, meta: dict[str, Any]) -> Skip:
 def read_wds(options: SourceOptions) -> Iterator[Record | Skip]:
     prefix = "wds" if options.id_prefix is None else options.id_prefix
     for tar_path in _shards(options.data_root):
-        shard_split = tar_path.name.split("-", 1)[0] if "-" in tar_path.name else None
+        name = _shard_name(tar_path) or ""
+        shard_split = name.split("-", 1)[0] if "-" in name else None
         keys: set[str] = set()
-        for key, members, tar in _samples(tar_path):
+        for key, members, tar in _samples(tar_path) if isinstance(tar_path, Path) else _stream_samples(tar_path):
             keys.add(key)
             where = f"{tar_path}#{key}"
             try:
@@ -118,6 +181,7 @@ def read_wds(options: SourceOptions) -> Iterator[Record | Skip]:
             split = meta.get("split") if meta.get("split") in SPLITS else None
             split = split or (shard_split if shard_split in SPLITS else options.fractions.assign(str(image_id)))
             source = str(meta.get("source") or meta.get("url") or where)
-            ref = TarMember(tar_path, image.offset_data, image.size)
+            ref = image if isinstance(image, bytes) else TarMember(tar_path, image.offset_data, image.size)
             yield make_record(str(image_id), ref, captions, split, source)
-        yield from _failed_parquet_rows(tar_path, keys)
+        if isinstance(tar_path, Path):
+            yield from _failed_parquet_rows(tar_path, keys)
