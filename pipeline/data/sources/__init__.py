@@ -215,8 +215,8 @@ def read_source(fmt: str, options: SourceOptions) -> Iterator[Record | Skip]:
         raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(SOURCES)}")
     if fmt != "synth" and options.data_root is None:
         raise ValueError(f"format {fmt!r} needs DATA_ROOT (the dataset folder or annotation file)")
-    # `hf` also takes a hub id already in the local cache, which is no local path.
-    if options.data_root is not None and not options.data_root.exists() and fmt != "hf":
+    # `hf` also takes a hub id already in the local cache, which is no local path; a str is a shard URL spec.
+    if isinstance(options.data_root, Path) and not options.data_root.exists() and fmt != "hf":
         raise SourceError(f"DATA_ROOT {options.data_root} does not exist")
     module_name, function_name = SOURCES[fmt].split(":")
     return getattr(importlib.import_module(module_name), function_name)(options)
