@@ -1,7 +1,8 @@
 """`make stats`: one row per stage (counts, alignment, diversity, shift, Frechet distances) and plots.
 
 Reads the manifests (counts, stage-level Frechet distances) and the stage shards' per-variant JSON (scores): the
-dataset folder's, or those aligned with base shard URLs (BASE_DATA, found by the stage's name); writes MANIFESTS_DIR/<dataset>/stats.json, stats.md and plots/*.png. Nothing is recomputed with a model.
+dataset folder's, or those aligned with base shard URLs (BASE_DATA, found by the stage's name); writes
+MANIFESTS_DIR/<dataset>/stats.json, stats.md and plots/*.png. Nothing is recomputed with a model.
 """
 
 from __future__ import annotations
