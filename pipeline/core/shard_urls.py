@@ -20,6 +20,7 @@ from typing import Any
 
 import webdataset as wds
 
+from pipeline.core.paths import sizes_path
 from pipeline.core.shards import ShardError, read_tar
 
 BASE_FOLDER = "base"
@@ -84,7 +85,7 @@ def dataset_size(urls: list[str], num_samples: int | None = None) -> int | None:
         if not is_local(url):
             return None
         path = Path(url).expanduser()
-        sizes_file = path.parent / "sizes.json"
+        sizes_file = sizes_path(path.parent)
         if not sizes_file.is_file():
             return None
         count = json.loads(sizes_file.read_text()).get(path.name)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.paths import Layout
+from pipeline.core.schema import SCORES, stage_record
 from pipeline.core.shards import list_shards, read_tar
 from pipeline.core.fileio import atomic_write_json
 
@@ -53,15 +54,15 @@ def read_stage_scores(stage: str, shard_dir: Path) -> StageScores:
     samples = with_variants = 0
     for tar_path in list_shards(shard_dir):
         for sample in read_tar(tar_path):
-            record = json.loads(sample["json"])
+            record = stage_record(sample)
             samples += 1
-            with_variants += bool(record["variants"])
-            for i, variant in enumerate(record["variants"]):
-                keys.append(record["key"])
+            with_variants += bool(record.variants)
+            for i, variant in enumerate(record.variants):
+                keys.append(record.key)
                 index.append(i)
-                ops.append(str(variant.get("op", "")))
-                rows.append([variant.get(name, np.nan) for name in ("alignment", "src_sim", "shift")])
-                kinds.update(kind for kind, field in (("text", "text"), ("image", "file")) if field in variant)
+                ops.append(str(variant.op or ""))
+                rows.append([np.nan if score is None else score for score in (getattr(variant, n) for n in SCORES)])
+                kinds.update(kind for kind, value in (("text", variant.text), ("image", variant.file)) if value is not None)
     scores = np.array(rows, dtype=np.float64).reshape(-1, 3)
     modality = "both" if len(kinds) == 2 else next(iter(kinds), "")
     return StageScores(stage, keys, np.array(index, dtype=np.int64), ops, *scores.T, modality, samples, with_variants)
