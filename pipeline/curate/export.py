@@ -33,7 +33,7 @@ from typing import Any
 from pipeline.core.paths import Layout, plain_name, sizes_path
 from pipeline.core.schema import base_record, stage_record
 from pipeline.core.shards import list_shards, read_stats, shard_is_done, shard_name, stats_path, write_sizes, write_stats, write_tar
-from pipeline.core.fileio import atomic_write_json
+from pipeline.core.fileio import atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def _fingerprint(config: ExportConfig, stages: tuple[str, ...], filter_path: Pat
         for stage_dir in [base_dir] + [base_dir.parent / s for s in stages]:
             inputs[f"{stage_dir.name}/{tar.name}"] = (read_stats(stage_dir / tar.name) or {}).get("sha256")
     settings = {"dataset": config.dataset, "split": config.split, "stages": stages, "shard_size": config.shard_size,
-                "filter": hashlib.sha256(filter_path.read_bytes()).hexdigest() if filter_path else None, "inputs": inputs}
+                "filter": sha256_file(filter_path) if filter_path else None, "inputs": inputs}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 

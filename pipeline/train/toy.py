@@ -31,10 +31,6 @@ def _jpeg(rgb: tuple[int, int, int], size: int, offset: int) -> bytes:
     return buffer.getvalue()
 
 
-def toy_captions() -> list[str]:
-    return [t.format(c) for c in COLOURS for t in ("a {} picture", "the colour is {}", "something {} here")]
-
-
 def write_toy_shards(
     shards_dir: Path,
     dataset: str = "toy",
