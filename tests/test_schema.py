@@ -9,10 +9,24 @@ import pytest
 
 from pipeline.core.paths import Layout
 from pipeline.core.schema import (
-    SCHEMA_VERSION, VERSION_KEY, BaseRecord, SchemaError, SchemaVersionError, StageRecord, VariantRecord,
-    base_record, read_captions, stage_record,
+    SCHEMA_VERSION,
+    VERSION_KEY,
+    BaseRecord,
+    SchemaError,
+    SchemaVersionError,
+    StageRecord,
+    VariantRecord,
+    base_record,
+    read_captions,
+    stage_record,
 )
-from pipeline.core.shards import list_shards, read_tar, sample_key, shard_name, write_tar
+from pipeline.core.shards import (
+    list_shards,
+    read_tar,
+    sample_key,
+    shard_name,
+    write_tar,
+)
 
 
 def _old_base_meta(key: str, converted: str = "") -> dict:
@@ -46,8 +60,7 @@ def test_records_write_the_bytes_the_writers_wrote_before(tmp_path):
     stage = [_old_stage_meta(k) for k in keys]
     for metas, cls in ((base, BaseRecord), (stage, StageRecord)):
         old = write_tar(tmp_path / "old" / shard_name("train", 0), _samples(metas, lambda m: m))
-        new = write_tar(tmp_path / "new" / shard_name("train", 0),
-                        _samples(metas, lambda m: cls.from_dict(m).to_json()))
+        new = write_tar(tmp_path / "new" / shard_name("train", 0), _samples(metas, lambda m, c=cls: c.from_dict(m).to_json()))
         assert new == old, f"{cls.__name__}: the shard's bytes changed"
         assert (tmp_path / "new" / shard_name("train", 0)).read_bytes() == (tmp_path / "old" / shard_name("train", 0)).read_bytes()
 
@@ -108,7 +121,7 @@ def test_version_1_files_carry_no_version_and_are_read():
 
 
 @pytest.mark.parametrize("cls", [BaseRecord, StageRecord])
-@pytest.mark.parametrize("version", [2, 0, "1", None])
+@pytest.mark.parametrize("version", [2, 0, "1", None, True, 1.0])
 def test_an_unknown_version_is_refused(cls, version):
     with pytest.raises(SchemaVersionError, match=rf"{VERSION_KEY}={version!r}.*reads version 1"):
         cls.from_json(json.dumps({"captions": ["c"], "variants": [], VERSION_KEY: version}))

@@ -8,7 +8,8 @@
 Versions: :data:`SCHEMA_VERSION` is the version these classes write. Version 1 carries no version field (every
 shard written so far), so its bytes stay what they were; a later version will write ``"schema_version"``, and a
 reader refuses a version it does not know (:class:`SchemaVersionError`) rather than misread it. Keys a class does
-not know are kept in ``extra`` and written back, so reading and writing a record changes no byte.
+not know are kept in ``extra`` and written back, so a record as the writers write it reads and writes back byte
+for byte.
 
 ``to_json`` gives the member's text as the shard writer encodes a dict (:func:`pipeline.core.shards.json_text`:
 sorted keys, no ASCII escaping). A field that may be absent is written only when it is not None; the fields every
@@ -50,7 +51,7 @@ def _load(value: Any, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise SchemaError(f"{what} must be a JSON object, got {type(value).__name__}")
     version = value.get(VERSION_KEY, 1)  # files without the field are version 1
-    if version != SCHEMA_VERSION:
+    if type(version) is not int or version != SCHEMA_VERSION:  # true == 1 and 1.0 == 1 in Python: not versions
         raise SchemaVersionError(f"{what} has {VERSION_KEY}={version!r}; this code reads version {SCHEMA_VERSION} "
                                  "only: update the pipeline, or re-create the shards with this version")
     return {k: v for k, v in value.items() if k != VERSION_KEY}
