@@ -22,7 +22,7 @@ from pipeline.models.device import autocast
 from pipeline.models.hf import build_clip, build_mlm, train_tokenizers
 from pipeline.core.paths import Layout
 from pipeline.core.executor import RunOptions
-from pipeline.train.pretrain import read_captions
+from pipeline.core.schema import read_captions
 
 
 def _best_of(fn, repeats: int) -> float:

@@ -199,7 +199,7 @@ def _train_figures(size: dict[str, Any], clip: CLIPBundle, mlm: MLMBundle, devic
         figures[f"gpu_{name}_peak_mem_gb"] = _peak_gb(device)
         figures[f"gpu_{name}_max_batch"] = _largest_batch(step, size["batch"], size["max_batch"], device)
         optimizer.zero_grad(set_to_none=True)
-        del optimizer
+        optimizer.state.clear()  # free the Adam moments before the next mode (`step` still refers to the optimizer)
     net.eval()
     return figures
 

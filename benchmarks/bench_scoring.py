@@ -23,7 +23,7 @@ from pipeline.augment.scoring import Scorer, ScorerConfig
 from pipeline.core.shards import list_shards, read_tar
 from pipeline.augment.stage import BaseSample, SampleResult, Variant
 from pipeline.core.executor import RunOptions
-from pipeline.train.pretrain import read_captions
+from pipeline.core.schema import read_captions
 
 IMAGES = 512
 BATCH = 64

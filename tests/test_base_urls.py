@@ -23,7 +23,7 @@ from pipeline.augment.stage import BaseSample, SampleResult, Stage, StageContext
 from pipeline.core.fileio import sha256_file
 from pipeline.core.paths import Layout
 from pipeline.core.shard_urls import base_fingerprints, fingerprint, path_or_spec, shard_file_name
-from pipeline.core.shards import ShardError, list_shards, read_stats, read_tar, stats_path, write_stats, write_tar
+from pipeline.core.shards import ShardError, list_shards, read_stats, read_tar, stats_path, write_tar
 from pipeline.curate.stats import run_stats
 from pipeline.data.ingest import IngestConfig, run_ingest
 from pipeline.data.sources import SourceError

@@ -30,7 +30,7 @@ def layout(tmp_path_factory) -> Layout:
     from pipeline.data.ingest import IngestConfig, run_ingest
     from pipeline.models.hf import build_clip, build_mlm, train_tokenizers
     from pipeline.core.executor import RunOptions
-    from pipeline.train.pretrain import read_captions
+    from pipeline.core.schema import read_captions
 
     root = tmp_path_factory.mktemp("eval_resume")
     layout = Layout(shards_dir=root / "shards", manifests_dir=root / "manifests", runs_dir=root / "runs",

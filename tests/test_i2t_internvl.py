@@ -15,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.augment.captioning import CheckpointNotFound, LmdeployCaptioner, RemoteCodeRefused, clean_caption
+from pipeline.augment.captioning import LmdeployCaptioner, RemoteCodeRefused, clean_caption
+from pipeline.models.errors import ModelNotFoundError
 from pipeline.augment.stage import BaseSample, StageContext
 from pipeline.augment.tiny_models import build_tiny_internvl
 from stages.i2t_internvl import InternVLCaptionConfig, InternVLCaptionStage
@@ -248,7 +249,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, monkeypatch):
     missing = str(tmp_path / "no-such-model")
     ok, why = InternVLCaptionStage.availability(InternVLCaptionConfig(model=missing))
     assert not ok and missing in why and "I2T_MODEL" in why
-    with pytest.raises(CheckpointNotFound, match="no-such-model"):
+    with pytest.raises(ModelNotFoundError, match="no-such-model"):
         InternVLCaptionStage(InternVLCaptionConfig(model=missing), StageContext("synth")).setup()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     ok, why = InternVLCaptionStage.availability(InternVLCaptionConfig(model="OpenGVLab/InternVL3-1B-hf"))

@@ -20,7 +20,8 @@ from transformers import CLIPTokenizer
 
 from pipeline.core.metrics import RunningGaussian, frechet_from_stats, frechet_summary, merge_feature_stats
 from pipeline.core.paths import Layout
-from pipeline.augment.scoring import Scorer, ScorerConfig, ScorerNotFoundError, load_scorer
+from pipeline.augment.scoring import Scorer, ScorerConfig, load_scorer
+from pipeline.models.errors import ModelNotFoundError
 from pipeline.core.shards import sample_key, shard_name, write_stats, write_tar
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30),
@@ -213,7 +214,7 @@ def test_load_scorer_defaults_and_errors(toy_clip_dir, toy_base) -> None:
     layout, _ = toy_base
     assert load_scorer(None, "toy", layout) is None
     assert load_scorer("none", "toy", layout) is None
-    with pytest.raises(ScorerNotFoundError, match="no config.json"):
+    with pytest.raises(ModelNotFoundError, match="no config.json"):
         load_scorer(str(layout.models_dir / "missing"), "toy", layout)
     default = layout.model_dir("toy", "clip")
     default.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.augment.captioning import CheckpointNotFound
+from pipeline.models.errors import ModelNotFoundError
 from pipeline.augment.stage import BaseSample, StageContext
 from pipeline.augment.tiny_models import build_tiny_sd
 from stages.t2i_sd import StableDiffusionConfig, StableDiffusionStage
@@ -100,7 +100,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, monkeypatch):
     missing = str(tmp_path / "no-sd-here")
     ok, why = StableDiffusionStage.availability(StableDiffusionConfig(model=missing))
     assert not ok and missing in why and "T2I_MODEL" in why
-    with pytest.raises(CheckpointNotFound, match="no-sd-here"):
+    with pytest.raises(ModelNotFoundError, match="no-sd-here"):
         make_stage(missing)
     (tmp_path / "empty").mkdir()
     ok, why = StableDiffusionStage.availability(StableDiffusionConfig(model=str(tmp_path / "empty")))

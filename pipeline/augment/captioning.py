@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from pipeline.models.device import resolve_device
+from pipeline.models.errors import ModelNotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +35,6 @@ _TRUE = {"1", "on", "yes", "true"}
 
 
 # --- checkpoints, device, dtype (shared with t2i-sd) -------------------------------------------------------------
-
-
-class CheckpointNotFound(FileNotFoundError):
-    """A model directory or hub id that cannot be loaded here."""
 
 
 def hub_offline() -> bool:
@@ -91,7 +88,7 @@ def remote_code_problem(model: str) -> str | None:
 def resolve_checkpoint(model: str, env_var: str, marker: str) -> str:
     problem = checkpoint_problem(model, env_var, marker)
     if problem:
-        raise CheckpointNotFound(problem)
+        raise ModelNotFoundError(problem)
     path = Path(model).expanduser()
     return str(path) if path.is_dir() else model
 

@@ -16,6 +16,7 @@ for a typical original), the per-sample view of the Frechet distance.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -26,19 +27,18 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.core.fileio import atomic_write_bytes, sha256_files
 from pipeline.core.images import decode_rgb
 from pipeline.core.metrics import FeatureStats, MahalanobisReference, RunningGaussian
 from pipeline.core.paths import Layout
+from pipeline.core.schema import base_record
+from pipeline.models.errors import ModelNotFoundError
 
 log = logging.getLogger(__name__)
 
 SIDES = ("image", "text")
 SIDES_BY_MODALITY: dict[str, tuple[str, ...]] = {"text": ("text",), "image": ("image",), "both": ("image", "text")}
 DISABLED_SPECS = frozenset({"none", "off", "false", "0"})
-
-
-class ScorerNotFoundError(FileNotFoundError):
-    """SCORER names something that is neither a model directory nor a loadable hub id."""
 
 
 @dataclass(frozen=True)
@@ -64,12 +64,7 @@ class ScorerConfig:
 
 
 def _weights_digest(directory: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.bin")):
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
+    return sha256_files(sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.bin")))[:16]
 
 
 class Scorer:
@@ -206,16 +201,13 @@ class Scorer:
             arrays.update({f"{side}_{name}": array for name, array in reference.to_arrays().items()})
             arrays[f"{side}_shift_percentiles"] = self.shift_percentiles[side]
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + ".tmp")
-        with open(tmp, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(tmp, cache)
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        atomic_write_bytes(cache, buffer.getvalue())
         log.info("scorer reference fitted on %d images / %d captions, cached at %s",
                  len(features["image"]), len(features["text"]), cache)
 
     def _reference_features(self, shard_urls: list[str]) -> dict[str, np.ndarray]:
-        import json
-
         from tqdm import tqdm
 
         from pipeline.core.shard_urls import read_url
@@ -226,7 +218,7 @@ class Scorer:
         for url in shard_urls:
             samples = read_url(url)[: self.config.reference_samples - count]
             found["image"].append(self.embed_images([s["jpg"] for s in samples]))
-            found["text"].append(self.embed_texts([c for s in samples for c in json.loads(s["json"])["captions"]]))
+            found["text"].append(self.embed_texts([c for s in samples for c in base_record(s).captions]))
             count += len(samples)
             progress.update(len(samples))
             if count >= self.config.reference_samples:
@@ -292,7 +284,7 @@ def load_scorer(spec: str | None, dataset: str, layout: Layout | None = None, **
     """The scorer SCORER names (hub id or directory); by default the CLIP `make pretrain` saved for the dataset.
 
     Returns None when no scorer is named and no pretrained one exists, or
-    when spec is "none". A named directory that does not exist raises ScorerNotFoundError at once.
+    when spec is "none". A named directory that does not exist raises ModelNotFoundError at once.
     """
     layout = layout or Layout.from_env()
     cache_dir = layout.dataset_manifests(dataset)
@@ -307,6 +299,6 @@ def load_scorer(spec: str | None, dataset: str, layout: Layout | None = None, **
     local = Path(spec).expanduser()
     looks_local = local.exists() or spec.startswith((".", "/", "~"))
     if looks_local and not (local / "config.json").exists():
-        raise ScorerNotFoundError(f"scorer {spec!r} is not a model directory (no config.json): "
+        raise ModelNotFoundError(f"scorer {spec!r} is not a model directory (no config.json): "
                                   "pass SCORER=<save_pretrained dir or hub id>, or run `make pretrain`")
     return Scorer(ScorerConfig(model=spec, **options), cache_dir)

@@ -34,9 +34,10 @@ from pipeline.core.executor import RunOptions, TaskResult, get_executor
 from pipeline.core.images import decode_rgb
 from pipeline.core.manifests import build_manifest, write_manifest
 from pipeline.core.paths import Layout
+from pipeline.core.schema import StageRecord, VariantRecord, base_record
 from pipeline.core.seeding import derive_seed
 from pipeline.core.shard_urls import Fingerprint, fingerprint, read_shard
-from pipeline.core.shards import ShardError, list_shards, read_stats, read_tar, shard_is_done, stats_path, write_stats, write_tar
+from pipeline.core.shards import ShardError, list_shards, read_stats, shard_is_done, stats_path, write_stats, write_tar
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,9 @@ class BaseSample:
 
     @classmethod
     def from_tar_sample(cls, sample: dict[str, Any]) -> "BaseSample":
-        meta = json.loads(sample["json"])
-        return cls(key=sample["__key__"], image_bytes=sample["jpg"], captions=list(meta["captions"]), meta=meta)
+        record = base_record(sample)
+        return cls(key=sample["__key__"], image_bytes=sample["jpg"], captions=list(record.captions),
+                   meta=record.to_dict())
 
 
 @dataclass
@@ -190,14 +192,14 @@ def _stage_in_process(job: StageJob) -> Stage:
     return _STAGES_IN_PROCESS[cache_key]
 
 
-def variant_record(variant: Variant, file_name: str | None) -> dict[str, Any]:
+def variant_record(variant: Variant, file_name: str | None) -> VariantRecord:
     record: dict[str, Any] = {"caption_index": variant.caption_index, "seed": variant.seed, "op": variant.op}
     if variant.text is not None:
         record["text"] = variant.text
     if file_name is not None:
         record["file"] = file_name
-    record.update(variant.extra)
-    return record
+    record.update(variant.extra)  # the scores, and whatever else the stage stores with the variant
+    return VariantRecord.from_dict(record)
 
 
 def process_shard(job: StageJob) -> TaskResult:
@@ -231,7 +233,7 @@ def process_shard(job: StageJob) -> TaskResult:
                 out[file_name] = variant.image_jpeg
             records.append(variant_record(variant, file_name))
             ops[variant.op] += 1
-        out["json"] = {"key": sample.key, "stage": stage.name, "variants": records, "skipped": result.skipped}
+        out["json"] = StageRecord(records, result.skipped, key=sample.key, stage=stage.name).to_json()
         out_samples.append(out)
         variants += len(result.variants)
         variant_skips += len(result.skipped)
@@ -385,7 +387,3 @@ def _aligned(base: Fingerprint, out_tar: Path) -> bool:
     out_stats = read_stats(out_tar)
     return bool(out_stats and list(base.keys) == out_stats.get("keys"))
 
-
-def load_stage_variants(tar_path: Path) -> list[dict[str, Any]]:
-    """The per-sample JSON records of a stage shard, in order (for readers such as stats and filters)."""
-    return [json.loads(sample["json"]) for sample in read_tar(tar_path)]

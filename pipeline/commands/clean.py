@@ -25,12 +25,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.core.paths import Layout, is_plain_name, plain_name
+from pipeline.core.paths import SIZES_FILE, Layout, is_plain_name, plain_name
 
 log = logging.getLogger(__name__)
 
 _SHARD = "*-[0-9][0-9][0-9][0-9][0-9][0-9]"  # <split>-NNNNNN, as shards.shard_name writes it
-SHARD_FILES = (f"{_SHARD}.tar", f"{_SHARD}.stats.json", "sizes.json", "*.tmp", "export.json")
+SHARD_FILES = (f"{_SHARD}.tar", f"{_SHARD}.stats.json", SIZES_FILE, "*.tmp", "export.json")
 MANIFEST_FILES = ("*.json", "stats.md", "report.md", "report.png", "*.tmp")
 MANIFEST_DIRS = {"plots": ("*.png", "*.tmp"), "filters": ("*.json", "*.tmp"),
                  "evals/partial": ("*.json", "*.tmp"), "evals": ("*.json", "*.tmp")}  # partial before its parent

@@ -306,7 +306,7 @@ def _opt(envvar: str, help: str) -> typer.models.OptionInfo:
 
 
 def _run_training(fn, *args) -> dict:
-    from pipeline.models.hf import ModelNotFoundError
+    from pipeline.models.errors import ModelNotFoundError
 
     try:
         return fn(*args)
@@ -437,7 +437,7 @@ def eval_command(
     Resumable: rerun the same command after a crash and the finished attacks and batches are kept. Several
     checkpoints (CKPT=run1,run2,...) are evaluated one after the other, each named after its run."""
     from pipeline.evaluation.evaluate import EvalConfig, evaluate
-    from pipeline.models.hf import ModelNotFoundError
+    from pipeline.models.errors import ModelNotFoundError
     from pipeline.train.config import override
 
     checkpoints = [c.strip() for c in checkpoint.split(",") if c.strip()]
@@ -535,7 +535,7 @@ def study(
     Output: MANIFESTS_DIR/<dataset>/study/{plan.json, units/, report.md, report.json, augmentation_quality.png};
     rerun the same command after an interruption and the finished units are skipped.
     """
-    from pipeline.models.hf import ModelNotFoundError
+    from pipeline.models.errors import ModelNotFoundError
     from pipeline.study.plan import StudyConfig
     from pipeline.study.run import run_study
 

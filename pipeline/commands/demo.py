@@ -88,4 +88,4 @@ def run_demo(cfg: DemoConfig, run: Runner, layout: Layout | None = None, echo: C
                     "--stages", ",".join(cfg.stages), "--combos", "none", "--seeds", str(cfg.seeds)])
     echo("\n== phase times: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
          + f"; total {sum(timings.values()) / 60:.1f} min")
-    return (layout.dataset_manifests(DATASET) / "study" / "report.md").read_text()
+    return (layout.study_dir(DATASET) / "report.md").read_text()

@@ -15,10 +15,16 @@ from typing import Any
 
 
 def sha256_file(path: Path) -> str:
+    return sha256_files([path])
+
+
+def sha256_files(paths: list[Path]) -> str:
+    """The sha256 of the files' contents one after the other (one file: its own digest)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    for path in paths:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 

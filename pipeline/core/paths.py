@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 NAME_MAX = 100
+SIZES_FILE = "sizes.json"  # samples per shard, beside the shards (the file open_clip reads)
 _PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
@@ -32,6 +33,11 @@ def plain_name(value: str, what: str = "name") -> str:
             "starting with a letter or digit (no '/', no '..')"
         )
     return value
+
+
+def sizes_path(shard_dir: Path) -> Path:
+    """The `sizes.json` of a folder of shards (any folder: stage, export, or one given by URL)."""
+    return shard_dir / SIZES_FILE
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,24 @@ class Layout:
     def named_output(self, dataset: str, kind: str, name: str) -> Path:
         """MANIFESTS_DIR/<dataset>/<kind>/<name>.json: an evaluation (kind "evals") or a filter ("filters")."""
         return self.dataset_manifests(dataset) / kind / f"{plain_name(name, kind[:-1] + ' name')}.json"
+
+    def evals_dir(self, dataset: str) -> Path:
+        """MANIFESTS_DIR/<dataset>/evals: one JSON per evaluation, which `make report` gathers."""
+        return self.dataset_manifests(dataset) / "evals"
+
+    def eval_path(self, dataset: str, name: str) -> Path:
+        return self.named_output(dataset, "evals", name)
+
+    def eval_partial_dir(self, dataset: str) -> Path:
+        """Finished batches and attacks of unfinished evaluations (pipeline/evaluation/resume.py)."""
+        return self.evals_dir(dataset) / "partial"
+
+    def eval_tracking_dir(self, dataset: str, name: str) -> Path:
+        """evals/tracking/<name>/{tensorboard,wandb}/ of an evaluation."""
+        return self.evals_dir(dataset) / "tracking" / plain_name(name, "eval name")
+
+    def study_dir(self, dataset: str) -> Path:
+        return self.dataset_manifests(dataset) / "study"
 
     def dataset_models(self, dataset: str) -> Path:
         return self.models_dir / plain_name(dataset, "dataset")

@@ -32,7 +32,7 @@ from typing import Any
 import webdataset as wds
 
 from pipeline.core.fileio import sha256_file
-from pipeline.core.paths import plain_name
+from pipeline.core.paths import plain_name, sizes_path
 from pipeline.core.shards import ShardError, read_stats, read_tar, read_tar_bytes
 
 BASE_FOLDER = "base"
@@ -197,7 +197,7 @@ def dataset_size(urls: list[str], num_samples: int | None = None) -> int | None:
         if not is_local(url):
             return None
         path = Path(url).expanduser()
-        sizes_file = path.parent / "sizes.json"
+        sizes_file = sizes_path(path.parent)
         if not sizes_file.is_file():
             return None
         count = json.loads(sizes_file.read_text()).get(path.name)

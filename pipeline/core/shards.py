@@ -13,13 +13,13 @@ import io
 import json
 import logging
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import webdataset as wds
 
 from pipeline.core.fileio import atomic_write_bytes, atomic_write_json, sha256_file
+from pipeline.core.paths import sizes_path
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +62,17 @@ def write_tar(path: Path, samples: list[dict[str, Any]]) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def json_text(value: Any) -> str:
+    """A JSON member's text (sorted keys, no ASCII escaping): what a dict member is written as."""
+    return json.dumps(value, sort_keys=True, ensure_ascii=False)
+
+
 def _encode_member(value: Any) -> bytes:
     if isinstance(value, bytes):
         return value
     if isinstance(value, str):
         return value.encode("utf-8")
-    return json.dumps(value, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    return json_text(value).encode("utf-8")
 
 
 def read_tar(path: Path) -> list[dict[str, Any]]:
@@ -112,10 +117,6 @@ def _tar_samples(tar: tarfile.TarFile, where: Any) -> list[dict[str, Any]]:
     return samples
 
 
-def iter_json(sample: dict[str, Any], extension: str = "json") -> dict[str, Any]:
-    return json.loads(sample[extension])
-
-
 def write_stats(tar_path: Path, stats: dict[str, Any]) -> None:
     atomic_write_json(stats_path(tar_path), stats)
 
@@ -153,14 +154,6 @@ def write_sizes(directory: Path) -> dict[str, int]:
         stats = read_stats(tar_path)
         if stats is not None:
             sizes[tar_path.name] = int(stats["samples"])
-    atomic_write_json(directory / "sizes.json", sizes)
+    atomic_write_json(sizes_path(directory), sizes)
     return sizes
 
-
-def webdataset_urls(paths: list[Path]) -> list[str]:
-    return [str(p) for p in paths]
-
-
-def open_webdataset(paths: list[Path], **kwargs: Any) -> Iterator[dict[str, Any]]:
-    """A plain webdataset reader over the given tars (for users who want the library's own iteration)."""
-    return iter(wds.WebDataset(webdataset_urls(paths), shardshuffle=False, **kwargs))

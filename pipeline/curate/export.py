@@ -30,14 +30,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.paths import Layout, plain_name
+from pipeline.core.paths import Layout, plain_name, sizes_path
+from pipeline.core.schema import base_record, stage_record
 from pipeline.core.shards import list_shards, read_stats, shard_is_done, shard_name, stats_path, write_sizes, write_stats, write_tar
-from pipeline.core.fileio import atomic_write_json
+from pipeline.core.fileio import atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 
 DONE_FILE = "export.json"
-SCORES = ("alignment", "src_sim", "shift")
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def _stages(config: ExportConfig, layout: Layout) -> tuple[str, ...]:
 
 def _side(option: Any) -> dict[str, Any]:
     side: dict[str, Any] = {"stage": option.source, "variant": option.variant, "caption_index": option.caption_index}
-    scores = {k: option.record[k] for k in SCORES if option.record and option.record.get(k) is not None}
+    scores = option.record.scores() if option.record is not None else {}
     if scores:
         side["scores"] = scores
     return side
@@ -85,10 +85,10 @@ def iter_pairs(base_urls: list[str], stages: tuple[str, ...], keep: Any, counts:
     from pipeline.curate.pairs import compatible_texts, pair_options, zip_stages
 
     for sample in wds.DataPipeline(wds.SimpleShardList(base_urls), zip_stages(stages)):
-        meta = json.loads(sample["json"])
+        meta = base_record(sample)
         counts["images"] += 1
         for stage in stages:
-            counts[f"variants_read/{stage}"] += len(json.loads(sample[stage]["json"]).get("variants", []))
+            counts[f"variants_read/{stage}"] += len(stage_record(sample[stage]).variants)
         images, texts = pair_options(sample, meta, stages, keep)
         for option in images[1:] + texts[1:]:
             counts[f"variants_kept/{option.source}"] += 1
@@ -98,8 +98,8 @@ def iter_pairs(base_urls: list[str], stages: tuple[str, ...], keep: Any, counts:
                 key = f"{sample['__key__']}_{number:04d}"
                 number += 1
                 counts[f"pairs/{image.source}+{text.source}"] += 1
-                info = {"key": key, "base_key": sample["__key__"], "image_id": meta.get("image_id"),
-                        "split": meta.get("split"), "image": _side(image), "text": _side(text)}
+                info = {"key": key, "base_key": sample["__key__"], "image_id": meta.image_id,
+                        "split": meta.split, "image": _side(image), "text": _side(text)}
                 yield {"__key__": key, "jpg": image.data, "txt": text.data, "json": info}
 
 
@@ -109,7 +109,7 @@ def _fingerprint(config: ExportConfig, stages: tuple[str, ...], filter_path: Pat
         for stage_dir in [base_dir] + [base_dir.parent / s for s in stages]:
             inputs[f"{stage_dir.name}/{tar.name}"] = (read_stats(stage_dir / tar.name) or {}).get("sha256")
     settings = {"dataset": config.dataset, "split": config.split, "stages": stages, "shard_size": config.shard_size,
-                "filter": hashlib.sha256(filter_path.read_bytes()).hexdigest() if filter_path else None, "inputs": inputs}
+                "filter": sha256_file(filter_path) if filter_path else None, "inputs": inputs}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
@@ -133,7 +133,7 @@ def _remove_export_files(out: Path) -> None:
     for tar in list_shards(out):
         stats_path(tar).unlink(missing_ok=True)
         tar.unlink()
-    for path in [out / DONE_FILE, out / "sizes.json", *out.glob("*.tmp")]:
+    for path in [out / DONE_FILE, sizes_path(out), *out.glob("*.tmp")]:
         path.unlink(missing_ok=True)
 
 

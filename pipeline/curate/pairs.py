@@ -7,13 +7,13 @@ Training draws one pair per sample from these (pipeline/train/data.py); export w
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import webdataset as wds
 
+from pipeline.core.schema import BaseRecord, SchemaError, VariantRecord, stage_record
 from pipeline.core.shard_urls import check_stage_urls, stage_url
 from pipeline.core.shards import list_shards
 
@@ -61,29 +61,31 @@ class Option(NamedTuple):
     caption_index: int | None  # the caption it derives from or depicts; None: pairs with any text
     source: str  # "base" or the stage
     variant: int | None = None  # index in the stage's variants
-    record: dict[str, Any] | None = None  # the variant's record (scores: alignment, src_sim, shift)
+    record: VariantRecord | None = None  # the variant's record (scores: alignment, src_sim, shift)
 
 
-def pair_options(sample: dict[str, Any], meta: dict[str, Any], stages: tuple[str, ...],
+def pair_options(sample: dict[str, Any], meta: BaseRecord, stages: tuple[str, ...],
                  keep: KeepFn | None) -> tuple[list[Option], list[Option]]:
     """(images, texts) of a zipped sample: the base image and primary caption, then each kept variant."""
     key = sample["__key__"]
-    primary = sample.get(CAPTION_INDEX, int(meta.get("primary", 0)))
-    texts = [Option(meta["captions"][primary], primary, "base")]
+    primary = sample.get(CAPTION_INDEX, meta.primary)
+    texts = [Option(meta.captions[primary], primary, "base")]
     images = [Option(sample["jpg"], None, "base")]
     for stage in stages:
         part = sample[stage]
-        for index, variant in enumerate(json.loads(part["json"]).get("variants", [])):
+        for index, variant in enumerate(stage_record(part).variants):
             if keep is not None and not keep(stage, key, index):
                 continue
-            if "file" in variant:
-                images.append(Option(part[variant["file"]], variant.get("caption_index"), stage, index, variant))
+            if variant.file is not None:
+                images.append(Option(part[variant.file], variant.caption_index, stage, index, variant))
+            elif variant.text is not None:
+                texts.append(Option(variant.text, variant.caption_index, stage, index, variant))
             else:
-                texts.append(Option(variant["text"], variant.get("caption_index"), stage, index, variant))
+                raise SchemaError(f"stage {stage!r}, {key} variant {index}: neither a text nor a file")
     return images, texts
 
 
-def compatible_texts(texts: list[Option], depicted: int | None, meta: dict[str, Any]) -> list[Option]:
+def compatible_texts(texts: list[Option], depicted: int | None, meta: BaseRecord) -> list[Option]:
     """The texts an image depicting caption `depicted` pairs with (caption `depicted` itself when none is loaded)."""
     compatible = texts if depicted is None else [t for t in texts if t.caption_index == depicted]
-    return compatible or [Option(meta["captions"][depicted], depicted, "base")]
+    return compatible or [Option(meta.captions[depicted], depicted, "base")]

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.paths import Layout
+from pipeline.core.schema import SCORES, stage_record
 from pipeline.core.shard_urls import expand_urls, read_url, stage_urls
 from pipeline.core.shards import list_shards
 from pipeline.core.fileio import atomic_write_json
@@ -57,15 +58,15 @@ def read_stage_scores(stage: str, shards: Path | list[str]) -> StageScores:
     urls = [str(p) for p in list_shards(shards)] if isinstance(shards, Path) else shards
     for url in urls:
         for sample in read_url(url):
-            record = json.loads(sample["json"])
+            record = stage_record(sample)
             samples += 1
-            with_variants += bool(record["variants"])
-            for i, variant in enumerate(record["variants"]):
-                keys.append(record["key"])
+            with_variants += bool(record.variants)
+            for i, variant in enumerate(record.variants):
+                keys.append(record.key)
                 index.append(i)
-                ops.append(str(variant.get("op", "")))
-                rows.append([variant.get(name, np.nan) for name in ("alignment", "src_sim", "shift")])
-                kinds.update(kind for kind, field in (("text", "text"), ("image", "file")) if field in variant)
+                ops.append(str(variant.op or ""))
+                rows.append([np.nan if score is None else score for score in (getattr(variant, n) for n in SCORES)])
+                kinds.update(kind for kind, value in (("text", variant.text), ("image", variant.file)) if value is not None)
     scores = np.array(rows, dtype=np.float64).reshape(-1, 3)
     modality = "both" if len(kinds) == 2 else next(iter(kinds), "")
     return StageScores(stage, keys, np.array(index, dtype=np.int64), ops, *scores.T, modality, samples, with_variants)

@@ -16,6 +16,7 @@ from pipeline.core.executor import TaskResult, get_executor
 from pipeline.core.images import DEFAULT_MAX_PIXELS, ImageError, prepare_image
 from pipeline.core.manifests import build_manifest, write_manifest
 from pipeline.core.paths import Layout, plain_name
+from pipeline.core.schema import BaseRecord
 from pipeline.core.shard_urls import expand_urls, is_local
 from pipeline.core.shards import list_shards, read_stats, sample_key, shard_is_done, shard_name, stats_path, write_stats, write_tar
 from pipeline.data.sources import Record, Skip, SourceOptions, SplitFractions, detect_format, read_source
@@ -94,19 +95,10 @@ def ingest_shard(job: IngestJob) -> TaskResult:
             caption_skips.extend({"source": f"{record.source}#caption{i}", "reason": "image skipped"} for i in range(len(record.captions)))
             continue
         key = sample_key(job.split, job.shard_index, index)
-        meta: dict[str, Any] = {
-            "key": key,
-            "image_id": record.image_id,
-            "captions": record.captions,
-            "primary": 0,
-            "split": record.split,
-            "source": record.source,
-            "width": prepared.width,
-            "height": prepared.height,
-        }
-        if prepared.converted:
-            meta["converted"] = prepared.converted
-        samples.append({"__key__": key, "jpg": prepared.jpeg, "txt": record.captions[0], "json": meta})
+        meta = BaseRecord(captions=list(record.captions), primary=0, key=key, image_id=record.image_id,
+                          split=record.split, source=record.source, width=prepared.width, height=prepared.height,
+                          converted=prepared.converted)
+        samples.append({"__key__": key, "jpg": prepared.jpeg, "txt": record.captions[0], "json": meta.to_json()})
         keys.append(key)
         captions_out += len(record.captions)
     sha256 = write_tar(job.out_tar, samples)

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import re
@@ -51,13 +50,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from pipeline.evaluation.resume import PartialStore, fingerprint, model_stamp
 from pipeline.models.device import PRECISIONS, autocast, resolve_device, resolve_precision
 from pipeline.models.hf import CLIPBundle, MLMBundle, load_clip, load_mlm
+from pipeline.core.images import decode_rgb
 from pipeline.core.paths import Layout
+from pipeline.core.schema import base_record
 from pipeline.core.tracking import Tracker, check_reporters
 from pipeline.evaluation.retrieval import attack_success_rate, recall_at_k
 from pipeline.core.seeding import derive_seed
@@ -70,7 +70,6 @@ log = logging.getLogger(__name__)
 CLEAN = "clean"
 DEFAULT_ATTACKS = ("pgd", "bert", "coattack", "sga")
 KS = (1, 5, 10)
-TRACKING_DIR = "tracking"  # evals/tracking/<name>/{tensorboard,wandb}/
 MAX_WORDS = 30  # SGA's paired_dataset (max_words=30)
 _DELETED = re.compile(r"[,.'!?\"()*#:;~]")
 _SPACE_RUNS = re.compile(r"\s{2,}")
@@ -182,12 +181,12 @@ def load_test_urls(urls: list[str], clip: CLIPBundle, size: int | None = None, n
     keys, images, captions = [], [], []
     for url in urls:
         for sample in read_url(url):
-            meta = json.loads(sample["json"])
-            if not meta.get("captions"):
+            record = base_record(sample)
+            if not record.captions:
                 continue
             keys.append(sample["__key__"])
-            images.append(Image.open(io.BytesIO(sample["jpg"])))
-            captions.append([normalise_caption(c) if normalise else c for c in meta["captions"]])
+            images.append(decode_rgb(sample["jpg"]))
+            captions.append([normalise_caption(c) if normalise else c for c in record.captions])
             if size is not None and len(keys) >= size:
                 break
         if size is not None and len(keys) >= size:
@@ -315,7 +314,7 @@ def evaluate(cfg: EvalConfig, layout: Layout | None = None) -> dict[str, Any]:
         data = load_test_urls(expand_urls(cfg.data), clip, cfg.size, cfg.normalise_captions)
     else:
         data = load_test_set(layout.base_dir(cfg.dataset), cfg.split, clip, cfg.size, cfg.normalise_captions)
-    store = PartialStore(out.parent / "partial", name,
+    store = PartialStore(layout.eval_partial_dir(cfg.dataset), name,
                          resume_fingerprint(cfg, device, precision, clip_dir, mlm_dir, data))
     store.drop_stale()
     texts = [t for group in data.captions for t in group]
@@ -351,7 +350,7 @@ def evaluate(cfg: EvalConfig, layout: Layout | None = None) -> dict[str, Any]:
     atomic_write_json(out, record)
     store.remove()
     log.info("wrote %s", out)
-    track(record, cfg, out.parent / TRACKING_DIR / name)
+    track(record, cfg, layout.eval_tracking_dir(cfg.dataset, name))
     return record
 
 
@@ -364,4 +363,4 @@ def track(record: dict[str, Any], cfg: EvalConfig, log_dir: Path) -> None:
 
 
 def eval_path(layout: Layout, dataset: str, name: str) -> Path:
-    return layout.named_output(dataset, "evals", name)
+    return layout.eval_path(dataset, name)

@@ -128,10 +128,10 @@ def plot(records: list[dict[str, Any]], labels: dict[str, str], path: Path) -> N
 def build_report(dataset: str, layout: Layout | None = None) -> dict[str, Any]:
     """Write report.md / report.png / report.json for a dataset; returns their paths and the Markdown."""
     layout = layout or Layout.from_env()
-    root = layout.dataset_manifests(dataset)
-    evals = load_evals(root / "evals")
+    root, evals_dir = layout.dataset_manifests(dataset), layout.evals_dir(dataset)
+    evals = load_evals(evals_dir)
     if not evals:
-        raise FileNotFoundError(f"no evaluations in {root / 'evals'}: run `make eval CKPT=...` first")
+        raise FileNotFoundError(f"no evaluations in {evals_dir}: run `make eval CKPT=...` first")
     records = to_records(evals)
     markdown = render_markdown(evals, records)
     paths = {"json": root / "report.json", "md": root / "report.md", "png": root / "report.png"}

@@ -13,11 +13,14 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def resolve_device(name: str | torch.device = "auto") -> torch.device:
-    """"auto" -> the GPU when there is one, else the CPU; any other name as torch reads it."""
+def resolve_device(name: str | torch.device = "auto", local_rank: int | None = None) -> torch.device:
+    """"auto" -> the GPU when there is one (``cuda:<local_rank>`` when a rank is given, for one process per GPU),
+    else the CPU; any other name as torch reads it."""
     if str(name) != "auto":
         return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda" if local_rank is None else f"cuda:{local_rank}")
 
 
 PRECISIONS = ("auto", "bf16", "fp32")

@@ -46,6 +46,7 @@ from transformers import (
 from transformers import __version__ as TRANSFORMERS_VERSION
 
 from pipeline.core.images import model_pixels
+from pipeline.models.errors import ModelNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +80,6 @@ MLM_PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                   max_position_embeddings=64),
 }
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """A model id or directory could not be loaded from disk (and the hub is offline or unreachable)."""
 
 
 # ------------------------------------------------------------------------------------------ tokenizers

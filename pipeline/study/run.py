@@ -57,10 +57,6 @@ class Unit:
     prepare: bool = False  # done when its output exists (made by the study or by the user)
 
 
-def study_dir(layout: Layout, dataset: str) -> Path:
-    return layout.dataset_manifests(dataset) / "study"
-
-
 def available_stages(layout: Layout, dataset: str) -> list[str]:
     """Known stages whose shards and manifest exist, plus the CPU stages (the study augments them)."""
     made = [s for s in STAGE_KINDS if layout.manifest_path(dataset, s).is_file() and layout.stage_dir(dataset, s).is_dir()]
@@ -116,7 +112,7 @@ def build_plan(cfg: StudyConfig, layout: Layout) -> tuple[list[Cell], list[Unit]
                               device=cfg.device, seed=seed)
             n_images = cfg.eval_size or 1000
             units.append(Unit(f"eval-{cell.id}-s{seed}", "eval", dataclasses.asdict(ecfg) | {"checkpoint": None},
-                              layout.named_output(cfg.dataset, "evals", ecfg.name),
+                              layout.eval_path(cfg.dataset, ecfg.name),
                               inputs={**inputs, **({"mlm": mlm} if set(cell.attacks) - {"pgd"} else {})},
                               cost=EVAL_COST_SCALE * n_images * (1 + sum(ATTACK_COST[a] for a in cell.attacks)),
                               run=lambda ecfg=ecfg: evaluate(ecfg, layout)))
@@ -185,7 +181,7 @@ def write_plan(cfg: StudyConfig, cells: list[Cell], units: list[Unit], path: Pat
 
 def run_plan(units: list[Unit], layout: Layout, dataset: str, echo: Callable[[str], None] = log.info) -> dict[str, str]:
     """Run the units in order, skipping the done ones; a progress line per unit. Returns {unit: done|ran|taken}."""
-    records = study_dir(layout, dataset) / "units"
+    records = layout.study_dir(dataset) / "units"
     records.mkdir(parents=True, exist_ok=True)
     stamps, status = Stamps(layout, dataset), {}
     start, spent = time.perf_counter(), {}  # kind -> [cost, seconds] of the units run by this call
@@ -246,12 +242,12 @@ def run_study(cfg: StudyConfig, layout: Layout | None = None, echo: Callable[[st
     from pipeline.study.report import CellResult, build_study_report
 
     layout = layout or Layout.from_env()
-    out = study_dir(layout, cfg.dataset)
+    out = layout.study_dir(cfg.dataset)
     cells, units = build_plan(cfg, layout)
     write_plan(cfg, cells, units, out / "plan.json")
     echo(f"study {cfg.dataset}: {len(cells)} cells x {cfg.seeds} seed(s), {len(units)} units; plan: {out / 'plan.json'}")
     run_plan(units, layout, cfg.dataset, echo)
-    results = [CellResult(cell, {seed: load_outcomes(layout.named_output(cfg.dataset, "evals", eval_name(cell, seed)))
+    results = [CellResult(cell, {seed: load_outcomes(layout.eval_path(cfg.dataset, eval_name(cell, seed)))
                                  for seed in range(cfg.seeds)}) for cell in cells]
     stage_stats = {}
     for stage in sorted({s for c in cells for s in c.stages}):

@@ -23,7 +23,6 @@ the shorter side and centre crop); ``augment="rrc"`` replaces it by open_clip's 
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections.abc import Callable, Iterable, Iterator
@@ -34,6 +33,7 @@ import torch
 import webdataset as wds
 
 from pipeline.core.images import decode_rgb, model_pixels, random_resized_crop_pixels
+from pipeline.core.schema import base_record
 from pipeline.core.seeding import derive_seed
 from pipeline.curate.pairs import CAPTION_INDEX, KeepFn, compatible_texts, pair_options, zip_stages
 from pipeline.train.config import DataConfig, check_data
@@ -68,7 +68,7 @@ seeded_shuffle = wds.filters.pipelinefilter(_seeded_shuffle)
 def _expand_captions(src: Iterator[dict[str, Any]]):
     """One copy of each sample per caption, marked with the caption's index (``captions="all"``)."""
     for sample in src:
-        for index in range(len(json.loads(sample["json"])["captions"])):
+        for index in range(len(base_record(sample).captions)):
             yield {**sample, CAPTION_INDEX: index}
 
 
@@ -129,7 +129,7 @@ class PairDrawer:
     def __call__(self, sample: dict[str, Any]) -> Pair:
         if self._rng is None:  # created in the worker process, not in the parent
             self._rng = random.Random(_worker_seed(self.seed) + 1)
-        meta = json.loads(sample["json"])
+        meta = base_record(sample)
         images, texts = pair_options(sample, meta, self.stages, self.keep)
         image = self._rng.choice(images)
         text = self._rng.choice(compatible_texts(texts, image.caption_index, meta))

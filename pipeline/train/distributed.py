@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from pipeline.models.device import resolve_device
+
 log = logging.getLogger(__name__)
 
 
@@ -28,17 +30,11 @@ class DistEnv:
         return self.world_size > 1
 
 
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(name)
-
-
 def init_distributed(device: str = "auto") -> DistEnv:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1); a single process otherwise."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = pick_device(device, local_rank)
+    dev = resolve_device(device, local_rank)
     if world_size <= 1:
         return DistEnv(device=dev)
     if not dist.is_initialized():

@@ -10,39 +10,25 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import random
 import shutil
 import time
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 from transformers import DataCollatorForLanguageModeling
 
-from pipeline.models.device import autocast
+from pipeline.models.device import autocast, resolve_device
 from pipeline.models.hf import MLMBundle, build_clip, build_mlm, train_tokenizers
 from pipeline.core.paths import Layout
-from pipeline.core.shards import list_shards, read_tar
+from pipeline.core.schema import read_captions
 from pipeline.core.tracking import Tracker
 from pipeline.train.config import DataConfig, OptimConfig, PretrainConfig, TrainConfig, check_pretrain
-from pipeline.train.distributed import pick_device
 from pipeline.train.loop import cosine_with_warmup
 from pipeline.train.main import train
 
 log = logging.getLogger(__name__)
-
-
-def read_captions(base_dir: Path, split: str = "train") -> list[str]:
-    """Every caption of every base sample of `split` (captions are small; images are not decoded)."""
-    captions: list[str] = []
-    for tar in list_shards(base_dir, split):
-        for sample in read_tar(tar):
-            captions.extend(json.loads(sample["json"])["captions"])
-    if not captions:
-        raise FileNotFoundError(f"no {split} captions in {base_dir}: run `make ingest` first")
-    return captions
 
 
 def train_mlm(mlm: MLMBundle, captions: list[str], cfg: PretrainConfig, device: torch.device) -> list[float]:
@@ -71,7 +57,7 @@ def pretrain(cfg: PretrainConfig, layout: Layout | None = None) -> dict[str, str
     check_pretrain(cfg)
     layout = layout or Layout.from_env()
     torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
+    device = resolve_device(cfg.device, local_rank=0)
     # 1. Tokenizers.
     captions = read_captions(layout.base_dir(cfg.dataset))
     clip_tok, bert_tok = train_tokenizers(captions, cfg.vocab_size)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from pipeline.core.schema import BaseRecord, StageRecord, VariantRecord
 from pipeline.core.shards import sample_key, shard_name, write_sizes, write_stats, write_tar
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220), "yellow": (240, 220, 30),
@@ -28,10 +29,6 @@ def _jpeg(rgb: tuple[int, int, int], size: int, offset: int) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
-
-
-def toy_captions() -> list[str]:
-    return [t.format(c) for c in COLOURS for t in ("a {} picture", "the colour is {}", "something {} here")]
 
 
 def write_toy_shards(
@@ -55,19 +52,17 @@ def write_toy_shards(
             key = sample_key(split, shard, index)
             colour = rng.choice(names)
             captions = [f"a {colour} picture", f"the colour is {colour}", f"something {colour} here"]
-            meta = {"key": key, "image_id": key, "captions": captions, "primary": 0, "split": split,
-                    "source": "toy", "width": image_size, "height": image_size}
+            meta = BaseRecord(captions, 0, key=key, image_id=key, split=split, source="toy", width=image_size,
+                              height=image_size)
             jpg = _jpeg(COLOURS[colour], image_size, rng.randrange(image_size))
-            base.append({"__key__": key, "jpg": jpg, "txt": captions[0], "json": meta})
-            variants = [{"text": f"{c} (paraphrase)", "caption_index": i, "seed": i, "op": "toy"}
-                        for i, c in enumerate(captions)]
-            texts.append({"__key__": key, "json": {"key": key, "stage": text_stage, "variants": variants,
-                                                   "skipped": []}})
+            base.append({"__key__": key, "jpg": jpg, "txt": captions[0], "json": meta.to_json()})
+            variants = [VariantRecord(i, seed=i, op="toy", text=f"{c} (paraphrase)") for i, c in enumerate(captions)]
+            texts.append({"__key__": key, "json": StageRecord(variants, [], key=key, stage=text_stage).to_json()})
             images.append({"__key__": key, "v0.jpg": _jpeg(COLOURS[colour], image_size, 3),
                            "v1.jpg": _jpeg(COLOURS[colour], image_size, 7),
-                           "json": {"key": key, "stage": image_stage, "skipped": [], "variants": [
-                               {"file": "v0.jpg", "caption_index": 0, "seed": 0, "op": "toy"},
-                               {"file": "v1.jpg", "caption_index": None, "seed": 1, "op": "toy"}]}})
+                           "json": StageRecord([VariantRecord(0, seed=0, op="toy", file="v0.jpg"),
+                                                VariantRecord(None, seed=1, op="toy", file="v1.jpg")], [],
+                                               key=key, stage=image_stage).to_json()})
         for stage, samples in (("base", base), (text_stage, texts), (image_stage, images)):
             if stage is None:
                 continue
