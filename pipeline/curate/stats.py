@@ -177,12 +177,11 @@ def _plot_frechet(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def run_stats(dataset: str, layout: Layout | None = None) -> dict[str, Any]:
+def run_stats(dataset: str, layout: Layout) -> dict[str, Any]:
     """Build the table and the plots; write stats.json, stats.md and plots/*.png; return the stats dict."""
     import matplotlib
 
     matplotlib.use("Agg")
-    layout = layout or Layout.from_env()
     # 1. Read manifests and the variants' scores.
     manifests = stage_manifests(layout, dataset)
     scores = {stage: read_stage_scores(stage, layout.stage_dir(dataset, stage))
