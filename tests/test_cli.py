@@ -111,3 +111,17 @@ def test_folders_are_passed_not_written_to_the_environment(tmp_path, monkeypatch
     import os
 
     assert "SHARDS_DIR" not in os.environ
+
+
+def test_demo_phases_write_into_the_demo_folders(tmp_path, monkeypatch):
+    import pipeline.commands.demo as demo
+
+    def one_phase(cfg, run, layout, echo):
+        assert run(["ingest", "--synth-size", "12", "--workers", "1"]) == 0
+        return ""
+
+    monkeypatch.setattr(demo, "run_demo", one_phase)
+    result = runner.invoke(app, ["--shards-dir", str(tmp_path / "s"), "--manifests-dir", str(tmp_path / "m"), "demo"],
+                           env={"SHARDS_DIR": str(tmp_path / "elsewhere")})
+    assert result.exit_code == 0, result.output
+    assert sum(_base_shards(tmp_path / "s").values()) == 12 and not (tmp_path / "elsewhere").exists()
