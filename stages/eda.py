@@ -35,6 +35,7 @@ from typing import Any, ClassVar, NamedTuple, Protocol
 import numpy as np
 
 from pipeline.augment import wordnet
+from pipeline.core.config import check_choices, check_positive, check_range
 from pipeline.augment.stage import BaseSample, SampleResult, Stage, StageContext, Variant
 
 log = logging.getLogger(__name__)
@@ -214,15 +215,11 @@ class EDAStage(Stage):
         max_words: int = 200        # longer captions are skipped (CLIP reads 77 tokens anyway)
 
         def __post_init__(self) -> None:
-            if self.variants_per_caption < 1:
-                raise ValueError(f"variants_per_caption must be >= 1, got {self.variants_per_caption}")
-            if not 0.0 < self.alpha <= 1.0:
-                raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
-            unknown = [op for op in self.ops if op not in OPS]
-            if not self.ops or unknown:
-                raise ValueError(f"ops {list(self.ops)} invalid; choose from {sorted(OPS)}")
-            if self.max_words < 1 or self.batch_size < 1:
-                raise ValueError(f"max_words and batch_size must be >= 1, got {self.max_words}, {self.batch_size}")
+            check_positive(self, "batch_size", "variants_per_caption", "alpha", "max_words")
+            check_range("alpha", self.alpha, 0.0, 1.0)
+            if not self.ops:
+                raise ValueError("ops: give at least one operation")
+            check_choices("ops", self.ops, sorted(OPS))
 
     def __init__(self, config: EDAStage.Config, context: StageContext):
         super().__init__(config, context)

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from pipeline.core.config import check_non_negative, check_positive
 from pipeline.augment.stage import BaseSample, SampleResult, Stage, Variant
 
 OP = "i2t-human"
@@ -39,9 +40,8 @@ class I2THumanStage(Stage):
         max_variants: int = 0  # 0: every other caption; otherwise the first N of them
 
         def __post_init__(self) -> None:
-            if self.batch_size < 1 or self.max_variants < 0:
-                raise ValueError(f"batch_size must be >= 1 and max_variants >= 0, got {self.batch_size}, "
-                                 f"{self.max_variants}")
+            check_positive(self, "batch_size")
+            check_non_negative(self, "max_variants")
 
     def describe(self) -> dict[str, Any]:
         return {"layout": "once per image: variants are the non-primary captions, caption_index = primary, "

@@ -17,7 +17,6 @@ recorded in `skipped` with the reason and the raw text.
 from __future__ import annotations
 
 import importlib.metadata
-import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -33,6 +32,7 @@ from pipeline.augment.captioning import (
     remote_code_problem,
     resolve_checkpoint,
 )
+from pipeline.core.config import check_choice, check_non_negative, check_positive, check_range
 from pipeline.augment.stage import BaseSample, SampleResult, Stage, StageContext, Variant
 
 DEFAULT_MODEL = "OpenGVLab/InternVL3-1B-hf"
@@ -40,7 +40,7 @@ DEFAULT_MODEL = "OpenGVLab/InternVL3-1B-hf"
 
 @dataclass(frozen=True)
 class InternVLCaptionConfig:
-    model: str = field(default_factory=lambda: os.environ.get("I2T_MODEL") or DEFAULT_MODEL)
+    model: str = DEFAULT_MODEL  # the CLI passes I2T_MODEL
     backend: str = "transformers"
     engine: str = "turbomind"  # lmdeploy only: turbomind | pytorch
     prompt: str = DEFAULT_PROMPT
@@ -60,23 +60,18 @@ class InternVLCaptionConfig:
     trust_remote_code: bool = field(default=False, metadata={"fingerprint": False})
 
     def __post_init__(self) -> None:
-        checks = {
-            "backend": (self.backend in CAPTIONERS, f"one of {sorted(CAPTIONERS)}"),
-            "engine": (self.engine in LmdeployCaptioner.ENGINES, f"one of {sorted(LmdeployCaptioner.ENGINES)}"),
-            "prompt": (bool(self.prompt.strip()), "a non-empty prompt"),
-            "captions_per_image": (self.captions_per_image >= 1, ">= 1"),
-            "max_new_tokens": (self.max_new_tokens >= 1, ">= 1"),
-            "temperature": (0.0 < self.temperature <= 2.0, "in (0, 2]"),
-            "top_p": (0.0 < self.top_p <= 1.0, "in (0, 1]"),
-            "top_k": (self.top_k >= 0, ">= 0 (0 = off)"),
-            "max_dynamic_patch": (self.max_dynamic_patch >= 1, ">= 1"),
-            "max_words": (self.max_words >= self.min_words >= 1, ">= min_words >= 1"),
-            "batch_size": (self.batch_size >= 1, ">= 1"),
-            "dtype": (self.dtype in DTYPES, f"one of {DTYPES}"),
-        }
-        for name, (ok, expected) in checks.items():
-            if not ok:
-                raise ValueError(f"i2t-internvl: {name}={getattr(self, name)!r} must be {expected}")
+        check_choice("backend", self.backend, CAPTIONERS)
+        check_choice("engine", self.engine, LmdeployCaptioner.ENGINES)
+        if not self.prompt.strip():
+            raise ValueError("prompt: must be a non-empty prompt")
+        check_positive(self, "captions_per_image", "max_new_tokens", "temperature", "top_p", "max_dynamic_patch",
+                       "min_words", "batch_size")
+        check_range("temperature", self.temperature, 0.0, 2.0)
+        check_range("top_p", self.top_p, 0.0, 1.0)
+        check_non_negative(self, "top_k")  # 0 = off
+        if self.max_words < self.min_words:
+            raise ValueError(f"max_words={self.max_words!r}: must be >= min_words ({self.min_words})")
+        check_choice("dtype", self.dtype, DTYPES)
 
     def settings(self) -> CaptionSettings:
         return CaptionSettings(

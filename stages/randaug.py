@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from pipeline.core.config import check_positive, check_range
 from pipeline.core.images import encode_jpeg
 from pipeline.core.seeding import derive_seed
 from pipeline.augment.stage import BaseSample, SampleResult, Stage, StageContext, Variant
@@ -55,19 +56,12 @@ class RandAugmentStage(Stage):
         max_draws: int = 3  # draws per variant before it is skipped as unchanged
 
         def __post_init__(self) -> None:
-            checks = {
-                "batch_size": self.batch_size >= 1,
-                "variants_per_image": self.variants_per_image >= 1,
-                "num_ops": self.num_ops >= 1,
-                "num_magnitude_bins": self.num_magnitude_bins >= 2,
-                "magnitude": 0 <= self.magnitude < self.num_magnitude_bins,
-                "jpeg_quality": 1 <= self.jpeg_quality <= 100,
-                "max_draws": self.max_draws >= 1,
-            }
-            bad = [f"{name}={getattr(self, name)}" for name, ok in checks.items() if not ok]
-            if bad:
-                raise ValueError(f"invalid RandAugment config: {', '.join(bad)} (magnitude must be in "
-                                 f"[0, num_magnitude_bins), jpeg_quality in [1, 100], counts >= 1)")
+            check_positive(self, "batch_size", "variants_per_image", "num_ops", "max_draws")
+            if self.num_magnitude_bins < 2:
+                raise ValueError(f"num_magnitude_bins={self.num_magnitude_bins!r}: must be >= 2")
+            if not 0 <= self.magnitude < self.num_magnitude_bins:
+                raise ValueError(f"magnitude={self.magnitude!r}: must be in [0, num_magnitude_bins={self.num_magnitude_bins})")
+            check_range("jpeg_quality", self.jpeg_quality, 1, 100)
 
     def __init__(self, config: RandAugmentStage.Config, context: StageContext):
         super().__init__(config, context)

@@ -15,8 +15,7 @@ back black from diffusers and are never emitted: they are recorded in `skipped` 
 from __future__ import annotations
 
 import importlib.metadata
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -31,6 +30,7 @@ from pipeline.augment.captioning import (
     resolve_checkpoint,
     resolve_dtype,
 )
+from pipeline.core.config import check_choice, check_non_negative, check_positive, check_range
 from pipeline.core.images import encode_jpeg
 from pipeline.models.device import resolve_device
 from pipeline.augment.stage import BaseSample, SampleResult, Stage, StageContext, Variant
@@ -52,7 +52,7 @@ CAPTION_CHOICES = ("primary", "all")
 
 @dataclass(frozen=True)
 class StableDiffusionConfig:
-    model: str = field(default_factory=lambda: os.environ.get("T2I_MODEL") or DEFAULT_MODEL)
+    model: str = DEFAULT_MODEL  # the CLI passes T2I_MODEL
     scheduler: str = "dpm++"
     steps: int = 20
     guidance_scale: float = 7.5
@@ -68,22 +68,16 @@ class StableDiffusionConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        sizes_ok = all(s is None or (s >= 8 and s % 8 == 0) for s in (self.height, self.width))
-        checks = {
-            "scheduler": (self.scheduler in SCHEDULERS, f"one of {sorted(SCHEDULERS)}"),
-            "steps": (self.steps >= 1, ">= 1"),
-            "guidance_scale": (self.guidance_scale >= 0.0, ">= 0 (<= 1 turns classifier-free guidance off)"),
-            "height": (sizes_ok, "None or a multiple of 8 (both height and width)"),
-            "width": (sizes_ok, "None or a multiple of 8 (both height and width)"),
-            "images_per_caption": (self.images_per_caption >= 1, ">= 1"),
-            "captions": (self.captions in CAPTION_CHOICES, f"one of {CAPTION_CHOICES}"),
-            "jpeg_quality": (1 <= self.jpeg_quality <= 100, "in [1, 100]"),
-            "batch_size": (self.batch_size >= 1, ">= 1"),
-            "dtype": (self.dtype in DTYPES, f"one of {DTYPES}"),
-        }
-        for name, (ok, expected) in checks.items():
-            if not ok:
-                raise ValueError(f"t2i-sd: {name}={getattr(self, name)!r} must be {expected}")
+        check_choice("scheduler", self.scheduler, SCHEDULERS)
+        check_positive(self, "steps", "images_per_caption", "batch_size")
+        check_non_negative(self, "guidance_scale")  # <= 1 turns classifier-free guidance off
+        for name in ("height", "width"):
+            size = getattr(self, name)
+            if size is not None and (size < 8 or size % 8):
+                raise ValueError(f"{name}={size!r}: must be None or a multiple of 8")
+        check_choice("captions", self.captions, CAPTION_CHOICES)
+        check_range("jpeg_quality", self.jpeg_quality, 1, 100)
+        check_choice("dtype", self.dtype, DTYPES)
 
 
 def load_text_to_image(config: StableDiffusionConfig, device: torch.device) -> Any:

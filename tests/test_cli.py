@@ -51,3 +51,77 @@ def test_augment_rejects_unknown_stage_and_bad_option(tmp_path):
 def test_module_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "pipeline", "--help"], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert result.returncode == 0 and "augment" in result.stdout
+
+
+def _base_shards(shards: Path) -> dict[str, int]:
+    """Base shard name -> images, from the shards' stats files."""
+    return {p.name.removesuffix(".stats.json"): json.loads(p.read_text())["samples"]
+            for p in sorted((shards / "synth" / "base").glob("*.stats.json"))}
+
+
+def test_augment_ingests_a_missing_base_with_the_ingest_options_given(tmp_path):
+    env = {"SHARDS_DIR": str(tmp_path / "s"), "MANIFESTS_DIR": str(tmp_path / "m"), "SYNTH_SIZE": "90",
+           "SHARD_SIZE": "20", "STAGES": "i2t-human", "WORKERS": "1", "SCORER": "none"}
+    result = runner.invoke(app, ["augment"], env=env)
+    assert result.exit_code == 0, result.output
+    made = _base_shards(tmp_path / "s")
+    assert sum(made.values()) == 90 and max(made.values()) == 20
+    per_split = {}
+    for name, images in made.items():
+        per_split.setdefault(name.split("-")[0], []).append(images)
+    assert len(made) == sum(-(-sum(sizes) // 20) for sizes in per_split.values())  # ceil(images / 20) per split
+    config = json.loads((tmp_path / "m" / "synth" / "base.json").read_text())["config"]
+    assert (config["synth_size"], config["shard_size"]) == (90, 20)
+    # the same settings through --set and a --config file (the options win over the file)
+    (tmp_path / "augment.yaml").write_text("ingest:\n  synth_size: 50\n  shard_size: 7\nstages: [i2t-human]\nscorer: none\n")
+    layout = ["--shards-dir", str(tmp_path / "s2"), "--manifests-dir", str(tmp_path / "m2")]
+    result = runner.invoke(app, [*layout, "augment", "--config", str(tmp_path / "augment.yaml"), "--synth-size", "40",
+                                 "--set", "ingest.shard_size=15", "--set", "workers=1"], env={})
+    assert result.exit_code == 0, result.output
+    made = _base_shards(tmp_path / "s2")
+    assert sum(made.values()) == 40 and max(made.values()) == 15
+
+
+def test_ingest_config_file_and_set(tmp_path):
+    (tmp_path / "ingest.json").write_text(json.dumps({"synth_size": 24, "shard_size": 5, "fractions": {"train": 0.5, "val": 0.25, "test": 0.25}}))
+    env = {"SHARDS_DIR": str(tmp_path / "s"), "MANIFESTS_DIR": str(tmp_path / "m"), "WORKERS": "1"}
+    result = runner.invoke(app, ["ingest", "--config", str(tmp_path / "ingest.json"), "--set", "shard_size=6"], env=env)
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "m" / "synth" / "base.json").read_text())["config"]
+    assert (config["synth_size"], config["shard_size"], config["fractions"]["train"]) == (24, 6, 0.5)
+    result = runner.invoke(app, ["ingest", "--set", "no_such=1"], env=env)
+    assert result.exit_code == 2 and "no option 'no_such'" in result.output
+
+
+def test_generative_model_variables_reach_their_stages(tmp_path):
+    env = {"SHARDS_DIR": str(tmp_path / "s"), "MANIFESTS_DIR": str(tmp_path / "m"),
+           "I2T_MODEL": str(tmp_path / "no-internvl-here"), "T2I_MODEL": str(tmp_path / "no-sd-here")}
+    result = runner.invoke(app, ["augment", "--stages", "i2t-internvl"], env=env)
+    assert result.exit_code == 2 and "no-internvl-here" in result.output
+    result = runner.invoke(app, ["augment", "--stages", "t2i-sd"], env=env)
+    assert result.exit_code == 2 and "no-sd-here" in result.output
+
+
+def test_folders_are_passed_not_written_to_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("SHARDS_DIR", raising=False)
+    result = runner.invoke(app, ["--shards-dir", str(tmp_path / "s"), "--manifests-dir", str(tmp_path / "m"),
+                                 "ingest", "--synth-size", "12", "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "m" / "synth" / "base.json").is_file() and _base_shards(tmp_path / "s")
+    import os
+
+    assert "SHARDS_DIR" not in os.environ
+
+
+def test_demo_phases_write_into_the_demo_folders(tmp_path, monkeypatch):
+    import pipeline.commands.demo as demo
+
+    def one_phase(cfg, run, layout, echo):
+        assert run(["ingest", "--synth-size", "12", "--workers", "1"]) == 0
+        return ""
+
+    monkeypatch.setattr(demo, "run_demo", one_phase)
+    result = runner.invoke(app, ["--shards-dir", str(tmp_path / "s"), "--manifests-dir", str(tmp_path / "m"), "demo"],
+                           env={"SHARDS_DIR": str(tmp_path / "elsewhere")})
+    assert result.exit_code == 0, result.output
+    assert sum(_base_shards(tmp_path / "s").values()) == 12 and not (tmp_path / "elsewhere").exists()

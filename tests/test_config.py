@@ -98,6 +98,17 @@ def test_build_config_precedence(tmp_path):
     assert (cfg.name, cfg.limit, cfg.inner.steps) == ("from-file", 9, 3)
 
 
+def test_build_config_validates_once_after_merging(tmp_path):
+    # The file alone is invalid (matplus without stages); the --set completes it.
+    (tmp_path / "run.yaml").write_text("name: matplus\n")
+    assert build_config(Outer, tmp_path / "run.yaml", {}, ["stages=eda"]).stages == ("eda",)
+    with pytest.raises(ValueError, match="needs stages"):
+        build_config(Outer, tmp_path / "run.yaml")
+    (tmp_path / "typo.yaml").write_text("nmae: x\n")
+    with pytest.raises(ValueError, match="typo.yaml: unknown option"):
+        build_config(Outer, tmp_path / "typo.yaml")
+
+
 def test_bad_config_files_say_which_file(tmp_path):
     with pytest.raises(ValueError, match="missing.yaml"):
         load_config(Outer, tmp_path / "missing.yaml")

@@ -256,10 +256,11 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, monkeypatch):
     assert not ok and "HF_HUB_OFFLINE=1" in why and "OpenGVLab/InternVL3-1B-hf" in why
 
 
-def test_model_comes_from_env(monkeypatch, internvl_dir):
+def test_model_comes_from_the_config_not_the_environment(monkeypatch, internvl_dir):
+    # I2T_MODEL is read by the CLI (`augment --i2t-model`, tests/test_cli.py), which passes it as the model option.
     monkeypatch.setenv("I2T_MODEL", internvl_dir)
-    assert InternVLCaptionConfig().model == internvl_dir
-    assert InternVLCaptionStage.availability(InternVLCaptionConfig()) == (True, "")
+    assert InternVLCaptionConfig().model == "OpenGVLab/InternVL3-1B-hf"
+    assert InternVLCaptionStage.availability(InternVLCaptionConfig(model=internvl_dir)) == (True, "")
 
 
 @pytest.mark.parametrize("bad", [{"backend": "vllm"}, {"captions_per_image": 0}, {"top_p": 0.0},

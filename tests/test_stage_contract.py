@@ -12,6 +12,7 @@ from typing import ClassVar
 
 import pytest
 
+from pipeline.augment.runner import stage_config
 from pipeline.data.ingest import IngestConfig, run_ingest
 from pipeline.core.paths import Layout
 from pipeline.core.shards import list_shards, read_stats, read_tar, stats_path
@@ -22,7 +23,6 @@ from pipeline.augment.stage import (
     Stage,
     StageContext,
     Variant,
-    config_from_overrides,
     run_stage,
 )
 from stages import DEFAULT_STAGES, get_stage_class
@@ -136,12 +136,12 @@ def test_damaged_base_shard_is_recorded_per_key(synth_base, tmp_path):
 
 
 def test_options_are_converted_and_unknown_ones_refused():
-    config = config_from_overrides(UpperStage.Config, {"batch_size": "3", "suffix": "x"})
+    config = stage_config(UpperStage, {"batch_size": "3", "suffix": "x"})
     assert config == UpperStage.Config(batch_size=3, suffix="x")
     with pytest.raises(ValueError, match="no option 'batch'"):
-        config_from_overrides(UpperStage.Config, {"batch": "3"})
+        stage_config(UpperStage, {"batch": "3"})
     with pytest.raises(ValueError, match="not a valid int"):
-        config_from_overrides(UpperStage.Config, {"batch_size": "three"})
+        stage_config(UpperStage, {"batch_size": "three"})
 
 
 @pytest.mark.parametrize("name", DEFAULT_STAGES)

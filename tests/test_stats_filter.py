@@ -159,3 +159,21 @@ def test_cli_stats_and_filter(scored, monkeypatch) -> None:
     assert set(json.loads(filter_path(layout, DATASET, "cli").read_text())["stages"]) == {"eda"}
     out = runner.invoke(app, ["filter"], env={**env, "FILTER": "bad"})
     assert out.exit_code != 0 and "at least one" in out.output
+
+
+def test_filter_command_takes_a_config_file_and_set(scored, tmp_path) -> None:
+    from pipeline.commands.cli import app
+
+    layout, _ = scored
+    (tmp_path / "filter.yaml").write_text("name: from-file\ntop_fraction: 0.9\nstages: [eda]\n")
+    argv = ["--shards-dir", str(layout.shards_dir), "--manifests-dir", str(layout.manifests_dir), "filter",
+            "--dataset", DATASET, "--config", str(tmp_path / "filter.yaml"), "--set", "top_fraction=0.5"]
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    written = json.loads(filter_path(layout, DATASET, "from-file").read_text())
+    assert written["config"]["top_fraction"] == 0.5 and list(written["stages"]) == ["eda"]
+    # the file alone would be refused (no threshold): --set gives it
+    (tmp_path / "bare.yaml").write_text("name: bare\n")
+    assert CliRunner().invoke(app, argv[:7] + ["--config", str(tmp_path / "bare.yaml")]).exit_code == 2
+    result = CliRunner().invoke(app, argv[:7] + ["--config", str(tmp_path / "bare.yaml"), "--set", "max_shift=5"])
+    assert result.exit_code == 0, result.output

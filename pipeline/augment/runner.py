@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.config import apply_overrides, check_non_negative, check_positive, to_dict
 from pipeline.data.ingest import IngestConfig, run_ingest
 from pipeline.core.manifests import read_manifest, summary_lines
-from pipeline.core.paths import Layout
+from pipeline.core.paths import Layout, plain_name
 from pipeline.core.shards import list_shards, shard_is_done
 from pipeline.data.sources import SplitFractions
-from pipeline.augment.stage import StageContext, config_from_overrides, run_stage
+from pipeline.augment.stage import StageContext, run_stage
 from pipeline.core.executor import RunOptions
 from pipeline.core.shard_urls import base_fingerprints, path_or_spec
 from stages import DEFAULT_STAGES, STAGES, get_stage_class
@@ -19,28 +21,86 @@ from stages import DEFAULT_STAGES, STAGES, get_stage_class
 log = logging.getLogger(__name__)
 
 
-def ensure_base(dataset: str, data_root: Path | None, fmt: str | None, layout: Layout, options: RunOptions) -> None:
-    """Ingest when the base shards are missing or damaged, with the config the base was made with if known."""
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Everything `augment` runs with. `ingest` names the dataset and says how its base shards are made when they
+    are missing (an existing base is kept as it was made)."""
+
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    stages: tuple[str, ...] | None = None  # None: every stage that can run here
+    # stage -> option -> value, e.g. {"eda": {"variants_per_caption": 2}}; strings are converted by field type
+    stage_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    scorer: str | None = None  # CLIP (hub id or dir); None: MODELS_DIR/<dataset>/clip when it exists; "none": off
+    seed: int = 0  # mixed into every per-sample seed
+    device: str = "cpu"  # of model-based stages
+    workers: int = 2
+    executor: str = "local"
+    retries: int = 1  # times a failed shard is retried before it is recorded
+    overwrite: bool = False  # redo every stage shard instead of resuming
+    # Base shard URLs (brace pattern, '::' list, pipe:; core/shard_urls.py) instead of SHARDS_DIR/<dataset>/base;
+    # nothing is ingested then, and the stage shards still go to SHARDS_DIR/<dataset>/<stage>/.
+    base_data: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in self.stages or ():
+            plain_name(name, "stage")
+        if not isinstance(self.stage_options, dict) or not all(isinstance(v, dict) for v in self.stage_options.values()):
+            raise ValueError(f"stage_options={self.stage_options!r}: must map stage -> option -> value")
+        check_positive(self, "workers")
+        check_non_negative(self, "retries")
+
+    @property
+    def dataset(self) -> str:
+        return self.ingest.dataset
+
+    def run_options(self, overwrite: bool | None = None) -> RunOptions:
+        overwrite = self.overwrite if overwrite is None else overwrite
+        return RunOptions(workers=self.workers, executor=self.executor, retries=self.retries,
+                          mode="overwrite" if overwrite else "incremental")
+
+
+def ensure_base(config: IngestConfig, layout: Layout, options: RunOptions) -> None:
+    """Ingest when the base shards are missing (with `config`) or damaged (with the config the base was made with,
+    so that the stage shards made from it stay aligned)."""
+    dataset = config.dataset
     manifest_path = layout.manifest_path(dataset, "base")
     shards = list_shards(layout.base_dir(dataset))
-    if manifest_path.exists() and shards and all(shard_is_done(p) for p in shards):
+    saved = _saved_ingest_config(manifest_path) if manifest_path.exists() else None
+    if saved is not None:
+        _warn_if_other_settings(saved, config)
+    if saved is not None and shards and all(shard_is_done(p) for p in shards):
         return
-    if manifest_path.exists():
-        saved = read_manifest(manifest_path)["config"]
-        saved["data_root"] = path_or_spec(saved["data_root"]) if saved.get("data_root") else None
-        saved["fractions"] = SplitFractions(**saved["fractions"])
-        config = IngestConfig(**saved)
+    if saved is not None:
         log.warning("base shards of %s are missing or damaged: re-ingesting them", dataset)
+        config = saved
     else:
-        config = IngestConfig(dataset=dataset, data_root=data_root, fmt=fmt)
         log.info("no base shards for %s yet: ingesting first", dataset)
     run_ingest(config, layout, options)
 
 
-def resolve_stages(stage_names: str | None, overrides: dict[str, dict[str, str]]) -> list[tuple[type, Any]]:
+def _saved_ingest_config(manifest_path: Path) -> IngestConfig:
+    saved = read_manifest(manifest_path)["config"]
+    saved["data_root"] = path_or_spec(saved["data_root"]) if saved.get("data_root") else None
+    saved["fractions"] = SplitFractions(**saved["fractions"])
+    return IngestConfig(**saved)
+
+
+def _warn_if_other_settings(saved: IngestConfig, given: IngestConfig) -> None:
+    """The base is kept as it was made: say so when this run asks for other (non-default) ingest settings."""
+    old, new, default = to_dict(saved), to_dict(given), to_dict(IngestConfig(dataset=given.dataset))
+    differing = [f"{name}={new[name]!r} (base: {old[name]!r})" for name in new
+                 if new[name] != old.get(name) and new[name] != default[name] and name != "fmt"]
+    if given.fmt is not None and given.fmt != saved.fmt:
+        differing.append(f"fmt={given.fmt!r} (base: {saved.fmt!r})")
+    if differing:
+        log.warning("base shards of %s exist and are kept as they were made; ignoring %s (run `make ingest` with "
+                    "them to remake the base)", given.dataset, ", ".join(differing))
+
+
+def resolve_stages(stage_names: tuple[str, ...] | None, overrides: dict[str, dict[str, Any]]) -> list[tuple[type, Any]]:
     """The (stage class, config) pairs to run. By default, every stage that can run here."""
     explicit = stage_names is not None
-    names = [n.strip() for n in stage_names.split(",") if n.strip()] if explicit else list(DEFAULT_STAGES)
+    names = list(stage_names) if explicit else list(DEFAULT_STAGES)
     if not explicit:
         names += [name for name in STAGES if name not in names and "model" in overrides.get(name, {})]
     for name in overrides:
@@ -49,7 +109,7 @@ def resolve_stages(stage_names: str | None, overrides: dict[str, dict[str, str]]
     chosen = []
     for name in names:
         stage_cls = get_stage_class(name)
-        config = config_from_overrides(stage_cls.Config, overrides.get(name, {}))
+        config = stage_config(stage_cls, overrides.get(name, {}))
         available, reason = stage_cls.availability(config)
         if not available:
             if explicit:
@@ -62,6 +122,14 @@ def resolve_stages(stage_names: str | None, overrides: dict[str, dict[str, str]]
         if skipped:
             log.info("generative stages not run: %s (give I2T_MODEL=<dir> / T2I_MODEL=<dir> to enable them)", ", ".join(skipped))
     return chosen
+
+
+def stage_config(stage_cls: type, options: dict[str, Any]) -> Any:
+    """A stage's config: its defaults with `options` applied (strings converted by field type)."""
+    try:
+        return apply_overrides(stage_cls.Config(), {key: "none" if value is None else value for key, value in options.items()})
+    except ValueError as error:
+        raise ValueError(f"stage {stage_cls.name}: {error}") from error
 
 
 def load_scorer_or_none(scorer_spec: str | None, dataset: str, layout: Layout, bases: list | None = None) -> Any:
@@ -77,41 +145,26 @@ def load_scorer_or_none(scorer_spec: str | None, dataset: str, layout: Layout, b
     return scorer
 
 
-def run_augment(
-    *,
-    dataset: str,
-    data_root: Path | None,
-    fmt: str | None,
-    stage_names: str | None,
-    overrides: dict[str, dict[str, str]],
-    scorer_spec: str | None,
-    seed: int,
-    device: str,
-    workers: int,
-    executor: str,
-    retries: int,
-    overwrite: bool,
-    layout: Layout,
-    base_data: str | None = None,
-) -> list[dict[str, Any]]:
+def run_augment(config: AugmentConfig, layout: Layout) -> list[dict[str, Any]]:
     # 1. Validate the request before any work.
-    options = RunOptions(workers=workers, executor=executor, retries=retries, mode="overwrite" if overwrite else "incremental")
-    chosen = resolve_stages(stage_names, overrides)
+    chosen = resolve_stages(config.stages, config.stage_options)
     if not chosen:
         raise ValueError("no stage to run")
-    # 2. Base shards (the dataset folder's, or BASE_DATA's URLs), then the scorer (it fits the reference on the base).
+    # 2. Base shards (the dataset folder's, never overwritten here, or BASE_DATA's URLs), then the scorer (it fits
+    # the reference statistics on the base).
     bases = None
-    if base_data is not None:
-        if data_root is not None:
+    if config.base_data is not None:
+        if config.ingest.data_root is not None:
             raise ValueError("give BASE_DATA (base shard URLs) or DATA_ROOT (a dataset to ingest), not both")
-        bases = base_fingerprints(base_data)
+        bases = base_fingerprints(config.base_data)
     else:
-        ensure_base(dataset, data_root, fmt, layout, RunOptions(workers=workers, executor=executor, retries=retries))
-    scorer = load_scorer_or_none(scorer_spec, dataset, layout, bases)
+        ensure_base(config.ingest, layout, config.run_options(overwrite=False))
+    scorer = load_scorer_or_none(config.scorer, config.dataset, layout, bases)
     # 3. Stages, one after the other, each shard-parallel.
     manifests = []
-    for stage_cls, config in chosen:
-        manifest = run_stage(stage_cls, config, StageContext(dataset, seed, device), layout, options, scorer, bases)
+    for stage_cls, stage_cfg in chosen:
+        context = StageContext(config.dataset, config.seed, config.device)
+        manifest = run_stage(stage_cls, stage_cfg, context, layout, config.run_options(), scorer, bases)
         for line in summary_lines(manifest):
             log.info(line)
         manifests.append(manifest)

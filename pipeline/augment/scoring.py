@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.fileio import atomic_write_bytes, sha256_files
+from pipeline.core.config import check_positive, check_range
 from pipeline.core.images import decode_rgb
 from pipeline.core.metrics import FeatureStats, MahalanobisReference, RunningGaussian
 from pipeline.core.paths import Layout
@@ -55,12 +56,10 @@ class ScorerConfig:
     def __post_init__(self) -> None:
         if not self.model:
             raise ValueError("scorer model must be a hub id or a directory, got an empty string")
-        if self.batch_size < 1:
-            raise ValueError(f"scorer batch_size must be >= 1, got {self.batch_size}")
-        if not 0.0 < self.shrinkage <= 1.0:
-            raise ValueError(f"scorer shrinkage must be in (0, 1], got {self.shrinkage}")
+        check_positive(self, "batch_size", "shrinkage")
+        check_range("shrinkage", self.shrinkage, 0.0, 1.0)
         if self.reference_samples < 2:
-            raise ValueError(f"scorer reference_samples must be >= 2, got {self.reference_samples}")
+            raise ValueError(f"reference_samples={self.reference_samples!r}: must be >= 2")
 
 
 def _weights_digest(directory: Path) -> str:
@@ -280,13 +279,12 @@ class Scorer:
                        for r, role in enumerate(("original", "variant"))} for side in sides}
 
 
-def load_scorer(spec: str | None, dataset: str, layout: Layout | None = None, **options: Any) -> Scorer | None:
+def load_scorer(spec: str | None, dataset: str, layout: Layout, **options: Any) -> Scorer | None:
     """The scorer SCORER names (hub id or directory); by default the CLIP `make pretrain` saved for the dataset.
 
     Returns None when no scorer is named and no pretrained one exists, or
     when spec is "none". A named directory that does not exist raises ModelNotFoundError at once.
     """
-    layout = layout or Layout.from_env()
     cache_dir = layout.dataset_manifests(dataset)
     if spec is not None and spec.strip().lower() in DISABLED_SPECS:
         log.info("scoring disabled (SCORER=%s)", spec)

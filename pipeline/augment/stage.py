@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import time
-import typing
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -128,39 +127,6 @@ class Stage:
 
     def seed_for(self, key: str, variant: int) -> int:
         return derive_seed(self.context.dataset, self.name, key, variant, self.context.seed)
-
-
-def config_from_overrides(config_cls: type, overrides: dict[str, str]) -> Any:
-    """Build a stage config from string overrides (CLI `--set name=value`), converting by field type."""
-    hints = typing.get_type_hints(config_cls)
-    names = {f.name for f in dataclasses.fields(config_cls)}
-    values: dict[str, Any] = {}
-    for name, raw in overrides.items():
-        if name not in names:
-            raise ValueError(f"{config_cls.__qualname__} has no option {name!r}; options: {sorted(names)}")
-        values[name] = _convert(raw, hints[name], name)
-    return config_cls(**values)
-
-
-def _convert(raw: str, hint: Any, name: str) -> Any:
-    origin_args = typing.get_args(hint)
-    if origin_args and type(None) in origin_args:  # Optional[X]
-        if raw.lower() in ("", "none", "null"):
-            return None
-        hint = next(a for a in origin_args if a is not type(None))
-    try:
-        if hint is bool:
-            if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise ValueError(raw)
-            return raw.lower() in ("1", "true", "yes")
-        if hint in (int, float, str):
-            return hint(raw)
-        if typing.get_origin(hint) is tuple:
-            item_type = typing.get_args(hint)[0]
-            return tuple(item_type(part) for part in raw.split(",") if part)
-    except ValueError as error:
-        raise ValueError(f"option {name}={raw!r} is not a valid {getattr(hint, '__name__', hint)}") from error
-    return raw
 
 
 # ---------------------------------------------------------------- the runner

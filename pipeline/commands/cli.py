@@ -5,15 +5,21 @@ Options also read environment variables (shown in --help), which is how `make VA
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
+from pipeline.augment.runner import AugmentConfig
+from pipeline.commands.demo import DemoConfig
+from pipeline.core.config import build_config, field_default
 from pipeline.core.paths import Layout, plain_name
+from pipeline.curate.export import ExportConfig
+from pipeline.curate.filters import FilterConfig
+from pipeline.data.ingest import IngestConfig
 
 app = typer.Typer(
     help="MAT / MAT+ pipeline: one-to-many augmentation shards, adversarial training of CLIP, robust evaluation.",
@@ -61,6 +67,58 @@ Executor = Annotated[str, typer.Option("--executor", envvar="EXECUTOR", help="lo
 ReportTo = Annotated[Optional[str], typer.Option("--report-to", envvar="REPORT_TO", help="Trackers: tensorboard (default), wandb, both comma-separated, or none.")]
 WandbMode = Annotated[Optional[str], typer.Option("--wandb-mode", envvar="WANDB_MODE", help="W&B mode: offline (default: no network needed; `wandb sync` later), online or disabled.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Redo every shard instead of resuming.")]
+# ingest, augment, filter, export: a settings file, then the options, then --set (each later one wins).
+SettingsFile = Annotated[Optional[Path], typer.Option("--config", help="Settings file, YAML or JSON, keyed by the config's fields (see --set); the options and --set override it.")]
+Settings = Annotated[Optional[list[str]], typer.Option("--set", help="Any setting as name=value, applied last, repeatable (names as in --config files, e.g. shard_size=100).")]
+
+# Ingest options: `ingest`'s, and `augment`'s for the ingest it runs first when the base shards are missing.
+# Defaults are IngestConfig's (pipeline/data/ingest.py).
+ShardSize = Annotated[int, typer.Option("--shard-size", envvar="SHARD_SIZE", help="Images per shard.")]
+MaxSide = Annotated[Optional[int], typer.Option("--max-side", envvar="MAX_SIDE", help="Resize images whose longer side exceeds this (default: keep as is).")]
+SynthSize = Annotated[int, typer.Option("--synth-size", envvar="SYNTH_SIZE", help="Images in the embedded synth dataset.")]
+SynthSeed = Annotated[int, typer.Option("--synth-seed", envvar="SYNTH_SEED", help="Seed of the synth dataset.")]
+SplitFractionsOption = Annotated[str, typer.Option("--split-fractions", envvar="SPLIT_FRACTIONS", help="train,val,test fractions for sources without splits.")]
+ImageColumn = Annotated[str, typer.Option("--image-column", envvar="IMAGE_COLUMN", help="CSV/TSV/hf: the image column (hf: an Image feature, bytes or paths).")]
+CaptionColumn = Annotated[str, typer.Option("--caption-column", envvar="CAPTION_COLUMN", help="CSV/TSV/imagefolder/hf: the caption column (hf: a list, or one caption per row).")]
+IdColumn = Annotated[Optional[str], typer.Option("--id-column", envvar="ID_COLUMN", help="hf: the column naming the image (rows sharing it are one image); default: the image path.")]
+IdPrefix = Annotated[Optional[str], typer.Option("--id-prefix", envvar="ID_PREFIX", help="hf/wds: prefix of the image ids they form (default hf / wds).")]
+SplitColumn = Annotated[str, typer.Option("--split-column", envvar="SPLIT_COLUMN", help="hf: a column holding each row's split, used when present.")]
+Limit = Annotated[Optional[int], typer.Option("--limit", envvar="LIMIT", help="Only the first N images of the source (a quick try on a big dataset).")]
+INGEST_OPTIONS = ("dataset", "data_root", "fmt", "shard_size", "max_side", "synth_size", "synth_seed", "split_fractions",
+                  "image_column", "caption_column", "id_column", "id_prefix", "split_column", "limit")
+
+
+def _ingest_default(name: str) -> Any:
+    return field_default(IngestConfig, name)
+
+
+def _fractions_text(fractions: Any) -> str:
+    return ",".join(f"{getattr(fractions, name):g}" for name in ("train", "val", "test"))
+
+
+def _given(ctx: typer.Context) -> dict[str, Any]:
+    """The command's options given on the command line or in the environment (those left at their default are
+    not: a --config file's value stands for them)."""
+    sources = {name: ctx.get_parameter_source(name) for name in ctx.params}
+    return {name: value for name, value in ctx.params.items()
+            if sources[name] is not None and sources[name].name not in ("DEFAULT", "DEFAULT_MAP")}
+
+
+def _ingest_options(given: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The ingest options given, as IngestConfig settings (under `prefix`: "ingest." for AugmentConfig)."""
+    options = {prefix + name: given[name] for name in INGEST_OPTIONS if name in given and name != "split_fractions"}
+    for name in ("fmt", "id_column"):
+        if name in options:
+            options[prefix + name] = _env_or_none(options[prefix + name])
+    if _env_or_none(given.get("split_fractions")) is not None:
+        parts = given["split_fractions"].split(",")
+        if len(parts) > 3:
+            raise ValueError(f"SPLIT_FRACTIONS={given['split_fractions']!r}: give train,val,test")
+        try:
+            options.update({f"{prefix}fractions.{name}": float(part) for name, part in zip(("train", "val", "test"), parts)})
+        except ValueError as error:
+            raise ValueError(f"SPLIT_FRACTIONS={given['split_fractions']!r}: {error}") from error
+    return options
 
 
 def _env_or_none(value: Optional[str]) -> Optional[str]:
@@ -88,11 +146,24 @@ def main_options(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    os.environ.update(SHARDS_DIR=str(shards_dir), MANIFESTS_DIR=str(manifests_dir), RUNS_DIR=str(runs_dir), MODELS_DIR=str(models_dir))
+    global _layout
+    _layout = Layout(shards_dir=shards_dir, manifests_dir=manifests_dir, runs_dir=runs_dir, models_dir=models_dir)
+
+
+_layout: Optional[Layout] = None  # main_options sets it before any command runs
 
 
 def layout() -> Layout:
-    return Layout.from_env()
+    """The folders of this invocation (main_options built them from --shards-dir / SHARDS_DIR, ...)."""
+    if _layout is None:
+        raise RuntimeError("layout() is called inside a command of the app, after main_options")
+    return _layout
+
+
+def _layout_argv(folders: Layout) -> list[str]:
+    """main_options' arguments giving `folders`, for a command run again inside this one (the demo's phases)."""
+    return ["--shards-dir", str(folders.shards_dir), "--manifests-dir", str(folders.manifests_dir),
+            "--runs-dir", str(folders.runs_dir), "--models-dir", str(folders.models_dir)]
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -105,44 +176,42 @@ def _fail(message: str, code: int = 2) -> None:
 
 @app.command()
 def ingest(
-    dataset: Dataset = "synth",
+    ctx: typer.Context,
+    dataset: Dataset = _ingest_default("dataset"),
     data_root: DataRoot = None,
     fmt: Format = None,
-    shard_size: Annotated[int, typer.Option(envvar="SHARD_SIZE", help="Images per shard.")] = 500,
-    max_side: Annotated[Optional[int], typer.Option(envvar="MAX_SIDE", help="Resize images whose longer side exceeds this (default: keep as is).")] = None,
-    synth_size: Annotated[int, typer.Option(envvar="SYNTH_SIZE", help="Images in the embedded synth dataset.")] = 4000,
-    synth_seed: Annotated[int, typer.Option(envvar="SYNTH_SEED", help="Seed of the synth dataset.")] = 0,
-    split_fractions: Annotated[str, typer.Option(envvar="SPLIT_FRACTIONS", help="train,val,test fractions for sources without splits.")] = "0.8,0.1,0.1",
-    image_column: Annotated[str, typer.Option(envvar="IMAGE_COLUMN", help="CSV/TSV/hf: the image column (hf: an Image feature, bytes or paths).")] = "image",
-    caption_column: Annotated[str, typer.Option(envvar="CAPTION_COLUMN", help="CSV/TSV/imagefolder/hf: the caption column (hf: a list, or one caption per row).")] = "caption",
-    id_column: Annotated[Optional[str], typer.Option(envvar="ID_COLUMN", help="hf: the column naming the image (rows sharing it are one image); default: the image path.")] = None,
-    id_prefix: Annotated[Optional[str], typer.Option(envvar="ID_PREFIX", help="hf/wds: prefix of the image ids they form (default hf / wds).")] = None,
-    split_column: Annotated[str, typer.Option(envvar="SPLIT_COLUMN", help="hf: a column holding each row's split, used when present.")] = "split",
-    limit: Annotated[Optional[int], typer.Option(envvar="LIMIT", help="Only the first N images of the source (a quick try on a big dataset).")] = None,
+    shard_size: ShardSize = _ingest_default("shard_size"),
+    max_side: MaxSide = None,
+    synth_size: SynthSize = _ingest_default("synth_size"),
+    synth_seed: SynthSeed = _ingest_default("synth_seed"),
+    split_fractions: SplitFractionsOption = _fractions_text(_ingest_default("fractions")),
+    image_column: ImageColumn = _ingest_default("image_column"),
+    caption_column: CaptionColumn = _ingest_default("caption_column"),
+    id_column: IdColumn = None,
+    id_prefix: IdPrefix = None,
+    split_column: SplitColumn = _ingest_default("split_column"),
+    limit: Limit = None,
     workers: Workers = 2,
     executor: Executor = "local",
     overwrite: Overwrite = False,
+    config: SettingsFile = None,
+    settings: Settings = None,
 ) -> None:
     """Read a dataset and write its base shards: SHARDS_DIR/<dataset>/base/<split>-NNNNNN.tar.
 
     Output: the tars (each with a .stats.json written last), sizes.json, and MANIFESTS_DIR/<dataset>/base.json
     with counts (input = written + skipped), every skipped record with its reason, and per-shard sha256.
-    A rerun skips shards already done and redoes incomplete or damaged ones.
+    A rerun skips shards already done and redoes incomplete or damaged ones. Every IngestConfig field
+    (pipeline/data/ingest.py) can be given with --set or in a --config file.
     """
-    from pipeline.data.ingest import IngestConfig, run_ingest
+    from pipeline.data.ingest import run_ingest
     from pipeline.core.manifests import summary_lines
-    from pipeline.data.sources import SourceError, SplitFractions
+    from pipeline.data.sources import SourceError
     from pipeline.core.executor import RunOptions
 
     try:
-        fractions = SplitFractions(*(float(x) for x in split_fractions.split(",")))
-        config = IngestConfig(
-            dataset=dataset, fmt=_env_or_none(fmt), data_root=data_root, shard_size=shard_size, max_side=max_side,
-            fractions=fractions, synth_size=synth_size, synth_seed=synth_seed, image_column=image_column,
-            caption_column=caption_column, id_column=_env_or_none(id_column), id_prefix=id_prefix,
-            split_column=split_column, limit=limit,
-        )
-        manifest = run_ingest(config, layout(), RunOptions(workers=workers, executor=executor, mode="overwrite" if overwrite else "incremental"))
+        config_ = build_config(IngestConfig, config, _ingest_options(_given(ctx)), settings or ())
+        manifest = run_ingest(config_, layout(), RunOptions(workers=workers, executor=executor, mode="overwrite" if overwrite else "incremental"))
     except (ValueError, SourceError, FileNotFoundError) as error:
         _fail(str(error))
     for line in summary_lines(manifest):
@@ -152,60 +221,98 @@ def ingest(
 # ------------------------------------------------------------------ augment
 
 
-def _stage_overrides(settings: list[str]) -> dict[str, dict[str, str]]:
-    """`--set eda.variants_per_caption=2` → {"eda": {"variants_per_caption": "2"}}; model env vars too."""
-    overrides: dict[str, dict[str, str]] = {}
-    for env_name, stage in (("I2T_MODEL", "i2t-internvl"), ("T2I_MODEL", "t2i-sd")):
-        if os.environ.get(env_name):
-            overrides.setdefault(stage, {})["model"] = os.environ[env_name]
-    for setting in settings:
-        name, sep, value = setting.partition("=")
-        stage, dot, option = name.partition(".")
-        if not sep or not dot:
-            raise ValueError(f"--set wants stage.option=value, got {setting!r}")
-        overrides.setdefault(stage, {})[option] = value
-    return overrides
+def _augment_default(name: str) -> Any:
+    return field_default(AugmentConfig, name)
+
+
+def _augment_settings(items: list[str]) -> tuple[list[str], dict[str, dict[str, str]]]:
+    """`--set` items, told apart by their first name: AugmentConfig settings (`seed=1`, `ingest.shard_size=100`)
+    and stage options (`eda.variants_per_caption=2` -> {"eda": {"variants_per_caption": "2"}})."""
+    fields = {f.name for f in dataclasses.fields(AugmentConfig)}
+    settings: list[str] = []
+    stage_options: dict[str, dict[str, str]] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        stage, dot, option = name.strip().partition(".")
+        if sep and stage in fields:
+            settings.append(item)
+        elif sep and dot and option:
+            stage_options.setdefault(stage, {})[option] = value
+        else:
+            raise ValueError(f"--set wants stage.option=value or an augment setting (name=value), got {item!r}")
+    return settings, stage_options
 
 
 @app.command()
 def augment(
-    dataset: Dataset = "synth",
+    ctx: typer.Context,
+    dataset: Dataset = _ingest_default("dataset"),
     data_root: DataRoot = None,
     fmt: Format = None,
     stages: Annotated[Optional[str], typer.Option(envvar="STAGES", help="Comma-separated stages; default: every stage that can run here.")] = None,
-    settings: Annotated[Optional[list[str]], typer.Option("--set", help="Stage option, e.g. --set eda.variants_per_caption=2 (repeatable; env STAGE_OPTS, space-separated).")] = None,
+    settings: Annotated[Optional[list[str]], typer.Option("--set", help="Stage option, e.g. --set eda.variants_per_caption=2, or any augment setting, e.g. --set ingest.shard_size=100 (names as in --config files); repeatable.")] = None,
+    stage_opts: Annotated[Optional[str], typer.Option("--stage-opts", envvar="STAGE_OPTS", help="Stage options as --set takes them, space-separated.")] = None,
+    i2t_model: Annotated[Optional[str], typer.Option("--i2t-model", envvar="I2T_MODEL", help="i2t-internvl's checkpoint (local dir or cached hub id); given, the stage runs by default.")] = None,
+    t2i_model: Annotated[Optional[str], typer.Option("--t2i-model", envvar="T2I_MODEL", help="t2i-sd's checkpoint (local dir or cached hub id); given, the stage runs by default.")] = None,
     scorer: Annotated[Optional[str], typer.Option(envvar="SCORER", help="CLIP (HF id or local dir) that scores alignment/shift; default: MODELS_DIR/<dataset>/clip when `make pretrain` made it.")] = None,
-    seed: Annotated[int, typer.Option(envvar="SEED", help="Global seed mixed into every per-sample seed.")] = 0,
-    device: Annotated[str, typer.Option(envvar="DEVICE", help="cpu or cuda for model-based stages.")] = "cpu",
-    workers: Workers = 2,
-    executor: Executor = "local",
-    retries: Annotated[int, typer.Option(envvar="RETRIES", help="Times a failed shard is retried before it is recorded.")] = 1,
-    overwrite: Overwrite = False,
+    seed: Annotated[int, typer.Option(envvar="SEED", help="Global seed mixed into every per-sample seed.")] = _augment_default("seed"),
+    device: Annotated[str, typer.Option(envvar="DEVICE", help="cpu or cuda for model-based stages.")] = _augment_default("device"),
+    workers: Workers = _augment_default("workers"),
+    executor: Executor = _augment_default("executor"),
+    retries: Annotated[int, typer.Option(envvar="RETRIES", help="Times a failed shard is retried before it is recorded.")] = _augment_default("retries"),
+    overwrite: Overwrite = _augment_default("overwrite"),
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", envvar="TRUST_REMOTE_CODE", help="i2t-internvl on lmdeploy: accept a checkpoint that is not a local directory (lmdeploy loads it with trust_remote_code=True, running its own Python code).")] = False,
+    shard_size: ShardSize = _ingest_default("shard_size"),
+    max_side: MaxSide = None,
+    synth_size: SynthSize = _ingest_default("synth_size"),
+    synth_seed: SynthSeed = _ingest_default("synth_seed"),
+    split_fractions: SplitFractionsOption = _fractions_text(_ingest_default("fractions")),
+    image_column: ImageColumn = _ingest_default("image_column"),
+    caption_column: CaptionColumn = _ingest_default("caption_column"),
+    id_column: IdColumn = None,
+    id_prefix: IdPrefix = None,
+    split_column: SplitColumn = _ingest_default("split_column"),
+    limit: Limit = None,
+    config: SettingsFile = None,
     base_data: BaseData = None,
 ) -> None:
     """Run augmentation stages; each writes SHARDS_DIR/<dataset>/<stage>/, aligned with the base shards.
 
-    Ingests first when the base shards are missing. Output per stage: the tars (same names, keys and order as
-    the base), stats files, and MANIFESTS_DIR/<dataset>/<stage>.json (counts, variants, skip reasons, scorer,
-    Frechet distances). Interrupted runs resume; a rerun with other stage options, seed or scorer stops and names
-    them (--overwrite redoes the stage with the new settings).
+    Ingests first when the base shards are missing, with the ingest options given (as `ingest` takes them).
+    Output per stage: the tars (same names, keys and order as the base), stats files, and
+    MANIFESTS_DIR/<dataset>/<stage>.json (counts, variants, skip reasons, scorer, Frechet distances). Interrupted
+    runs resume; a rerun with other stage options, seed or scorer stops and names them (--overwrite redoes the
+    stage with the new settings). Every AugmentConfig field (pipeline/augment/runner.py) can be given with --set
+    or in a --config file.
     """
     from pipeline.augment.runner import run_augment
     from pipeline.core.shards import ShardError
 
-    extra = os.environ.get("STAGE_OPTS", "").split()
+    given = _given(ctx)
     try:
         _plain_list(stages, "stage")
-        overrides = _stage_overrides(extra + list(settings or []))
+        assignments, from_set = _augment_settings((stage_opts or "").split() + list(settings or []))
+        stage_options: dict[str, dict[str, str]] = {}
+        for stage, model in (("i2t-internvl", i2t_model), ("t2i-sd", t2i_model)):
+            if _env_or_none(model):
+                stage_options.setdefault(stage, {})["model"] = model
+        for stage, values in from_set.items():
+            stage_options.setdefault(stage, {}).update(values)
         if trust_remote_code:
-            overrides.setdefault("i2t-internvl", {})["trust_remote_code"] = "true"
-        run_augment(
-            dataset=dataset, data_root=data_root, fmt=_env_or_none(fmt), stage_names=_env_or_none(stages),
-            overrides=overrides, scorer_spec=_env_or_none(scorer), seed=seed,
-            device=device, workers=workers, executor=executor, retries=retries, overwrite=overwrite, layout=layout(),
-            base_data=_env_or_none(base_data),
-        )
+            stage_options.setdefault("i2t-internvl", {})["trust_remote_code"] = "true"
+        options = _ingest_options(given, "ingest.")
+        options.update({name: given[name] for name in ("seed", "device", "workers", "executor", "retries", "overwrite") if name in given})
+        if _env_or_none(stages) is not None:
+            options["stages"] = tuple(s.strip() for s in stages.split(",") if s.strip())
+        options["scorer"] = _env_or_none(scorer)
+        options["base_data"] = _env_or_none(base_data)
+        config_ = build_config(AugmentConfig, config, options, assignments)
+        if stage_options:  # on top of the --config file's
+            merged = {stage: dict(values) for stage, values in config_.stage_options.items()}
+            for stage, values in stage_options.items():
+                merged.setdefault(stage, {}).update(values)
+            config_ = dataclasses.replace(config_, stage_options=merged)
+        run_augment(config_, layout())
     except (ValueError, FileNotFoundError, ShardError) as error:
         _fail(str(error))
 
@@ -234,31 +341,37 @@ def stats(dataset: Dataset = "synth", base_data: BaseData = None) -> None:
 
 @app.command(name="filter")
 def filter_command(
+    ctx: typer.Context,
     dataset: Dataset = "synth",
-    name: Annotated[str, typer.Option("--name", envvar="FILTER", callback=_plain("filter name"), help="Filter name: MANIFESTS_DIR/<dataset>/filters/<name>.json.")] = "default",
+    name: Annotated[str, typer.Option("--name", envvar="FILTER", callback=_plain("filter name"), help="Filter name: MANIFESTS_DIR/<dataset>/filters/<name>.json.")] = field_default(FilterConfig, "name"),
     min_alignment: Annotated[Optional[float], typer.Option(envvar="MIN_ALIGNMENT", help="Keep variants with alignment >= this cosine.")] = None,
     max_shift: Annotated[Optional[float], typer.Option(envvar="MAX_SHIFT", help="Keep variants with shift <= this (about 1 = a typical original).")] = None,
     shift_percentile: Annotated[Optional[float], typer.Option(envvar="SHIFT_PERCENTILE", help="Drop variants farther from the originals than this percentile (0-100] of the originals themselves.")] = None,
     top_fraction: Annotated[Optional[float], typer.Option(envvar="TOP_FRACTION", help="Keep this fraction of variants with the highest alignment (DataComp style).")] = None,
-    scope: Annotated[str, typer.Option(envvar="FILTER_SCOPE", help="Rank TOP_FRACTION per stage or global (all stages together).")] = "stage",
+    scope: Annotated[str, typer.Option(envvar="FILTER_SCOPE", help="Rank TOP_FRACTION per stage or global (all stages together).")] = field_default(FilterConfig, "scope"),
     stages: Annotated[Optional[str], typer.Option("--stages", envvar="FILTER_STAGES", help="Comma-separated stages to filter; default: all.")] = None,
+    config: SettingsFile = None,
+    settings: Settings = None,
 ) -> None:
     """Write a filter manifest (thresholds on alignment / shift, top fraction by alignment); shards stay as they are.
 
-    Training reads it with FILTER=<name> and skips the dropped variants.
+    Training reads it with FILTER=<name> and skips the dropped variants. Every FilterConfig field
+    (pipeline/curate/filters.py) can be given with --set or in a --config file.
     """
-    from pipeline.curate.filters import FilterConfig, filter_path, run_filter
+    from pipeline.curate.filters import filter_path, run_filter
 
+    given = _given(ctx)
+    options = {key: given.get(key) for key in ("name", "min_alignment", "max_shift", "shift_percentile", "top_fraction", "scope")}
+    if given.get("stages") is not None:
+        options["stages"] = tuple(s for s in given["stages"].split(",") if s)
     try:
-        config = FilterConfig(name=name, min_alignment=min_alignment, max_shift=max_shift,
-                              shift_percentile=shift_percentile, top_fraction=top_fraction,
-                              scope=scope, stages=tuple(s for s in (stages or "").split(",") if s))
-        result = run_filter(dataset, config, layout())
+        config_ = build_config(FilterConfig, config, options, settings or ())
+        result = run_filter(dataset, config_, layout())
     except (ValueError, FileNotFoundError) as error:
         _fail(str(error))
     for stage, info in result["stages"].items():
         typer.echo(f"{stage}: kept {info['kept']:,} of {info['variants']:,} variants ({info['dropped']:,} dropped)")
-    typer.echo(f"filter: {filter_path(layout(), dataset, name)}")
+    typer.echo(f"filter: {filter_path(layout(), dataset, config_.name)}")
 
 
 # ------------------------------------------------------------------ export (pipeline/curate/export.py)
@@ -266,36 +379,42 @@ def filter_command(
 
 @app.command(name="export")
 def export_command(
-    dataset: Dataset = "synth",
+    ctx: typer.Context,
+    dataset: Dataset = field_default(ExportConfig, "dataset"),
     stages: Annotated[Optional[str], typer.Option(envvar="STAGES", help="Comma-separated stages whose variants are exported; default: every augmented stage of the dataset; `base`: base pairs only.")] = None,
     filter_: Annotated[Optional[str], typer.Option("--filter", envvar="FILTER", help="Filter manifest (path or name) that drops variants, as in training.")] = None,
-    split: Annotated[str, typer.Option(envvar="EXPORT_SPLIT", callback=_plain("split"), help="Split to export.")] = "train",
-    shard_size: Annotated[int, typer.Option(envvar="SHARD_SIZE", help="Pairs per output shard.")] = 1000,
+    split: Annotated[str, typer.Option(envvar="EXPORT_SPLIT", callback=_plain("split"), help="Split to export.")] = field_default(ExportConfig, "split"),
+    shard_size: Annotated[int, typer.Option(envvar="SHARD_SIZE", help="Pairs per output shard.")] = field_default(ExportConfig, "shard_size"),
     out: Annotated[Optional[Path], typer.Option(envvar="EXPORT_DIR", help="Output folder (default SHARDS_DIR/<dataset>/export-<split>).")] = None,
+    config: SettingsFile = None,
+    settings: Settings = None,
 ) -> None:
     """Write the filtered one-to-many pairs as a plain WebDataset: one sample per pair, jpg + txt + json.
 
     Output: <split>-NNNNNN.tar shards (each written atomically, with a .stats.json), sizes.json, and export.json
     last (settings, counts per source, shards). An interrupted or outdated export is written again; a complete
-    one is left as it is.
+    one is left as it is. Every ExportConfig field (pipeline/curate/export.py) can be given with --set or in a
+    --config file.
     """
-    from pipeline.curate.export import ExportConfig, out_dir, run_export
+    from pipeline.curate.export import out_dir, run_export
 
+    given = _given(ctx)
     try:
         names = None if stages is None else [s.strip() for s in _plain_list(stages, "stage").split(",")]
         stage_list = None if names is None else tuple(s for s in names if s and s != "base")
-        config = ExportConfig(dataset=dataset, split=split, stages=stage_list, filter=_env_or_none(filter_),
-                              shard_size=shard_size, out=out)
-        summary = run_export(config, layout())
+        options = {key: given.get(key) for key in ("dataset", "split", "shard_size", "out")}
+        options.update(stages=stage_list, filter=_env_or_none(filter_))
+        config_ = build_config(ExportConfig, config, options, settings or ())
+        summary = run_export(config_, layout())
     except (ValueError, FileNotFoundError) as error:
         _fail(str(error))
     counts = summary["counts"]
-    typer.echo(f"{dataset}/{split}: {counts['pairs']:,} pairs of {counts['images']:,} images in {len(summary['shards'])} shards")
+    typer.echo(f"{config_.dataset}/{config_.split}: {counts['pairs']:,} pairs of {counts['images']:,} images in {len(summary['shards'])} shards")
     for source, n in counts["pairs_by_source"].items():
         typer.echo(f"  {source}: {n:,} pairs")
     for stage, info in counts["variants"].items():
         typer.echo(f"  {stage}: {info['kept']:,} of {info['read']:,} variants kept")
-    typer.echo(f"export: {out_dir(config, layout())}")
+    typer.echo(f"export: {out_dir(config_, layout())}")
 
 
 # ------------------------------------------------------------------ training (pipeline/train/)
@@ -559,22 +678,24 @@ def study(
 
 @app.command()
 def demo(
-    size: Annotated[Optional[int], typer.Option(envvar="DEMO_SIZE", help="Images in the embedded synth dataset, 80/10/10 split (default 3000).")] = None,
-    pretrain_steps: Annotated[Optional[int], typer.Option(envvar="DEMO_PRETRAIN_STEPS", help="CLIP pretraining steps (default 700).")] = None,
-    train_steps: Annotated[Optional[int], typer.Option(envvar="DEMO_TRAIN_STEPS", help="Fine-tuning steps of every cell (default 70).")] = None,
-    modes: Annotated[Optional[str], typer.Option(envvar="DEMO_MODES", help="Comma-separated training modes (default ft,tecoa,mat,matplus; add fare if wanted).")] = None,
-    eval_size: Annotated[Optional[int], typer.Option(envvar="DEMO_EVAL_SIZE", help="Test images per evaluation (default 150).")] = None,
+    size: Annotated[Optional[int], typer.Option(envvar="DEMO_SIZE", help=f"Images in the embedded synth dataset, 80/10/10 split (default {field_default(DemoConfig, 'size')}).")] = None,
+    pretrain_steps: Annotated[Optional[int], typer.Option(envvar="DEMO_PRETRAIN_STEPS", help=f"CLIP pretraining steps (default {field_default(DemoConfig, 'pretrain_steps')}).")] = None,
+    train_steps: Annotated[Optional[int], typer.Option(envvar="DEMO_TRAIN_STEPS", help=f"Fine-tuning steps of every cell (default {field_default(DemoConfig, 'train_steps')}).")] = None,
+    modes: Annotated[Optional[str], typer.Option(envvar="DEMO_MODES", help=f"Comma-separated training modes (default {','.join(field_default(DemoConfig, 'modes'))}; add fare if wanted).")] = None,
+    eval_size: Annotated[Optional[int], typer.Option(envvar="DEMO_EVAL_SIZE", help=f"Test images per evaluation (default {field_default(DemoConfig, 'eval_size')}).")] = None,
     attacks: Annotated[Optional[str], typer.Option(envvar="DEMO_ATTACKS", help="Comma-separated attacks (default pgd,bert,coattack,sga).")] = None,
     stages: Annotated[Optional[str], typer.Option(envvar="DEMO_STAGES", help="Stages of the augmentation table, one MAT+ cell each (default i2t-human,eda,randaug).")] = None,
-    seeds: Annotated[Optional[int], typer.Option(envvar="DEMO_SEEDS", help="Seeds per cell (default 1).")] = None,
-    workers: Workers = 2,
+    seeds: Annotated[Optional[int], typer.Option(envvar="DEMO_SEEDS", help=f"Seeds per cell (default {field_default(DemoConfig, 'seeds')}).")] = None,
+    workers: Workers = field_default(DemoConfig, "workers"),
 ) -> None:
     """`make study` on the embedded `synth` dataset with small budgets: ingest, pretrain, augment, stats, study."""
-    from pipeline.commands.demo import DemoConfig, DemoError, run_demo
+    from pipeline.commands.demo import DemoError, run_demo
+
+    folders = layout()
 
     def run_command(argv: list[str]) -> int:
-        try:
-            code = typer.main.get_command(app).main(argv, prog_name="mat-pipeline", standalone_mode=False)
+        try:  # each phase writes into this invocation's folders
+            code = typer.main.get_command(app).main(_layout_argv(folders) + argv, prog_name="mat-pipeline", standalone_mode=False)
         except typer.Exit as stop:  # raised by _fail inside a command
             code = stop.exit_code
         return code if isinstance(code, int) else 0
@@ -582,11 +703,11 @@ def demo(
     given = dict(size=size, pretrain_steps=pretrain_steps, train_steps=train_steps, eval_size=eval_size,
                  modes=_names(modes), attacks=_names(attacks), stages=_names(stages), seeds=seeds, workers=workers)
     try:
-        config = DemoConfig(**{k: v for k, v in given.items() if v is not None})
+        config = build_config(DemoConfig, None, given)
     except ValueError as error:
         _fail(str(error))
     try:
-        run_demo(config, run_command, layout(), echo=typer.echo)
+        run_demo(config, run_command, folders, echo=typer.echo)
     except DemoError as error:
         _fail(str(error))
 

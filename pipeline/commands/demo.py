@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pipeline.core.config import check_positive
 from pipeline.core.paths import Layout
 
 log = logging.getLogger(__name__)
@@ -45,9 +46,7 @@ class DemoConfig:
     workers: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("size", "pretrain_steps", "train_steps", "eval_size", "seeds", "workers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 1")
+        check_positive(self, "size", "pretrain_steps", "train_steps", "eval_size", "seeds", "workers")
         if not self.modes:
             raise ValueError("modes is empty: give at least one training mode")
 
@@ -60,9 +59,9 @@ class DemoError(RuntimeError):
     """A demo phase failed."""
 
 
-def run_demo(cfg: DemoConfig, run: Runner, layout: Layout | None = None, echo: Callable[[str], None] = print) -> str:
-    """Run every phase with ``run(argv)`` (one CLI command each); returns the report's Markdown."""
-    layout = layout or Layout.from_env()
+def run_demo(cfg: DemoConfig, run: Runner, layout: Layout, echo: Callable[[str], None] = print) -> str:
+    """Run every phase with ``run(argv)`` (one CLI command each, run with ``layout``'s folders); returns the
+    report's Markdown."""
     timings: dict[str, float] = {}
 
     def phase(name: str, argv: list[str], optional: bool = False) -> None:

@@ -240,6 +240,14 @@ def option_names(cls: type, prefix: str = "") -> list[str]:
 
 def load_config(cls: type[T], path: str | Path) -> T:
     """A config from a YAML or JSON file (a run's saved ``config.json`` included)."""
+    payload = _read_payload(path)
+    try:
+        return from_dict(cls, payload)
+    except ValueError as error:
+        raise ValueError(f"config file {path}: {error}") from error
+
+
+def _read_payload(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         text = path.read_text()
@@ -249,10 +257,9 @@ def load_config(cls: type[T], path: str | Path) -> T:
         payload = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as error:
         raise ValueError(f"config file {path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {error}") from error
-    try:
-        return from_dict(cls, payload or {})
-    except ValueError as error:
-        raise ValueError(f"config file {path}: {error}") from error
+    if not isinstance(payload, (dict, type(None))):
+        raise ValueError(f"config file {path}: expected a mapping, got {type(payload).__name__}")
+    return payload or {}
 
 
 def save_config(config: Any, path: str | Path, resolved: dict[str, Any] | None = None) -> Path:
@@ -271,7 +278,26 @@ def save_config(config: Any, path: str | Path, resolved: dict[str, Any] | None =
 def build_config(cls: type[T], config_file: str | Path | None = None, options: dict[str, Any] | None = None,
                  assignments: Sequence[str] = ()) -> T:
     """What every command does: defaults, then ``--config FILE``, then the explicit options (None: not given),
-    then ``--set a.b=c`` assignments, later ones winning."""
-    config = load_config(cls, config_file) if config_file else cls()
-    config = apply_overrides(config, dict(options or {}))
-    return apply_overrides(config, list(assignments))
+    then ``--set a.b=c`` assignments, later ones winning. All of them are merged first and the config is built
+    (so validated) once: neither the defaults nor the file alone need be valid (a filter's threshold may come
+    from an option)."""
+    payload = {f.name: _plain_default(f) for f in dataclasses.fields(cls)
+               if f.init and (f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING)}
+    if config_file:
+        given = _read_payload(config_file)
+        given.pop(RESOLVED_KEY, None)
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(given) - names)
+        if unknown:
+            raise ValueError(f"config file {config_file}: unknown option(s) {', '.join(unknown)}; "
+                             f"options: {', '.join(sorted(names))}")
+        payload.update(given)
+    items = [(key, value) for key, value in dict(options or {}).items() if value is not None]
+    for key, value in items + parse_assignments(list(assignments)):
+        _set_path(cls, payload, key.split("."), value, key)
+    return from_dict(cls, payload)
+
+
+def _plain_default(field: dataclasses.Field) -> Any:
+    value = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value

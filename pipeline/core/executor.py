@@ -18,6 +18,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from pipeline.core.config import check_choice, check_non_negative, check_positive
+
 log = logging.getLogger(__name__)
 
 
@@ -31,10 +33,9 @@ class RunOptions:
     mode: str = "incremental"  # or "overwrite": redo every shard
 
     def __post_init__(self) -> None:
-        if self.mode not in ("incremental", "overwrite"):
-            raise ValueError(f"mode must be 'incremental' or 'overwrite', got {self.mode!r}")
-        if self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        check_choice("mode", self.mode, ("incremental", "overwrite"))
+        check_positive(self, "workers")
+        check_non_negative(self, "retries")
 
 
 @dataclass

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.config import check_positive
 from pipeline.core.paths import Layout, plain_name, sizes_path
 from pipeline.core.schema import base_record, stage_record
 from pipeline.core.shards import list_shards, read_stats, shard_is_done, shard_name, stats_path, write_sizes, write_stats, write_tar
@@ -42,7 +43,7 @@ DONE_FILE = "export.json"
 
 @dataclass(frozen=True)
 class ExportConfig:
-    dataset: str
+    dataset: str = "synth"
     split: str = "train"
     stages: tuple[str, ...] | None = None  # None: every augmented stage the dataset has a manifest for
     filter: str | None = None  # a filter name (MANIFESTS_DIR/<dataset>/filters/) or path
@@ -54,8 +55,7 @@ class ExportConfig:
         plain_name(self.split, "split")
         for stage in self.stages or ():
             plain_name(stage, "stage")
-        if self.shard_size < 1:
-            raise ValueError(f"shard_size must be >= 1 pair, got {self.shard_size}")
+        check_positive(self, "shard_size")
 
 
 def out_dir(config: ExportConfig, layout: Layout) -> Path:

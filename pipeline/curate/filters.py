@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.core.paths import Layout, is_plain_name
+from pipeline.core.config import check_choice, check_positive, check_range
+from pipeline.core.paths import Layout, is_plain_name, plain_name
 from pipeline.core.fileio import atomic_write_json
 from pipeline.curate.stats import StageScores, read_stage_scores, stage_manifests
 
@@ -27,7 +28,7 @@ SCOPES = ("stage", "global")
 
 @dataclass(frozen=True)
 class FilterConfig:
-    name: str
+    name: str = "default"
     min_alignment: float | None = None
     max_shift: float | None = None
     shift_percentile: float | None = None  # drop variants farther than this percentile of the originals' own shift
@@ -36,20 +37,16 @@ class FilterConfig:
     stages: tuple[str, ...] = ()  # empty: every augmented stage of the dataset
 
     def __post_init__(self) -> None:
-        if not self.name or "/" in self.name or self.name.startswith("."):
-            raise ValueError(f"filter name must be a plain file name, got {self.name!r}")
+        plain_name(self.name, "filter name")
         if all(v is None for v in (self.min_alignment, self.max_shift, self.shift_percentile, self.top_fraction)):
             raise ValueError("a filter needs at least one of min_alignment, max_shift, shift_percentile, top_fraction")
-        if self.shift_percentile is not None and not 0.0 < self.shift_percentile <= 100.0:
-            raise ValueError(f"shift_percentile must be in (0, 100], got {self.shift_percentile}")
-        if self.min_alignment is not None and not -1.0 <= self.min_alignment <= 1.0:
-            raise ValueError(f"min_alignment is a cosine in [-1, 1], got {self.min_alignment}")
-        if self.max_shift is not None and self.max_shift <= 0:
-            raise ValueError(f"max_shift must be positive, got {self.max_shift}")
-        if self.top_fraction is not None and not 0.0 < self.top_fraction <= 1.0:
-            raise ValueError(f"top_fraction must be in (0, 1], got {self.top_fraction}")
-        if self.scope not in SCOPES:
-            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        check_positive(self, "shift_percentile", "max_shift", "top_fraction")
+        check_range("shift_percentile", self.shift_percentile, 0.0, 100.0)
+        check_range("min_alignment", self.min_alignment, -1.0, 1.0)  # a cosine
+        check_range("top_fraction", self.top_fraction, 0.0, 1.0)
+        check_choice("scope", self.scope, SCOPES)
+        for stage in self.stages:
+            plain_name(stage, "stage")
 
 
 def _threshold_mask(scores: StageScores, config: FilterConfig, shift_limit: float | None) -> np.ndarray:
@@ -103,9 +100,8 @@ def filter_path(layout: Layout, dataset: str, name: str) -> Path:
     return layout.named_output(dataset, "filters", name)
 
 
-def run_filter(dataset: str, config: FilterConfig, layout: Layout | None = None) -> dict[str, Any]:
+def run_filter(dataset: str, config: FilterConfig, layout: Layout) -> dict[str, Any]:
     """Score-based selection over the dataset's stage shards; writes and returns the filter manifest."""
-    layout = layout or Layout.from_env()
     # 1. Stages and their scores.
     manifests = stage_manifests(layout, dataset)
     available = [stage for stage in manifests if stage != "base"]
@@ -160,9 +156,8 @@ def load_filter(path: str | Path) -> Filter:
     return Filter(data["name"], kept)
 
 
-def find_filter(name_or_path: str, dataset: str, layout: Layout | None = None) -> Path:
+def find_filter(name_or_path: str, dataset: str, layout: Layout) -> Path:
     """A filter given as a path, or by name under MANIFESTS_DIR/<dataset>/filters/."""
-    layout = layout or Layout.from_env()
     candidates = [Path(name_or_path)] + ([filter_path(layout, dataset, name_or_path)] if is_plain_name(name_or_path) else [])
     found = next((p for p in candidates if p.is_file()), None)
     if found is None:

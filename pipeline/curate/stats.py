@@ -182,14 +182,13 @@ def _plot_frechet(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def run_stats(dataset: str, layout: Layout | None = None, base_data: str | None = None) -> dict[str, Any]:
+def run_stats(dataset: str, layout: Layout, base_data: str | None = None) -> dict[str, Any]:
     """Build the table and the plots; write stats.json, stats.md and plots/*.png; return the stats dict.
 
     base_data: base shard URLs (shard_urls); each stage's shards are then those beside them, not the folder's."""
     import matplotlib
 
     matplotlib.use("Agg")
-    layout = layout or Layout.from_env()
     # 1. Read manifests and the variants' scores.
     manifests = stage_manifests(layout, dataset)
     base_urls = expand_urls(base_data) if base_data is not None else None

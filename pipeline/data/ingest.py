@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.config import check_positive
 from pipeline.core.executor import TaskResult, get_executor
 from pipeline.core.images import DEFAULT_MAX_PIXELS, ImageError, prepare_image
 from pipeline.core.manifests import build_manifest, write_manifest
@@ -44,15 +45,20 @@ class IngestConfig:
     limit: int | None = None  # only the first N images the source yields (bad ones included), for a quick try
 
     def __post_init__(self) -> None:
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be >= 1 image, got {self.limit}")
-        if self.shard_size < 1:
-            raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
+        check_positive(self, "limit", "shard_size", "max_pixels", "synth_size")
         if self.max_side is not None and self.max_side < 8:
-            raise ValueError(f"max_side must be >= 8 pixels, got {self.max_side}")
+            raise ValueError(f"max_side={self.max_side!r}: must be >= 8 pixels")
         plain_name(self.dataset, "dataset")
         if isinstance(self.data_root, str) and self.fmt not in (None, "wds"):
             raise ValueError(f"DATA_ROOT {self.data_root!r} is a shard URL spec: only FORMAT=wds reads one")
+
+    def source_options(self) -> SourceOptions:
+        """What the source reader takes (the rest is how shards are cut and images prepared)."""
+        return SourceOptions(
+            data_root=self.data_root, fractions=self.fractions, synth_size=self.synth_size,
+            synth_seed=self.synth_seed, image_column=self.image_column, caption_column=self.caption_column,
+            id_column=self.id_column, id_prefix=self.id_prefix, split_column=self.split_column,
+        )
 
     def resolved_format(self) -> str:
         if self.fmt:
@@ -146,11 +152,7 @@ def run_ingest(config: IngestConfig, layout: Layout, options: RunOptions = RunOp
     if any(Path(root).resolve().is_relative_to(out_dir.resolve()) for root in _local_roots(config.data_root)):
         # e.g. a wds ingest of shards/<dataset>/base into the same dataset would overwrite what it reads
         raise ValueError(f"DATA_ROOT {config.data_root} is inside the output {out_dir}: ingest into another DATASET")
-    source_options = SourceOptions(
-        data_root=config.data_root, fractions=config.fractions, synth_size=config.synth_size,
-        synth_seed=config.synth_seed, image_column=config.image_column, caption_column=config.caption_column,
-        id_column=config.id_column, id_prefix=config.id_prefix, split_column=config.split_column,
-    )
+    source_options = config.source_options()
     records: list[Record] = []
     reader_skips: list[dict[str, str]] = []
     # The limit is part of the config (manifest, settings); another limit changes the records, so the shard plans.

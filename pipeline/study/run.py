@@ -121,11 +121,10 @@ def build_plan(cfg: StudyConfig, layout: Layout) -> tuple[list[Cell], list[Unit]
 
 def _augmenter(cfg: StudyConfig, layout: Layout, stage: str) -> Callable[[], None]:
     def run() -> None:
-        from pipeline.augment.runner import run_augment
+        from pipeline.augment.runner import AugmentConfig, run_augment
+        from pipeline.data.ingest import IngestConfig
 
-        run_augment(dataset=cfg.dataset, data_root=None, fmt=None, stage_names=stage, overrides={}, scorer_spec=None,
-                    seed=0, device="cpu", workers=cfg.workers, executor="local", retries=1, overwrite=False,
-                    layout=layout)
+        run_augment(AugmentConfig(ingest=IngestConfig(dataset=cfg.dataset), stages=(stage,), workers=cfg.workers), layout)
     return run
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.config import check_positive, check_range
 from pipeline.core.seeding import stable_fraction
 
 SPLITS = ("train", "val", "test")
@@ -105,7 +106,9 @@ class SplitFractions:
     test: float = 0.1
 
     def __post_init__(self) -> None:
-        if min(self.train, self.val, self.test) < 0 or abs(self.train + self.val + self.test - 1) > 1e-6:
+        for name in ("train", "val", "test"):
+            check_range(f"fractions.{name}", getattr(self, name), 0.0, 1.0)
+        if abs(self.train + self.val + self.test - 1) > 1e-6:
             raise ValueError(f"split fractions must be >= 0 and sum to 1, got {self}")
 
     def assign(self, image_id: str) -> str:
@@ -153,6 +156,9 @@ class SourceOptions:
     id_column: str | None = None  # hf: the column naming the image (rows sharing it are one image)
     id_prefix: str | None = None  # hf / wds: prefix of the image ids they form (default the format's name)
     split_column: str = "split"  # hf: a column holding each row's split, used when the dataset has it
+
+    def __post_init__(self) -> None:
+        check_positive(self, "synth_size")
 
 
 # name -> "module:function"; each function takes SourceOptions and yields Record | Skip
