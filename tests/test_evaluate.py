@@ -11,7 +11,6 @@ from pipeline.evaluation.evaluate import (
     CLEAN,
     EvalConfig,
     attacked_embeddings,
-    check_eval,
     eval_path,
     evaluate,
     load_test_set,
@@ -172,4 +171,4 @@ def test_run_dir_resolves_to_its_clip_and_mode(tmp_path):
                                              ({"precision": "fp8"}, "fp8"), ({"eps": 2.0}, "eps")])
 def test_bad_settings_raise(change, message):
     with pytest.raises(ValueError, match=message):
-        check_eval(EvalConfig(checkpoint="x", **change))
+        EvalConfig(checkpoint="x", **change)
