@@ -77,16 +77,16 @@ def _default(cls: type, name: str) -> str:
     value = field_default(cls, head)
     for part in rest:
         value = getattr(value, part)
-    return _shown(value)
+    return _shown(value, pixels=name.endswith(("eps", "step_size")) and not name.startswith("optim."))
 
 
-def _shown(value) -> str:
+def _shown(value, pixels: bool = False) -> str:
     if isinstance(value, (tuple, list)):
         return ",".join(map(str, value)) or "none"
     if value is None:
         return "none"
-    if isinstance(value, float) and 0 < value < 1 and abs(value * 255 - round(value * 255)) < 1e-9:
-        return f"{round(value * 255)}/255"  # pixel budgets
+    if pixels and isinstance(value, float) and abs(value * 255 - round(value * 255)) < 1e-9:
+        return f"{round(value * 255)}/255"  # pixel budgets, in the papers' unit
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -395,7 +395,7 @@ def train(
     weight_decay: Annotated[Optional[float], _opt("WEIGHT_DECAY", f"AdamW weight decay (default {_default(T, 'optim.weight_decay')}).")] = None,
     eps: Annotated[Optional[float], _opt("EPS", f"L-inf budget on [0,1] pixels (attack.image.eps, default {_default(T, 'attack.image.eps')}).")] = None,
     pgd_steps: Annotated[Optional[int], _opt("PGD_STEPS", f"PGD steps while training (attack.image.steps, default {_default(T, 'attack.image.steps')}).")] = None,
-    pgd_step_size: Annotated[Optional[float], _opt("PGD_STEP_SIZE", f"PGD step size while training (attack.image.step_size; default EPS x {_default(T, 'attack.image.step_ratio')}: {_shown(field_default(T, 'attack').image.step_length)} at {_default(T, 'attack.image.eps')}).")] = None,
+    pgd_step_size: Annotated[Optional[float], _opt("PGD_STEP_SIZE", f"PGD step size while training (attack.image.step_size; default EPS x {_default(T, 'attack.image.step_ratio')}: {_shown(field_default(T, 'attack').image.step_length, pixels=True)} at {_default(T, 'attack.image.eps')}).")] = None,
     n_words: Annotated[Optional[int], _opt("N_WORDS", f"BERT-Attack words replaced (attack.text.n_words, default {_default(T, 'attack.text.n_words')}).")] = None,
     top_k: Annotated[Optional[int], _opt("TOP_K", f"BERT-Attack masked-LM candidates (attack.text.top_k, default {_default(T, 'attack.text.top_k')}).")] = None,
     order: Annotated[Optional[str], _opt("MAT_ORDER", f"text-first | image-first | joint (default {_default(T, 'attack.order')}).")] = None,
