@@ -44,6 +44,15 @@ def record(trained) -> dict:
                                batch_size=32), trained)
 
 
+def test_the_run_config_is_saved_and_replays(trained, record):
+    from pipeline.core.config import load_config
+
+    path = trained.dataset_manifests("synth") / "evals" / "tracking" / "tiny" / "config.json"
+    cfg = EvalConfig(checkpoint=str(trained.model_dir("synth", "clip")), name="tiny", size=60, batch_size=32)
+    assert load_config(EvalConfig, path) == cfg
+    assert json.loads(path.read_text())["resolved"]["precision"] == "fp32"
+
+
 def test_clean_retrieval_is_far_above_chance(record):
     clean = record["metrics"][CLEAN]
     assert record["n_images"] == 60 and record["n_texts"] == 300
