@@ -125,3 +125,96 @@ def test_demo_phases_write_into_the_demo_folders(tmp_path, monkeypatch):
                            env={"SHARDS_DIR": str(tmp_path / "elsewhere")})
     assert result.exit_code == 0, result.output
     assert sum(_base_shards(tmp_path / "s").values()) == 12 and not (tmp_path / "elsewhere").exists()
+
+
+# ------------------------------------------------------------------ --config and --set (pretrain, train, eval, study)
+
+
+def _captured(monkeypatch) -> list:
+    """The configs the training commands would run with (nothing is trained)."""
+    seen = []
+
+    def capture(fn, cfg, layout):
+        seen.append(cfg)
+        raise SystemExit(0)
+
+    monkeypatch.setattr("pipeline.commands.cli._run_training", capture)
+    return seen
+
+
+def test_train_replays_a_saved_config_json(monkeypatch, tmp_path):
+    from pipeline.core.config import apply_overrides, save_config
+    from pipeline.train.config import TrainConfig
+
+    saved = apply_overrides(TrainConfig(), ["mode=matplus", "steps=7", "optim.lr=3e-5", "data.stages=eda,i2t-human",
+                                            "attack.image.eps=4/255", "attack.text.top_k=5", "report_to=none"])
+    path = save_config(saved, tmp_path / "config.json", resolved={"precision_resolved": "fp32", "world_size": 1})
+    seen = _captured(monkeypatch)
+    assert runner.invoke(app, ["train", "--config", str(path)]).exit_code == 0
+    # precedence: file < options < --set
+    assert runner.invoke(app, ["train", "--config", str(path), "--steps", "9", "--set", "steps=11", "--top-k", "3"]).exit_code == 0
+    assert seen[0] == saved
+    assert (seen[1].steps, seen[1].attack.text.top_k, seen[1].optim.lr) == (11, 3, 3e-5)
+
+
+def test_set_reaches_the_bert_attack_training_builds(monkeypatch, tiny_model_dirs):
+    from pipeline.models.hf import load_clip, load_mlm
+    from pipeline.train.modes import build_mode
+
+    seen = _captured(monkeypatch)
+    result = runner.invoke(app, ["train", "--mode", "mat", "--set", "attack.text.mlm_threshold=0.5",
+                                 "--set", "attack.image.steps=3"])
+    assert result.exit_code == 0, result.output
+    mode = build_mode(seen[0], load_clip(tiny_model_dirs["clip"]), load_mlm(tiny_model_dirs["mlm"]))
+    assert mode.text_attack.mlm_threshold == 0.5 and seen[0].attack.image.steps == 3
+
+
+def test_a_bad_set_is_a_one_line_error_naming_the_option(monkeypatch):
+    seen = _captured(monkeypatch)
+    for command in (["train"], ["pretrain"], ["study"], ["eval", "--ckpt", "x"]):
+        result = runner.invoke(app, [*command, "--set", "attack.text.mlm_treshold=0.5"])
+        assert result.exit_code == 2 and "attack.text.mlm_treshold" in result.output, (command, result.output)
+        assert len(result.output.strip().splitlines()) == 1, result.output
+    result = runner.invoke(app, ["train", "--set", "attack.image.steps=many"])
+    assert result.exit_code == 2 and "attack.image.steps='many'" in result.output
+    result = runner.invoke(app, ["train", "--set", "attack.order=sideways"])
+    assert result.exit_code == 2 and "attack.order='sideways'" in result.output and not seen
+
+
+def test_pretrain_and_study_take_config_files(monkeypatch, tmp_path):
+    import pipeline.study.run as study_run
+
+    (tmp_path / "pretrain.yaml").write_text("steps: 5\nclip_preset: tiny\n")
+    seen = _captured(monkeypatch)
+    assert runner.invoke(app, ["pretrain", "--config", str(tmp_path / "pretrain.yaml"), "--lr", "0.01"]).exit_code == 0
+    assert (seen[0].steps, seen[0].clip_preset, seen[0].lr) == (5, "tiny", 0.01)
+    studies = []
+    monkeypatch.setattr(study_run, "run_study", lambda cfg, layout, echo: studies.append(cfg) or {"markdown": ""})
+    (tmp_path / "study.json").write_text(json.dumps({"modes": ["ft", "mat"], "steps": 40}))
+    result = runner.invoke(app, ["study", "--config", str(tmp_path / "study.json"), "--set", "seeds=3"])
+    assert result.exit_code == 0, result.output
+    assert (studies[0].modes, studies[0].steps, studies[0].seeds) == (("ft", "mat"), 40, 3)
+
+
+def test_eval_takes_its_checkpoint_and_attack_options_from_a_config_file(monkeypatch, tmp_path):
+    import pipeline.evaluation.evaluate as evaluate
+
+    seen = []
+    row = {k: 0.0 for k in ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "tr_asr", "ir_asr")}
+    monkeypatch.setattr(evaluate, "evaluate", lambda cfg, layout: seen.append(cfg) or {"name": "x", "metrics": {"clean": row}})
+    (tmp_path / "eval.yaml").write_text("checkpoint: runs/a\nattacks: [pgd]\neps: 0.01\nsize: 8\n")
+    result = runner.invoke(app, ["eval", "--config", str(tmp_path / "eval.yaml"), "--set", "top_k=4"])
+    assert result.exit_code == 0, result.output
+    assert (seen[0].checkpoint, seen[0].attacks, seen[0].eps, seen[0].size, seen[0].top_k) == ("runs/a", ("pgd",), 0.01, 8, 4)
+    assert runner.invoke(app, ["eval", "--config", str(tmp_path / "eval.yaml"), "--ckpt", "runs/b"]).exit_code == 0
+    assert seen[1].checkpoint == "runs/b"
+    result = runner.invoke(app, ["eval"])
+    assert result.exit_code == 2 and "CKPT" in result.output
+
+
+def test_help_shows_the_config_defaults():
+    from pipeline.train.config import TrainConfig
+
+    result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "300"})
+    assert f"default {TrainConfig().steps})" in result.output and "default 2/255" in result.output
+    assert "--config" in result.output and "--set" in result.output

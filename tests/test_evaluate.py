@@ -11,7 +11,6 @@ from pipeline.evaluation.evaluate import (
     CLEAN,
     EvalConfig,
     attacked_embeddings,
-    check_eval,
     eval_path,
     evaluate,
     load_test_set,
@@ -43,6 +42,15 @@ def trained(tmp_path_factory) -> Layout:
 def record(trained) -> dict:
     return evaluate(EvalConfig(checkpoint=str(trained.model_dir("synth", "clip")), name="tiny", size=60,
                                batch_size=32), trained)
+
+
+def test_the_run_config_is_saved_and_replays(trained, record):
+    from pipeline.core.config import load_config
+
+    path = trained.dataset_manifests("synth") / "evals" / "tracking" / "tiny" / "config.json"
+    cfg = EvalConfig(checkpoint=str(trained.model_dir("synth", "clip")), name="tiny", size=60, batch_size=32)
+    assert load_config(EvalConfig, path) == cfg
+    assert json.loads(path.read_text())["resolved"]["precision"] == "fp32"
 
 
 def test_clean_retrieval_is_far_above_chance(record):
@@ -172,4 +180,4 @@ def test_run_dir_resolves_to_its_clip_and_mode(tmp_path):
                                              ({"precision": "fp8"}, "fp8"), ({"eps": 2.0}, "eps")])
 def test_bad_settings_raise(change, message):
     with pytest.raises(ValueError, match=message):
-        check_eval(EvalConfig(checkpoint="x", **change))
+        EvalConfig(checkpoint="x", **change)

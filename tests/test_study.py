@@ -279,3 +279,19 @@ def test_plan_evaluates_on_val_when_there_is_no_test_split(tmp_path):
     assert {u.settings["split"] for u in units if u.kind == "eval"} == {"val"}
     _, units = build_plan(StudyConfig(dataset="toy", clip="c", modes=("ft",), augmentation=False, eval_split="train"), layout)
     assert {u.settings["split"] for u in units if u.kind == "eval"} == {"train"}
+
+
+def test_training_units_keep_the_fingerprint_they_had_before_the_attack_configs():
+    """The attack settings became PGD / BERTAttack objects; a study's default-attack units still match their
+    records (this hash is the one the former flat AttackConfig gave), so finished trainings are not redone."""
+    from pipeline.core.config import apply_overrides
+    from pipeline.evaluation.resume import fingerprint
+    from pipeline.study.run import train_settings
+    from pipeline.train.config import DataConfig, OptimConfig, TrainConfig
+
+    tcfg = TrainConfig(mode="matplus", dataset="toy", clip="c", mlm="m", steps=7, batch_size=8, precision="fp32",
+                       seed=1, device="cpu", run_dir="r", report_to=(), optim=OptimConfig(lr=1e-5),
+                       data=DataConfig(stages=("i2t-human",), num_workers=0))
+    assert fingerprint(train_settings(tcfg)) == "a4ae368ba6993730c86c4a6c3c5cf19022494a91844e37cca68b95db0c987da5"
+    changed = apply_overrides(tcfg, ["attack.text.mlm_threshold=0.5"])
+    assert train_settings(changed)["attack"]["text"]["mlm_threshold"] == 0.5  # other attacks: their full settings

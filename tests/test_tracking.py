@@ -9,9 +9,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from pipeline.core.paths import Layout
 from pipeline.core.tracking import Tracker, check_reporters, parse_report_to
-from pipeline.train.config import DataConfig, OptimConfig, TrainConfig, check_train
+from pipeline.train.config import DataConfig, OptimConfig, TrainConfig
 from pipeline.train.main import train
-from pipeline.train.modes import MODES
 from pipeline.train.toy import write_toy_shards
 
 
@@ -34,7 +33,7 @@ def test_missing_wandb_is_a_clear_error_before_training(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(ValueError, match="pip install wandb"):
-        check_train(TrainConfig(mode="ft", report_to=("wandb",)), tuple(MODES))
+        TrainConfig(mode="ft", report_to=("wandb",))
 
 
 def test_disabled_tracker_writes_nothing(tmp_path):

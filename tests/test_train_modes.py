@@ -8,11 +8,17 @@ import pytest
 import torch
 
 from pipeline.models.hf import load_clip, load_mlm
-from pipeline.train.config import AttackConfig, TrainConfig
+from pipeline.core.config import apply_overrides
+from pipeline.train.config import TrainAttackConfig, TrainConfig
 from pipeline.train.loop import train_step
 from pipeline.train.modes import MODES, DualEncoder, build_mode
 from pipeline.train.toy import COLOURS
 
+
+
+def _attack(**changes) -> TrainAttackConfig:
+    """Training's attack with fields changed by dotted name (image.eps, text.top_k, order)."""
+    return apply_overrides(TrainAttackConfig(), changes)
 
 
 def _batch(size: int) -> dict:
@@ -23,11 +29,11 @@ def _batch(size: int) -> dict:
     return {"images": images, "texts": [f"a {n} circle on a plain background" for n in names]}
 
 
-def _run(mode_name: str, model_dirs: dict, steps: int = 8, lr: float = 3e-3, **attack) -> tuple[list[float], object]:
+def _run(mode_name: str, model_dirs: dict, steps: int = 8, lr: float = 3e-3) -> tuple[list[float], object]:
     torch.manual_seed(0)
     clip = load_clip(model_dirs["clip"])
     mlm = load_mlm(model_dirs["mlm"]) if MODES[mode_name].needs_mlm else None
-    cfg = TrainConfig(mode=mode_name, attack=AttackConfig(**attack), data=dataclasses.replace(
+    cfg = TrainConfig(mode=mode_name, data=dataclasses.replace(
         TrainConfig().data, stages=("x",) if mode_name == "matplus" else ()))
     mode = build_mode(cfg, clip, mlm)
     mode.prepare(clip.model)
@@ -62,7 +68,7 @@ def test_tecoa_and_fare_train_only_the_vision_tower(tiny_model_dirs):
 def test_adversarial_loss_exceeds_clean_loss(tiny_model_dirs):
     """The 2-step PGD inside TeCoA raises the contrastive loss over the clean one at the same weights."""
     clip = load_clip(tiny_model_dirs["clip"])
-    cfg = TrainConfig(mode="tecoa", attack=AttackConfig(eps=8 / 255, step_size=4 / 255))
+    cfg = TrainConfig(mode="tecoa", attack=_attack(**{"image.eps": 8 / 255, "image.step_size": 4 / 255}))
     batch = _batch(6)
     ft = build_mode(dataclasses.replace(cfg, mode="ft"), clip)
     tecoa = build_mode(cfg, clip)
@@ -82,7 +88,7 @@ def test_mat_order_decides_what_guides_each_attack(order, tiny_model_dirs, monke
     import pipeline.train.modes as modes
 
     clip, mlm = load_clip(tiny_model_dirs["clip"]), load_mlm(tiny_model_dirs["mlm"])
-    cfg = TrainConfig(mode="mat", attack=AttackConfig(eps=8 / 255, step_size=4 / 255, order=order))
+    cfg = TrainConfig(mode="mat", attack=_attack(**{"image.eps": 8 / 255, "image.step_size": 4 / 255, "order": order}))
     mode = build_mode(cfg, clip, mlm)
     seen: dict[str, list] = {"goal_image": [], "pgd_texts": [], "trained": []}
     goal_builder, text_features, contrastive = modes.image_similarity_goal, mode._text_features, mode._contrastive
@@ -117,30 +123,61 @@ def test_mat_order_decides_what_guides_each_attack(order, tiny_model_dirs, monke
 
 
 def test_unknown_mode_and_bad_values_are_named():
-    from pipeline.train.config import check_train
-
     with pytest.raises(ValueError, match="mode='nope'"):
-        check_train(TrainConfig(mode="nope"), tuple(MODES))
+        TrainConfig(mode="nope")
     with pytest.raises(ValueError, match="order"):
-        check_train(TrainConfig(attack=AttackConfig(order="sideways")), tuple(MODES))
+        TrainConfig(attack=TrainAttackConfig(order="sideways"))
+    with pytest.raises(ValueError, match="attack.image.eps"):
+        _attack(**{"image.eps": 2.0})
+    with pytest.raises(ValueError, match="top_k"):
+        _attack(**{"text.top_k": 0})
 
 
 
 @pytest.mark.parametrize("eps, step_size, expected", [(2 / 255, None, 1 / 255), (4 / 255, None, 2 / 255),
                                                       (4 / 255, 0.5 / 255, 0.5 / 255)])
 def test_training_pgd_step_follows_eps_unless_given(eps, step_size, expected, tiny_model_dirs, monkeypatch):
-    from pipeline.train import modes
+    from pipeline.attacks import PGD
 
-    real_pgd, built = modes.PGD, []
+    real_call, used = PGD.__call__, []
 
-    def recording_pgd(**kwargs):
-        built.append(real_pgd(**kwargs))
-        return built[-1]
+    def recording_call(self, *args, **kwargs):
+        used.append(self)
+        return real_call(self, *args, **kwargs)
 
-    monkeypatch.setattr(modes, "PGD", recording_pgd)
-    cfg = TrainConfig(mode="tecoa", attack=AttackConfig(eps=eps, step_size=step_size))
+    monkeypatch.setattr(PGD, "__call__", recording_call)
+    cfg = TrainConfig(mode="tecoa", attack=_attack(**{"image.eps": eps, "image.step_size": step_size}))
     clip = load_clip(tiny_model_dirs["clip"])
     mode = build_mode(cfg, clip)
     net = DualEncoder(clip).train()
     train_step(net, mode, [_batch(4)], bf16=False, device=torch.device("cpu"))
-    assert built and built[0].step_length == pytest.approx(expected)
+    assert used and used[0] is cfg.attack.image and used[0].step_length == pytest.approx(expected)
+
+
+def test_training_attacks_default_to_the_former_settings():
+    """eps 2/255, 2 steps of eps/2 from a symmetric random start; BERT-Attack fast, 1 word, top-10, threshold 0.3."""
+    from pipeline.attacks import PGD, BERTAttack
+
+    attack = TrainConfig().attack
+    assert attack.image == PGD(eps=2 / 255, steps=2, step_size=None, step_ratio=0.5, random_start=True)
+    assert attack.image.step_length == pytest.approx(1 / 255) and attack.image.start == "symmetric"
+    assert attack.text == BERTAttack(n_words=1, top_k=10, variant="fast") and attack.text.mlm_threshold == 0.3
+    assert attack.order == "text-first"
+
+
+def test_text_attack_settings_reach_the_bert_attack_mat_builds(tiny_model_dirs):
+    clip, mlm = load_clip(tiny_model_dirs["clip"]), load_mlm(tiny_model_dirs["mlm"])
+    cfg = apply_overrides(TrainConfig(mode="mat"), ["attack.text.mlm_threshold=0.5", "attack.text.top_k=4"])
+    mode = build_mode(cfg, clip, mlm)
+    assert mode.text_attack.mlm_threshold == 0.5 and mode.text_attack.top_k == 4 and mode.text_attack.variant == "fast"
+
+
+def test_matplus_stages_come_from_its_mode_class():
+    from pipeline.train.config import DataConfig, resolve_stages
+
+    assert MODES["matplus"].default_stages == ("i2t-human",) and MODES["matplus"].needs_stages
+    assert resolve_stages(TrainConfig(mode="matplus")).data.stages == ("i2t-human",)
+    assert resolve_stages(TrainConfig(mode="matplus", data=DataConfig(stages=("eda",)))).data.stages == ("eda",)
+    assert resolve_stages(TrainConfig(mode="mat")).data.stages == ()
+    with pytest.raises(ValueError, match="captions='all'"):  # the default stages are checked against the data
+        TrainConfig(mode="matplus", data=DataConfig(captions="all"))

@@ -10,7 +10,8 @@ import pytest
 
 from pipeline.models.hf import load_clip
 from pipeline.core.paths import Layout
-from pipeline.train.config import DataConfig, OptimConfig, TrainConfig
+from pipeline.core.config import load_config
+from pipeline.train.config import DataConfig, OptimConfig, TrainConfig, resolve_stages
 from pipeline.train.main import train
 from pipeline.train.toy import write_toy_shards
 
@@ -35,11 +36,15 @@ def _rows(run_dir) -> list[dict]:
 
 
 def test_run_folder_and_final_model(tiny_model_dirs, layout):
-    result = train(_cfg(tiny_model_dirs, mode="matplus", accum_steps=2), layout)
+    cfg = _cfg(tiny_model_dirs, mode="matplus", accum_steps=2)
+    result = train(cfg, layout)
     run = result.run_dir
     assert run.parent == layout.runs_dir and run.name.startswith("matplus-toy-")
     config = json.loads((run / "config.json").read_text())
     assert config["mode"] == "matplus" and config["data"]["stages"] == ["i2t-human"]  # the resolved default
+    assert config["resolved"]["precision_resolved"] == "fp32" and config["resolved"]["world_size"] == 1
+    # the saved file replays as is: the run's settings, its stages resolved
+    assert load_config(TrainConfig, run / "config.json") == resolve_stages(cfg)
     rows = _rows(run)
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
     assert {"loss", "contrastive", "lr", "samples_per_s", "text_attack_s", "image_attack_s"} <= set(rows[0])
@@ -74,3 +79,4 @@ def test_pretrain_saves_loadable_models(layout):
     clip, mlm = load_clip(out["clip"]), load_mlm(out["mlm"])
     assert clip.image_size == 32 and mlm.tokenizer.tokenize("a green picture") == ["a", "green", "picture"]
     assert not (layout.runs_dir / out["run_dir"] / "init").exists()
+    assert load_config(PretrainConfig, layout.runs_dir / out["run_dir"] / "pretrain.json") == cfg

@@ -36,7 +36,7 @@ MANIFEST_DIRS = {"plots": ("*.png", "*.tmp"), "filters": ("*.json", "*.tmp"),
                  "evals/partial": ("*.json", "*.tmp"), "evals": ("*.json", "*.tmp")}  # partial before its parent
 # Folders removed whole (each holds tracker output the pipeline wrote, nothing of the user's).
 MANIFEST_TREES = ("evals/tracking",)
-RUN_FILES = ("config.json", "metrics.csv", "*.tmp")
+RUN_FILES = ("config.json", "pretrain.json", "metrics.csv", "*.tmp")
 RUN_DIRS = ("tensorboard", "checkpoints", "clip", "mlm", "init")
 MODEL_KINDS = ("clip", "mlm")
 TINY_MODELS = ("tiny-internvl", "tiny-sd")

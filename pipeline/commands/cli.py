@@ -13,6 +13,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from pipeline.attacks.bert_attack import BERTAttack
+from pipeline.attacks.pgd import PGD
 from pipeline.augment.runner import AugmentConfig
 from pipeline.commands.demo import DemoConfig
 from pipeline.core.config import build_config, field_default
@@ -20,6 +22,10 @@ from pipeline.core.paths import Layout, plain_name
 from pipeline.curate.export import ExportConfig
 from pipeline.curate.filters import FilterConfig
 from pipeline.data.ingest import IngestConfig
+from pipeline.evaluation.evaluate import EvalConfig
+from pipeline.study.plan import StudyConfig
+from pipeline.train.config import PretrainConfig, TrainConfig
+from pipeline.train.modes import MODES as TRAIN_MODES
 
 app = typer.Typer(
     help="MAT / MAT+ pipeline: one-to-many augmentation shards, adversarial training of CLIP, robust evaluation.",
@@ -67,9 +73,6 @@ Executor = Annotated[str, typer.Option("--executor", envvar="EXECUTOR", help="lo
 ReportTo = Annotated[Optional[str], typer.Option("--report-to", envvar="REPORT_TO", help="Trackers: tensorboard (default), wandb, both comma-separated, or none.")]
 WandbMode = Annotated[Optional[str], typer.Option("--wandb-mode", envvar="WANDB_MODE", help="W&B mode: offline (default: no network needed; `wandb sync` later), online or disabled.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Redo every shard instead of resuming.")]
-# ingest, augment, filter, export: a settings file, then the options, then --set (each later one wins).
-SettingsFile = Annotated[Optional[Path], typer.Option("--config", help="Settings file, YAML or JSON, keyed by the config's fields (see --set); the options and --set override it.")]
-Settings = Annotated[Optional[list[str]], typer.Option("--set", help="Any setting as name=value, applied last, repeatable (names as in --config files, e.g. shard_size=100).")]
 
 # Ingest options: `ingest`'s, and `augment`'s for the ingest it runs first when the base shards are missing.
 # Defaults are IngestConfig's (pipeline/data/ingest.py).
@@ -120,9 +123,41 @@ def _ingest_options(given: dict[str, Any], prefix: str = "") -> dict[str, Any]:
             raise ValueError(f"SPLIT_FRACTIONS={given['split_fractions']!r}: {error}") from error
     return options
 
+# Every command with settings: a settings file, then the options, then --set (each later one wins).
+OptDataset = Annotated[Optional[str], typer.Option("--dataset", envvar="DATASET", callback=_plain("dataset"), help="Dataset name (a plain name: letters, digits, _ - .); default synth, the embedded one.")]
+ConfigFile = Annotated[Optional[Path], typer.Option("--config", envvar="CONFIG", help="Settings file, YAML or JSON (a run's saved config.json replays as is); the options and --set override it.")]
+Assignments = Annotated[Optional[list[str]], typer.Option("--set", envvar="SET", help="Any setting as name=value, applied last, repeatable (e.g. --set optim.lr=1e-5 --set attack.text.mlm_threshold=0.5; names as in the saved config.json; env SET, space-separated).")]
+
 
 def _env_or_none(value: Optional[str]) -> Optional[str]:
     return value if value not in (None, "") else None
+
+
+def _default(cls: type, name: str) -> str:
+    """A config default as --help shows it, read from the dataclass (``attack.image.eps``: a nested field)."""
+    head, *rest = name.split(".")
+    value = field_default(cls, head)
+    for part in rest:
+        value = getattr(value, part)
+    return _shown(value, pixels=name.endswith(("eps", "step_size")) and not name.startswith("optim."))
+
+
+def _shown(value, pixels: bool = False) -> str:
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value)) or "none"
+    if value is None:
+        return "none"
+    if pixels and isinstance(value, float) and abs(value * 255 - round(value * 255)) < 1e-9:
+        return f"{round(value * 255)}/255"  # pixel budgets, in the papers' unit
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _build(cls: type, config_file: Optional[Path], options: dict, assignments: Optional[list[str]]):
+    """Defaults < --config file < options < --set; a bad value is a one-line error naming it."""
+    try:
+        return build_config(cls, config_file, options, assignments or ())
+    except ValueError as error:
+        _fail(str(error))
 
 
 def _reporters(spec: Optional[str]) -> Optional[tuple[str, ...]]:
@@ -194,8 +229,8 @@ def ingest(
     workers: Workers = 2,
     executor: Executor = "local",
     overwrite: Overwrite = False,
-    config: SettingsFile = None,
-    settings: Settings = None,
+    config: ConfigFile = None,
+    settings: Assignments = None,
 ) -> None:
     """Read a dataset and write its base shards: SHARDS_DIR/<dataset>/base/<split>-NNNNNN.tar.
 
@@ -273,7 +308,7 @@ def augment(
     id_prefix: IdPrefix = None,
     split_column: SplitColumn = _ingest_default("split_column"),
     limit: Limit = None,
-    config: SettingsFile = None,
+    config: ConfigFile = None,
     base_data: BaseData = None,
 ) -> None:
     """Run augmentation stages; each writes SHARDS_DIR/<dataset>/<stage>/, aligned with the base shards.
@@ -350,8 +385,8 @@ def filter_command(
     top_fraction: Annotated[Optional[float], typer.Option(envvar="TOP_FRACTION", help="Keep this fraction of variants with the highest alignment (DataComp style).")] = None,
     scope: Annotated[str, typer.Option(envvar="FILTER_SCOPE", help="Rank TOP_FRACTION per stage or global (all stages together).")] = field_default(FilterConfig, "scope"),
     stages: Annotated[Optional[str], typer.Option("--stages", envvar="FILTER_STAGES", help="Comma-separated stages to filter; default: all.")] = None,
-    config: SettingsFile = None,
-    settings: Settings = None,
+    config: ConfigFile = None,
+    settings: Assignments = None,
 ) -> None:
     """Write a filter manifest (thresholds on alignment / shift, top fraction by alignment); shards stay as they are.
 
@@ -386,8 +421,8 @@ def export_command(
     split: Annotated[str, typer.Option(envvar="EXPORT_SPLIT", callback=_plain("split"), help="Split to export.")] = field_default(ExportConfig, "split"),
     shard_size: Annotated[int, typer.Option(envvar="SHARD_SIZE", help="Pairs per output shard.")] = field_default(ExportConfig, "shard_size"),
     out: Annotated[Optional[Path], typer.Option(envvar="EXPORT_DIR", help="Output folder (default SHARDS_DIR/<dataset>/export-<split>).")] = None,
-    config: SettingsFile = None,
-    settings: Settings = None,
+    config: ConfigFile = None,
+    settings: Assignments = None,
 ) -> None:
     """Write the filtered one-to-many pairs as a plain WebDataset: one sample per pair, jpg + txt + json.
 
@@ -433,91 +468,101 @@ def _run_training(fn, *args) -> dict:
         _fail(str(error))
 
 
+P, T, E, S = PretrainConfig, TrainConfig, EvalConfig, StudyConfig
+_PRECISION_HELP = "auto (bf16 where the hardware runs it natively: CUDA with bf16, a CPU with AVX512-BF16/AMX; else fp32), bf16 (autocast) or fp32"
+
+
 @app.command()
 def pretrain(
-    dataset: Dataset = "synth",
-    steps: Annotated[Optional[int], _opt("STEPS", "CLIP training steps (default 1200, ~6 min on 2 CPU cores).")] = None,
-    batch_size: Annotated[Optional[int], _opt("BATCH_SIZE", "CLIP batch size (default 128).")] = None,
-    lr: Annotated[Optional[float], _opt("LR", "CLIP peak learning rate (default 1e-3).")] = None,
-    warmup: Annotated[Optional[int], _opt("WARMUP", "Warm-up steps (default 100).")] = None,
-    clip_preset: Annotated[Optional[str], _opt("CLIP_PRESET", "CLIP size: tiny | small (default small).")] = None,
-    mlm_preset: Annotated[Optional[str], _opt("MLM_PRESET", "Masked-LM size: tiny | small (default small).")] = None,
-    mlm_steps: Annotated[Optional[int], _opt("MLM_STEPS", "Masked-LM training steps (default 300).")] = None,
-    vocab_size: Annotated[Optional[int], _opt("VOCAB_SIZE", "Tokenizer vocabulary size (default 1000).")] = None,
-    precision: Annotated[Optional[str], _opt("PRECISION", "auto (bf16 where the hardware runs it natively: CUDA with bf16, a CPU with AVX512-BF16/AMX; else fp32), bf16 (autocast) or fp32.")] = None,
-    seed: Annotated[Optional[int], _opt("SEED", "Random seed.")] = None,
-    data_workers: Annotated[Optional[int], _opt("DATA_WORKERS", "Loader worker processes (default 2).")] = None,
-    device: Annotated[Optional[str], _opt("DEVICE", "auto, cpu or cuda.")] = None,
+    dataset: OptDataset = None,
+    steps: Annotated[Optional[int], _opt("STEPS", f"CLIP training steps (default {_default(P, 'steps')}, ~6 min on 2 CPU cores).")] = None,
+    batch_size: Annotated[Optional[int], _opt("BATCH_SIZE", f"CLIP batch size (default {_default(P, 'batch_size')}).")] = None,
+    lr: Annotated[Optional[float], _opt("LR", f"CLIP peak learning rate (default {_default(P, 'lr')}).")] = None,
+    warmup: Annotated[Optional[int], _opt("WARMUP", f"Warm-up steps (default {_default(P, 'warmup')}).")] = None,
+    clip_preset: Annotated[Optional[str], _opt("CLIP_PRESET", f"CLIP size: tiny | small (default {_default(P, 'clip_preset')}).")] = None,
+    mlm_preset: Annotated[Optional[str], _opt("MLM_PRESET", f"Masked-LM size: tiny | small (default {_default(P, 'mlm_preset')}).")] = None,
+    mlm_steps: Annotated[Optional[int], _opt("MLM_STEPS", f"Masked-LM training steps (default {_default(P, 'mlm_steps')}).")] = None,
+    vocab_size: Annotated[Optional[int], _opt("VOCAB_SIZE", f"Tokenizer vocabulary size (default {_default(P, 'vocab_size')}).")] = None,
+    precision: Annotated[Optional[str], _opt("PRECISION", f"{_PRECISION_HELP} (default {_default(P, 'precision')}).")] = None,
+    seed: Annotated[Optional[int], _opt("SEED", f"Random seed (default {_default(P, 'seed')}).")] = None,
+    data_workers: Annotated[Optional[int], _opt("DATA_WORKERS", f"Loader worker processes (default {_default(P, 'num_workers')}).")] = None,
+    device: Annotated[Optional[str], _opt("DEVICE", f"auto, cpu or cuda (default {_default(P, 'device')}).")] = None,
     report_to: ReportTo = None,
     wandb_mode: WandbMode = None,
+    config: ConfigFile = None,
+    settings: Assignments = None,
 ) -> None:
     """Train the small CLIP and masked LM that stand in for pretrained models (MODELS_DIR/<dataset>/{clip,mlm})."""
-    from pipeline.train.config import PretrainConfig, override
     from pipeline.train.pretrain import pretrain as run_pretrain
 
-    cfg = override(PretrainConfig(), dataset=dataset, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
-                   clip_preset=clip_preset, mlm_preset=mlm_preset, mlm_steps=mlm_steps, vocab_size=vocab_size,
-                   precision=precision, seed=seed, num_workers=data_workers, device=device,
-                   report_to=_reporters(report_to), wandb_mode=_env_or_none(wandb_mode))
+    cfg = _build(PretrainConfig, config, dict(
+        dataset=dataset, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, clip_preset=clip_preset,
+        mlm_preset=mlm_preset, mlm_steps=mlm_steps, vocab_size=vocab_size, precision=precision, seed=seed,
+        num_workers=data_workers, device=device, report_to=_reporters(report_to),
+        wandb_mode=_env_or_none(wandb_mode)), settings)
     result = _run_training(run_pretrain, cfg, layout())
     typer.echo(f"clip: {result['clip']}\nmlm:  {result['mlm']}\nrun:  {result['run_dir']}")
 
 
 @app.command()
 def train(
-    dataset: Dataset = "synth",
-    mode: Annotated[str, _opt("MODE", "ft | tecoa | fare | mat | matplus.")] = "mat",
-    stages: Annotated[Optional[str], _opt("STAGES", "Comma-separated augmentation stages to train on (matplus; default i2t-human).")] = None,
+    dataset: OptDataset = None,
+    mode: Annotated[Optional[str], _opt("MODE", f"ft | tecoa | fare | mat | matplus (default {_default(T, 'mode')}).")] = None,
+    stages: Annotated[Optional[str], _opt("STAGES", f"Comma-separated augmentation stages to train on (matplus; default {_shown(TRAIN_MODES['matplus'].default_stages)}).")] = None,
     filter_: Annotated[Optional[str], typer.Option("--filter", envvar="FILTER", help="Filter manifest (path or name) that drops variants.")] = None,
     train_data: Annotated[Optional[str], _opt("TRAIN_DATA", "Base shard URLs instead of SHARDS_DIR/<dataset>/base: a brace pattern (/data/coco/base/train-{000000..000226}.tar), a '::' list or pipe: commands; stage shards are found beside them by the stage's name.")] = None,
     train_num_samples: Annotated[Optional[int], _opt("TRAIN_NUM_SAMPLES", "Samples in TRAIN_DATA when no sizes.json lies beside the shards (logged only).")] = None,
     clip: Annotated[Optional[str], _opt("CLIP", "CLIP to fine-tune (HF id or dir; default MODELS_DIR/<dataset>/clip).")] = None,
     mlm: Annotated[Optional[str], _opt("MLM", "Masked LM for BERT-Attack (default MODELS_DIR/<dataset>/mlm).")] = None,
-    steps: Annotated[Optional[int], _opt("STEPS", "Optimiser steps (default 150).")] = None,
-    batch_size: Annotated[Optional[int], _opt("BATCH_SIZE", "Batch per process (default 128).")] = None,
-    accum_steps: Annotated[Optional[int], _opt("ACCUM_STEPS", "Gradient-accumulation micro-batches per step.")] = None,
-    lr: Annotated[Optional[float], _opt("LR", "Peak learning rate (default 1e-4).")] = None,
-    warmup: Annotated[Optional[int], _opt("WARMUP", "Warm-up steps (default 20).")] = None,
-    weight_decay: Annotated[Optional[float], _opt("WEIGHT_DECAY", "AdamW weight decay (default 0.1).")] = None,
-    eps: Annotated[Optional[float], _opt("EPS", "L-inf budget on [0,1] pixels (default 2/255).")] = None,
-    pgd_steps: Annotated[Optional[int], _opt("PGD_STEPS", "PGD steps while training (default 2).")] = None,
-    pgd_step_size: Annotated[Optional[float], _opt("PGD_STEP_SIZE", "PGD step size while training (default EPS/2: 1/255 at 2/255).")] = None,
-    n_words: Annotated[Optional[int], _opt("N_WORDS", "BERT-Attack words replaced (default 1).")] = None,
-    top_k: Annotated[Optional[int], _opt("TOP_K", "BERT-Attack masked-LM candidates (default 10).")] = None,
-    order: Annotated[Optional[str], _opt("MAT_ORDER", "text-first | image-first | joint (default text-first).")] = None,
-    precision: Annotated[Optional[str], _opt("PRECISION", "auto (bf16 where the hardware runs it natively: CUDA with bf16, a CPU with AVX512-BF16/AMX; else fp32), bf16 (autocast) or fp32.")] = None,
-    seed: Annotated[Optional[int], _opt("SEED", "Random seed.")] = None,
-    save_every: Annotated[Optional[int], _opt("SAVE_EVERY", "Checkpoint every N steps (and at the end).")] = None,
-    log_every: Annotated[Optional[int], _opt("LOG_EVERY", "Log every N steps.")] = None,
+    steps: Annotated[Optional[int], _opt("STEPS", f"Optimiser steps (default {_default(T, 'steps')}).")] = None,
+    batch_size: Annotated[Optional[int], _opt("BATCH_SIZE", f"Batch per process (default {_default(T, 'batch_size')}).")] = None,
+    accum_steps: Annotated[Optional[int], _opt("ACCUM_STEPS", f"Gradient-accumulation micro-batches per step (default {_default(T, 'accum_steps')}).")] = None,
+    lr: Annotated[Optional[float], _opt("LR", f"Peak learning rate (default {_default(T, 'optim.lr')}).")] = None,
+    warmup: Annotated[Optional[int], _opt("WARMUP", f"Warm-up steps (default {_default(T, 'optim.warmup')}).")] = None,
+    weight_decay: Annotated[Optional[float], _opt("WEIGHT_DECAY", f"AdamW weight decay (default {_default(T, 'optim.weight_decay')}).")] = None,
+    eps: Annotated[Optional[float], _opt("EPS", f"L-inf budget on [0,1] pixels (attack.image.eps, default {_default(T, 'attack.image.eps')}).")] = None,
+    pgd_steps: Annotated[Optional[int], _opt("PGD_STEPS", f"PGD steps while training (attack.image.steps, default {_default(T, 'attack.image.steps')}).")] = None,
+    pgd_step_size: Annotated[Optional[float], _opt("PGD_STEP_SIZE", f"PGD step size while training (attack.image.step_size; default EPS x {_default(T, 'attack.image.step_ratio')}: {_shown(field_default(T, 'attack').image.step_length, pixels=True)} at {_default(T, 'attack.image.eps')}).")] = None,
+    n_words: Annotated[Optional[int], _opt("N_WORDS", f"BERT-Attack words replaced (attack.text.n_words, default {_default(T, 'attack.text.n_words')}).")] = None,
+    top_k: Annotated[Optional[int], _opt("TOP_K", f"BERT-Attack masked-LM candidates (attack.text.top_k, default {_default(T, 'attack.text.top_k')}).")] = None,
+    order: Annotated[Optional[str], _opt("MAT_ORDER", f"text-first | image-first | joint (default {_default(T, 'attack.order')}).")] = None,
+    precision: Annotated[Optional[str], _opt("PRECISION", f"{_PRECISION_HELP} (default {_default(T, 'precision')}).")] = None,
+    seed: Annotated[Optional[int], _opt("SEED", f"Random seed (default {_default(T, 'seed')}).")] = None,
+    save_every: Annotated[Optional[int], _opt("SAVE_EVERY", f"Checkpoint every N steps and at the end (default {_default(T, 'save_every')}).")] = None,
+    log_every: Annotated[Optional[int], _opt("LOG_EVERY", f"Log every N steps (default {_default(T, 'log_every')}).")] = None,
     run_dir: Annotated[Optional[str], _opt("RUN_DIR", "Run folder (default RUNS_DIR/<mode>-<dataset>-<time>).")] = None,
-    resume: Annotated[Optional[str], _opt("RESUME", "auto | latest | never.")] = None,
-    data_workers: Annotated[Optional[int], _opt("DATA_WORKERS", "Loader worker processes (default 2).")] = None,
-    shuffle_buffer: Annotated[Optional[int], _opt("SHUFFLE_BUFFER", "Samples in the shuffle buffer.")] = None,
+    resume: Annotated[Optional[str], _opt("RESUME", f"auto | latest | never (default {_default(T, 'resume')}).")] = None,
+    data_workers: Annotated[Optional[int], _opt("DATA_WORKERS", f"Loader worker processes (default {_default(T, 'data.num_workers')}).")] = None,
+    shuffle_buffer: Annotated[Optional[int], _opt("SHUFFLE_BUFFER", f"Samples in the shuffle buffer (default {_default(T, 'data.shuffle_buffer')}).")] = None,
     resampled: Annotated[Optional[bool], typer.Option("--resampled/--epochs", envvar="RESAMPLED", help="Draw shards with replacement (default) or read epochs split by rank and worker.")] = None,
-    captions: Annotated[Optional[str], _opt("CAPTIONS", "primary (default: the primary caption per image) | all (every human caption its own pair; no STAGES).")] = None,
-    train_augment: Annotated[Optional[str], typer.Option("--train-augment", envvar="TRAIN_AUGMENT", help="none (default: the evaluation's resize + centre crop) | rrc (open_clip's RandomResizedCrop, scale 0.9-1).")] = None,
-    device: Annotated[Optional[str], _opt("DEVICE", "auto, cpu or cuda.")] = None,
+    captions: Annotated[Optional[str], _opt("CAPTIONS", f"primary (the primary caption per image) | all (every human caption its own pair; no STAGES); default {_default(T, 'data.captions')}.")] = None,
+    train_augment: Annotated[Optional[str], typer.Option("--train-augment", envvar="TRAIN_AUGMENT", help=f"none (the evaluation's resize + centre crop) | rrc (open_clip's RandomResizedCrop, scale 0.9-1); default {_default(T, 'data.augment')}.")] = None,
+    device: Annotated[Optional[str], _opt("DEVICE", f"auto, cpu or cuda (default {_default(T, 'device')}).")] = None,
     report_to: ReportTo = None,
     wandb_mode: WandbMode = None,
+    config: ConfigFile = None,
+    settings: Assignments = None,
 ) -> None:
-    """Adversarial fine-tuning of CLIP streamed from shards: MODE=ft|tecoa|fare|mat|matplus (torchrun for DDP)."""
-    from pipeline.train.config import TrainConfig, override
+    """Adversarial fine-tuning of CLIP streamed from shards: MODE=ft|tecoa|fare|mat|matplus (torchrun for DDP).
+
+    Every setting of TrainConfig (pipeline/train/config.py), the attacks' own included (attack.image: PGD,
+    attack.text: BERTAttack), can be given with --set or in a --config file."""
     from pipeline.train.main import train as run_train
 
     stage_list = tuple(s.strip() for s in stages.split(",") if s.strip()) if _env_or_none(stages) else None
-    cfg = override(
-        TrainConfig(), mode=mode, dataset=dataset, clip=_env_or_none(clip), mlm=_env_or_none(mlm), steps=steps,
-        batch_size=batch_size, accum_steps=accum_steps, precision=precision, seed=seed, save_every=save_every,
-        log_every=log_every, run_dir=_env_or_none(run_dir), resume=_env_or_none(resume), device=device,
-        report_to=_reporters(report_to), wandb_mode=_env_or_none(wandb_mode),
-        **{"optim.lr": lr, "optim.warmup": warmup, "optim.weight_decay": weight_decay, "attack.eps": eps,
-           "attack.pgd_steps": pgd_steps, "attack.step_size": pgd_step_size, "attack.n_words": n_words,
-           "attack.k": top_k, "attack.order": _env_or_none(order), "data.stages": stage_list,
-           "data.filter": _env_or_none(filter_), "data.num_workers": data_workers,
-           "data.shuffle_buffer": shuffle_buffer, "data.resampled": resampled,
-           "data.captions": _env_or_none(captions), "data.augment": _env_or_none(train_augment),
-           "data.urls": _env_or_none(train_data), "data.num_samples": train_num_samples},
-    )
+    cfg = _build(TrainConfig, config, {
+        "mode": _env_or_none(mode), "dataset": dataset, "clip": _env_or_none(clip), "mlm": _env_or_none(mlm),
+        "steps": steps, "batch_size": batch_size, "accum_steps": accum_steps, "precision": precision, "seed": seed,
+        "save_every": save_every, "log_every": log_every, "run_dir": _env_or_none(run_dir),
+        "resume": _env_or_none(resume), "device": device, "report_to": _reporters(report_to),
+        "wandb_mode": _env_or_none(wandb_mode), "optim.lr": lr, "optim.warmup": warmup,
+        "optim.weight_decay": weight_decay, "attack.image.eps": eps, "attack.image.steps": pgd_steps,
+        "attack.image.step_size": pgd_step_size, "attack.text.n_words": n_words, "attack.text.top_k": top_k,
+        "attack.order": _env_or_none(order), "data.stages": stage_list, "data.filter": _env_or_none(filter_),
+        "data.num_workers": data_workers, "data.shuffle_buffer": shuffle_buffer, "data.resampled": resampled,
+        "data.captions": _env_or_none(captions), "data.augment": _env_or_none(train_augment),
+        "data.urls": _env_or_none(train_data), "data.num_samples": train_num_samples,
+    }, settings)
     result = _run_training(run_train, cfg, layout())
     last = result.history[-1] if result.history else {}
     typer.echo(f"run: {result.run_dir}\nmodel: {result.model_dir}\nloss: {last.get('loss', float('nan')):.4f}")
@@ -528,51 +573,59 @@ def train(
 
 @app.command(name="eval")
 def eval_command(
-    checkpoint: Annotated[str, typer.Option("--ckpt", envvar="CKPT", help="Training run dir (its clip/), a CLIP dir or a hub id; several comma-separated, evaluated one after the other.")],
-    dataset: Dataset = "synth",
+    checkpoint: Annotated[Optional[str], typer.Option("--ckpt", envvar="CKPT", help="Training run dir (its clip/), a CLIP dir or a hub id; several comma-separated, evaluated one after the other (required unless the --config file names one).")] = None,
+    dataset: OptDataset = None,
     mlm: Annotated[Optional[str], typer.Option(envvar="MLM", help="Masked LM of the text attacks; default MODELS_DIR/<dataset>/mlm.")] = None,
     name: Annotated[Optional[str], typer.Option(envvar="EVAL_NAME", callback=_plain("EVAL_NAME"), help="Output name (evals/<name>.json); default the run / model dir name.")] = None,
     mode: Annotated[Optional[str], typer.Option("--mode", envvar="EVAL_MODE", help="Row label; default the run's training mode, 'pretrained' for a bare CLIP dir.")] = None,
-    attacks: Annotated[str, typer.Option(envvar="ATTACKS", help="Comma-separated attacks (pgd,bert,coattack,sga); empty string: clean only.")] = "pgd,bert,coattack,sga",
+    attacks: Annotated[Optional[str], typer.Option(envvar="ATTACKS", help=f"Comma-separated attacks (default {_default(E, 'attacks')}); empty string: clean only.")] = None,
     size: Annotated[Optional[int], typer.Option(envvar="EVAL_SIZE", help="First N test images (default all).")] = None,
-    split: Annotated[str, typer.Option(envvar="EVAL_SPLIT", help="Split to evaluate on.")] = "test",
+    split: Annotated[Optional[str], typer.Option(envvar="EVAL_SPLIT", help=f"Split to evaluate on (default {_default(E, 'split')}).")] = None,
     eval_data: Annotated[Optional[str], typer.Option(envvar="EVAL_DATA", help="Test shard URLs (brace pattern, '::' list, pipe: commands) instead of SHARDS_DIR/<dataset>/base/<split>-*.tar.")] = None,
-    batch_size: Annotated[int, typer.Option(envvar="EVAL_BATCH", help="Images attacked together (with all their captions).")] = 64,
-    eps: Annotated[Optional[float], typer.Option(envvar="EPS", help="L-inf budget on [0,1] pixels for every image attack (default each attack's, 2/255).")] = None,
-    steps: Annotated[Optional[int], typer.Option(envvar="ATTACK_STEPS", help="PGD steps of every image attack (default 10).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(envvar="EVAL_BATCH", help=f"Images attacked together, with all their captions (default {_default(E, 'batch_size')}).")] = None,
+    eps: Annotated[Optional[float], typer.Option(envvar="EPS", help=f"L-inf budget on [0,1] pixels for every image attack (default each attack's, {_default(PGD, 'eps')}).")] = None,
+    steps: Annotated[Optional[int], typer.Option(envvar="ATTACK_STEPS", help=f"PGD steps of every image attack (default each attack's; PGD {_default(PGD, 'steps')}).")] = None,
     step_size: Annotated[Optional[float], typer.Option(envvar="ATTACK_STEP_SIZE", help="PGD step size (default each attack's).")] = None,
-    top_k: Annotated[Optional[int], typer.Option(envvar="TOP_K", help="BERT-Attack masked-LM candidates (default 10).")] = None,
-    n_words: Annotated[Optional[int], typer.Option(envvar="N_WORDS", help="BERT-Attack words replaced (default 1).")] = None,
-    precision: Annotated[str, typer.Option(envvar="EVAL_PRECISION", help="fp32 (the reference protocol), auto or bf16 (faster, not comparable to published numbers).")] = "fp32",
-    device: Annotated[str, typer.Option(envvar="DEVICE", help="auto, cpu or cuda.")] = "auto",
-    seed: Annotated[int, typer.Option(envvar="EVAL_SEED", help="Seed of the attacks' random starts and noise (batch i uses a seed derived from it and i).")] = 0,
-    normalise_captions: Annotated[bool, typer.Option("--normalise-captions/--no-normalise-captions", envvar="CAPTION_NORMALISE", help="Normalise captions as the reference evaluations do (lower case, punctuation stripped, 30 words); CAPTION_NORMALISE=0 keeps them as stored.")] = True,
+    top_k: Annotated[Optional[int], typer.Option(envvar="TOP_K", help=f"BERT-Attack masked-LM candidates (default {_default(BERTAttack, 'top_k')}).")] = None,
+    n_words: Annotated[Optional[int], typer.Option(envvar="N_WORDS", help=f"BERT-Attack words replaced (default {_default(BERTAttack, 'n_words')}).")] = None,
+    precision: Annotated[Optional[str], typer.Option(envvar="EVAL_PRECISION", help=f"fp32 (the reference protocol), auto or bf16 (faster, not comparable to published numbers); default {_default(E, 'precision')}.")] = None,
+    device: Annotated[Optional[str], typer.Option(envvar="DEVICE", help=f"auto, cpu or cuda (default {_default(E, 'device')}).")] = None,
+    seed: Annotated[Optional[int], typer.Option(envvar="EVAL_SEED", help=f"Seed of the attacks' random starts and noise; batch i uses a seed derived from it and i (default {_default(E, 'seed')}).")] = None,
+    normalise_captions: Annotated[Optional[bool], typer.Option("--normalise-captions/--no-normalise-captions", envvar="CAPTION_NORMALISE", help="Normalise captions as the reference evaluations do (lower case, punctuation stripped, 30 words; the default); CAPTION_NORMALISE=0 keeps them as stored.")] = None,
     constraint: Annotated[Optional[str], typer.Option(envvar="ATTACK_CONSTRAINT", help="BERT-Attack candidate filter: synonyms (WordNet synonyms of the replaced word only); default none, as the reference code.")] = None,
     report_to: ReportTo = None,
     wandb_mode: WandbMode = None,
+    config: ConfigFile = None,
+    settings: Assignments = None,
 ) -> None:
     """Retrieval R@1/5/10 (TR and IR) clean and under PGD, BERT-Attack, Co-Attack, SGA; writes evals/<name>.json.
 
     Resumable: rerun the same command after a crash and the finished attacks and batches are kept. Several
-    checkpoints (CKPT=run1,run2,...) are evaluated one after the other, each named after its run."""
-    from pipeline.evaluation.evaluate import EvalConfig, evaluate
+    checkpoints (CKPT=run1,run2,...) are evaluated one after the other, each named after its run. Settings:
+    EvalConfig (pipeline/evaluation/evaluate.py), through --set or a --config file too."""
+    from pipeline.evaluation.evaluate import evaluate
     from pipeline.models.errors import ModelNotFoundError
-    from pipeline.train.config import override
 
-    checkpoints = [c.strip() for c in checkpoint.split(",") if c.strip()]
-    if len(checkpoints) > 1 and _env_or_none(name):
-        _fail(f"EVAL_NAME={name!r} names one evaluation, CKPT has {len(checkpoints)}: each is named after its run")
+    options = dict(
+        dataset=dataset, mlm=_env_or_none(mlm), name=_env_or_none(name), mode=_env_or_none(mode), split=split,
+        data=_env_or_none(eval_data), size=size, batch_size=batch_size,
+        attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()) if attacks is not None else None,
+        eps=eps, steps=steps, step_size=step_size, top_k=top_k, n_words=n_words, precision=precision, device=device,
+        seed=seed, normalise_captions=normalise_captions, constraint=_env_or_none(constraint),
+        report_to=_reporters(report_to), wandb_mode=_env_or_none(wandb_mode))
+    base = _build(EvalConfig, config, options, settings)
+    if _env_or_none(checkpoint):
+        checkpoints = [c.strip() for c in checkpoint.split(",") if c.strip()]
+    else:
+        checkpoints = [base.checkpoint] if base.checkpoint else []
+    if not checkpoints:
+        _fail("CKPT: name the checkpoint(s) to evaluate (--ckpt, or checkpoint in the --config file)")
+    if len(checkpoints) > 1 and base.name:
+        _fail(f"EVAL_NAME={base.name!r} names one evaluation, CKPT has {len(checkpoints)}: each is named after its run")
     for one in checkpoints:
+        cfg = _build(EvalConfig, config, {**options, "checkpoint": one}, settings)
         try:
-            config = EvalConfig(
-                checkpoint=one, dataset=dataset, mlm=_env_or_none(mlm), name=_env_or_none(name),
-                mode=_env_or_none(mode), split=split, data=_env_or_none(eval_data), size=size, batch_size=batch_size,
-                attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()), eps=eps, steps=steps,
-                step_size=step_size, top_k=top_k, n_words=n_words, precision=precision, device=device, seed=seed,
-                normalise_captions=normalise_captions, constraint=_env_or_none(constraint),
-            )
-            config = override(config, report_to=_reporters(report_to), wandb_mode=_env_or_none(wandb_mode))
-            record = evaluate(config, layout())
+            record = evaluate(cfg, layout())
         except (ValueError, FileNotFoundError, ModelNotFoundError) as error:
             _fail(str(error))
         for attack, m in record["metrics"].items():
@@ -625,37 +678,39 @@ def _combos(value: Optional[str]) -> Optional[tuple[tuple[str, ...], ...]]:
 
 @app.command()
 def study(
-    dataset: Dataset = "synth",
+    dataset: OptDataset = None,
     clip: Annotated[Optional[str], _opt("CLIP", "CLIP to fine-tune and evaluate (HF id or dir); default the stand-in MODELS_DIR/<dataset>/clip, pretrained first when missing.")] = None,
     mlm: Annotated[Optional[str], _opt("MLM", "Masked LM of the text attacks; default MODELS_DIR/<dataset>/mlm.")] = None,
-    seeds: Annotated[Optional[int], _opt("SEEDS", "Seeds per cell (default 1; 3 gives a mean and spread).")] = None,
-    modes: Annotated[Optional[str], _opt("STUDY_MODES", "Defences to train (default ft,tecoa,fare,mat,matplus).")] = None,
-    steps: Annotated[Optional[int], _opt("STUDY_STEPS", "Training steps of every mode (default 2000).")] = None,
+    seeds: Annotated[Optional[int], _opt("SEEDS", f"Seeds per cell (default {_default(S, 'seeds')}; 3 gives a mean and spread).")] = None,
+    modes: Annotated[Optional[str], _opt("STUDY_MODES", f"Defences to train (default {_default(S, 'modes')}).")] = None,
+    steps: Annotated[Optional[int], _opt("STUDY_STEPS", f"Training steps of every mode (default {_default(S, 'steps')}).")] = None,
     mode_steps: Annotated[Optional[str], _opt("STUDY_MODE_STEPS", "Per-mode steps, e.g. ft=500,mat=1000.")] = None,
     aug_steps: Annotated[Optional[int], _opt("STUDY_AUG_STEPS", "Steps of the augmentation table's cells (default: the matplus steps).")] = None,
-    batch_size: Annotated[Optional[int], _opt("BATCH_SIZE", "Training batch per process (default 128).")] = None,
-    lr: Annotated[Optional[float], _opt("LR", "Peak learning rate (default train's, 1e-4; e.g. 1e-5 for ViT-B/16).")] = None,
+    batch_size: Annotated[Optional[int], _opt("BATCH_SIZE", f"Training batch per process (default {_default(S, 'batch_size')}).")] = None,
+    lr: Annotated[Optional[float], _opt("LR", f"Peak learning rate (default train's, {_default(T, 'optim.lr')}; e.g. 1e-5 for ViT-B/16).")] = None,
     eval_size: Annotated[Optional[int], _opt("EVAL_SIZE", "First N test images (default all: the published protocol).")] = None,
-    eval_batch: Annotated[Optional[int], _opt("EVAL_BATCH", "Images attacked together (default 64).")] = None,
+    eval_batch: Annotated[Optional[int], _opt("EVAL_BATCH", f"Images attacked together (default {_default(S, 'eval_batch')}).")] = None,
     eval_split: Annotated[Optional[str], _opt("EVAL_SPLIT", "Split to evaluate on (default test; val when the dataset has no test split).")] = None,
-    attacks: Annotated[Optional[str], _opt("ATTACKS", "Attacks of the defences table (default pgd,bert,coattack,sga).")] = None,
+    attacks: Annotated[Optional[str], _opt("ATTACKS", f"Attacks of the defences table (default {_default(S, 'attacks')}).")] = None,
     stages: Annotated[Optional[str], _opt("STUDY_STAGES", "Stages of the augmentation table (default every available one).")] = None,
     combos: Annotated[Optional[str], _opt("STUDY_COMBOS", "N:N cells as text+image stage pairs, e.g. eda+randaug; none; default auto.")] = None,
     augmentation: Annotated[Optional[bool], typer.Option("--augmentation/--no-augmentation", envvar="STUDY_AUGMENTATION", help="Build the augmentation table (default yes).")] = None,
-    pretrain_steps: Annotated[Optional[int], _opt("PRETRAIN_STEPS", "Steps of the stand-in CLIP when it must be pretrained (default 1200).")] = None,
-    resamples: Annotated[Optional[int], _opt("BOOTSTRAP_RESAMPLES", "Bootstrap resamples (default 1000).")] = None,
-    precision: Annotated[Optional[str], _opt("PRECISION", "Training precision: auto, bf16 or fp32.")] = None,
-    device: Annotated[Optional[str], _opt("DEVICE", "auto, cpu or cuda.")] = None,
-    workers: Annotated[Optional[int], _opt("WORKERS", "Augmentation processes (stages the study makes).")] = None,
-    data_workers: Annotated[Optional[int], _opt("DATA_WORKERS", "Training loader workers (default 2).")] = None,
+    pretrain_steps: Annotated[Optional[int], _opt("PRETRAIN_STEPS", f"Steps of the stand-in CLIP when it must be pretrained (default {_default(S, 'pretrain_steps')}).")] = None,
+    resamples: Annotated[Optional[int], _opt("BOOTSTRAP_RESAMPLES", f"Bootstrap resamples (default {_default(S, 'resamples')}).")] = None,
+    precision: Annotated[Optional[str], _opt("PRECISION", f"Training precision: auto, bf16 or fp32 (default {_default(S, 'precision')}).")] = None,
+    device: Annotated[Optional[str], _opt("DEVICE", f"auto, cpu or cuda (default {_default(S, 'device')}).")] = None,
+    workers: Annotated[Optional[int], _opt("WORKERS", f"Augmentation processes, stages the study makes (default {_default(S, 'workers')}).")] = None,
+    data_workers: Annotated[Optional[int], _opt("DATA_WORKERS", f"Training loader workers (default {_default(S, 'data_workers')}).")] = None,
+    config: ConfigFile = None,
+    settings: Assignments = None,
 ) -> None:
     """The paper's comparisons as a resumable plan: defences table, augmentation table, figure, claims.
 
     Output: MANIFESTS_DIR/<dataset>/study/{plan.json, units/, report.md, report.json, augmentation_quality.png};
-    rerun the same command after an interruption and the finished units are skipped.
+    rerun the same command after an interruption and the finished units are skipped. Settings: StudyConfig
+    (pipeline/study/plan.py), through --set or a --config file too.
     """
     from pipeline.models.errors import ModelNotFoundError
-    from pipeline.study.plan import StudyConfig
     from pipeline.study.run import run_study
 
     given = dict(
@@ -665,9 +720,9 @@ def study(
         attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()) if attacks is not None else None,
         augmentation=augmentation, pretrain_steps=pretrain_steps, resamples=resamples, precision=precision,
         device=device, workers=workers, data_workers=data_workers)
+    config_ = _build(StudyConfig, config, given, settings)
     try:
-        config = StudyConfig(**{k: v for k, v in given.items() if v is not None})
-        result = run_study(config, layout(), echo=typer.echo)
+        result = run_study(config_, layout(), echo=typer.echo)
     except (ValueError, FileNotFoundError, ModelNotFoundError) as error:
         _fail(str(error))
     typer.echo(result["markdown"])

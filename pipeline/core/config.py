@@ -82,6 +82,8 @@ def _plain(value: Any) -> Any:
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted(_plain(v) for v in value)
     if isinstance(value, Path):
         return str(value)
     return value
@@ -117,6 +119,8 @@ def _from_json(value: Any, hint: Any, where: str) -> Any:
         args = [a for a in typing.get_args(hint) if a is not Ellipsis]
         item = args[0] if args else Any
         return tuple(_from_json(v, item, where) for v in (value if isinstance(value, (list, tuple)) else [value]))
+    if origin is frozenset:
+        return frozenset(value if isinstance(value, (list, tuple, set, frozenset)) else [value])
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if hint is Path:
@@ -153,10 +157,11 @@ def parse_value(raw: str, hint: Any, where: str) -> Any:
             return float(Fraction(raw.strip())) if "/" in raw else float(raw)
         if hint is Path:
             return Path(raw)
-        if typing.get_origin(hint) is tuple:
+        if typing.get_origin(hint) in (tuple, frozenset):
             args = [a for a in typing.get_args(hint) if a is not Ellipsis]
             item = args[0] if args else str
-            return tuple(parse_value(part.strip(), item, where) for part in raw.split(",") if part.strip())
+            items = (parse_value(part.strip(), item, where) for part in raw.split(",") if part.strip())
+            return frozenset(items) if typing.get_origin(hint) is frozenset else tuple(items)
     except (ValueError, ZeroDivisionError) as error:
         raise ValueError(f"{where}={raw!r}: not a valid {getattr(hint, '__name__', hint)}") from error
     if dataclasses.is_dataclass(hint):

@@ -30,6 +30,9 @@ Memory: retrieval keeps one images x captions float32 matrix and compares it in 
 (:mod:`pipeline.evaluation.retrieval`): COCO's 5,000 x 25,010 needs about 0.7 GB, not the 2.5 GB captions x captions
 matrix of a direct implementation.
 
+Settings: :class:`EvalConfig`, saved when a run starts as ``evals/tracking/<name>/config.json`` (resolved model
+dirs, device and precision under "resolved"; ``eval --config <it>`` replays it).
+
 Output: ``MANIFESTS_DIR/<dataset>/evals/<name>.json`` with mode, checkpoint, settings and metrics per attack
 (each row also holds ``embeddings_sha256``, a digest of the embeddings the metrics came from: two runs with equal
 digests attacked every image and caption identically; and ``per_query``: every image's TR rank and every
@@ -63,6 +66,7 @@ from pipeline.evaluation.retrieval import attack_success_rate, recall_at_k
 from pipeline.core.seeding import derive_seed
 from pipeline.core.shard_urls import expand_urls, read_url
 from pipeline.core.shards import list_shards
+from pipeline.core.config import check_choice, check_positive, save_config
 from pipeline.core.fileio import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -77,9 +81,10 @@ _SPACE_RUNS = re.compile(r"\s{2,}")
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """One evaluation. ``checkpoint``: a training run dir (its ``clip/``), or any CLIP dir / hub id."""
+    """One evaluation. ``checkpoint`` (required by :func:`evaluate`): a training run dir (its ``clip/``), or any
+    CLIP dir / hub id."""
 
-    checkpoint: str
+    checkpoint: str = ""
     dataset: str = "synth"
     mlm: str | None = None  # masked LM of the text attacks; default MODELS_DIR/<dataset>/mlm
     name: str | None = None  # output file name; default the run dir / model dir name
@@ -109,24 +114,19 @@ class EvalConfig:
                    "n_words": self.n_words, "mlm_threshold": self.mlm_threshold, "constraint": self.constraint}
         return {k: v for k, v in options.items() if v is not None}
 
+    def __post_init__(self) -> None:
+        from pipeline.attacks import ATTACKS
 
-def check_eval(cfg: EvalConfig) -> None:
-    """Raise ValueError naming the first bad value."""
-    from pipeline.attacks import ATTACKS
-
-    check_reporters(cfg.report_to, cfg.wandb_mode)
-
-    unknown = [a for a in cfg.attacks if a not in ATTACKS]
-    if unknown:
-        raise ValueError(f"attacks={unknown}: unknown; valid: {sorted(ATTACKS)}")
-    if cfg.size is not None and cfg.size < 2:
-        raise ValueError(f"size={cfg.size}: need at least 2 test images")
-    if cfg.batch_size < 1:
-        raise ValueError(f"batch_size={cfg.batch_size}: must be >= 1")
-    if cfg.precision not in PRECISIONS:
-        raise ValueError(f"precision={cfg.precision!r}: choose one of {PRECISIONS}")
-    if cfg.eps is not None and not 0 <= cfg.eps <= 1:
-        raise ValueError(f"eps={cfg.eps}: must be in [0, 1] (pixels in [0, 1]; 2/255 = {2 / 255:.5f})")
+        check_reporters(self.report_to, self.wandb_mode)
+        unknown = [a for a in self.attacks if a not in ATTACKS]
+        if unknown:
+            raise ValueError(f"attacks={unknown}: unknown; valid: {sorted(ATTACKS)}")
+        if self.size is not None and self.size < 2:
+            raise ValueError(f"size={self.size}: need at least 2 test images")
+        check_positive(self, "batch_size")
+        check_choice("precision", self.precision, PRECISIONS)
+        if self.eps is not None and not 0 <= self.eps <= 1:
+            raise ValueError(f"eps={self.eps}: must be in [0, 1] (pixels in [0, 1]; 2/255 = {2 / 255:.5f})")
 
 
 def normalise_caption(caption: str, max_words: int = MAX_WORDS) -> str:
@@ -296,8 +296,9 @@ def _row(metrics: dict[str, Any], clean: dict[str, Any] | None, seconds: float, 
 
 def evaluate(cfg: EvalConfig, layout: Layout | None = None) -> dict[str, Any]:
     """Run one evaluation and write its JSON; returns the record written."""
-    # 1. Validate and resolve.
-    check_eval(cfg)
+    # 1. Resolve (the config validated itself when built).
+    if not cfg.checkpoint:
+        raise ValueError("checkpoint: required (CKPT=<training run dir, CLIP dir or hub id>)")
     layout = layout or Layout.from_env()
     device = str(resolve_device(cfg.device))
     clip_dir, default_name, default_mode = resolve_checkpoint(cfg.checkpoint)
@@ -305,10 +306,10 @@ def evaluate(cfg: EvalConfig, layout: Layout | None = None) -> dict[str, Any]:
     out = eval_path(layout, cfg.dataset, name)  # refuses a name that is not plain before any work
     precision = resolve_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
-    # 2. Models and data; the store of partial results.
-    clip = load_clip(clip_dir, device=device)
     needs_mlm = any(a in {"bert", "coattack", "sga"} for a in cfg.attacks)
     mlm_dir = str(cfg.mlm or layout.model_dir(cfg.dataset, "mlm")) if needs_mlm else None
+    # 2. Models and data; the store of partial results.
+    clip = load_clip(clip_dir, device=device)
     mlm = load_mlm(mlm_dir, device=device) if mlm_dir else None
     if cfg.data:
         data = load_test_urls(expand_urls(cfg.data), clip, cfg.size, cfg.normalise_captions)
@@ -317,6 +318,9 @@ def evaluate(cfg: EvalConfig, layout: Layout | None = None) -> dict[str, Any]:
     store = PartialStore(layout.eval_partial_dir(cfg.dataset), name,
                          resume_fingerprint(cfg, device, precision, clip_dir, mlm_dir, data))
     store.drop_stale()
+    save_config(cfg, layout.eval_tracking_dir(cfg.dataset, name) / "config.json",
+                resolved={"name": name, "mode": mode, "model_dir": clip_dir, "mlm_dir": mlm_dir, "device": device,
+                          "precision": precision})
     texts = [t for group in data.captions for t in group]
     log.info("eval %s (%s): %d images, %d captions, attacks %s", name, mode, len(data.keys), len(texts), cfg.attacks)
     # 3. Clean retrieval.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from pipeline.core.config import check_choices, check_positive
 from pipeline.core.paths import plain_name
 
 MODES = ("ft", "tecoa", "fare", "mat", "matplus")
@@ -16,7 +17,6 @@ CPU_STAGES = ("i2t-human", "eda", "randaug")
 STAGE_KINDS = {"i2t-human": ("text", "cross"), "eda": ("text", "intra"), "i2t-internvl": ("text", "cross"),
                "randaug": ("image", "intra"), "t2i-sd": ("image", "cross")}
 PAIRING = {"text": "1:N", "image": "N:1", "both": "N:N"}
-DEFAULT_MATPLUS = ("i2t-human",)
 # Relative costs for the time-left estimate: training per step in FT steps (bench: MAT step / FT step 4.3),
 # evaluation per image in clean forwards (bench: attack_cost_*), and the demo's measured eval/train rate ratio.
 MODE_COST = {"ft": 1.0, "tecoa": 2.0, "fare": 2.0, "mat": 4.3, "matplus": 4.3}
@@ -55,18 +55,15 @@ class StudyConfig:
 
     def __post_init__(self) -> None:
         plain_name(self.dataset, "dataset")
-        for name in ("seeds", "steps", "batch_size", "eval_batch", "pretrain_steps", "resamples", "workers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 1")
-        bad = [m for m in self.modes if m not in MODES] + [m for m, _ in self.mode_steps if m not in MODES]
-        if bad or not self.modes:
-            raise ValueError(f"modes={self.modes}, mode_steps={self.mode_steps}: choose among {MODES}")
-        if any(a not in ATTACKS for a in self.attacks):
-            raise ValueError(f"attacks={self.attacks}: choose among {ATTACKS}")
+        check_positive(self, "seeds", "steps", "batch_size", "eval_batch", "pretrain_steps", "resamples", "workers",
+                       "aug_steps")
+        if not self.modes:
+            raise ValueError(f"modes=(): choose among {', '.join(MODES)}")
+        check_choices("modes", self.modes, MODES)
+        check_choices("mode_steps", [m for m, _ in self.mode_steps], MODES)
+        check_choices("attacks", self.attacks, ATTACKS)
         if self.eval_size is not None and self.eval_size < 2:
             raise ValueError(f"eval_size={self.eval_size}: need at least 2 test images")
-        if self.aug_steps is not None and self.aug_steps < 1:
-            raise ValueError(f"aug_steps={self.aug_steps}: must be >= 1")
         if not 0 < self.level < 1:
             raise ValueError(f"level={self.level}: must be in (0, 1)")
 
@@ -108,10 +105,12 @@ def auto_combos(stages: list[str]) -> list[tuple[str, ...]]:
 
 def plan_cells(cfg: StudyConfig, stages: list[str]) -> list[Cell]:
     """The cells of both tables, shared cells merged (the union of their tables and attacks)."""
+    from pipeline.train.modes import MODES as TRAIN_MODES  # each mode's default stages (MAT+: i2t-human)
+
     multimodal = tuple(a for a in cfg.attacks if a in MULTIMODAL_ATTACKS) or cfg.attacks
     wanted: list[tuple[str, tuple[str, ...], int, str, tuple[str, ...]]] = [("pretrained", (), 0, "defences", cfg.attacks)]
     for mode in cfg.modes:
-        wanted.append((mode, DEFAULT_MATPLUS if mode == "matplus" else (), cfg.steps_of(mode), "defences", cfg.attacks))
+        wanted.append((mode, TRAIN_MODES[mode].default_stages, cfg.steps_of(mode), "defences", cfg.attacks))
     if cfg.augmentation:
         steps = cfg.aug_steps or cfg.steps_of("matplus")
         chosen = [s for s in (cfg.stages if cfg.stages is not None else stages)]

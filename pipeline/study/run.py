@@ -66,7 +66,8 @@ def available_stages(layout: Layout, dataset: str) -> list[str]:
 def build_plan(cfg: StudyConfig, layout: Layout) -> tuple[list[Cell], list[Unit]]:
     """Cells and units, in running order (prepare units first, then per seed: train, then eval)."""
     from pipeline.evaluation.evaluate import EvalConfig, evaluate
-    from pipeline.train.config import DataConfig, OptimConfig, TrainConfig, to_dict
+    from pipeline.core.config import to_dict
+    from pipeline.train.config import DataConfig, OptimConfig, TrainConfig
     from pipeline.train.main import train
 
     if not layout.base_dir(cfg.dataset).is_dir():
@@ -102,7 +103,7 @@ def build_plan(cfg: StudyConfig, layout: Layout) -> tuple[list[Cell], list[Unit]
                                    batch_size=cfg.batch_size, precision=cfg.precision, seed=seed, device=cfg.device,
                                    run_dir=str(run_dir), report_to=(), optim=optim,
                                    data=DataConfig(stages=cell.stages, num_workers=cfg.data_workers))
-                settings = {k: v for k, v in to_dict(tcfg).items() if k not in ("run_dir", "device")}
+                settings = train_settings(tcfg)
                 units.append(Unit(f"train-{cell.id}-s{seed}", "train", settings, run_dir / "clip",
                                   inputs={"clip": clip, "mlm": mlm, **{f"stage:{s}": s for s in cell.stages}},
                                   cost=cell.steps * MODE_COST[cell.mode], run=_trainer(tcfg, layout, train)))
@@ -117,6 +118,23 @@ def build_plan(cfg: StudyConfig, layout: Layout) -> tuple[list[Cell], list[Unit]
                               cost=EVAL_COST_SCALE * n_images * (1 + sum(ATTACK_COST[a] for a in cell.attacks)),
                               run=lambda ecfg=ecfg: evaluate(ecfg, layout)))
     return cells, units
+
+
+# Training's attack settings as they were fingerprinted before they became the attacks' own configs (PGD,
+# BERTAttack): the study trains with the default attack, so units finished before keep their fingerprints.
+LEGACY_DEFAULT_ATTACK = {"eps": 2 / 255, "pgd_steps": 2, "step_size": None, "random_start": True, "n_words": 1,
+                         "k": 10, "order": "text-first"}
+
+
+def train_settings(tcfg: Any) -> dict[str, Any]:
+    """What a training unit's fingerprint covers: the TrainConfig less its run dir and device."""
+    from pipeline.core.config import to_dict
+    from pipeline.train.config import TrainAttackConfig
+
+    settings = {k: v for k, v in to_dict(tcfg).items() if k not in ("run_dir", "device")}
+    if tcfg.attack == TrainAttackConfig():
+        settings["attack"] = dict(LEGACY_DEFAULT_ATTACK)
+    return settings
 
 
 def _augmenter(cfg: StudyConfig, layout: Layout, stage: str) -> Callable[[], None]:

@@ -1,18 +1,23 @@
-"""Every default of training and pretraining, in one place, checked in one place.
+"""Every default of training and pretraining, in one place; each config checks itself when built
+(pipeline/core/config.py: ``--config FILE`` and ``--set a.b=c`` reach every field).
 
 Attack budgets follow the attack papers the evaluation uses (Co-Attack, SGA; see docs): an L-inf ball of 2/255
 on [0, 1] pixels and one replaced word with top-10 masked-LM candidates. MAT trains with a cheap inner
 maximisation: 2 PGD steps of eps/2 from a random start (enough to reach any corner of the ball), the text
-attacked first. The step counts, learning rates and batch sizes below are the CPU demo's (small preset,
-minutes of training); for ViT-B/16 on a GPU raise the batch size and lower the learning rate (e.g. 1e-5).
+attacked first. The attacks are the evaluation's own classes (``attack.image``: :class:`PGD`, ``attack.text``:
+:class:`BERTAttack`, fast variant), so every setting of theirs is a training option too. The step counts,
+learning rates and batch sizes below are the CPU demo's (small preset, minutes of training); for ViT-B/16 on a
+GPU raise the batch size and lower the learning rate (e.g. 1e-5).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
 
+from pipeline.attacks.bert_attack import BERTAttack
+from pipeline.attacks.pgd import PGD
+from pipeline.core.config import check_choice, check_non_negative, check_positive, check_range
 from pipeline.core.tracking import check_reporters
 
 # "auto": bf16 where the hardware runs it natively, fp32 elsewhere (pipeline.models.resolve_precision).
@@ -24,8 +29,6 @@ CAPTIONS = ("primary", "all")
 # none: the evaluation's preprocessing (resize + centre crop); rrc: open_clip's training RandomResizedCrop.
 AUGMENTS = ("none", "rrc")
 RESUME = ("auto", "latest", "never")
-# MAT+ without STAGES trains on the other reference captions: the cheapest cross-modal (I2T) augmentation.
-DEFAULT_MATPLUS_STAGES = ("i2t-human",)
 
 
 @dataclass(frozen=True)
@@ -41,18 +44,34 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
 
+    def __post_init__(self) -> None:
+        check_positive(self, "lr")
+        check_non_negative(self, "warmup")
+        check_range("optim.min_lr_ratio", self.min_lr_ratio, 0, 1)
+
+
+def training_pgd() -> PGD:
+    """Training's PGD: 2 steps of eps / 2 (1/255 at 2/255) from a random start, so the ball's corners stay in
+    reach; ``step_size`` fixes the step instead."""
+    return PGD(steps=2, step_ratio=0.5)
+
+
+def training_bert_attack() -> BERTAttack:
+    """Training's BERT-Attack: the fast variant, 1 word, top-10 candidates."""
+    return BERTAttack(variant="fast")
+
 
 @dataclass(frozen=True)
-class AttackConfig:
+class TrainAttackConfig:
     """Inner maximisation used while training (evaluation has its own, stronger, settings)."""
 
-    eps: float = 2 / 255
-    pgd_steps: int = 2
-    step_size: float | None = None  # None: eps / 2 (1/255 at 2/255), so the ball's corners stay in reach
-    random_start: bool = True
-    n_words: int = 1  # BERT-Attack: words replaced per caption
-    k: int = 10  # BERT-Attack: masked-LM candidates per position
+    image: PGD = field(default_factory=training_pgd)
+    text: BERTAttack = field(default_factory=training_bert_attack)
     order: str = "text-first"  # MAT: text-first (the paper's), image-first, or joint (both from clean inputs)
+
+    def __post_init__(self) -> None:
+        check_range("attack.image.eps", self.image.eps, 0, 1)
+        check_choice("attack.order", self.order, ORDERS)
 
 
 @dataclass(frozen=True)
@@ -71,6 +90,14 @@ class DataConfig:
     num_workers: int = 2
     captions: str = "primary"  # CAPTIONS
     augment: str = "none"  # AUGMENTS
+
+    def __post_init__(self) -> None:
+        check_choice("data.captions", self.captions, CAPTIONS)
+        check_choice("data.augment", self.augment, AUGMENTS)
+        check_non_negative(self, "num_workers", "shuffle_buffer")
+        if self.captions == "all" and self.stages:
+            raise ValueError(f"data.captions='all' with stages {self.stages}: 'all' is the 1:1 all-captions baseline; "
+                             f"one-to-many stages (i2t-human: the other captions) draw from the primary caption")
 
 
 @dataclass(frozen=True)
@@ -97,8 +124,23 @@ class TrainConfig:
     report_to: tuple[str, ...] = ("tensorboard",)  # tensorboard, wandb (pipeline/core/tracking.py); () for none
     wandb_mode: str = "offline"
     optim: OptimConfig = field(default_factory=OptimConfig)
-    attack: AttackConfig = field(default_factory=AttackConfig)
+    attack: TrainAttackConfig = field(default_factory=TrainAttackConfig)
     data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        from pipeline.train.modes import MODES  # lazily: the modes import this module
+
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r}: choose one of {', '.join(MODES)}")
+        check_positive(self, "steps", "batch_size", "accum_steps", "log_every", "save_every", "keep_checkpoints")
+        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("resume", self.resume, RESUME)
+        check_reporters(self.report_to, self.wandb_mode)
+        mode = MODES[self.mode]
+        if not self.data.stages and mode.default_stages:
+            dataclasses.replace(self.data, stages=mode.default_stages)  # checks captions='all' against them
+        elif mode.needs_stages and not self.data.stages:
+            raise ValueError(f"mode={self.mode!r} needs augmentation stages (STAGES=i2t-human,eda,...)")
 
 
 @dataclass(frozen=True)
@@ -127,100 +169,20 @@ class PretrainConfig:
     report_to: tuple[str, ...] = ("tensorboard",)
     wandb_mode: str = "offline"
 
-
-def check_train(cfg: TrainConfig, modes: tuple[str, ...]) -> None:
-    """Raise ValueError naming the first bad value."""
-    if cfg.mode not in modes:
-        raise ValueError(f"mode={cfg.mode!r}: choose one of {', '.join(modes)}")
-    _check_positive(cfg, ("steps", "batch_size", "accum_steps", "log_every", "save_every", "keep_checkpoints"))
-    if cfg.precision not in PRECISIONS:
-        raise ValueError(f"precision={cfg.precision!r}: choose one of {PRECISIONS}")
-    if cfg.resume not in RESUME:
-        raise ValueError(f"resume={cfg.resume!r}: choose one of {RESUME}")
-    if cfg.optim.lr <= 0 or cfg.optim.warmup < 0 or not 0 <= cfg.optim.min_lr_ratio <= 1:
-        raise ValueError(f"optim={cfg.optim}: lr must be > 0, warmup >= 0, min_lr_ratio in [0, 1]")
-    a = cfg.attack
-    if not 0 <= a.eps <= 1 or a.pgd_steps < 0 or (a.step_size is not None and a.step_size < 0):
-        raise ValueError(f"attack eps={a.eps}, pgd_steps={a.pgd_steps}, step_size={a.step_size}: out of range")
-    if a.order not in ORDERS:
-        raise ValueError(f"attack.order={a.order!r}: choose one of {ORDERS}")
-    if a.n_words < 1 or a.k < 1:
-        raise ValueError(f"attack n_words={a.n_words}, k={a.k}: both must be >= 1")
-    if cfg.data.num_workers < 0 or cfg.data.shuffle_buffer < 0:
-        raise ValueError(f"data={cfg.data}: num_workers and shuffle_buffer must be >= 0")
-    check_data(cfg.data)
-    check_reporters(cfg.report_to, cfg.wandb_mode)
-    if cfg.mode == "matplus" and not cfg.data.stages:
-        raise ValueError("mode='matplus' needs augmentation stages (STAGES=i2t-human,eda,...)")
-
-
-def check_data(data: DataConfig) -> None:
-    """Raise ValueError naming a bad `captions` / `augment`, or captions='all' combined with stages."""
-    if data.captions not in CAPTIONS:
-        raise ValueError(f"data.captions={data.captions!r}: choose one of {CAPTIONS}")
-    if data.augment not in AUGMENTS:
-        raise ValueError(f"data.augment={data.augment!r}: choose one of {AUGMENTS}")
-    if data.captions == "all" and data.stages:
-        raise ValueError(f"data.captions='all' with stages {data.stages}: 'all' is the 1:1 all-captions baseline; "
-                         f"one-to-many stages (i2t-human: the other captions) draw from the primary caption")
-
-
-def check_pretrain(cfg: PretrainConfig) -> None:
-    _check_positive(cfg, ("vocab_size", "steps", "batch_size", "mlm_batch_size", "lr", "mlm_lr"))
-    if cfg.mlm_steps < 0 or cfg.warmup < 0:
-        raise ValueError(f"mlm_steps={cfg.mlm_steps}, warmup={cfg.warmup}: must be >= 0")
-    check_reporters(cfg.report_to, cfg.wandb_mode)
-    if not 0 < cfg.mask_prob < 1:
-        raise ValueError(f"mask_prob={cfg.mask_prob}: must be in (0, 1)")
-    if cfg.precision not in PRECISIONS:
-        raise ValueError(f"precision={cfg.precision!r}: choose one of {PRECISIONS}")
-
-
-def _check_positive(cfg: Any, names: tuple[str, ...]) -> None:
-    for name in names:
-        value = getattr(cfg, name)
-        if value <= 0:
-            raise ValueError(f"{name}={value!r}: must be > 0")
+    def __post_init__(self) -> None:
+        check_positive(self, "vocab_size", "steps", "batch_size", "mlm_batch_size", "lr", "mlm_lr")
+        check_non_negative(self, "mlm_steps", "warmup")
+        check_reporters(self.report_to, self.wandb_mode)
+        if not 0 < self.mask_prob < 1:
+            raise ValueError(f"mask_prob={self.mask_prob}: must be in (0, 1)")
+        check_choice("precision", self.precision, PRECISIONS)
 
 
 def resolve_stages(cfg: TrainConfig) -> TrainConfig:
-    """MAT+ without explicit stages gets DEFAULT_MATPLUS_STAGES."""
-    if cfg.mode == "matplus" and not cfg.data.stages:
-        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, stages=DEFAULT_MATPLUS_STAGES))
+    """A mode with default stages (MAT+: i2t-human) and none given gets them."""
+    from pipeline.train.modes import MODES
+
+    default = MODES[cfg.mode].default_stages
+    if default and not cfg.data.stages:
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, stages=default))
     return cfg
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
-def from_dict(cls: type, payload: dict[str, Any]) -> Any:
-    """Rebuild a (nested) config dataclass from `to_dict` output, e.g. a run's config.json."""
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in payload:
-            continue
-        value = payload[f.name]
-        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
-            value = from_dict(f.default_factory, value)
-        elif isinstance(value, list):
-            value = tuple(value)
-        kwargs[f.name] = value
-    return cls(**kwargs)
-
-
-def override(cfg: Any, **changes: Any) -> Any:
-    """Replace fields by dotted name (`optim.lr`, `attack.eps`); None values are ignored (CLI leaves them unset)."""
-    nested: dict[str, dict[str, Any]] = {}
-    flat: dict[str, Any] = {}
-    for name, value in changes.items():
-        if value is None:
-            continue
-        head, _, rest = name.partition(".")
-        if rest:
-            nested.setdefault(head, {})[rest] = value
-        else:
-            flat[name] = value
-    for head, sub in nested.items():
-        flat[head] = override(getattr(cfg, head), **sub)
-    return dataclasses.replace(cfg, **flat)

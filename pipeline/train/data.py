@@ -36,7 +36,7 @@ from pipeline.core.images import decode_rgb, model_pixels, random_resized_crop_p
 from pipeline.core.schema import base_record
 from pipeline.core.seeding import derive_seed
 from pipeline.curate.pairs import CAPTION_INDEX, KeepFn, compatible_texts, pair_options, zip_stages
-from pipeline.train.config import DataConfig, check_data
+from pipeline.train.config import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def build_pipeline(
         source = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
     else:
         source = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker]
-    check_data(DataConfig(stages=stages, captions=captions, augment=augment))
+    DataConfig(stages=stages, captions=captions, augment=augment)  # raises ValueError naming a bad value
     collate = Collate(image_size, augment, seed)
     if captions == "all":
         expand, batcher = [expand_captions()], distinct_batches(batch_size, collate)

@@ -1,6 +1,7 @@
 """`make train`: wires config, run dir, model, mode, data, optimiser and checkpoints around `loop.fit`.
 
-Run folder RUNS_DIR/<mode>-<dataset>-<YYYYmmdd-HHMMSS>/: config.json (resolved), metrics.csv, tensorboard/,
+Run folder RUNS_DIR/<mode>-<dataset>-<YYYYmmdd-HHMMSS>/: config.json (the TrainConfig as run, its stages resolved,
+with paths, world size and precision under "resolved"; `train --config <it>` replays it), metrics.csv, tensorboard/,
 checkpoints/step-NNNNNN/{clip/, state.pt}, and clip/ (the final model, an HF dir for `load_clip`).
 Launch with `torchrun --nproc-per-node N -m pipeline train ...` for DDP (gloo on CPU, nccl on GPU).
 """
@@ -25,9 +26,9 @@ from pipeline.models.device import resolve_precision
 from pipeline.models.hf import CLIPBundle, MLMBundle, load_clip, load_mlm
 from pipeline.core.paths import Layout, plain_name
 from pipeline.core.shard_urls import check_stage_urls, dataset_size, expand_urls
-from pipeline.core.fileio import atomic_write_json
+from pipeline.core.config import save_config, to_dict
 from pipeline.train import checkpoints, data
-from pipeline.train.config import TrainConfig, check_train, resolve_stages, to_dict
+from pipeline.train.config import TrainConfig, resolve_stages
 from pipeline.train.distributed import DistEnv, barrier, init_distributed
 from pipeline.train.loop import LoopHooks, MetricsLog, cosine_with_warmup, fit, param_groups
 from pipeline.train.modes import MODES, DualEncoder, build_mode
@@ -120,9 +121,8 @@ def build_batches(cfg: TrainConfig, layout: Layout, image_size: int, seed: int, 
 
 
 def train(cfg: TrainConfig, layout: Layout | None = None) -> RunResult:
-    # 1. Validate and resolve.
+    # 1. Resolve (the config validated itself when built).
     cfg = resolve_stages(cfg)
-    check_train(cfg, tuple(MODES))
     layout = layout or Layout.from_env()
     env = init_distributed(cfg.device)
     seed_everything(cfg.seed, env.rank)
@@ -130,8 +130,8 @@ def train(cfg: TrainConfig, layout: Layout | None = None) -> RunResult:
     run_dir = setup_run_dir(cfg, layout, env)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / "config.json", {**to_dict(cfg), "paths": {k: str(v) for k, v in vars(layout).items()},
-                                                    "world_size": env.world_size, "precision_resolved": precision})
+        save_config(cfg, run_dir / "config.json", resolved={"paths": {k: str(v) for k, v in vars(layout).items()},
+                                                            "world_size": env.world_size, "precision_resolved": precision})
     # 2. Model, mode (it freezes what it does not train), DDP.
     clip, mlm = load_models(cfg, layout, env)
     mode = build_mode(cfg, clip, mlm)

@@ -13,8 +13,8 @@ inside the model call; BERT-Attack replaces words with masked-LM candidates, bat
            `joint` attacks both from the clean inputs (the paper's open question on simultaneous updates).
 - matplus: mat on one-to-many augmented pairs (the loader draws them; STAGES chooses the stages).
 
-References and deliberate differences (the inner PGD is always the cheap training one of `AttackConfig`: eps
-2/255, 2 signed steps of 1/255 from a uniform [-eps, eps] start, the evaluation's budget):
+References and deliberate differences (the inner PGD is the cheap training one of `TrainAttackConfig.image` unless
+changed: eps 2/255, 2 signed steps of 1/255 from a uniform [-eps, eps] start, the evaluation's budget):
 - tecoa vs cvlab-columbia/ZSRobust4FoundationModel `finetuning.py`: the reference trains the vision tower on
   ImageNet class prompts with cross-entropy over image -> class-text logits, attack and loss alike (README
   example: eps 1/255, 2 steps of 1/255). Captions have no classes, so the in-batch captions play the classes and
@@ -37,13 +37,10 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-from pipeline.attacks import PGD, BERTAttack, image_similarity_goal
+from pipeline.attacks import image_similarity_goal
 from pipeline.models.hf import CLIPBundle, MLMBundle
 from pipeline.train.config import TrainConfig
 from pipeline.train.losses import ClipLoss, FareLoss, info_nce
-
-# Training's PGD step when none is given: eps / 2, so 2 steps from a random start reach any corner of the ball.
-TRAIN_STEP_RATIO = 0.5
 
 Batch = dict[str, Any]
 Terms = dict[str, torch.Tensor]
@@ -74,6 +71,8 @@ class Mode:
     name: ClassVar[str]
     needs_mlm: ClassVar[bool] = False
     trains_text: ClassVar[bool] = True
+    needs_stages: ClassVar[bool] = False  # trains on augmentation stages (DataConfig.stages)
+    default_stages: ClassVar[tuple[str, ...]] = ()  # the stages used when none are given
 
     def __init__(self, cfg: TrainConfig, clip: CLIPBundle, mlm: MLMBundle | None = None):
         self.cfg = cfg
@@ -100,9 +99,7 @@ class Mode:
         return result
 
     def _pgd(self, images: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        a = self.cfg.attack
-        attack = PGD(eps=a.eps, steps=a.pgd_steps, step_size=a.step_size, step_ratio=TRAIN_STEP_RATIO,
-                     random_start=a.random_start)
+        attack = self.cfg.attack.image
         return self._timed("image_attack", lambda: attack(images, loss_fn).detach())
 
     def _contrastive(self, net: nn.Module, images: torch.Tensor, texts: list[str]) -> Terms:
@@ -168,7 +165,7 @@ class MAT(Mode):
         super().__init__(cfg, clip, mlm)
         if mlm is None:
             raise ValueError(f"mode {self.name!r} needs a masked LM for BERT-Attack (MLM=<dir or id>)")
-        self.text_attack = BERTAttack(n_words=cfg.attack.n_words, top_k=cfg.attack.k, variant="fast")
+        self.text_attack = cfg.attack.text
 
     def _attack_texts(self, texts: list[str], images: torch.Tensor) -> list[str]:
         """Each caption's words replaced to lower its cosine to its (clean or adversarial) image."""
@@ -204,6 +201,9 @@ class MATPlus(MAT):
     """MAT on one-to-many augmented data: identical step, the loader draws pairs from the chosen stages."""
 
     name = "matplus"
+    needs_stages = True
+    # Without STAGES: the other reference captions, the cheapest cross-modal (I2T) augmentation.
+    default_stages = ("i2t-human",)
 
 
 MODES: dict[str, type[Mode]] = {cls.name: cls for cls in (FineTune, TeCoA, Fare, MAT, MATPlus)}

@@ -3,7 +3,8 @@
 1. tokenizers (CLIP BPE, BERT WordPiece) trained offline on the train split's captions;
 2. a small BERT masked LM on those captions (the candidate generator of BERT-Attack);
 3. a small CLIP from `CLIP_PRESETS[clip_preset]`, trained with the `ft` mode of the training loop on the base
-   shards (so it streams, logs and checkpoints like any run: RUNS_DIR/pretrain-<dataset>-<time>/);
+   shards (so it streams, logs and checkpoints like any run: RUNS_DIR/pretrain-<dataset>-<time>/, whose
+   config.json is that `ft` run's and pretrain.json this PretrainConfig: `pretrain --config <it>` replays it);
 4. both saved with save_pretrained to MODELS_DIR/<dataset>/clip and MODELS_DIR/<dataset>/mlm.
 """
 
@@ -19,16 +20,18 @@ import torch
 from tqdm import tqdm
 from transformers import DataCollatorForLanguageModeling
 
-from pipeline.models.device import autocast, resolve_device
+from pipeline.core.config import save_config
+from pipeline.models.device import autocast, resolve_device, resolve_precision
 from pipeline.models.hf import MLMBundle, build_clip, build_mlm, train_tokenizers
 from pipeline.core.paths import Layout
 from pipeline.core.schema import read_captions
 from pipeline.core.tracking import Tracker
-from pipeline.train.config import DataConfig, OptimConfig, PretrainConfig, TrainConfig, check_pretrain
+from pipeline.train.config import DataConfig, OptimConfig, PretrainConfig, TrainConfig
 from pipeline.train.loop import cosine_with_warmup
 from pipeline.train.main import train
 
 log = logging.getLogger(__name__)
+PRETRAIN_CONFIG = "pretrain.json"  # beside the `ft` run's config.json in the run folder
 
 
 def train_mlm(mlm: MLMBundle, captions: list[str], cfg: PretrainConfig, device: torch.device) -> list[float]:
@@ -54,7 +57,6 @@ def train_mlm(mlm: MLMBundle, captions: list[str], cfg: PretrainConfig, device: 
 
 
 def pretrain(cfg: PretrainConfig, layout: Layout | None = None) -> dict[str, str]:
-    check_pretrain(cfg)
     layout = layout or Layout.from_env()
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device, local_rank=0)
@@ -68,6 +70,8 @@ def pretrain(cfg: PretrainConfig, layout: Layout | None = None) -> dict[str, str
         log.info("mlm loss %.3f -> %.3f", losses[0], sum(losses[-10:]) / len(losses[-10:]))
     mlm_dir = mlm.save(layout.model_dir(cfg.dataset, "mlm"))
     run_dir = layout.runs_dir / f"pretrain-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    save_config(cfg, run_dir / PRETRAIN_CONFIG,
+                resolved={"device": str(device), "precision_resolved": resolve_precision(cfg.precision, device)})
     tracker = Tracker(run_dir / "mlm", cfg.report_to, dataclasses.asdict(cfg), name=f"{run_dir.name}-mlm",
                       wandb_mode=cfg.wandb_mode)
     for step, loss in enumerate(losses):
