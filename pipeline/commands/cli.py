@@ -420,6 +420,8 @@ def eval_command(
     constraint: Annotated[Optional[str], typer.Option(envvar="ATTACK_CONSTRAINT", help="BERT-Attack candidate filter: synonyms (WordNet synonyms of the replaced word only); default none, as the reference code.")] = None,
     report_to: ReportTo = None,
     wandb_mode: WandbMode = None,
+    itm_k: Annotated[int, typer.Option(envvar="ITM_K", help="BLIP: re-rank each query's contrastive top k with the ITM head, as BLIP/ALBEF evaluate (0: off).")] = 0,
+    attack_source: Annotated[Optional[str], typer.Option(envvar="ATTACK_SOURCE", help="Transfer: craft the attacks on this model (dir, run dir, open_clip:... spec) and evaluate CKPT on them.")] = None,
 ) -> None:
     """Retrieval R@1/5/10 (TR and IR) clean and under PGD, BERT-Attack, Co-Attack, SGA; writes evals/<name>.json.
 
@@ -442,6 +444,7 @@ def eval_command(
                 normalise_captions=normalise_captions, constraint=_env_or_none(constraint),
             )
             config = override(config, report_to=_reporters(report_to), wandb_mode=_env_or_none(wandb_mode))
+            config = override(config, itm_k=itm_k, attack_source=_env_or_none(attack_source))
             record = evaluate(config, layout())
         except (ValueError, FileNotFoundError, ModelNotFoundError) as error:
             _fail(str(error))
