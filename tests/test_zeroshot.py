@@ -144,3 +144,18 @@ def test_end_to_end_on_a_tiny_clip_writes_the_json(tmp_path, tiny_model_dirs):
     assert json.loads(path.read_text())["metrics"]["clean"]["accuracy"] == record["metrics"]["clean"]["accuracy"]
     assert set(record["metrics"]) == {"clean", "eps1/255", "eps4/255"}
     assert path.parent.name == "zeroshot" and path.parent.parent.name == "evals"
+
+
+def test_cli_explains_itself_and_reports_an_empty_class_folder(tmp_path, tiny_model_dirs, monkeypatch):
+    from typer.testing import CliRunner
+
+    from pipeline.commands.cli import app
+
+    runner = CliRunner()
+    assert runner.invoke(app, ["eval-zeroshot", "--help"]).exit_code == 0
+    root = _folder(tmp_path / "f", {"red": 1, "green": 1})
+    (root / "blue").mkdir()
+    monkeypatch.setenv("MANIFESTS_DIR", str(tmp_path / "manifests"))
+    result = runner.invoke(app, ["eval-zeroshot", "--ckpt", tiny_model_dirs["clip"], "--data", str(root),
+                                 "--device", "cpu"])
+    assert result.exit_code == 2 and "has no images" in result.output
