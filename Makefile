@@ -24,10 +24,10 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 # Debian packages: WordNet 3.0 for EDA (read by nltk offline) and a Penn-Treebank tagger lexicon.
 APT_PACKAGES := wordnet-base wordnet-sense-index liblingua-en-tagger-perl
 
-.PHONY: setup ingest augment stats filter export pretrain train eval report study demo test bench clean tiny-models help
+.PHONY: setup ingest augment stats filter export pretrain train eval eval-zeroshot report study demo test bench clean tiny-models help
 
 help:
-	@echo "make demo | test | setup | ingest | augment | stats | filter | export | pretrain | train | eval | report | study | bench | clean"
+	@echo "make demo | test | setup | ingest | augment | stats | filter | export | pretrain | train | eval | eval-zeroshot | report | study | bench | clean"
 	@echo "see README.md; every target takes the CLI options as variables (DATASET=..., STAGES=..., MODE=...)"
 
 setup: $(STAMP) $(APT_STAMP) $(NLTK_STAMP)
@@ -35,7 +35,7 @@ setup: $(STAMP) $(APT_STAMP) $(NLTK_STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,ray,tracking]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,ray,tracking,families]'
 	@touch $@
 
 $(APT_STAMP):
@@ -80,6 +80,10 @@ train: setup
 
 eval: setup
 	$(CLI) eval
+
+# Zero-shot classification, clean and under PGD / APGD: make eval-zeroshot CKPT=... ZS_DATA=<ImageFolder> (or ZS_LABELS=shape)
+eval-zeroshot: setup
+	$(CLI) eval-zeroshot
 
 report: setup
 	$(CLI) report

@@ -66,3 +66,20 @@ def test_chart_is_a_png(layout):
 def test_no_evals_raises(tmp_path):
     with pytest.raises(FileNotFoundError, match="make eval"):
         build_report("none", Layout(manifests_dir=tmp_path))
+
+
+def test_transfer_rows_are_marked_and_the_resize_stated(tmp_path):
+    layout = Layout(manifests_dir=tmp_path / "manifests")
+    evals = layout.dataset_manifests("toy") / "evals"
+    evals.mkdir(parents=True)
+    white = _eval("target", "pretrained", {"clean": 40.0, "pgd": 5.0})
+    transfer = dict(_eval("target-from-src", "transfer", {"clean": 40.0, "pgd": 30.0}), attack_setting="transfer",
+                    attack_source="models/src", transfer_resize="adversarial images resized 224 -> 384 px (bicubic, antialiased)")
+    for ev in (white, transfer):
+        (evals / f"{ev['name']}.json").write_text(json.dumps(ev))
+    result = build_report("toy", layout)
+    settings = {(r["name"], r["attack"]): r["setting"] for r in result["records"]}
+    assert settings[("target", "pgd")] == "white-box" and settings[("target-from-src", "pgd")] == "transfer"
+    assert settings[("target-from-src", "clean")] == "clean"
+    assert "| transfer (transfer from models/src) |" in result["markdown"]
+    assert "| pretrained (white-box) |" in result["markdown"] and "224 -> 384 px" in result["markdown"]

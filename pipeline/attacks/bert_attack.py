@@ -310,8 +310,7 @@ class BERTAttack:
             strings = [editor.captions[edits[k][0]].with_word(edits[k][1], edits[k][2],
                                                               None if words is None else words[edits[k][0]])
                        for k in missing]
-            enc = clip.tokenizer(strings, truncation=True, max_length=clip.max_length)["input_ids"]
-            for k, row in zip(missing, enc):
+            for k, row in zip(missing, clip.token_ids(strings)):
                 ids[k] = row
         emb = embed_ids(clip, ids, self.batch_size)
         return goal(emb, torch.tensor([e[0] for e in edits], device=emb.device)).float().cpu()

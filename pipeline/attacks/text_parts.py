@@ -119,11 +119,13 @@ class TokenEditor:
         self._word_ids: dict[str, list[int]] = {}
         self._ids: list[list[int] | None] = [None] * len(captions)
         self._tokens: list[list[tuple[int, int] | None]] = [[None] * len(c.words) for c in captions]
-        if not tok.is_fast:
+        # (first, last) special ids of a fast HF tokenizer; None (open_clip's tokenizer): always re-tokenise
+        self._frame = clip.edit_frame
+        if self._frame is None:
             return
         enc = tok([c.text for c in captions], add_special_tokens=True, return_offsets_mapping=True)
         for i, (ids, offsets) in enumerate(zip(enc["input_ids"], enc["offset_mapping"])):
-            if len(ids) < 2 or ids[0] != tok.bos_token_id or ids[-1] != tok.eos_token_id:
+            if len(ids) < 2 or ids[0] != self._frame[0] or ids[-1] != self._frame[1]:
                 continue
             self._ids[i] = ids[1:-1]
             inner = offsets[1:-1]
@@ -140,7 +142,7 @@ class TokenEditor:
     def prepare(self, words: list[str]) -> None:
         """Tokenise the replacement words about to be used (one batched call for the new ones)."""
         new = sorted({w for w in words if w and w.isascii() and w not in self._word_ids})
-        if new:
+        if new and self._frame is not None:
             ids = self.clip.tokenizer(new, add_special_tokens=False)["input_ids"]
             self._word_ids.update(zip(new, ids))
 
@@ -161,14 +163,13 @@ class TokenEditor:
             out += self._ids[i][last:start] + (self._word_ids[new] if new else [])
             last = end
         out += self._ids[i][last:]
-        tok = self.clip.tokenizer
-        return [tok.bos_token_id, *out[:self.clip.max_length - 2], tok.eos_token_id]
+        return [self._frame[0], *out[:self.clip.max_length - 2], self._frame[1]]
 
 
 def embed_ids(clip: CLIPBundle, ids: list[list[int]], batch_size: int) -> torch.Tensor:
     """L2-normalised CLIP text embeddings [N, D] of token id lists, in chunks of similar length (less padding)."""
     order = sorted(range(len(ids)), key=lambda j: len(ids[j]))
-    pad = clip.tokenizer.pad_token_id
+    pad = clip.pad_token_id
     chunks = []
     for s in range(0, len(ids), batch_size):
         rows = [ids[j] for j in order[s:s + batch_size]]

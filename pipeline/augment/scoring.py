@@ -93,9 +93,9 @@ class Scorer:
     @property
     def bundle(self):
         if self._bundle is None:
-            from pipeline.models.hf import load_clip
+            from pipeline.models.loading import load_model
 
-            self._bundle = load_clip(self.config.model, device=self.device)
+            self._bundle = load_model(self.config.model, device=self.device)
             self._bundle.model.requires_grad_(False)
         return self._bundle
 
@@ -106,7 +106,7 @@ class Scorer:
             if local.is_dir():
                 self._revision = "sha256:" + _weights_digest(local)
             else:
-                self._revision = str(getattr(self.bundle.model.config, "_commit_hash", None) or "unknown")
+                self._revision = str(getattr(getattr(self.bundle.model, "config", None), "_commit_hash", None) or "unknown")
         return self._revision
 
     def describe(self) -> dict[str, Any]:
@@ -164,7 +164,7 @@ class Scorer:
 
     @property
     def dim(self) -> int:
-        return int(self.bundle.model.config.projection_dim)
+        return int(self.bundle.embed_dim)
 
     # ------------------------------------------------------------------------------ reference
 

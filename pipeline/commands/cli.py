@@ -597,6 +597,8 @@ def eval_command(
     wandb_mode: WandbMode = None,
     config: ConfigFile = None,
     settings: Assignments = None,
+    itm_k: Annotated[Optional[int], typer.Option(envvar="ITM_K", help="BLIP: re-rank each query's contrastive top k with the ITM head, as BLIP/ALBEF evaluate (0: off; default EvalConfig's).")] = None,
+    attack_source: Annotated[Optional[str], typer.Option(envvar="ATTACK_SOURCE", help="Transfer: craft the attacks on this model (dir, run dir, open_clip:... spec) and evaluate CKPT on them.")] = None,
 ) -> None:
     """Retrieval R@1/5/10 (TR and IR) clean and under PGD, BERT-Attack, Co-Attack, SGA; writes evals/<name>.json.
 
@@ -612,7 +614,8 @@ def eval_command(
         attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()) if attacks is not None else None,
         eps=eps, steps=steps, step_size=step_size, top_k=top_k, n_words=n_words, precision=precision, device=device,
         seed=seed, normalise_captions=normalise_captions, constraint=_env_or_none(constraint),
-        report_to=_reporters(report_to), wandb_mode=_env_or_none(wandb_mode))
+        report_to=_reporters(report_to), wandb_mode=_env_or_none(wandb_mode),
+        itm_k=itm_k, attack_source=_env_or_none(attack_source))
     base = _build(EvalConfig, config, options, settings)
     if _env_or_none(checkpoint):
         checkpoints = [c.strip() for c in checkpoint.split(",") if c.strip()]
@@ -794,6 +797,52 @@ def clean(
 
     for line in run_clean(layout(), dataset).lines():
         typer.echo(line)
+
+
+@app.command(name="eval-zeroshot")
+def eval_zeroshot_command(
+    checkpoint: Annotated[str, typer.Option("--ckpt", envvar="CKPT", help="Any model load_model reads: a training run dir, an HF CLIP / BLIP dir or hub id, open_clip:<model>[:<pretrained>].")],
+    data: Annotated[Optional[str], typer.Option(envvar="ZS_DATA", help="An ImageFolder (class folders; '_' reads as a space) or a datasets dataset saved with save_to_disk.")] = None,
+    labels: Annotated[Optional[str], typer.Option("--labels", envvar="ZS_LABELS", help="Without ZS_DATA: a labelled set from the synth generator, by shape or colour.")] = None,
+    synth_images: Annotated[int, typer.Option(envvar="ZS_SYNTH_IMAGES", help="Images of the synth labelled set.")] = 200,
+    dataset: Dataset = "synth",
+    name: Annotated[Optional[str], typer.Option(envvar="EVAL_NAME", callback=_plain("EVAL_NAME"), help="Output name (evals/zeroshot/<name>.json).")] = None,
+    split: Annotated[str, typer.Option(envvar="ZS_SPLIT", help="Split of a saved DatasetDict.")] = "test",
+    size: Annotated[Optional[int], typer.Option(envvar="EVAL_SIZE", help="First N images (classes interleaved; default all).")] = None,
+    eps: Annotated[str, typer.Option(envvar="ZS_EPS", help="Comma-separated L-inf budgets in 1/255 units.")] = "1,2,4",
+    pgd_steps: Annotated[int, typer.Option(envvar="ZS_PGD_STEPS", help="PGD steps (step eps/4).")] = 100,
+    apgd: Annotated[bool, typer.Option("--apgd/--no-apgd", envvar="ZS_APGD", help="APGD-CE and APGD-T via torchattacks (skipped with a note when not installed).")] = True,
+    apgd_steps: Annotated[int, typer.Option(envvar="ZS_APGD_STEPS", help="APGD iterations.")] = 100,
+    templates: Annotated[Optional[str], typer.Option(envvar="ZS_TEMPLATES", help="A text file of prompt templates, one per line, each with {} for the class name.")] = None,
+    batch_size: Annotated[int, typer.Option(envvar="EVAL_BATCH", help="Images per forward / attack batch.")] = 64,
+    device: Annotated[str, typer.Option(envvar="DEVICE", help="auto, cpu or cuda.")] = "auto",
+    seed: Annotated[int, typer.Option(envvar="EVAL_SEED", help="Seed of the attacks' random starts.")] = 0,
+) -> None:
+    """Zero-shot classification accuracy, clean and under PGD (and APGD-CE / APGD-T) at each eps; writes
+    evals/zeroshot/<name>.json."""
+    from pipeline.evaluation.zeroshot import TEMPLATES, ZeroShotConfig, evaluate_zeroshot
+    from pipeline.models.hf import ModelNotFoundError
+
+    try:
+        prompts = tuple(line.strip() for line in Path(templates).read_text().splitlines() if line.strip()) \
+            if templates else TEMPLATES
+        config = ZeroShotConfig(
+            checkpoint=checkpoint, data=_env_or_none(data), synth_labels=_env_or_none(labels),
+            synth_images=synth_images, dataset=dataset, name=_env_or_none(name), split=split, size=size,
+            templates=prompts, eps=tuple(float(e) / 255 for e in eps.split(",") if e.strip()), pgd_steps=pgd_steps,
+            apgd=apgd, apgd_steps=apgd_steps, batch_size=batch_size, device=device, seed=seed)
+        record = evaluate_zeroshot(config, layout())
+    except (ValueError, FileNotFoundError, ModelNotFoundError, ImportError) as error:
+        _fail(str(error))
+    metrics = record["metrics"]
+    typer.echo(f"{record['name']}: {record['n_images']} images, {len(record['classes'])} classes "
+               f"(chance {record['chance']:.1f}%), clean {metrics['clean']['accuracy']:.1f}%")
+    for key, row in metrics.items():
+        if key != "clean":
+            apgd_text = f"  APGD-CE+T {row['apgd_accuracy']:5.1f}%" if "apgd_accuracy" in row else ""
+            typer.echo(f"  {key:<10} PGD-{row['pgd_steps']} {row['pgd_accuracy']:5.1f}%{apgd_text}")
+    for note in record["notes"]:
+        typer.echo(f"  note: {note}")
 
 
 def main() -> None:

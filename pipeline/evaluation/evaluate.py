@@ -57,8 +57,10 @@ from tqdm import tqdm
 
 from pipeline.evaluation.resume import PartialStore, fingerprint, model_stamp
 from pipeline.models.device import PRECISIONS, autocast, resolve_device, resolve_precision
-from pipeline.models.hf import CLIPBundle, MLMBundle, load_clip, load_mlm
+from pipeline.models.hf import CLIPBundle, MLMBundle, load_mlm
+from pipeline.models.loading import load_model
 from pipeline.core.images import decode_rgb
+from pipeline.evaluation.itm import check_itm, itm_retrieval_metrics
 from pipeline.core.paths import Layout
 from pipeline.core.schema import base_record
 from pipeline.core.tracking import Tracker, check_reporters
@@ -108,6 +110,8 @@ class EvalConfig:
     normalise_captions: bool = True  # the reference's pre_caption (normalise_caption); False: captions as stored
     report_to: tuple[str, ...] = ("tensorboard",)  # trackers of the metrics (pipeline/core/tracking.py); () for none
     wandb_mode: str = "offline"
+    itm_k: int = 0  # BLIP: re-rank each query's contrastive top k with the ITM head (pipeline/evaluation/itm.py)
+    attack_source: str | None = None  # transfer: craft the attacks on this model (spec / run dir), evaluate ours
 
     def attack_options(self) -> dict[str, Any]:
         options = {"eps": self.eps, "steps": self.steps, "step_size": self.step_size, "top_k": self.top_k,
@@ -127,6 +131,8 @@ class EvalConfig:
         check_choice("precision", self.precision, PRECISIONS)
         if self.eps is not None and not 0 <= self.eps <= 1:
             raise ValueError(f"eps={self.eps}: must be in [0, 1] (pixels in [0, 1]; 2/255 = {2 / 255:.5f})")
+        if self.itm_k < 0:
+            raise ValueError(f"itm_k={self.itm_k}: must be >= 0 (0: contrastive ranking only)")
 
 
 def normalise_caption(caption: str, max_words: int = MAX_WORDS) -> str:
@@ -208,7 +214,7 @@ def resolve_checkpoint(checkpoint: str) -> tuple[str, str, str]:
 @torch.no_grad()
 def embed(clip: CLIPBundle, images: torch.Tensor, texts: list[str], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised float embeddings of images [N, D] and texts [M, D], in chunks."""
-    dim = clip.model.config.projection_dim
+    dim = clip.embed_dim
     img = [clip.encode_images(images[s:s + batch_size].to(clip.device)).float().cpu()
            for s in range(0, len(images), batch_size)]
     step = 4 * batch_size
@@ -233,25 +239,33 @@ def batch_seed(seed: int, index: int) -> int:
 
 
 def attacked_embeddings(clip: CLIPBundle, mlm: MLMBundle | None, data: TestSet, attack: str, cfg: EvalConfig,
-                        store: PartialStore | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+                        store: PartialStore | None = None, source: Any = None, source_data: TestSet | None = None,
+                        keep: list | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(adversarial image embeddings, adversarial caption embeddings, attack seconds) of the whole test set.
 
     Each batch is attacked with its own captions and :func:`batch_seed`; batches finished in ``store`` are read
-    from it and new ones written to it as they finish.
+    from it and new ones written to it as they finish. Transfer: ``source`` (another model) crafts the attacks on
+    ``source_data`` (the same images at its size); adversarial images of another size are resized to ours
+    (:func:`to_target_size`). ``keep`` collects each batch's adversarial images and captions (ITM re-ranking).
     """
     from pipeline.attacks import build_attack
 
     image_emb, text_emb, seconds, reused = [], [], 0.0, 0
     total = -(-len(data.keys) // cfg.batch_size)
-    batches = tqdm(data.batches(cfg.batch_size), total=total, desc=f"eval {attack}", unit="batch", leave=False)
+    attacked = source if source is not None else clip
+    batches = tqdm((source_data or data).batches(cfg.batch_size), total=total, desc=f"eval {attack}", unit="batch",
+                   leave=False)
     for index, (images, captions) in enumerate(batches):
         done = store.load_batch(attack, index) if store is not None else None
         if done is None:
             start = time.perf_counter()
             attacker = build_attack(attack, **cfg.attack_options(), seed=batch_seed(cfg.seed, index))
             with autocast(clip.device, cfg.precision):
-                out = attacker(clip, mlm, images, captions)
-                img, txt = embed(clip, out.images, [t for group in out.texts for t in group], cfg.batch_size)
+                out = attacker(attacked, mlm, images, captions)
+                adv = to_target_size(out.images, clip.image_size)
+                if keep is not None:
+                    keep.append((adv.cpu(), [t for group in out.texts for t in group]))
+                img, txt = embed(clip, adv, [t for group in out.texts for t in group], cfg.batch_size)
             done = img, txt, time.perf_counter() - start
             if store is not None:
                 store.save_batch(attack, index, *done)
@@ -263,6 +277,16 @@ def attacked_embeddings(clip: CLIPBundle, mlm: MLMBundle | None, data: TestSet, 
     if reused:
         log.info("%s: %d of %d batches taken from an interrupted run", attack, reused, total)
     return torch.cat(image_emb), torch.cat(text_emb), seconds
+
+
+def to_target_size(images01: torch.Tensor, size: int) -> torch.Tensor:
+    """Adversarial images of a transfer source resized (bicubic, antialiased, clipped to [0, 1]) to the evaluated
+    model's input size; images already at that size are returned as they are."""
+    if images01.shape[-1] == size and images01.shape[-2] == size:
+        return images01
+    from torchvision.transforms.v2 import functional as TF
+
+    return TF.resize(images01, [size, size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True).clamp(0, 1)
 
 
 def resume_fingerprint(cfg: EvalConfig, device: str, precision: str, clip_dir: str, mlm_dir: str | None,
@@ -277,6 +301,8 @@ def resume_fingerprint(cfg: EvalConfig, device: str, precision: str, clip_dir: s
     settings.update(device=device, precision=precision, clip=model_stamp(clip_dir), data=content.hexdigest(),
                     mlm=model_stamp(mlm_dir) if mlm_dir else None,
                     resolved_attacks={a: repr(build_attack(a, **cfg.attack_options())) for a in cfg.attacks})
+    if cfg.attack_source:
+        settings["attack_source"] = model_stamp(resolve_checkpoint(cfg.attack_source)[0])
     return fingerprint(settings)
 
 
@@ -306,15 +332,22 @@ def evaluate(cfg: EvalConfig, layout: Layout | None = None) -> dict[str, Any]:
     out = eval_path(layout, cfg.dataset, name)  # refuses a name that is not plain before any work
     precision = resolve_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
+    # 2. Models and data; the store of partial results.
+    clip = load_model(clip_dir, device=device)
+    check_itm(clip, cfg.itm_k)
+    source_dir = resolve_checkpoint(cfg.attack_source)[0] if cfg.attack_source else None
+    source = load_model(source_dir, device=device) if source_dir else None
     needs_mlm = any(a in {"bert", "coattack", "sga"} for a in cfg.attacks)
     mlm_dir = str(cfg.mlm or layout.model_dir(cfg.dataset, "mlm")) if needs_mlm else None
-    # 2. Models and data; the store of partial results.
-    clip = load_clip(clip_dir, device=device)
     mlm = load_mlm(mlm_dir, device=device) if mlm_dir else None
-    if cfg.data:
-        data = load_test_urls(expand_urls(cfg.data), clip, cfg.size, cfg.normalise_captions)
-    else:
-        data = load_test_set(layout.base_dir(cfg.dataset), cfg.split, clip, cfg.size, cfg.normalise_captions)
+    def load_data(model: Any) -> TestSet:
+        if cfg.data:
+            return load_test_urls(expand_urls(cfg.data), model, cfg.size, cfg.normalise_captions)
+        return load_test_set(layout.base_dir(cfg.dataset), cfg.split, model, cfg.size, cfg.normalise_captions)
+
+    data = load_data(clip)
+    # Transfer from a model of another input size: it attacks the images preprocessed at its own size.
+    source_data = load_data(source) if source is not None and source.image_size != clip.image_size else None
     store = PartialStore(layout.eval_partial_dir(cfg.dataset), name,
                          resume_fingerprint(cfg, device, precision, clip_dir, mlm_dir, data))
     store.drop_stale()
@@ -329,15 +362,24 @@ def evaluate(cfg: EvalConfig, layout: Layout | None = None) -> dict[str, Any]:
         image_emb = torch.cat([embed(clip, images, [], cfg.batch_size)[0] for images, _ in data.batches(cfg.batch_size)])
         _, text_emb = embed(clip, torch.empty(0, 3, clip.image_size, clip.image_size), texts, cfg.batch_size)
         clean = retrieval_metrics(image_emb, text_emb, data.txt2img)
+        if cfg.itm_k:
+            clean = itm_retrieval_metrics(clip, data.images, texts, image_emb, text_emb, data.txt2img, cfg.itm_k,
+                                          KS, cfg.batch_size)
     results = {CLEAN: _row(clean, None, time.perf_counter() - start, len(data.keys))}
     # 4. Each attack.
     for attack in cfg.attacks:
         row = store.finished(attack)
         if row is None:
-            adv_image_emb, adv_text_emb, seconds = attacked_embeddings(clip, mlm, data, attack, cfg, store)
+            keep = [] if cfg.itm_k else None  # ITM re-ranking needs the adversarial images: no per-batch resume
+            adv_image_emb, adv_text_emb, seconds = attacked_embeddings(
+                clip, mlm, data, attack, cfg, store if keep is None else None, source, source_data, keep)
             start = time.perf_counter()
             metrics = retrieval_metrics(adv_image_emb, adv_text_emb, data.txt2img)
+            if keep:
+                metrics = itm_retrieval_metrics(clip, torch.cat([k[0] for k in keep]), [t for _, ts in keep for t in ts],
+                                                adv_image_emb, adv_text_emb, data.txt2img, cfg.itm_k, KS, cfg.batch_size)
             row = _row(metrics, clean, seconds + time.perf_counter() - start, len(data.keys))
+            row["setting"] = "transfer" if source is not None else "white-box"
             store.finish(attack, row)
         else:
             log.info("%s: finished in an interrupted run with the same settings", attack)
@@ -350,12 +392,24 @@ def evaluate(cfg: EvalConfig, layout: Layout | None = None) -> dict[str, Any]:
               "dataset": cfg.dataset, "split": cfg.split, "n_images": len(data.keys), "n_texts": len(texts),
               "captions_per_image": [len(group) for group in data.captions], "precision": precision,
               "settings": dataclasses.asdict(cfg), "attack_options": cfg.attack_options(), "metrics": results,
-              "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+              "time": time.strftime("%Y-%m-%d %H:%M:%S"), **transfer_fields(cfg, clip, source, source_dir)}
     atomic_write_json(out, record)
     store.remove()
     log.info("wrote %s", out)
     track(record, cfg, layout.eval_tracking_dir(cfg.dataset, name))
     return record
+
+
+def transfer_fields(cfg: EvalConfig, clip: Any, source: Any, source_dir: str | None) -> dict[str, Any]:
+    """The record's attack setting: white-box (attacks crafted on the evaluated model) or transfer (on
+    ``attack_source``), the source's family and, for sources of another input size, the resize applied."""
+    out: dict[str, Any] = {"attack_setting": "white-box" if source is None else "transfer", "family": clip.family,
+                           "itm_k": cfg.itm_k}
+    if source is not None:
+        out.update(attack_source=cfg.attack_source, source_model_dir=source_dir, source_family=source.family,
+                   transfer_resize=None if source.image_size == clip.image_size else
+                   f"adversarial images resized {source.image_size} -> {clip.image_size} px (bicubic, antialiased)")
+    return out
 
 
 def track(record: dict[str, Any], cfg: EvalConfig, log_dir: Path) -> None:

@@ -49,14 +49,20 @@ def to_records(evals: list[dict[str, Any]]) -> list[dict[str, Any]]:
             m = ev["metrics"][attack]
             records.append({"name": ev["name"], "mode": ev["mode"], "attack": attack, "checkpoint": ev["checkpoint"],
                             "dataset": ev["dataset"], "n_images": ev["n_images"], "n_texts": ev["n_texts"],
-                            **{k: m[k] for k in METRICS}, "seconds": m.get("seconds")})
+                            **{k: m[k] for k in METRICS}, "seconds": m.get("seconds"),
+                            "setting": "clean" if attack == "clean" else ev.get("attack_setting", "white-box"),
+                            "attack_source": ev.get("attack_source")})
     return records
 
 
 def row_labels(evals: list[dict[str, Any]]) -> list[str]:
     """The mode's label, or the evaluation's name where several evaluations share a mode."""
     counts = Counter(e["mode"] for e in evals)
-    return [MODE_LABELS.get(e["mode"], e["mode"]) if counts[e["mode"]] == 1 else e["name"] for e in evals]
+    labels = [MODE_LABELS.get(e["mode"], e["mode"]) if counts[e["mode"]] == 1 else e["name"] for e in evals]
+    if any(e.get("attack_setting") == "transfer" for e in evals):  # mark every row once transfer rows exist
+        labels = [f"{label} (transfer from {e.get('attack_source')})" if e.get("attack_setting") == "transfer"
+                  else f"{label} (white-box)" for label, e in zip(labels, evals)]
+    return labels
 
 
 def attacks_of(records: list[dict[str, Any]]) -> list[str]:
@@ -79,6 +85,16 @@ def markdown_table(records: list[dict[str, Any]], labels: dict[str, str], metric
     return "\n".join(lines)
 
 
+def transfer_note(evals: list[dict[str, Any]]) -> str:
+    """What the report says about rows whose attacks were crafted on another model."""
+    transfer = [e for e in evals if e.get("attack_setting") == "transfer"]
+    if not transfer:
+        return ""
+    resized = sorted({e["transfer_resize"] for e in transfer if e.get("transfer_resize")})
+    return ("; rows marked transfer were attacked on the named source model and evaluated on theirs"
+            + (f" ({'; '.join(resized)})" if resized else ""))
+
+
 def render_markdown(evals: list[dict[str, Any]], records: list[dict[str, Any]]) -> str:
     labels = dict(zip((e["name"] for e in evals), row_labels(evals)))
     first = evals[0]
@@ -88,7 +104,7 @@ def render_markdown(evals: list[dict[str, Any]], records: list[dict[str, Any]]) 
         f"{first['n_texts']} captions)",
         "Recall@1 (%) of text retrieval (TR, image → captions) and image retrieval (IR, caption → image) on the full "
         "similarity matrix, clean and under white-box attacks against each model (adversarial images vs adversarial "
-        f"captions). Attack settings: {settings}.",
+        f"captions){transfer_note(evals)}. Attack settings: {settings}.",
         markdown_table(records, labels, "r1"),
         "Attack success rate (%): share of the R@1-correct queries that the attack breaks.",
         markdown_table(records, labels, "asr"),

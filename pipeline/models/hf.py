@@ -47,6 +47,7 @@ from transformers import __version__ as TRANSFORMERS_VERSION
 
 from pipeline.core.images import model_pixels
 from pipeline.models.errors import ModelNotFoundError
+from pipeline.models.base import ImageTextModel
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +137,11 @@ def projected(output: torch.Tensor | Any) -> torch.Tensor:
 
 
 @dataclass
-class CLIPBundle:
+class CLIPBundle(ImageTextModel):
     """A CLIPModel with its tokenizer and pixel normalisation; all image inputs are [0, 1] pixels."""
+
+    family = "clip"
+    image_prefixes = ("vision_model.", "visual_projection.")
 
     model: CLIPModel
     tokenizer: PreTrainedTokenizerBase
@@ -158,6 +162,15 @@ class CLIPBundle:
     def logit_scale(self) -> torch.Tensor:
         """exp(logit_scale): the temperature-inverse that multiplies cosine similarities (a live parameter)."""
         return self.model.logit_scale.exp()
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.config.projection_dim)
+
+    @property
+    def edit_frame(self) -> tuple[int, int] | None:
+        tok = self.tokenizer
+        return (tok.bos_token_id, tok.eos_token_id) if tok.is_fast else None
 
     def to(self, device: str | torch.device) -> CLIPBundle:
         self.model.to(device)

@@ -23,7 +23,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.curate.pairs import base_shard_urls
 from pipeline.models.device import resolve_precision
-from pipeline.models.hf import CLIPBundle, MLMBundle, load_clip, load_mlm
+from pipeline.models.hf import CLIPBundle, MLMBundle, load_mlm
+from pipeline.models.loading import load_model
 from pipeline.core.paths import Layout, plain_name
 from pipeline.core.shard_urls import check_stage_urls, dataset_size, expand_urls
 from pipeline.core.config import save_config, to_dict
@@ -66,7 +67,7 @@ def setup_run_dir(cfg: TrainConfig, layout: Layout, env: DistEnv) -> Path:
 
 
 def load_models(cfg: TrainConfig, layout: Layout, env: DistEnv) -> tuple[CLIPBundle, MLMBundle | None]:
-    clip = load_clip(cfg.clip or layout.model_dir(cfg.dataset, "clip"), device=env.device)
+    clip = load_model(cfg.clip or layout.model_dir(cfg.dataset, "clip"), device=env.device)
     mlm = None
     if MODES[cfg.mode].needs_mlm:
         mlm = load_mlm(cfg.mlm or layout.model_dir(cfg.dataset, "mlm"), device=env.device)

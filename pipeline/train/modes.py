@@ -57,7 +57,7 @@ class DualEncoder(nn.Module):
     def forward(
         self, pixels01: torch.Tensor | None = None, tokens: dict[str, torch.Tensor] | None = None, raw: bool = False
     ) -> dict[str, torch.Tensor]:
-        out = {"logit_scale": self.model.logit_scale.exp()}
+        out = {"logit_scale": self.bundle.logit_scale}
         if pixels01 is not None:
             out["image"] = self.bundle.image_features(pixels01) if raw else self.bundle.encode_images(pixels01)
         if tokens is not None:
@@ -86,7 +86,7 @@ class Mode:
         """Freeze what this mode does not train (before DDP wraps the model)."""
         if not self.trains_text:
             for name, param in model.named_parameters():
-                if not name.startswith(("vision_model.", "visual_projection.")):
+                if not name.startswith(self.clip.image_prefixes):
                     param.requires_grad_(False)
 
     def __call__(self, net: nn.Module, batch: Batch) -> Terms:

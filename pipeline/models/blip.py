@@ -1,0 +1,150 @@
+"""BLIP (Li et al., ICML 2022) behind :class:`~pipeline.models.base.ImageTextModel`, via transformers'
+``BlipForImageTextRetrieval`` (e.g. ``Salesforce/blip-itm-base-coco`` or a local copy).
+
+Contrastive view (attacks, training, the first stage of retrieval): the image-text contrastive (ITC) embeddings,
+``vision_proj`` of the vision tower's CLS token and ``text_proj`` of the unimodal text encoder's CLS token
+(the ``use_itm_head=False`` path of the transformers model). The contrastive scale: transformers' model has no
+temperature parameter (BLIP's ``temp``, 0.07 at release), so the bundle adds ``logit_scale`` to the module,
+initialised from ``BlipConfig.logit_scale_init_value`` (ln(1 / 0.07) = 2.6592 by default) and written back there
+on save, so a trained scale survives ``save`` / load.
+
+Matching view (:meth:`BLIPBundle.itm_scores`): the ITM head on the text encoder run with cross-attention to the
+image tokens; retrieval re-ranks the contrastive top k with it, as BLIP's and ALBEF's evaluations do
+(:mod:`pipeline.evaluation.itm`). ``has_itm`` is False when the checkpoint carried no ``itm_head`` weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, BlipConfig, BlipForImageTextRetrieval, BlipImageProcessor
+
+from pipeline.models.base import ImageTextModel
+
+log = logging.getLogger(__name__)
+
+BLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # BLIP normalises with OpenAI CLIP's constants
+BLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _ensure_scale(model: BlipForImageTextRetrieval) -> None:
+    if not isinstance(getattr(model, "logit_scale", None), torch.nn.Parameter):
+        value = float(model.config.logit_scale_init_value)
+        model.logit_scale = torch.nn.Parameter(torch.tensor(value, device=model.vision_proj.weight.device))
+
+
+@dataclass
+class BLIPBundle(ImageTextModel):
+    model: BlipForImageTextRetrieval
+    tokenizer: object
+    image_size: int
+    mean: tuple[float, float, float] = BLIP_MEAN
+    std: tuple[float, float, float] = BLIP_STD
+    itm_loaded: bool = True
+    _stats: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    family = "blip"
+    image_prefixes = ("vision_model.", "vision_proj.")
+
+    def __post_init__(self) -> None:
+        _ensure_scale(self.model)
+
+    @property
+    def max_length(self) -> int:
+        return min(self.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.config.image_text_hidden_size)
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale.exp()
+
+    @property
+    def edit_frame(self) -> tuple[int, int] | None:
+        tok = self.tokenizer
+        if not tok.is_fast or tok.cls_token_id is None or tok.sep_token_id is None:
+            return None
+        return tok.cls_token_id, tok.sep_token_id
+
+    @property
+    def has_itm(self) -> bool:
+        return self.itm_loaded
+
+    def image_tokens(self, pixels01: torch.Tensor) -> torch.Tensor:
+        pixels = self.normalize(pixels01.to(self.device))
+        return self.model.vision_model(pixel_values=pixels).last_hidden_state
+
+    def image_features(self, pixels01: torch.Tensor) -> torch.Tensor:
+        return self.model.vision_proj(self.image_tokens(pixels01)[:, 0, :])
+
+    def text_features(self, texts: list[str] | dict[str, torch.Tensor]) -> torch.Tensor:
+        batch = self._features(texts)
+        out = self.model.text_encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return self.model.text_proj(out.last_hidden_state[:, 0, :])
+
+    def itm_scores(self, pixels01: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """The ITM head's "match" logit for each aligned (image i, text i) pair, [N].
+
+        BLIP's evaluation adds it to the contrastive similarity of the pair (``score + topk_sim``)."""
+        if not self.has_itm:
+            super().itm_scores(pixels01, texts)
+        if len(pixels01) != len(texts):
+            raise ValueError(f"{len(pixels01)} images for {len(texts)} texts: itm_scores takes aligned pairs")
+        tokens = self.image_tokens(pixels01)
+        batch = self.tokenize(texts)
+        mask = torch.ones(tokens.shape[:-1], dtype=torch.long, device=tokens.device)
+        out = self.model.text_encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                      encoder_hidden_states=tokens, encoder_attention_mask=mask)
+        return self.model.itm_head(out.last_hidden_state[:, 0, :])[:, 1]
+
+    def image_processor(self) -> BlipImageProcessor:
+        size = self.image_size
+        return BlipImageProcessor(size={"height": size, "width": size}, image_mean=list(self.mean),
+                                  image_std=list(self.std))
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.model.config.logit_scale_init_value = float(self.model.logit_scale.detach())
+        self.model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        self.image_processor().save_pretrained(directory)
+        return directory
+
+
+def load_blip(name: str, kwargs: dict, device: str | torch.device = "cpu",
+              dtype: torch.dtype | None = None) -> BLIPBundle:
+    """Load inside :func:`pipeline.models.hf._loading` (``kwargs``: its from_pretrained options)."""
+    model, info = BlipForImageTextRetrieval.from_pretrained(name, output_loading_info=True, **kwargs)
+    missing = set(info.get("missing_keys", ()))
+    itm = not any(key.startswith("itm_head.") for key in missing)
+    if not itm:
+        log.warning("%s has no itm_head weights: contrastive use only, ITM re-ranking refused", name)
+    if dtype is not None:
+        model = model.to(dtype)
+    tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    try:
+        proc = BlipImageProcessor.from_pretrained(name, **kwargs)
+        image_size, mean, std = int(proc.size["height"]), tuple(proc.image_mean), tuple(proc.image_std)
+    except OSError:
+        image_size, mean, std = model.config.vision_config.image_size, BLIP_MEAN, BLIP_STD
+    limit = model.config.text_config.max_position_embeddings
+    if tokenizer.model_max_length is None or tokenizer.model_max_length > limit:
+        tokenizer.model_max_length = limit
+    # BLIP's released ITM evaluation keeps the state dict's own keys: ours adds logit_scale (saved in the config).
+    bundle = BLIPBundle(model=model.eval(), tokenizer=tokenizer, image_size=image_size, mean=mean, std=std,
+                        itm_loaded=itm)
+    return bundle.to(device)
+
+
+def build_blip(config: BlipConfig, tokenizer, image_size: int | None = None) -> BLIPBundle:
+    """A randomly initialised BLIP retrieval model (tests)."""
+    with torch.random.fork_rng(devices=[]):
+        model = BlipForImageTextRetrieval(config)
+    size = image_size or config.vision_config.image_size
+    return BLIPBundle(model=model.eval(), tokenizer=tokenizer, image_size=size)
