@@ -14,6 +14,8 @@ start, and SGA's noise; None: the global torch RNG) is accepted for every attack
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import dataclasses
 
 import torch
@@ -31,7 +33,9 @@ from pipeline.attacks.bert_attack import (
 from pipeline.attacks.co_attack import CoAttack
 from pipeline.attacks.pgd import PGD, PGDAttack
 from pipeline.attacks.sga import SGA
-from pipeline.models.hf import CLIPBundle, MLMBundle
+
+if TYPE_CHECKING:  # type hints only: importing transformers here would slow every command's start
+    from pipeline.models.hf import CLIPBundle, MLMBundle
 
 ATTACKS: dict[str, type[MultimodalAttack]] = {
     "pgd": PGDAttack,

@@ -8,6 +8,8 @@ the flat list plus ``txt2img`` (caption j belongs to image ``txt2img[j]``).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import contextlib
 import logging
 from abc import ABC, abstractmethod
@@ -17,7 +19,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pipeline.models.hf import CLIPBundle, MLMBundle
+if TYPE_CHECKING:  # type hints only: importing transformers here would slow every command's start
+    from pipeline.models.hf import CLIPBundle, MLMBundle
+
 
 log = logging.getLogger(__name__)
 

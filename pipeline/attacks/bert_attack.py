@@ -50,6 +50,8 @@ Shapes: texts list[str] (N) -> :class:`TextAttackResult` with N texts and, per t
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import bisect
 import functools
 from collections.abc import Callable
@@ -59,7 +61,9 @@ import torch
 
 from pipeline.attacks.base import MultimodalAttack, check_positive, embed_texts, kl_drift
 from pipeline.attacks.text_parts import FILTER_WORDS, STOP_WORDS, Caption, TokenEditor, embed_ids, piece_combinations
-from pipeline.models.hf import CLIPBundle, MLMBundle
+
+if TYPE_CHECKING:  # type hints only: importing transformers here would slow every command's start
+    from pipeline.models.hf import CLIPBundle, MLMBundle
 
 TextGoal = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 VARIANTS = ("reference", "fast")

@@ -31,6 +31,8 @@ Shapes: images01 [B, 3, H, W] in [0, 1], captions grouped per image -> :class:`A
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +40,9 @@ import torch
 from pipeline.attacks.base import MultimodalAttack, check_positive, embed_texts, kl_drift, make_generator
 from pipeline.attacks.bert_attack import BERTAttack, text_drift_goal
 from pipeline.attacks.pgd import PGD
-from pipeline.models.hf import CLIPBundle, MLMBundle
+
+if TYPE_CHECKING:  # type hints only: importing transformers here would slow every command's start
+    from pipeline.models.hf import CLIPBundle, MLMBundle
 
 
 def per_image_mean(values: torch.Tensor, txt2img: torch.Tensor, n_images: int) -> torch.Tensor:

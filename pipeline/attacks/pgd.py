@@ -27,6 +27,8 @@ Shapes: images01 [B, 3, H, W] in [0, 1] -> adversarial images of the same shape,
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,7 +41,9 @@ from pipeline.attacks.base import (
     make_generator,
     pair_similarity_loss,
 )
-from pipeline.models.hf import CLIPBundle, MLMBundle
+
+if TYPE_CHECKING:  # type hints only: importing transformers here would slow every command's start
+    from pipeline.models.hf import CLIPBundle, MLMBundle
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
 STARTS = ("symmetric", "positive")

@@ -27,6 +27,8 @@ Shapes: images01 [B, 3, H, W] in [0, 1], captions grouped per image -> :class:`A
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +37,9 @@ from torchvision.transforms.v2 import functional as TF
 from pipeline.attacks.base import MultimodalAttack, check_positive, embed_texts, make_generator, pair_similarity_loss
 from pipeline.attacks.bert_attack import BERTAttack, image_similarity_goal
 from pipeline.attacks.pgd import PGD
-from pipeline.models.hf import CLIPBundle, MLMBundle
+
+if TYPE_CHECKING:  # type hints only: importing transformers here would slow every command's start
+    from pipeline.models.hf import CLIPBundle, MLMBundle
 
 
 def scaled_copies(images01: torch.Tensor, scales: tuple[float, ...], noise_std: float,

@@ -16,6 +16,8 @@ and the reference code's candidate expansion for words the masked LM splits into
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import itertools
 import re
 from dataclasses import dataclass, field
@@ -23,7 +25,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from pipeline.models.hf import CLIPBundle, MLMBundle
+if TYPE_CHECKING:  # type hints only: importing transformers here would slow every command's start
+    from pipeline.models.hf import CLIPBundle, MLMBundle
+
 
 FILTER_WORDS: frozenset[str] = frozenset("""
 a about above across after afterwards again against ain all almost alone along already also although am among

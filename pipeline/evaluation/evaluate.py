@@ -50,15 +50,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
 
 from pipeline.evaluation.resume import PartialStore, fingerprint, model_stamp
 from pipeline.models.device import PRECISIONS, autocast, resolve_device, resolve_precision
-from pipeline.models.hf import CLIPBundle, MLMBundle, load_mlm
-from pipeline.models.loading import load_model
 from pipeline.core.images import decode_rgb
 from pipeline.evaluation.itm import check_itm, itm_retrieval_metrics
 from pipeline.core.paths import Layout
@@ -70,6 +68,9 @@ from pipeline.core.shard_urls import expand_urls, read_url
 from pipeline.core.shards import list_shards
 from pipeline.core.config import check_choice, check_positive, save_config
 from pipeline.core.fileio import atomic_write_json
+
+if TYPE_CHECKING:  # type hints only: transformers loads when a model does, not with the CLI
+    from pipeline.models.hf import CLIPBundle, MLMBundle
 
 log = logging.getLogger(__name__)
 
@@ -333,6 +334,9 @@ def evaluate(cfg: EvalConfig, layout: Layout | None = None) -> dict[str, Any]:
     precision = resolve_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
     # 2. Models and data; the store of partial results.
+    from pipeline.models.hf import load_mlm
+    from pipeline.models.loading import load_model
+
     clip = load_model(clip_dir, device=device)
     check_itm(clip, cfg.itm_k)
     source_dir = resolve_checkpoint(cfg.attack_source)[0] if cfg.attack_source else None

@@ -32,15 +32,17 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn as nn
 
 from pipeline.attacks import image_similarity_goal
-from pipeline.models.hf import CLIPBundle, MLMBundle
 from pipeline.train.config import TrainConfig
 from pipeline.train.losses import ClipLoss, FareLoss, info_nce
+
+if TYPE_CHECKING:  # type hints only: importing transformers here would slow every command's start
+    from pipeline.models.hf import CLIPBundle, MLMBundle
 
 Batch = dict[str, Any]
 Terms = dict[str, torch.Tensor]
