@@ -8,166 +8,47 @@ reason for a bad record, so that nothing is dropped silently.
 
 from __future__ import annotations
 
-import importlib
-import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from pipeline.core.seeding import stable_fraction
+from pipeline.core.registry import Registry
+from pipeline.data.sources.base import (
+    HF_FILE_SUFFIXES,
+    SPLITS,
+    ImageRef,
+    Record,
+    Skip,
+    SourceError,
+    SourceOptions,
+    SplitFractions,
+    TarMember,
+    clean_caption,
+    make_record,
+)
 
-SPLITS = ("train", "val", "test")
+# Each reader is a function taking SourceOptions and yielding Record | Skip. Needs: "data_root" (DATA_ROOT must be
+# given), "local_files" (and must exist here: `hf` also takes a hub id already in the local cache).
+SOURCES = Registry("format")
+SOURCES.register("synth", "pipeline.data.sources.synth:read_synth", description="the embedded procedural dataset")
+SOURCES.register("coco", "pipeline.data.sources.coco:read_coco", needs={"data_root", "local_files"},
+                 description="COCO captions (annotations/captions_*.json + image folders)")
+SOURCES.register("karpathy", "pipeline.data.sources.karpathy:read_karpathy", needs={"data_root", "local_files"},
+                 description="Karpathy split JSON (dataset_coco.json, dataset_flickr30k.json)")
+SOURCES.register("albef", "pipeline.data.sources.albef:read_albef", needs={"data_root", "local_files"},
+                 description="ALBEF / SGA JSON list of {image, caption}")
+SOURCES.register("csv", "pipeline.data.sources.table:read_table", needs={"data_root", "local_files"},
+                 description="CSV / TSV table of image paths and captions")
+SOURCES.register("imagefolder", "pipeline.data.sources.imagefolder:read_imagefolder",
+                 needs={"data_root", "local_files"}, description="Hugging Face imagefolder (metadata.jsonl)")
+SOURCES.register("hf", "pipeline.data.sources.hf:read_hf", needs={"data_root"},
+                 description="Hugging Face dataset (save_to_disk folder, parquet / arrow files, cached hub id)")
+SOURCES.register("wds", "pipeline.data.sources.wds:read_wds", needs={"data_root", "local_files"},
+                 description="WebDataset / img2dataset tar shards")
 
-
-class SourceError(ValueError):
-    """The input cannot be read at all (malformed JSON/CSV, missing annotation file, unknown layout)."""
-
-
-@dataclass(frozen=True)
-class SynthImage:
-    """A synthetic image, drawn in the worker from its parameters (see pipeline/data/sources/synth.py)."""
-
-    params: tuple
-
-
-@dataclass(frozen=True)
-class TarMember:
-    """An image stored in an uncompressed tar (an existing WebDataset shard), read by offset in the worker."""
-
-    tar: Path
-    offset: int
-    size: int
-
-    def read(self) -> bytes:
-        with open(self.tar, "rb") as handle:
-            handle.seek(self.offset)
-            data = handle.read(self.size)
-        if len(data) != self.size:
-            raise OSError(f"truncated tar member in {self.tar} at byte {self.offset}")
-        return data
-
-
-@dataclass(frozen=True)
-class HFRow:
-    """An image embedded in a Hugging Face dataset: row `row` of `split`, reloaded (memory-mapped) in the worker."""
-
-    loader: tuple[str, ...]  # how pipeline/data/sources/hf.py loads the dataset again
-    split: str
-    row: int
-    column: str
-
-    def read(self) -> bytes:
-        from pipeline.data.sources.hf import read_row_image
-
-        return read_row_image(self)
-
-
-ImageRef = Path | bytes | SynthImage | TarMember | HFRow
-
-
-@dataclass
-class Record:
-    image_id: str
-    image: ImageRef
-    captions: list[str]
-    split: str
-    source: str
-    caption_skips: list[dict[str, str]] = field(default_factory=list)
-
-    def read_image(self) -> bytes:
-        if isinstance(self.image, bytes):
-            return self.image
-        if isinstance(self.image, SynthImage):
-            from pipeline.data.sources.synth import render
-
-            return render(self.image)
-        if isinstance(self.image, (TarMember, HFRow)):
-            return self.image.read()
-        try:
-            return Path(self.image).read_bytes()
-        except FileNotFoundError:
-            raise FileNotFoundError(f"missing image file: {self.image}") from None
-
-
-@dataclass(frozen=True)
-class Skip:
-    source: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class SplitFractions:
-    """Deterministic split by hashing the image id, for sources without their own splits."""
-
-    train: float = 0.8
-    val: float = 0.1
-    test: float = 0.1
-
-    def __post_init__(self) -> None:
-        if min(self.train, self.val, self.test) < 0 or abs(self.train + self.val + self.test - 1) > 1e-6:
-            raise ValueError(f"split fractions must be >= 0 and sum to 1, got {self}")
-
-    def assign(self, image_id: str) -> str:
-        u = stable_fraction("split", image_id)
-        if u < self.train:
-            return "train"
-        return "val" if u < self.train + self.val else "test"
-
-
-def clean_caption(text: Any) -> str:
-    """Collapse whitespace (newlines included); non-ASCII text is kept as it is."""
-    if not isinstance(text, str):
-        return ""
-    return re.sub(r"\s+", " ", text).strip()
-
-
-def make_record(
-    image_id: str, image: ImageRef, raw_captions: list[Any], split: str, source: str
-) -> Record | Skip:
-    """Clean captions, recording each dropped one (empty, duplicate); skip the image if none is left."""
-    captions: list[str] = []
-    caption_skips: list[dict[str, str]] = []
-    for index, raw in enumerate(raw_captions):
-        caption = clean_caption(raw)
-        if not caption:
-            caption_skips.append({"source": f"{source}#caption{index}", "reason": "empty caption"})
-        elif caption in captions:
-            caption_skips.append({"source": f"{source}#caption{index}", "reason": "duplicate caption"})
-        else:
-            captions.append(caption)
-    if not captions:
-        reason = "no caption" if not raw_captions else "no usable caption (all empty or duplicate)"
-        return Skip(source, reason)
-    return Record(image_id, image, captions, split, source, caption_skips)
-
-
-@dataclass(frozen=True)
-class SourceOptions:
-    data_root: Path | None = None
-    fractions: SplitFractions = SplitFractions()
-    synth_size: int = 4000
-    synth_seed: int = 0
-    image_column: str = "image"
-    caption_column: str = "caption"
-    id_column: str | None = None  # hf: the column naming the image (rows sharing it are one image)
-    id_prefix: str | None = None  # hf / wds: prefix of the image ids they form (default the format's name)
-    split_column: str = "split"  # hf: a column holding each row's split, used when the dataset has it
-
-
-# name -> "module:function"; each function takes SourceOptions and yields Record | Skip
-SOURCES: dict[str, str] = {
-    "synth": "pipeline.data.sources.synth:read_synth",
-    "coco": "pipeline.data.sources.coco:read_coco",
-    "karpathy": "pipeline.data.sources.karpathy:read_karpathy",
-    "albef": "pipeline.data.sources.albef:read_albef",
-    "csv": "pipeline.data.sources.table:read_table",
-    "imagefolder": "pipeline.data.sources.imagefolder:read_imagefolder",
-    "hf": "pipeline.data.sources.hf:read_hf",
-    "wds": "pipeline.data.sources.wds:read_wds",
-}
-
-HF_FILE_SUFFIXES = (".parquet", ".arrow")
+__all__ = [
+    "HF_FILE_SUFFIXES", "SOURCES", "SPLITS", "ImageRef", "Record", "Skip", "SourceError", "SourceOptions",
+    "SplitFractions", "TarMember", "clean_caption", "detect_format", "make_record", "read_source",
+]
 
 
 def detect_format(data_root: Path) -> str:
@@ -191,7 +72,7 @@ def detect_format(data_root: Path) -> str:
         return _format_of_file(path)
     if list(data_root.glob("*.csv")) or list(data_root.glob("*.tsv")) or list(data_root.glob("*.txt")):
         return "csv"
-    raise SourceError(f"cannot tell the format of {data_root}: pass FORMAT={'|'.join(f for f in SOURCES if f != 'synth')}")
+    raise SourceError(f"cannot tell the format of {data_root}: pass FORMAT={'|'.join(SOURCES.names(needs={'data_root'}))}")
 
 
 def _format_of_file(path: Path) -> str:
@@ -211,12 +92,9 @@ def _format_of_file(path: Path) -> str:
 
 
 def read_source(fmt: str, options: SourceOptions) -> Iterator[Record | Skip]:
-    if fmt not in SOURCES:
-        raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(SOURCES)}")
-    if fmt != "synth" and options.data_root is None:
+    entry = SOURCES.get(fmt)
+    if "data_root" in entry.needs and options.data_root is None:
         raise ValueError(f"format {fmt!r} needs DATA_ROOT (the dataset folder or annotation file)")
-    # `hf` also takes a hub id already in the local cache, which is no local path.
-    if options.data_root is not None and not options.data_root.exists() and fmt != "hf":
+    if options.data_root is not None and not options.data_root.exists() and "local_files" in entry.needs:
         raise SourceError(f"DATA_ROOT {options.data_root} does not exist")
-    module_name, function_name = SOURCES[fmt].split(":")
-    return getattr(importlib.import_module(module_name), function_name)(options)
+    return entry.load()(options)
