@@ -26,7 +26,7 @@ def _batch(size: int) -> dict:
 def _run(mode_name: str, model_dirs: dict, steps: int = 8, lr: float = 3e-3, **attack) -> tuple[list[float], object]:
     torch.manual_seed(0)
     clip = load_clip(model_dirs["clip"])
-    mlm = load_mlm(model_dirs["mlm"]) if MODES[mode_name].needs_mlm else None
+    mlm = load_mlm(model_dirs["mlm"]) if "mlm" in MODES.get(mode_name).needs else None
     cfg = TrainConfig(mode=mode_name, attack=AttackConfig(**attack), data=dataclasses.replace(
         TrainConfig().data, stages=("x",) if mode_name == "matplus" else ()))
     mode = build_mode(cfg, clip, mlm)

@@ -13,7 +13,12 @@ from typing import Annotated, Optional
 
 import typer
 
+from pipeline.attacks import ATTACKS
+from pipeline.core.executor import EXECUTORS
 from pipeline.core.paths import Layout, plain_name
+from pipeline.data.sources import SOURCES
+from pipeline.train.registry import MODES
+from stages import STAGES
 
 app = typer.Typer(
     help="MAT / MAT+ pipeline: one-to-many augmentation shards, adversarial training of CLIP, robust evaluation.",
@@ -48,9 +53,9 @@ def _plain_list(value: Optional[str], what: str) -> Optional[str]:
 # Options shared by several commands (each reads the environment variable of the same name as `make`).
 Dataset = Annotated[str, typer.Option("--dataset", envvar="DATASET", callback=_plain("dataset"), help="Dataset name (a plain name: letters, digits, _ - .); `synth` is the embedded one.")]
 DataRoot = Annotated[Optional[Path], typer.Option("--data-root", envvar="DATA_ROOT", help="Dataset folder or annotation file.")]
-Format = Annotated[Optional[str], typer.Option("--format", envvar="FORMAT", help="coco | karpathy | albef | csv | imagefolder | hf | wds | synth (detected when empty).")]
+Format = Annotated[Optional[str], typer.Option("--format", envvar="FORMAT", help=f"{' | '.join(SOURCES)} (detected when empty).")]
 Workers = Annotated[int, typer.Option("--workers", envvar="WORKERS", help="Processes, one shard each at a time.")]
-Executor = Annotated[str, typer.Option("--executor", envvar="EXECUTOR", help="local (process pool) or ray.")]
+Executor = Annotated[str, typer.Option("--executor", envvar="EXECUTOR", help=" | ".join(f"{e.name} ({e.description})" for e in EXECUTORS.entries()) + ".")]
 ReportTo = Annotated[Optional[str], typer.Option("--report-to", envvar="REPORT_TO", help="Trackers: tensorboard (default), wandb, both comma-separated, or none.")]
 WandbMode = Annotated[Optional[str], typer.Option("--wandb-mode", envvar="WANDB_MODE", help="W&B mode: offline (default: no network needed; `wandb sync` later), online or disabled.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Redo every shard instead of resuming.")]
@@ -336,7 +341,7 @@ def pretrain(
 @app.command()
 def train(
     dataset: Dataset = "synth",
-    mode: Annotated[str, _opt("MODE", "ft | tecoa | fare | mat | matplus.")] = "mat",
+    mode: Annotated[str, _opt("MODE", " | ".join(MODES) + ".")] = "mat",
     stages: Annotated[Optional[str], _opt("STAGES", "Comma-separated augmentation stages to train on (matplus; default i2t-human).")] = None,
     filter_: Annotated[Optional[str], typer.Option("--filter", envvar="FILTER", help="Filter manifest (path or name) that drops variants.")] = None,
     train_data: Annotated[Optional[str], _opt("TRAIN_DATA", "Base shard URLs instead of SHARDS_DIR/<dataset>/base: a brace pattern (/data/coco/base/train-{000000..000226}.tar), a '::' list or pipe: commands; stage shards are found beside them by the stage's name.")] = None,
@@ -403,7 +408,7 @@ def eval_command(
     mlm: Annotated[Optional[str], typer.Option(envvar="MLM", help="Masked LM of the text attacks; default MODELS_DIR/<dataset>/mlm.")] = None,
     name: Annotated[Optional[str], typer.Option(envvar="EVAL_NAME", callback=_plain("EVAL_NAME"), help="Output name (evals/<name>.json); default the run / model dir name.")] = None,
     mode: Annotated[Optional[str], typer.Option("--mode", envvar="EVAL_MODE", help="Row label; default the run's training mode, 'pretrained' for a bare CLIP dir.")] = None,
-    attacks: Annotated[str, typer.Option(envvar="ATTACKS", help="Comma-separated attacks (pgd,bert,coattack,sga); empty string: clean only.")] = "pgd,bert,coattack,sga",
+    attacks: Annotated[str, typer.Option(envvar="ATTACKS", help=f"Comma-separated attacks ({','.join(ATTACKS)}); empty string: clean only.")] = ",".join(ATTACKS),
     size: Annotated[Optional[int], typer.Option(envvar="EVAL_SIZE", help="First N test images (default all).")] = None,
     split: Annotated[str, typer.Option(envvar="EVAL_SPLIT", help="Split to evaluate on.")] = "test",
     eval_data: Annotated[Optional[str], typer.Option(envvar="EVAL_DATA", help="Test shard URLs (brace pattern, '::' list, pipe: commands) instead of SHARDS_DIR/<dataset>/base/<split>-*.tar.")] = None,
@@ -499,7 +504,7 @@ def study(
     clip: Annotated[Optional[str], _opt("CLIP", "CLIP to fine-tune and evaluate (HF id or dir); default the stand-in MODELS_DIR/<dataset>/clip, pretrained first when missing.")] = None,
     mlm: Annotated[Optional[str], _opt("MLM", "Masked LM of the text attacks; default MODELS_DIR/<dataset>/mlm.")] = None,
     seeds: Annotated[Optional[int], _opt("SEEDS", "Seeds per cell (default 1; 3 gives a mean and spread).")] = None,
-    modes: Annotated[Optional[str], _opt("STUDY_MODES", "Defences to train (default ft,tecoa,fare,mat,matplus).")] = None,
+    modes: Annotated[Optional[str], _opt("STUDY_MODES", f"Defences to train (default {','.join(MODES)}).")] = None,
     steps: Annotated[Optional[int], _opt("STUDY_STEPS", "Training steps of every mode (default 2000).")] = None,
     mode_steps: Annotated[Optional[str], _opt("STUDY_MODE_STEPS", "Per-mode steps, e.g. ft=500,mat=1000.")] = None,
     aug_steps: Annotated[Optional[int], _opt("STUDY_AUG_STEPS", "Steps of the augmentation table's cells (default: the matplus steps).")] = None,
@@ -508,7 +513,7 @@ def study(
     eval_size: Annotated[Optional[int], _opt("EVAL_SIZE", "First N test images (default all: the published protocol).")] = None,
     eval_batch: Annotated[Optional[int], _opt("EVAL_BATCH", "Images attacked together (default 64).")] = None,
     eval_split: Annotated[Optional[str], _opt("EVAL_SPLIT", "Split to evaluate on (default test; val when the dataset has no test split).")] = None,
-    attacks: Annotated[Optional[str], _opt("ATTACKS", "Attacks of the defences table (default pgd,bert,coattack,sga).")] = None,
+    attacks: Annotated[Optional[str], _opt("ATTACKS", f"Attacks of the defences table (default {','.join(ATTACKS)}).")] = None,
     stages: Annotated[Optional[str], _opt("STUDY_STAGES", "Stages of the augmentation table (default every available one).")] = None,
     combos: Annotated[Optional[str], _opt("STUDY_COMBOS", "N:N cells as text+image stage pairs, e.g. eda+randaug; none; default auto.")] = None,
     augmentation: Annotated[Optional[bool], typer.Option("--augmentation/--no-augmentation", envvar="STUDY_AUGMENTATION", help="Build the augmentation table (default yes).")] = None,
@@ -553,8 +558,8 @@ def demo(
     train_steps: Annotated[Optional[int], typer.Option(envvar="DEMO_TRAIN_STEPS", help="Fine-tuning steps of every cell (default 70).")] = None,
     modes: Annotated[Optional[str], typer.Option(envvar="DEMO_MODES", help="Comma-separated training modes (default ft,tecoa,mat,matplus; add fare if wanted).")] = None,
     eval_size: Annotated[Optional[int], typer.Option(envvar="DEMO_EVAL_SIZE", help="Test images per evaluation (default 150).")] = None,
-    attacks: Annotated[Optional[str], typer.Option(envvar="DEMO_ATTACKS", help="Comma-separated attacks (default pgd,bert,coattack,sga).")] = None,
-    stages: Annotated[Optional[str], typer.Option(envvar="DEMO_STAGES", help="Stages of the augmentation table, one MAT+ cell each (default i2t-human,eda,randaug).")] = None,
+    attacks: Annotated[Optional[str], typer.Option(envvar="DEMO_ATTACKS", help=f"Comma-separated attacks (default {','.join(ATTACKS)}).")] = None,
+    stages: Annotated[Optional[str], typer.Option(envvar="DEMO_STAGES", help=f"Stages of the augmentation table, one MAT+ cell each (default {','.join(STAGES.names(without={'model'}))}).")] = None,
     seeds: Annotated[Optional[int], typer.Option(envvar="DEMO_SEEDS", help="Seeds per cell (default 1).")] = None,
     workers: Workers = 2,
 ) -> None:

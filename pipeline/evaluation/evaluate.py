@@ -54,6 +54,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline.attacks import ATTACKS
 from pipeline.evaluation.resume import PartialStore, fingerprint, model_stamp
 from pipeline.models.device import PRECISIONS, autocast, resolve_device, resolve_precision
 from pipeline.models.hf import CLIPBundle, MLMBundle, load_clip, load_mlm
@@ -68,7 +69,7 @@ from pipeline.core.fileio import atomic_write_json
 log = logging.getLogger(__name__)
 
 CLEAN = "clean"
-DEFAULT_ATTACKS = ("pgd", "bert", "coattack", "sga")
+DEFAULT_ATTACKS = ATTACKS.names()
 KS = (1, 5, 10)
 TRACKING_DIR = "tracking"  # evals/tracking/<name>/{tensorboard,wandb}/
 MAX_WORDS = 30  # SGA's paired_dataset (max_words=30)
@@ -308,7 +309,7 @@ def evaluate(cfg: EvalConfig, layout: Layout | None = None) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     # 2. Models and data; the store of partial results.
     clip = load_clip(clip_dir, device=device)
-    needs_mlm = any(a in {"bert", "coattack", "sga"} for a in cfg.attacks)
+    needs_mlm = any("mlm" in ATTACKS.get(a).needs for a in cfg.attacks)
     mlm_dir = str(cfg.mlm or layout.model_dir(cfg.dataset, "mlm")) if needs_mlm else None
     mlm = load_mlm(mlm_dir, device=device) if mlm_dir else None
     if cfg.data:

@@ -109,7 +109,7 @@ def build_plan(cfg: StudyConfig, layout: Layout) -> tuple[list[Cell], list[Unit]
                 settings = {k: v for k, v in to_dict(tcfg).items() if k not in ("run_dir", "device")}
                 units.append(Unit(f"train-{cell.id}-s{seed}", "train", settings, run_dir / "clip",
                                   inputs={"clip": clip, "mlm": mlm, **{f"stage:{s}": s for s in cell.stages}},
-                                  cost=cell.steps * MODE_COST[cell.mode], run=_trainer(tcfg, layout, train)))
+                                  cost=cell.steps * MODE_COST.get(cell.mode, 1.0), run=_trainer(tcfg, layout, train)))
                 checkpoint, inputs = str(run_dir), {"clip": str(run_dir / "clip")}
             ecfg = EvalConfig(checkpoint=checkpoint, dataset=cfg.dataset, mlm=mlm, name=eval_name(cell, seed),
                               mode=cell.mode, split=split, size=cfg.eval_size, batch_size=cfg.eval_batch, attacks=cell.attacks,
@@ -118,7 +118,7 @@ def build_plan(cfg: StudyConfig, layout: Layout) -> tuple[list[Cell], list[Unit]
             units.append(Unit(f"eval-{cell.id}-s{seed}", "eval", dataclasses.asdict(ecfg) | {"checkpoint": None},
                               layout.named_output(cfg.dataset, "evals", ecfg.name),
                               inputs={**inputs, **({"mlm": mlm} if set(cell.attacks) - {"pgd"} else {})},
-                              cost=EVAL_COST_SCALE * n_images * (1 + sum(ATTACK_COST[a] for a in cell.attacks)),
+                              cost=EVAL_COST_SCALE * n_images * (1 + sum(ATTACK_COST.get(a, 1.0) for a in cell.attacks)),
                               run=lambda ecfg=ecfg: evaluate(ecfg, layout)))
     return cells, units
 

@@ -1,4 +1,5 @@
-"""Training modes: each builds its (adversarial) batch and its loss. Registry `MODES`, one class per mode.
+"""Training modes: each builds its (adversarial) batch and its loss, one class per mode, registered in
+`MODES` (pipeline/train/registry.py, with what each needs).
 
 All attacks are the evaluation's own (`pipeline.attacks`): PGD perturbs [0, 1] pixels and the bundle normalises
 inside the model call; BERT-Attack replaces words with masked-LM candidates, batched over the whole batch.
@@ -41,6 +42,7 @@ from pipeline.attacks import PGD, BERTAttack, image_similarity_goal
 from pipeline.models.hf import CLIPBundle, MLMBundle
 from pipeline.train.config import TrainConfig
 from pipeline.train.losses import ClipLoss, FareLoss, info_nce
+from pipeline.train.registry import MODES
 
 # Training's PGD step when none is given: eps / 2, so 2 steps from a random start reach any corner of the ball.
 TRAIN_STEP_RATIO = 0.5
@@ -72,7 +74,6 @@ class Mode:
     """Base: `__call__(net, batch)` returns the loss terms; `timings` holds the last step's attack seconds."""
 
     name: ClassVar[str]
-    needs_mlm: ClassVar[bool] = False
     trains_text: ClassVar[bool] = True
 
     def __init__(self, cfg: TrainConfig, clip: CLIPBundle, mlm: MLMBundle | None = None):
@@ -162,7 +163,6 @@ class MAT(Mode):
     """Multimodal adversarial training (Waseda et al.): BERT-Attack on texts and PGD on images."""
 
     name = "mat"
-    needs_mlm = True
 
     def __init__(self, cfg: TrainConfig, clip: CLIPBundle, mlm: MLMBundle | None = None):
         super().__init__(cfg, clip, mlm)
@@ -206,10 +206,5 @@ class MATPlus(MAT):
     name = "matplus"
 
 
-MODES: dict[str, type[Mode]] = {cls.name: cls for cls in (FineTune, TeCoA, Fare, MAT, MATPlus)}
-
-
 def build_mode(cfg: TrainConfig, clip: CLIPBundle, mlm: MLMBundle | None = None) -> Mode:
-    if cfg.mode not in MODES:
-        raise ValueError(f"unknown mode {cfg.mode!r}; valid: {', '.join(MODES)}")
-    return MODES[cfg.mode](cfg, clip, mlm)
+    return MODES.load(cfg.mode)(cfg, clip, mlm)
