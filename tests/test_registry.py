@@ -24,7 +24,7 @@ def _registry() -> Registry:
 def test_unknown_name_names_the_kind_and_the_valid_names():
     reg = _registry()
     for call in (reg.get, reg.load, reg.__getitem__):
-        with pytest.raises(ValueError, match=r"unknown widget 'nope'; choose from plain, big, small"):
+        with pytest.raises(ValueError, match=r"unknown widget 'nope'; valid: plain, big, small"):
             call("nope")
     assert "nope" not in reg and "big" in reg
 

@@ -62,7 +62,7 @@ class Registry:
         try:
             return self._entries[name]
         except KeyError:
-            raise ValueError(f"unknown {self.kind} {name!r}; choose from {', '.join(self._entries)}") from None
+            raise ValueError(f"unknown {self.kind} {name!r}; valid: {', '.join(self._entries)}") from None
 
     def load(self, name: str) -> Any:
         return self.get(name).load()
