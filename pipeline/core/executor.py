@@ -209,9 +209,9 @@ def _progress(bar: tqdm, outcome: TaskResult, start: float, done_samples: int) -
 Executor = Callable[[Callable[[Any], TaskResult], Sequence[Item], int, str, int], list[TaskResult]]
 
 EXECUTORS = Registry("executor")
-EXECUTORS.register("local", run_local, description="process pool over this machine's cores (inline with one worker)")
+EXECUTORS.register("local", run_local, description="process pool; inline with one worker")
 EXECUTORS.register("ray", "pipeline.core.ray_executor:run_ray", needs={"ray"},
-                   description="Ray actors on a cluster or a local Ray instance (optional extra: mat-pipeline[ray])")
+                   description="Ray actors on a cluster or a local instance; the optional ray extra")
 
 
 def get_executor(name: str) -> Executor:
