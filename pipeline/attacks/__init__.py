@@ -57,7 +57,10 @@ def __getattr__(name: str) -> Any:
 
 
 def _parts() -> dict[str, type]:
-    return {"image": __getattr__("PGD"), "text": __getattr__("BERTAttack")}
+    from pipeline.attacks.bert_attack import BERTAttack
+    from pipeline.attacks.pgd import PGD
+
+    return {"image": PGD, "text": BERTAttack}
 
 
 def _field_names(cls: type) -> set[str]:

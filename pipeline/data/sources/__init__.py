@@ -4,30 +4,143 @@ Readers only parse metadata; images are read and validated later, shard by shard
 holds a path, or a reference such as `TarMember` / `HFRow` that the worker resolves, not the image bytes). A
 reader raises `SourceError` for a malformed file (a clear error, nothing written) and yields a `Skip` with its
 reason for a bad record, so that nothing is dropped silently.
+
+Readers import their shared types from this package, and the package never imports a reader: `SOURCES` names
+each one lazily ("module:function"), and the image references a reader defines (`SynthImage` in synth.py,
+`HFRow` in hf.py) read themselves.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 from pipeline.core.registry import Registry
-from pipeline.data.sources.base import (
-    HF_FILE_SUFFIXES,
-    SPLITS,
-    ImageRef,
-    Record,
-    Skip,
-    SourceError,
-    SourceOptions,
-    SplitFractions,
-    TarMember,
-    clean_caption,
-    make_record,
-)
+from pipeline.core.seeding import stable_fraction
 
-# Each reader is a function taking SourceOptions and yielding Record | Skip. Needs: "data_root" (DATA_ROOT must be
-# given), "local_files" (and must exist here: `hf` also takes a hub id already in the local cache).
+SPLITS = ("train", "val", "test")
+
+
+class SourceError(ValueError):
+    """The input cannot be read at all (malformed JSON/CSV, missing annotation file, unknown layout)."""
+
+
+@dataclass(frozen=True)
+class TarMember:
+    """An image stored in an uncompressed tar (an existing WebDataset shard), read by offset in the worker."""
+
+    tar: Path
+    offset: int
+    size: int
+
+    def read(self) -> bytes:
+        with open(self.tar, "rb") as handle:
+            handle.seek(self.offset)
+            data = handle.read(self.size)
+        if len(data) != self.size:
+            raise OSError(f"truncated tar member in {self.tar} at byte {self.offset}")
+        return data
+
+
+class ImageReader(Protocol):
+    """A reference to an image that the worker reads: `TarMember` here, `SynthImage` (synth.py), `HFRow` (hf.py)."""
+
+    def read(self) -> bytes: ...
+
+
+ImageRef = Path | bytes | ImageReader
+
+
+@dataclass
+class Record:
+    image_id: str
+    image: ImageRef
+    captions: list[str]
+    split: str
+    source: str
+    caption_skips: list[dict[str, str]] = field(default_factory=list)
+
+    def read_image(self) -> bytes:
+        if isinstance(self.image, bytes):
+            return self.image
+        if not isinstance(self.image, (str, Path)):
+            return self.image.read()
+        try:
+            return Path(self.image).read_bytes()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"missing image file: {self.image}") from None
+
+
+@dataclass(frozen=True)
+class Skip:
+    source: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class SplitFractions:
+    """Deterministic split by hashing the image id, for sources without their own splits."""
+
+    train: float = 0.8
+    val: float = 0.1
+    test: float = 0.1
+
+    def __post_init__(self) -> None:
+        if min(self.train, self.val, self.test) < 0 or abs(self.train + self.val + self.test - 1) > 1e-6:
+            raise ValueError(f"split fractions must be >= 0 and sum to 1, got {self}")
+
+    def assign(self, image_id: str) -> str:
+        u = stable_fraction("split", image_id)
+        if u < self.train:
+            return "train"
+        return "val" if u < self.train + self.val else "test"
+
+
+def clean_caption(text: Any) -> str:
+    """Collapse whitespace (newlines included); non-ASCII text is kept as it is."""
+    if not isinstance(text, str):
+        return ""
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def make_record(
+    image_id: str, image: ImageRef, raw_captions: list[Any], split: str, source: str
+) -> Record | Skip:
+    """Clean captions, recording each dropped one (empty, duplicate); skip the image if none is left."""
+    captions: list[str] = []
+    caption_skips: list[dict[str, str]] = []
+    for index, raw in enumerate(raw_captions):
+        caption = clean_caption(raw)
+        if not caption:
+            caption_skips.append({"source": f"{source}#caption{index}", "reason": "empty caption"})
+        elif caption in captions:
+            caption_skips.append({"source": f"{source}#caption{index}", "reason": "duplicate caption"})
+        else:
+            captions.append(caption)
+    if not captions:
+        reason = "no caption" if not raw_captions else "no usable caption (all empty or duplicate)"
+        return Skip(source, reason)
+    return Record(image_id, image, captions, split, source, caption_skips)
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    data_root: Path | None = None
+    fractions: SplitFractions = SplitFractions()
+    synth_size: int = 4000
+    synth_seed: int = 0
+    image_column: str = "image"
+    caption_column: str = "caption"
+    id_column: str | None = None  # hf: the column naming the image (rows sharing it are one image)
+    id_prefix: str | None = None  # hf / wds: prefix of the image ids they form (default the format's name)
+    split_column: str = "split"  # hf: a column holding each row's split, used when the dataset has it
+
+
+# Each reader takes SourceOptions and yields Record | Skip. Needs: "data_root" (DATA_ROOT must be given),
+# "local_files" (and must exist here; `hf` also takes a hub id already in the local cache).
 SOURCES = Registry("format")
 SOURCES.register("synth", "pipeline.data.sources.synth:read_synth", description="the embedded procedural dataset")
 SOURCES.register("coco", "pipeline.data.sources.coco:read_coco", needs={"data_root", "local_files"},
@@ -45,10 +158,7 @@ SOURCES.register("hf", "pipeline.data.sources.hf:read_hf", needs={"data_root"},
 SOURCES.register("wds", "pipeline.data.sources.wds:read_wds", needs={"data_root", "local_files"},
                  description="WebDataset / img2dataset tar shards")
 
-__all__ = [
-    "HF_FILE_SUFFIXES", "SOURCES", "SPLITS", "ImageRef", "Record", "Skip", "SourceError", "SourceOptions",
-    "SplitFractions", "TarMember", "clean_caption", "detect_format", "make_record", "read_source",
-]
+HF_FILE_SUFFIXES = (".parquet", ".arrow")
 
 
 def detect_format(data_root: Path) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.data.sources.base import SPLITS, Record, Skip, SourceError, SourceOptions, make_record
+from pipeline.data.sources import SPLITS, Record, Skip, SourceError, SourceOptions, make_record
 from pipeline.data.sources.coco import load_json
 
 

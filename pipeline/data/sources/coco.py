@@ -8,7 +8,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.data.sources.base import Record, Skip, SourceError, SourceOptions, make_record
+from pipeline.data.sources import Record, Skip, SourceError, SourceOptions, make_record
 
 COCO_SPLITS = {"train": "train", "val": "val", "test": "test"}
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.data.sources.base import HF_FILE_SUFFIXES, ImageRef, Record, Skip, SourceError, SourceOptions, make_record
+from pipeline.data.sources import HF_FILE_SUFFIXES, ImageRef, Record, Skip, SourceError, SourceOptions, make_record
 
 SPLIT_NAMES = {"train": "train", "restval": "train", "validation": "val", "val": "val", "test": "test"}
 CAPTION_FALLBACKS = ("captions", "caption", "text")

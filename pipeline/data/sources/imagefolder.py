@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from collections.abc import Iterator
 
-from pipeline.data.sources.base import Record, Skip, SourceError, SourceOptions, make_record
+from pipeline.data.sources import Record, Skip, SourceError, SourceOptions, make_record
 
 HF_SPLITS = {"train": "train", "validation": "val", "val": "val", "test": "test"}
 

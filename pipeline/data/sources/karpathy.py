@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.data.sources.base import Record, Skip, SourceError, SourceOptions, make_record
+from pipeline.data.sources import Record, Skip, SourceError, SourceOptions, make_record
 from pipeline.data.sources.coco import load_json
 
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}

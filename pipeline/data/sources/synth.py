@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from pipeline.core.images import encode_jpeg
-from pipeline.data.sources.base import Record, Skip, SourceOptions, make_record
+from pipeline.data.sources import Record, Skip, SourceOptions, make_record
 
 SIZE = 64
 CAPTIONS_PER_IMAGE = 5

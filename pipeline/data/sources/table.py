@@ -6,7 +6,7 @@ import csv
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.data.sources.base import SPLITS, Record, Skip, SourceError, SourceOptions, make_record
+from pipeline.data.sources import SPLITS, Record, Skip, SourceError, SourceOptions, make_record
 
 
 def _table_file(root: Path) -> Path:

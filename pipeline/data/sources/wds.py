@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.data.sources.base import SPLITS, Record, Skip, SourceError, SourceOptions, TarMember, make_record
+from pipeline.data.sources import SPLITS, Record, Skip, SourceError, SourceOptions, TarMember, make_record
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
