@@ -1,23 +1,28 @@
-"""Augmentation stages, one module each. Names map to classes lazily so heavy libraries load only when used."""
+"""Augmentation stages, one module each, registered lazily so heavy libraries load only when a stage is used.
+
+Needs: "model" = a downloaded model (given by `--set <stage>.model=...` or I2T_MODEL / T2I_MODEL). Tags: the
+modality of the variants ("text" / "image") and the paper's axis ("cross"-modal or "intra"-modal).
+"""
 
 from __future__ import annotations
 
-import importlib
+from pipeline.core.registry import Registry
 
-STAGES: dict[str, str] = {
-    "i2t-human": "stages.i2t_human:I2THumanStage",
-    "eda": "stages.eda:EDAStage",
-    "randaug": "stages.randaug:RandAugmentStage",
-    "i2t-internvl": "stages.i2t_internvl:InternVLCaptionStage",
-    "t2i-sd": "stages.t2i_sd:StableDiffusionStage",
-}
+STAGES = Registry("stage")
+STAGES.register("i2t-human", "stages.i2t_human:I2THumanStage", tags={"text", "cross"},
+                description="the image's other human captions as its text variants")
+STAGES.register("eda", "stages.eda:EDAStage", tags={"text", "intra"},
+                description="EDA word edits of the captions (WordNet synonyms, swaps, deletions)")
+STAGES.register("randaug", "stages.randaug:RandAugmentStage", tags={"image", "intra"},
+                description="RandAugment image variants")
+STAGES.register("i2t-internvl", "stages.i2t_internvl:InternVLCaptionStage", needs={"model"}, tags={"text", "cross"},
+                description="new captions written by an InternVL vision-language model")
+STAGES.register("t2i-sd", "stages.t2i_sd:StableDiffusionStage", needs={"model"}, tags={"image", "cross"},
+                description="new images drawn by Stable Diffusion from the captions")
 
 # What `make augment` runs when STAGES is not given: the stages that need no downloaded model.
-DEFAULT_STAGES = ("i2t-human", "eda", "randaug")
+DEFAULT_STAGES = STAGES.names(without={"model"})
 
 
 def get_stage_class(name: str) -> type:
-    if name not in STAGES:
-        raise ValueError(f"unknown stage {name!r}; choose from {', '.join(STAGES)}")
-    module_name, class_name = STAGES[name].split(":")
-    return getattr(importlib.import_module(module_name), class_name)
+    return STAGES.load(name)

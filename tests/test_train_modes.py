@@ -32,7 +32,7 @@ def _batch(size: int) -> dict:
 def _run(mode_name: str, model_dirs: dict, steps: int = 8, lr: float = 3e-3) -> tuple[list[float], object]:
     torch.manual_seed(0)
     clip = load_clip(model_dirs["clip"])
-    mlm = load_mlm(model_dirs["mlm"]) if MODES[mode_name].needs_mlm else None
+    mlm = load_mlm(model_dirs["mlm"]) if "mlm" in MODES.get(mode_name).needs else None
     cfg = TrainConfig(mode=mode_name, data=dataclasses.replace(
         TrainConfig().data, stages=("x",) if mode_name == "matplus" else ()))
     mode = build_mode(cfg, clip, mlm)
@@ -175,7 +175,7 @@ def test_text_attack_settings_reach_the_bert_attack_mat_builds(tiny_model_dirs):
 def test_matplus_stages_come_from_its_mode_class():
     from pipeline.train.config import DataConfig, resolve_stages
 
-    assert MODES["matplus"].default_stages == ("i2t-human",) and MODES["matplus"].needs_stages
+    assert MODES.get("matplus").default("stages") == ("i2t-human",) and "stages" in MODES.get("matplus").needs
     assert resolve_stages(TrainConfig(mode="matplus")).data.stages == ("i2t-human",)
     assert resolve_stages(TrainConfig(mode="matplus", data=DataConfig(stages=("eda",)))).data.stages == ("eda",)
     assert resolve_stages(TrainConfig(mode="mat")).data.stages == ()

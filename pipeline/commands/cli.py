@@ -18,14 +18,16 @@ from pipeline.attacks.pgd import PGD
 from pipeline.augment.runner import AugmentConfig
 from pipeline.commands.demo import DemoConfig
 from pipeline.core.config import build_config, field_default
+from pipeline.core.executor import EXECUTORS
 from pipeline.core.paths import Layout, plain_name
 from pipeline.curate.export import ExportConfig
 from pipeline.curate.filters import FilterConfig
 from pipeline.data.ingest import IngestConfig
+from pipeline.data.sources import SOURCES
 from pipeline.evaluation.evaluate import EvalConfig
 from pipeline.study.plan import StudyConfig
 from pipeline.train.config import PretrainConfig, TrainConfig
-from pipeline.train.modes import MODES as TRAIN_MODES
+from pipeline.train.registry import MODES
 
 app = typer.Typer(
     help="MAT / MAT+ pipeline: one-to-many augmentation shards, adversarial training of CLIP, robust evaluation.",
@@ -67,9 +69,9 @@ def _data_root(value: str):
 
 DataRoot = Annotated[Optional[Path], typer.Option("--data-root", envvar="DATA_ROOT", parser=_data_root, help="Dataset folder or annotation file; FORMAT=wds: also shard URLs (a brace pattern, a '::' list, pipe: commands).")]
 BaseData = Annotated[Optional[str], typer.Option("--base-data", envvar="BASE_DATA", help="Base shard URLs instead of SHARDS_DIR/<dataset>/base: a brace pattern (/data/coco/base/train-{000000..000009}.tar), a '::' list or pipe: commands; stage shards are those beside them, by the stage's name.")]
-Format = Annotated[Optional[str], typer.Option("--format", envvar="FORMAT", help="coco | karpathy | albef | csv | imagefolder | hf | wds | synth (detected when empty).")]
+Format = Annotated[Optional[str], typer.Option("--format", envvar="FORMAT", help=f"{' | '.join(SOURCES)} (detected when empty).")]
 Workers = Annotated[int, typer.Option("--workers", envvar="WORKERS", help="Processes, one shard each at a time.")]
-Executor = Annotated[str, typer.Option("--executor", envvar="EXECUTOR", help="local (process pool) or ray.")]
+Executor = Annotated[str, typer.Option("--executor", envvar="EXECUTOR", help=" | ".join(f"{e.name} ({e.description})" for e in EXECUTORS.entries()) + ".")]
 ReportTo = Annotated[Optional[str], typer.Option("--report-to", envvar="REPORT_TO", help="Trackers: tensorboard (default), wandb, both comma-separated, or none.")]
 WandbMode = Annotated[Optional[str], typer.Option("--wandb-mode", envvar="WANDB_MODE", help="W&B mode: offline (default: no network needed; `wandb sync` later), online or disabled.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Redo every shard instead of resuming.")]
@@ -504,11 +506,16 @@ def pretrain(
     typer.echo(f"clip: {result['clip']}\nmlm:  {result['mlm']}\nrun:  {result['run_dir']}")
 
 
+def _mode_stage_defaults() -> str:
+    return ", ".join(f"{name}: {','.join(entry.default('stages'))}" for name in MODES.names(needs={"stages"})
+                     if (entry := MODES.get(name)).default("stages"))
+
+
 @app.command()
 def train(
     dataset: OptDataset = None,
-    mode: Annotated[Optional[str], _opt("MODE", f"ft | tecoa | fare | mat | matplus (default {_default(T, 'mode')}).")] = None,
-    stages: Annotated[Optional[str], _opt("STAGES", f"Comma-separated augmentation stages to train on (matplus; default {_shown(TRAIN_MODES['matplus'].default_stages)}).")] = None,
+    mode: Annotated[Optional[str], _opt("MODE", f"{' | '.join(MODES)} (default {_default(T, 'mode')}).")] = None,
+    stages: Annotated[Optional[str], _opt("STAGES", f"Comma-separated augmentation stages to train on (modes that need them; default: the mode's own, {_mode_stage_defaults()}).")] = None,
     filter_: Annotated[Optional[str], typer.Option("--filter", envvar="FILTER", help="Filter manifest (path or name) that drops variants.")] = None,
     train_data: Annotated[Optional[str], _opt("TRAIN_DATA", "Base shard URLs instead of SHARDS_DIR/<dataset>/base: a brace pattern (/data/coco/base/train-{000000..000226}.tar), a '::' list or pipe: commands; stage shards are found beside them by the stage's name.")] = None,
     train_num_samples: Annotated[Optional[int], _opt("TRAIN_NUM_SAMPLES", "Samples in TRAIN_DATA when no sizes.json lies beside the shards (logged only).")] = None,
@@ -741,8 +748,8 @@ def demo(
     train_steps: Annotated[Optional[int], typer.Option(envvar="DEMO_TRAIN_STEPS", help=f"Fine-tuning steps of every cell (default {field_default(DemoConfig, 'train_steps')}).")] = None,
     modes: Annotated[Optional[str], typer.Option(envvar="DEMO_MODES", help=f"Comma-separated training modes (default {','.join(field_default(DemoConfig, 'modes'))}; add fare if wanted).")] = None,
     eval_size: Annotated[Optional[int], typer.Option(envvar="DEMO_EVAL_SIZE", help=f"Test images per evaluation (default {field_default(DemoConfig, 'eval_size')}).")] = None,
-    attacks: Annotated[Optional[str], typer.Option(envvar="DEMO_ATTACKS", help="Comma-separated attacks (default pgd,bert,coattack,sga).")] = None,
-    stages: Annotated[Optional[str], typer.Option(envvar="DEMO_STAGES", help="Stages of the augmentation table, one MAT+ cell each (default i2t-human,eda,randaug).")] = None,
+    attacks: Annotated[Optional[str], typer.Option(envvar="DEMO_ATTACKS", help=f"Comma-separated attacks (default {','.join(field_default(DemoConfig, 'attacks'))}).")] = None,
+    stages: Annotated[Optional[str], typer.Option(envvar="DEMO_STAGES", help=f"Stages of the augmentation table, one MAT+ cell each (default {','.join(field_default(DemoConfig, 'stages'))}).")] = None,
     seeds: Annotated[Optional[int], typer.Option(envvar="DEMO_SEEDS", help=f"Seeds per cell (default {field_default(DemoConfig, 'seeds')}).")] = None,
     workers: Workers = field_default(DemoConfig, "workers"),
 ) -> None:

@@ -24,11 +24,13 @@ from dataclasses import dataclass
 
 from pipeline.core.config import check_positive
 from pipeline.core.paths import Layout
+from stages import STAGES
 
 log = logging.getLogger(__name__)
 
 DATASET = "synth"
-CPU_STAGES = ("i2t-human", "eda", "randaug")
+CPU_STAGES = STAGES.names(without={"model"})
+# The stages needing a downloaded model, and the variable that gives it (the CLI reads them: cli._stage_overrides).
 GENERATIVE_STAGES = {"i2t-internvl": "I2T_MODEL", "t2i-sd": "T2I_MODEL"}
 
 

@@ -1,7 +1,8 @@
 """Run shard tasks: a shard is the unit of work, processed by a picklable callable that never raises.
 
-`local` runs a process pool over the cores (or inline with one worker). A distributed executor plugs in
-through the same `EXECUTORS` registry.
+Executors are registered in `EXECUTORS` below: `local` runs a process pool over the cores (or inline with one
+worker), `ray` (pipeline/core/ray_executor.py, an optional extra) runs Ray actors. Each is a `TaskPool` (submit
+a task, wait for the next one done) driven by the one loop `run_pool`: retries, progress bar and error log.
 """
 
 from __future__ import annotations
@@ -10,15 +11,18 @@ import logging
 import os
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from multiprocessing import get_context
-from typing import Any
+from typing import Any, Protocol
 
 from tqdm import tqdm
 
 from pipeline.core.config import check_choice, check_non_negative, check_positive
+from pipeline.core.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +62,8 @@ def safe_call(worker: Callable[[Any], TaskResult], task: Any, task_id: str) -> T
         return TaskResult(task_id, ok=False, error=f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=3)}")
 
 
-def _worker_init(threads: int) -> None:
+def worker_init(threads: int) -> None:
+    """Set up a worker process: its share of the cores' threads."""
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     try:
         import torch
@@ -72,53 +77,123 @@ def default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
+Item = tuple[str, Any]  # (task_id, task)
+
+
+class TaskPool(Protocol):
+    """Where tasks run: an executor's part of the shared loop (`run_pool`)."""
+
+    def can_submit(self) -> bool: ...
+    def submit(self, worker: Callable[[Any], TaskResult], item: Item) -> None: ...
+    def busy(self) -> bool: ...
+    def next_done(self) -> tuple[Item, TaskResult]: ...
+    def shutdown(self) -> None: ...
+
+
+def run_pool(pool: TaskPool, worker: Callable[[Any], TaskResult], tasks: Sequence[Item], desc: str,
+             retries: int = 1) -> list[TaskResult]:
+    """Run (task_id, task) pairs on `pool`; a failed task goes back at the end of the queue `retries` times, then
+    is returned with ok=False. Results come back in the order of `tasks`."""
+    queue = deque(tasks)
+    attempts = {task_id: 0 for task_id, _ in tasks}
+    results: dict[str, TaskResult] = {}
+    total_samples = 0
+    start = time.perf_counter()
+    try:
+        with tqdm(total=len(tasks), desc=desc, unit="shard", disable=None) as bar:
+            while queue or pool.busy():
+                while queue and pool.can_submit():
+                    pool.submit(worker, queue.popleft())
+                item, outcome = pool.next_done()
+                attempts[item[0]] += 1
+                results[item[0]] = outcome
+                total_samples += _progress(bar, outcome, start, total_samples)
+                if not outcome.ok:
+                    first_line = outcome.error.splitlines()[0] if outcome.error else ""
+                    log.error("%s: shard %s failed (attempt %d of %d): %s", desc, item[0], attempts[item[0]],
+                              retries + 1, first_line)
+                    if attempts[item[0]] <= retries:
+                        queue.append(item)
+    finally:
+        pool.shutdown()
+    return [results[task_id] for task_id, _ in tasks]
+
+
+class InlinePool:
+    """One task at a time in this process."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Callable[[Any], TaskResult], Item]] = []
+
+    def can_submit(self) -> bool:
+        return not self.pending
+
+    def submit(self, worker: Callable[[Any], TaskResult], item: Item) -> None:
+        self.pending.append((worker, item))
+
+    def busy(self) -> bool:
+        return bool(self.pending)
+
+    def next_done(self) -> tuple[Item, TaskResult]:
+        worker, item = self.pending.pop()
+        return item, safe_call(worker, item[1], item[0])
+
+    def shutdown(self) -> None:
+        pass
+
+
+class ProcessPool:
+    """A spawn-context process pool; every task is submitted at once. A pool broken by a dead worker process is
+    replaced by a fresh one at the next submit."""
+
+    def __init__(self, processes: int):
+        self.processes = processes
+        self.threads = max(1, default_workers() // processes)
+        self.futures: dict[Future, Item] = {}
+        self.pool = self._start()
+
+    def _start(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=self.processes, mp_context=get_context("spawn"),
+                                   initializer=worker_init, initargs=(self.threads,))
+
+    def can_submit(self) -> bool:
+        return True
+
+    def submit(self, worker: Callable[[Any], TaskResult], item: Item) -> None:
+        try:
+            future = self.pool.submit(safe_call, worker, item[1], item[0])
+        except BrokenProcessPool:
+            self.pool.shutdown(wait=True)
+            self.pool = self._start()
+            future = self.pool.submit(safe_call, worker, item[1], item[0])
+        self.futures[future] = item
+
+    def busy(self) -> bool:
+        return bool(self.futures)
+
+    def next_done(self) -> tuple[Item, TaskResult]:
+        done, _ = wait(self.futures, return_when=FIRST_COMPLETED)
+        future = next(iter(done))
+        item = self.futures.pop(future)
+        try:
+            return item, future.result()
+        except Exception as error:  # the worker process itself died
+            return item, TaskResult(item[0], ok=False, error=f"worker process died: {error}")
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
 def run_local(
     worker: Callable[[Any], TaskResult],
-    tasks: Sequence[tuple[str, Any]],
+    tasks: Sequence[Item],
     workers: int,
     desc: str,
     retries: int = 1,
 ) -> list[TaskResult]:
-    """Run (task_id, task) pairs; failed tasks are retried `retries` times, then returned with ok=False."""
-    results: dict[str, TaskResult] = {}
-    pending = list(tasks)
-    total_samples = 0
-    start = time.perf_counter()
-    with tqdm(total=len(pending), desc=desc, unit="shard", disable=None) as bar:
-        for attempt in range(retries + 1):
-            if not pending:
-                break
-            if attempt:
-                log.warning("%s: retrying %d failed shard(s) (attempt %d of %d)", desc, len(pending), attempt + 1, retries + 1)
-            outcomes: list[tuple[tuple[str, Any], TaskResult]] = []
-            if workers <= 1 or len(pending) == 1:
-                for item in pending:
-                    outcomes.append((item, safe_call(worker, item[1], item[0])))
-                    total_samples += _progress(bar, outcomes[-1][1], start, total_samples)
-            else:
-                threads = max(1, default_workers() // workers)
-                with ProcessPoolExecutor(
-                    max_workers=min(workers, len(pending)),
-                    mp_context=get_context("spawn"),
-                    initializer=_worker_init,
-                    initargs=(threads,),
-                ) as pool:
-                    futures = {pool.submit(safe_call, worker, item[1], item[0]): item for item in pending}
-                    for future in as_completed(futures):
-                        item = futures[future]
-                        try:
-                            outcome = future.result()
-                        except Exception as error:  # the worker process itself died
-                            outcome = TaskResult(item[0], ok=False, error=f"worker process died: {error}")
-                        outcomes.append((item, outcome))
-                        total_samples += _progress(bar, outcome, start, total_samples)
-            pending = []
-            for item, outcome in outcomes:
-                results[item[0]] = outcome
-                if not outcome.ok:
-                    log.error("%s: shard %s failed: %s", desc, item[0], outcome.error.splitlines()[0] if outcome.error else "")
-                    pending.append(item)
-    return [results[task_id] for task_id, _ in tasks]
+    """Run (task_id, task) pairs in a process pool of `workers` processes (inline with one worker or one task)."""
+    pool = InlinePool() if workers <= 1 or len(tasks) <= 1 else ProcessPool(min(workers, len(tasks)))
+    return run_pool(pool, worker, tasks, desc, retries)
 
 
 def _progress(bar: tqdm, outcome: TaskResult, start: float, done_samples: int) -> int:
@@ -130,16 +205,18 @@ def _progress(bar: tqdm, outcome: TaskResult, start: float, done_samples: int) -
     return samples
 
 
-Executor = Callable[[Callable[[Any], TaskResult], Sequence[tuple[str, Any]], int, str, int], list[TaskResult]]
-EXECUTORS: dict[str, Executor] = {"local": run_local}
+#: An executor: (worker, tasks, workers, desc, retries) -> results in the order of tasks.
+Executor = Callable[[Callable[[Any], TaskResult], Sequence[Item], int, str, int], list[TaskResult]]
+
+EXECUTORS = Registry("executor")
+EXECUTORS.register("local", run_local, description="process pool; inline with one worker")
+EXECUTORS.register("ray", "pipeline.core.ray_executor:run_ray", needs={"ray"},
+                   description="Ray actors on a cluster or a local instance; the optional ray extra")
 
 
 def get_executor(name: str) -> Executor:
-    if name == "ray" and "ray" not in EXECUTORS:
-        try:
-            from pipeline.core import ray_executor  # noqa: F401  (registers itself; optional extra)
-        except ImportError as error:
-            raise ValueError(f"executor 'ray' needs the optional extra: pip install 'mat-pipeline[ray]' ({error})") from error
-    if name not in EXECUTORS:
-        raise ValueError(f"unknown executor {name!r}; choose one of {sorted(EXECUTORS) + ['ray']}")
-    return EXECUTORS[name]
+    entry = EXECUTORS.get(name)
+    try:
+        return entry.load()
+    except ImportError as error:
+        raise ValueError(f"executor {name!r} needs the optional extra: pip install 'mat-pipeline[{name}]' ({error})") from error

@@ -1,4 +1,5 @@
-"""The `ray` executor: shard tasks on a Ray cluster (or a local Ray instance), registered as EXECUTORS["ray"].
+"""The `ray` executor: shard tasks on a Ray cluster (or a local Ray instance), registered lazily as EXECUTORS["ray"]
+(pipeline/core/executor.py); the retry / progress loop is the shared `run_pool`.
 
 Each Ray actor is one long-lived worker process: it builds its stage (and loads its model) once, through the
 same per-process cache the local pool uses (`pipeline.augment.stage._stage_in_process`), then processes whole shards
@@ -24,17 +25,14 @@ from __future__ import annotations
 
 import logging
 import os
-import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import ray
 from ray.exceptions import RayActorError
-from tqdm import tqdm
 
-from pipeline.core.executor import EXECUTORS, TaskResult, _progress, _worker_init, safe_call
+from pipeline.core.executor import TaskResult, run_pool, safe_call, worker_init
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +105,7 @@ class ShardWorker:
             os.chdir(driver_cwd)
         else:
             log.warning("driver folder %s does not exist on this node: relative output paths will break", driver_cwd)
-        _worker_init(threads)
+        worker_init(threads)
 
     def run(self, worker: Callable[[Any], TaskResult], task: Any, task_id: str) -> TaskResult:
         return safe_call(worker, task, task_id)
@@ -120,6 +118,12 @@ class _Pool:
     make_actor: Callable[[], Any]
     idle: list[Any]
     in_flight: dict[Any, tuple[Any, tuple[str, Any]]]
+
+    def can_submit(self) -> bool:
+        return bool(self.idle)
+
+    def busy(self) -> bool:
+        return bool(self.in_flight)
 
     def submit(self, worker: Callable[[Any], TaskResult], item: tuple[str, Any]) -> None:
         actor = self.idle.pop()
@@ -164,28 +168,4 @@ def run_ray(
 
     log.info("%s: %d shard(s) on %d Ray actor(s) of %g CPU / %g GPU", desc, len(tasks), size, resources.num_cpus, resources.num_gpus)
     pool = _Pool(make_actor, [make_actor() for _ in range(size)], {})
-    queue = deque(tasks)
-    attempts = {task_id: 0 for task_id, _ in tasks}
-    results: dict[str, TaskResult] = {}
-    total_samples = 0
-    start = time.perf_counter()
-    try:
-        with tqdm(total=len(tasks), desc=desc, unit="shard", disable=None) as bar:
-            while queue or pool.in_flight:
-                while queue and pool.idle:
-                    pool.submit(worker, queue.popleft())
-                item, outcome = pool.next_done()
-                attempts[item[0]] += 1
-                results[item[0]] = outcome
-                total_samples += _progress(bar, outcome, start, total_samples)
-                if not outcome.ok:
-                    first_line = outcome.error.splitlines()[0] if outcome.error else ""
-                    log.error("%s: shard %s failed (attempt %d of %d): %s", desc, item[0], attempts[item[0]], retries + 1, first_line)
-                    if attempts[item[0]] <= retries:
-                        queue.append(item)
-    finally:
-        pool.shutdown()
-    return [results[task_id] for task_id, _ in tasks]
-
-
-EXECUTORS["ray"] = run_ray
+    return run_pool(pool, worker, tasks, desc, retries)

@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm import tqdm
 
+from pipeline.attacks import ATTACKS
 from pipeline.evaluation.resume import PartialStore, fingerprint, model_stamp
 from pipeline.models.device import PRECISIONS, autocast, resolve_device, resolve_precision
 from pipeline.core.images import decode_rgb
@@ -75,7 +76,7 @@ if TYPE_CHECKING:  # type hints only: transformers loads when a model does, not 
 log = logging.getLogger(__name__)
 
 CLEAN = "clean"
-DEFAULT_ATTACKS = ("pgd", "bert", "coattack", "sga")
+DEFAULT_ATTACKS = ATTACKS.names()
 KS = (1, 5, 10)
 MAX_WORDS = 30  # SGA's paired_dataset (max_words=30)
 _DELETED = re.compile(r"[,.'!?\"()*#:;~]")
@@ -341,7 +342,7 @@ def evaluate(cfg: EvalConfig, layout: Layout | None = None) -> dict[str, Any]:
     check_itm(clip, cfg.itm_k)
     source_dir = resolve_checkpoint(cfg.attack_source)[0] if cfg.attack_source else None
     source = load_model(source_dir, device=device) if source_dir else None
-    needs_mlm = any(a in {"bert", "coattack", "sga"} for a in cfg.attacks)
+    needs_mlm = any("mlm" in ATTACKS.get(a).needs for a in cfg.attacks)
     mlm_dir = str(cfg.mlm or layout.model_dir(cfg.dataset, "mlm")) if needs_mlm else None
     mlm = load_mlm(mlm_dir, device=device) if mlm_dir else None
     def load_data(model: Any) -> TestSet:

@@ -17,18 +17,19 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from pipeline.attacks import ATTACKS
 from pipeline.core.paths import Layout
 from pipeline.core.fileio import atomic_write_json
+from pipeline.train.registry import MODES
 
 log = logging.getLogger(__name__)
 
 METRICS = ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "tr_asr", "ir_asr")
-#: Row and column order: reference first, then the modes as the MAT paper lists them; attacks weakest first.
-MODE_ORDER = ("pretrained", "ft", "tecoa", "fare", "mat", "matplus")
-ATTACK_ORDER = ("clean", "bert", "pgd", "coattack", "sga")
-ATTACK_LABELS = {"clean": "Clean", "pgd": "PGD", "bert": "BERT-Attack", "coattack": "Co-Attack", "sga": "SGA"}
-MODE_LABELS = {"pretrained": "pretrained", "ft": "FT", "tecoa": "TeCoA", "fare": "FARE", "mat": "MAT",
-               "matplus": "MAT+"}
+#: Row and column order: reference first, then the modes and the attacks in their registries' order.
+MODE_ORDER = ("pretrained", *MODES.names())
+ATTACK_ORDER = ("clean", *ATTACKS.names())
+ATTACK_LABELS = {"clean": "Clean", **ATTACKS.labels()}
+MODE_LABELS = {"pretrained": "pretrained", **MODES.labels()}
 
 
 def _rank(order: tuple[str, ...], value: str) -> tuple[int, str]:

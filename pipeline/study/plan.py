@@ -7,18 +7,27 @@ import dataclasses
 from dataclasses import dataclass
 
 from pipeline.core.config import check_choices, check_positive
+from pipeline.attacks import ATTACKS as ALL_ATTACKS
 from pipeline.core.paths import plain_name
+from pipeline.train.registry import MODES as TRAIN_MODES
+from stages import STAGES
 
-MODES = ("ft", "tecoa", "fare", "mat", "matplus")
-ATTACKS = ("pgd", "bert", "coattack", "sga")
-MULTIMODAL_ATTACKS = ("coattack", "sga")
-CPU_STAGES = ("i2t-human", "eda", "randaug")
-#: stage -> (modality of its variants, cross-modal or intra-modal): the paper's two axes.
-STAGE_KINDS = {"i2t-human": ("text", "cross"), "eda": ("text", "intra"), "i2t-internvl": ("text", "cross"),
-               "randaug": ("image", "intra"), "t2i-sd": ("image", "cross")}
+MODES = tuple(TRAIN_MODES)
+ATTACKS = tuple(ALL_ATTACKS)
+MULTIMODAL_ATTACKS = ALL_ATTACKS.names(tags={"image", "text"})
+CPU_STAGES = STAGES.names(without={"model"})  # the stages the study augments itself: no downloaded model
+
+
+def _tag(tags: frozenset[str], choices: tuple[str, str]) -> str:
+    return next((t for t in choices if t in tags), "")
+
+
+#: stage -> (modality of its variants, cross-modal or intra-modal): the paper's two axes, from the stages' tags.
+STAGE_KINDS = {e.name: (_tag(e.tags, ("text", "image")), _tag(e.tags, ("cross", "intra"))) for e in STAGES.entries()}
 PAIRING = {"text": "1:N", "image": "N:1", "both": "N:N"}
-# Relative costs for the time-left estimate: training per step in FT steps (bench: MAT step / FT step 4.3),
-# evaluation per image in clean forwards (bench: attack_cost_*), and the demo's measured eval/train rate ratio.
+# Relative costs for the time-left estimate (a mode or attack missing here counts 1): training per step in FT
+# steps (bench: MAT step / FT step 4.3), evaluation per image in clean forwards (bench: attack_cost_*), and the
+# demo's measured eval/train rate ratio.
 MODE_COST = {"ft": 1.0, "tecoa": 2.0, "fare": 2.0, "mat": 4.3, "matplus": 4.3}
 ATTACK_COST = {"pgd": 7.8, "bert": 10.2, "coattack": 17.2, "sga": 56.9}
 EVAL_COST_SCALE = 0.0067  # one clean-forward-image in FT steps (demo: 0.23 s per FT step, 43 s per eval of 300)
@@ -105,12 +114,10 @@ def auto_combos(stages: list[str]) -> list[tuple[str, ...]]:
 
 def plan_cells(cfg: StudyConfig, stages: list[str]) -> list[Cell]:
     """The cells of both tables, shared cells merged (the union of their tables and attacks)."""
-    from pipeline.train.modes import MODES as TRAIN_MODES  # each mode's default stages (MAT+: i2t-human)
-
     multimodal = tuple(a for a in cfg.attacks if a in MULTIMODAL_ATTACKS) or cfg.attacks
     wanted: list[tuple[str, tuple[str, ...], int, str, tuple[str, ...]]] = [("pretrained", (), 0, "defences", cfg.attacks)]
     for mode in cfg.modes:
-        wanted.append((mode, TRAIN_MODES[mode].default_stages, cfg.steps_of(mode), "defences", cfg.attacks))
+        wanted.append((mode, TRAIN_MODES.get(mode).default("stages", ()), cfg.steps_of(mode), "defences", cfg.attacks))
     if cfg.augmentation:
         steps = cfg.aug_steps or cfg.steps_of("matplus")
         chosen = [s for s in (cfg.stages if cfg.stages is not None else stages)]

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.study.bootstrap import Bootstrap, Interval, Outcomes, Statistic, spearman
-from pipeline.evaluation.report import ATTACK_LABELS, MODE_LABELS
+from pipeline.evaluation.report import ATTACK_LABELS, ATTACK_ORDER, MODE_LABELS
 from pipeline.core.fileio import atomic_write_json
 from pipeline.study.plan import MULTIMODAL_ATTACKS, STAGE_KINDS, Cell, StudyConfig
 
@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 CHANCE_FACTOR = 3.0
 MIN_STAGES_FOR_CORRELATION = 4
 SUPPORTS, CONTRADICTS, UNDECIDED = "supports", "contradicts", "cannot decide"
-ATTACK_ORDER = ("clean", "pgd", "bert", "coattack", "sga")
 
 
 @dataclass

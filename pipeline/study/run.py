@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.attacks import ATTACKS
 from pipeline.study.bootstrap import Outcomes
 from pipeline.study.plan import ATTACK_COST, CPU_STAGES, Cell, EVAL_COST_SCALE, MODE_COST, STAGE_KINDS, StudyConfig, eval_name, plan_cells
 from pipeline.evaluation.resume import fingerprint, model_stamp
@@ -106,16 +107,18 @@ def build_plan(cfg: StudyConfig, layout: Layout) -> tuple[list[Cell], list[Unit]
                 settings = train_settings(tcfg)
                 units.append(Unit(f"train-{cell.id}-s{seed}", "train", settings, run_dir / "clip",
                                   inputs={"clip": clip, "mlm": mlm, **{f"stage:{s}": s for s in cell.stages}},
-                                  cost=cell.steps * MODE_COST[cell.mode], run=_trainer(tcfg, layout, train)))
+                                  cost=cell.steps * MODE_COST.get(cell.mode, 1.0), run=_trainer(tcfg, layout, train)))
                 checkpoint, inputs = str(run_dir), {"clip": str(run_dir / "clip")}
             ecfg = EvalConfig(checkpoint=checkpoint, dataset=cfg.dataset, mlm=mlm, name=eval_name(cell, seed),
                               mode=cell.mode, split=split, size=cfg.eval_size, batch_size=cfg.eval_batch, attacks=cell.attacks,
                               device=cfg.device, seed=seed)
             n_images = cfg.eval_size or 1000
+            if any("mlm" in ATTACKS.get(a).needs for a in cell.attacks):
+                inputs = {**inputs, "mlm": mlm}
             units.append(Unit(f"eval-{cell.id}-s{seed}", "eval", dataclasses.asdict(ecfg) | {"checkpoint": None},
                               layout.eval_path(cfg.dataset, ecfg.name),
-                              inputs={**inputs, **({"mlm": mlm} if set(cell.attacks) - {"pgd"} else {})},
-                              cost=EVAL_COST_SCALE * n_images * (1 + sum(ATTACK_COST[a] for a in cell.attacks)),
+                              inputs=inputs,
+                              cost=EVAL_COST_SCALE * n_images * (1 + sum(ATTACK_COST.get(a, 1.0) for a in cell.attacks)),
                               run=lambda ecfg=ecfg: evaluate(ecfg, layout)))
     return cells, units
 

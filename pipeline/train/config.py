@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from pipeline.train.registry import MODES
 from pipeline.attacks.bert_attack import BERTAttack
 from pipeline.attacks.pgd import PGD
 from pipeline.core.config import check_choice, check_non_negative, check_positive, check_range
@@ -128,18 +129,16 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
 
     def __post_init__(self) -> None:
-        from pipeline.train.modes import MODES  # lazily: the modes import this module
-
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r}: choose one of {', '.join(MODES)}")
         check_positive(self, "steps", "batch_size", "accum_steps", "log_every", "save_every", "keep_checkpoints")
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("resume", self.resume, RESUME)
         check_reporters(self.report_to, self.wandb_mode)
-        mode = MODES[self.mode]
-        if not self.data.stages and mode.default_stages:
-            dataclasses.replace(self.data, stages=mode.default_stages)  # checks captions='all' against them
-        elif mode.needs_stages and not self.data.stages:
+        mode = MODES.get(self.mode)
+        if not self.data.stages and mode.default("stages"):
+            dataclasses.replace(self.data, stages=mode.default("stages"))  # checks captions='all' against them
+        elif "stages" in mode.needs and not self.data.stages:
             raise ValueError(f"mode={self.mode!r} needs augmentation stages (STAGES=i2t-human,eda,...)")
 
 
@@ -180,9 +179,7 @@ class PretrainConfig:
 
 def resolve_stages(cfg: TrainConfig) -> TrainConfig:
     """A mode with default stages (MAT+: i2t-human) and none given gets them."""
-    from pipeline.train.modes import MODES
-
-    default = MODES[cfg.mode].default_stages
+    default = MODES.get(cfg.mode).default("stages")
     if default and not cfg.data.stages:
         return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, stages=default))
     return cfg

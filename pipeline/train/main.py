@@ -69,7 +69,7 @@ def setup_run_dir(cfg: TrainConfig, layout: Layout, env: DistEnv) -> Path:
 def load_models(cfg: TrainConfig, layout: Layout, env: DistEnv) -> tuple[CLIPBundle, MLMBundle | None]:
     clip = load_model(cfg.clip or layout.model_dir(cfg.dataset, "clip"), device=env.device)
     mlm = None
-    if MODES[cfg.mode].needs_mlm:
+    if "mlm" in MODES.get(cfg.mode).needs:
         mlm = load_mlm(cfg.mlm or layout.model_dir(cfg.dataset, "mlm"), device=env.device)
     return clip, mlm
 

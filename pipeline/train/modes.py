@@ -1,4 +1,5 @@
-"""Training modes: each builds its (adversarial) batch and its loss. Registry `MODES`, one class per mode.
+"""Training modes: each builds its (adversarial) batch and its loss, one class per mode, registered in
+`MODES` (pipeline/train/registry.py, with what each needs).
 
 All attacks are the evaluation's own (`pipeline.attacks`): PGD perturbs [0, 1] pixels and the bundle normalises
 inside the model call; BERT-Attack replaces words with masked-LM candidates, batched over the whole batch.
@@ -40,6 +41,7 @@ import torch.nn as nn
 from pipeline.attacks import image_similarity_goal
 from pipeline.train.config import TrainConfig
 from pipeline.train.losses import ClipLoss, FareLoss, info_nce
+from pipeline.train.registry import MODES
 
 if TYPE_CHECKING:  # type hints only: importing transformers here would slow every command's start
     from pipeline.models.hf import CLIPBundle, MLMBundle
@@ -71,10 +73,7 @@ class Mode:
     """Base: `__call__(net, batch)` returns the loss terms; `timings` holds the last step's attack seconds."""
 
     name: ClassVar[str]
-    needs_mlm: ClassVar[bool] = False
     trains_text: ClassVar[bool] = True
-    needs_stages: ClassVar[bool] = False  # trains on augmentation stages (DataConfig.stages)
-    default_stages: ClassVar[tuple[str, ...]] = ()  # the stages used when none are given
 
     def __init__(self, cfg: TrainConfig, clip: CLIPBundle, mlm: MLMBundle | None = None):
         self.cfg = cfg
@@ -161,7 +160,6 @@ class MAT(Mode):
     """Multimodal adversarial training (Waseda et al.): BERT-Attack on texts and PGD on images."""
 
     name = "mat"
-    needs_mlm = True
 
     def __init__(self, cfg: TrainConfig, clip: CLIPBundle, mlm: MLMBundle | None = None):
         super().__init__(cfg, clip, mlm)
@@ -202,16 +200,8 @@ class MAT(Mode):
 class MATPlus(MAT):
     """MAT on one-to-many augmented data: identical step, the loader draws pairs from the chosen stages."""
 
-    name = "matplus"
-    needs_stages = True
-    # Without STAGES: the other reference captions, the cheapest cross-modal (I2T) augmentation.
-    default_stages = ("i2t-human",)
-
-
-MODES: dict[str, type[Mode]] = {cls.name: cls for cls in (FineTune, TeCoA, Fare, MAT, MATPlus)}
+    name = "matplus"  # its needs and default stages are declared in pipeline/train/registry.py
 
 
 def build_mode(cfg: TrainConfig, clip: CLIPBundle, mlm: MLMBundle | None = None) -> Mode:
-    if cfg.mode not in MODES:
-        raise ValueError(f"unknown mode {cfg.mode!r}; valid: {', '.join(MODES)}")
-    return MODES[cfg.mode](cfg, clip, mlm)
+    return MODES.load(cfg.mode)(cfg, clip, mlm)

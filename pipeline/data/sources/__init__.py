@@ -4,18 +4,22 @@ Readers only parse metadata; images are read and validated later, shard by shard
 holds a path, or a reference such as `TarMember` / `HFRow` that the worker resolves, not the image bytes). A
 reader raises `SourceError` for a malformed file (a clear error, nothing written) and yields a `Skip` with its
 reason for a bad record, so that nothing is dropped silently.
+
+Readers import their shared types from this package, and the package never imports a reader: `SOURCES` names
+each one lazily ("module:function"), and the image references a reader defines (`SynthImage` in synth.py,
+`HFRow` in hf.py) read themselves.
 """
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pipeline.core.config import check_positive, check_range
+from pipeline.core.registry import Registry
 from pipeline.core.seeding import stable_fraction
 
 SPLITS = ("train", "val", "test")
@@ -23,13 +27,6 @@ SPLITS = ("train", "val", "test")
 
 class SourceError(ValueError):
     """The input cannot be read at all (malformed JSON/CSV, missing annotation file, unknown layout)."""
-
-
-@dataclass(frozen=True)
-class SynthImage:
-    """A synthetic image, drawn in the worker from its parameters (see pipeline/data/sources/synth.py)."""
-
-    params: tuple
 
 
 @dataclass(frozen=True)
@@ -49,22 +46,13 @@ class TarMember:
         return data
 
 
-@dataclass(frozen=True)
-class HFRow:
-    """An image embedded in a Hugging Face dataset: row `row` of `split`, reloaded (memory-mapped) in the worker."""
+class ImageReader(Protocol):
+    """A reference to an image that the worker reads: `TarMember` here, `SynthImage` (synth.py), `HFRow` (hf.py)."""
 
-    loader: tuple[str, ...]  # how pipeline/data/sources/hf.py loads the dataset again
-    split: str
-    row: int
-    column: str
-
-    def read(self) -> bytes:
-        from pipeline.data.sources.hf import read_row_image
-
-        return read_row_image(self)
+    def read(self) -> bytes: ...
 
 
-ImageRef = Path | bytes | SynthImage | TarMember | HFRow
+ImageRef = Path | bytes | ImageReader
 
 
 @dataclass
@@ -79,11 +67,7 @@ class Record:
     def read_image(self) -> bytes:
         if isinstance(self.image, bytes):
             return self.image
-        if isinstance(self.image, SynthImage):
-            from pipeline.data.sources.synth import render
-
-            return render(self.image)
-        if isinstance(self.image, (TarMember, HFRow)):
+        if not isinstance(self.image, (str, Path)):
             return self.image.read()
         try:
             return Path(self.image).read_bytes()
@@ -161,17 +145,24 @@ class SourceOptions:
         check_positive(self, "synth_size")
 
 
-# name -> "module:function"; each function takes SourceOptions and yields Record | Skip
-SOURCES: dict[str, str] = {
-    "synth": "pipeline.data.sources.synth:read_synth",
-    "coco": "pipeline.data.sources.coco:read_coco",
-    "karpathy": "pipeline.data.sources.karpathy:read_karpathy",
-    "albef": "pipeline.data.sources.albef:read_albef",
-    "csv": "pipeline.data.sources.table:read_table",
-    "imagefolder": "pipeline.data.sources.imagefolder:read_imagefolder",
-    "hf": "pipeline.data.sources.hf:read_hf",
-    "wds": "pipeline.data.sources.wds:read_wds",
-}
+# Each reader takes SourceOptions and yields Record | Skip. Needs: "data_root" (DATA_ROOT must be given),
+# "local_files" (and must exist here; `hf` also takes a hub id already in the local cache).
+SOURCES = Registry("format")
+SOURCES.register("synth", "pipeline.data.sources.synth:read_synth", description="the embedded procedural dataset")
+SOURCES.register("coco", "pipeline.data.sources.coco:read_coco", needs={"data_root", "local_files"},
+                 description="COCO captions (annotations/captions_*.json + image folders)")
+SOURCES.register("karpathy", "pipeline.data.sources.karpathy:read_karpathy", needs={"data_root", "local_files"},
+                 description="Karpathy split JSON (dataset_coco.json, dataset_flickr30k.json)")
+SOURCES.register("albef", "pipeline.data.sources.albef:read_albef", needs={"data_root", "local_files"},
+                 description="ALBEF / SGA JSON list of {image, caption}")
+SOURCES.register("csv", "pipeline.data.sources.table:read_table", needs={"data_root", "local_files"},
+                 description="CSV / TSV table of image paths and captions")
+SOURCES.register("imagefolder", "pipeline.data.sources.imagefolder:read_imagefolder",
+                 needs={"data_root", "local_files"}, description="Hugging Face imagefolder (metadata.jsonl)")
+SOURCES.register("hf", "pipeline.data.sources.hf:read_hf", needs={"data_root"},
+                 description="Hugging Face dataset (save_to_disk folder, parquet / arrow files, cached hub id)")
+SOURCES.register("wds", "pipeline.data.sources.wds:read_wds", needs={"data_root", "local_files"},
+                 description="WebDataset / img2dataset tar shards")
 
 HF_FILE_SUFFIXES = (".parquet", ".arrow")
 
@@ -197,7 +188,7 @@ def detect_format(data_root: Path) -> str:
         return _format_of_file(path)
     if list(data_root.glob("*.csv")) or list(data_root.glob("*.tsv")) or list(data_root.glob("*.txt")):
         return "csv"
-    raise SourceError(f"cannot tell the format of {data_root}: pass FORMAT={'|'.join(f for f in SOURCES if f != 'synth')}")
+    raise SourceError(f"cannot tell the format of {data_root}: pass FORMAT={'|'.join(SOURCES.names(needs={'data_root'}))}")
 
 
 def _format_of_file(path: Path) -> str:
@@ -217,12 +208,10 @@ def _format_of_file(path: Path) -> str:
 
 
 def read_source(fmt: str, options: SourceOptions) -> Iterator[Record | Skip]:
-    if fmt not in SOURCES:
-        raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(SOURCES)}")
-    if fmt != "synth" and options.data_root is None:
+    entry = SOURCES.get(fmt)
+    if "data_root" in entry.needs and options.data_root is None:
         raise ValueError(f"format {fmt!r} needs DATA_ROOT (the dataset folder or annotation file)")
     # `hf` also takes a hub id already in the local cache, which is no local path; a str is a shard URL spec.
-    if isinstance(options.data_root, Path) and not options.data_root.exists() and fmt != "hf":
+    if isinstance(options.data_root, Path) and not options.data_root.exists() and "local_files" in entry.needs:
         raise SourceError(f"DATA_ROOT {options.data_root} does not exist")
-    module_name, function_name = SOURCES[fmt].split(":")
-    return getattr(importlib.import_module(module_name), function_name)(options)
+    return entry.load()(options)

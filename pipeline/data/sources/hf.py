@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.data.sources import HF_FILE_SUFFIXES, HFRow, ImageRef, Record, Skip, SourceError, SourceOptions, make_record
+from pipeline.data.sources import HF_FILE_SUFFIXES, ImageRef, Record, Skip, SourceError, SourceOptions, make_record
 
 SPLIT_NAMES = {"train": "train", "restval": "train", "validation": "val", "val": "val", "test": "test"}
 CAPTION_FALLBACKS = ("captions", "caption", "text")
@@ -100,6 +100,19 @@ def _image_column(loader: tuple[str, ...], split: str, column: str) -> Any:
     if isinstance(dataset.features[column], datasets.Image):
         dataset = dataset.cast_column(column, datasets.Image(decode=False))
     return dataset.select_columns([column])
+
+
+@dataclass(frozen=True)
+class HFRow:
+    """An image embedded in a Hugging Face dataset: row `row` of `split`, reloaded (memory-mapped) in the worker."""
+
+    loader: tuple[str, ...]  # how `_image_column` loads the dataset again
+    split: str
+    row: int
+    column: str
+
+    def read(self) -> bytes:
+        return read_row_image(self)
 
 
 def read_row_image(ref: HFRow) -> bytes:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from pipeline.core.images import encode_jpeg
-from pipeline.data.sources import Record, Skip, SourceOptions, SynthImage, make_record
+from pipeline.data.sources import Record, Skip, SourceOptions, make_record
 
 SIZE = 64
 CAPTIONS_PER_IMAGE = 5
@@ -61,6 +62,16 @@ def sample_params(rng: random.Random) -> tuple:
         (rng.choice(sorted(SHAPES)), rng.choice(sorted(COLORS)), rng.choice(sorted(SIZES)), position) for position in positions
     )
     return (rng.randrange(1 << 30), background, tone, shapes)
+
+
+@dataclass(frozen=True)
+class SynthImage:
+    """A synthetic image, drawn in the worker from its parameters."""
+
+    params: tuple
+
+    def read(self) -> bytes:
+        return render(self)
 
 
 def render(image: SynthImage) -> bytes:
