@@ -6,12 +6,12 @@ an image's logits are ``logit_scale * cos(image, class)``; accuracy = share of i
 class. Robust accuracy: the same on adversarial images, crafted against this classifier (white-box):
 
 * PGD on the cross-entropy, eps 1/255, 2/255 and 4/255 (L-inf on [0, 1] pixels), random start, signed steps of
-  eps / 4, ``pgd_steps`` steps (default 100). Step counts in the papers, as we read them (check before quoting):
-  TeCoA (Mao et al., "Understanding Zero-Shot Adversarial Robustness for Large-Scale Models", ICLR 2023) report
-  zero-shot robustness at eps 1/255 under 100-step PGD; FARE (Schlarmann et al., "Robust CLIP: Unsupervised
-  Adversarial Fine-Tuning of Vision Embeddings for Robust Large Vision-Language Models", ICML 2024) report eps
-  2/255 and 4/255 under the first two attacks of AutoAttack, APGD-CE and APGD-T (DLR, targeted) with 100
-  iterations each;
+  eps / 4, ``pgd_steps`` steps (default 100). The papers' settings: TeCoA (Mao et al., "Understanding Zero-Shot
+  Adversarial Robustness for Large-Scale Models", ICLR 2023) report zero-shot robustness at eps 1/255 under
+  100-step PGD (our reading of the paper); FARE (Schlarmann et al., "Robust CLIP: Unsupervised Adversarial
+  Fine-Tuning of Vision Embeddings for Robust Large Vision-Language Models", ICML 2024) report eps 2/255 and
+  4/255 under AutoAttack's APGD-CE and APGD-T with 100 iterations (their evaluation script,
+  chs20/RobustVLM CLIP_benchmark/clip_benchmark/cli.py: ``--attack aa``, ``--iterations_adv`` default 100);
 * APGD-CE and APGD-T (torchattacks' ``APGD`` / ``APGDT``, ``apgd_steps`` iterations, default 100), when
   torchattacks is installed (the ``families`` extra); otherwise skipped and the JSON says why. Their robust
   accuracy counts an image correct only if it survives both (AutoAttack's worst case).
