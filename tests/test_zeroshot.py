@@ -158,3 +158,24 @@ def test_cli_explains_itself_and_reports_an_empty_class_folder(tmp_path, tiny_mo
     result = runner.invoke(app, ["eval-zeroshot", "--ckpt", tiny_model_dirs["clip"], "--data", str(root),
                                  "--device", "cpu"])
     assert result.exit_code == 2 and "has no images" in result.output
+
+
+def test_cli_takes_a_config_file_and_set(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import pipeline.evaluation.zeroshot as zeroshot
+    from pipeline.commands.cli import app
+
+    seen = []
+    monkeypatch.setattr(zeroshot, "evaluate_zeroshot", lambda cfg, layout: seen.append(cfg) or (_ for _ in ()).throw(ValueError("stop")))
+    (tmp_path / "zs.yaml").write_text("checkpoint: runs/a\nsynth_labels: colour\npgd_steps: 7\n")
+    runner = CliRunner()
+    result = runner.invoke(app, ["eval-zeroshot", "--config", str(tmp_path / "zs.yaml"), "--eps", "2",
+                                 "--set", "apgd=false", "--set", "batch_size=8"])
+    assert result.exit_code == 2 and "stop" in result.output, result.output
+    cfg = seen[0]
+    assert (cfg.checkpoint, cfg.synth_labels, cfg.pgd_steps, cfg.eps, cfg.apgd, cfg.batch_size) == \
+        ("runs/a", "colour", 7, (2 / 255,), False, 8)
+    result = runner.invoke(app, ["eval-zeroshot", "--set", "synth_labels=size"])
+    assert result.exit_code == 2 and "synth_labels='size'" in result.output
+    assert len(seen) == 1

@@ -25,6 +25,7 @@ from pipeline.curate.filters import FilterConfig
 from pipeline.data.ingest import IngestConfig
 from pipeline.data.sources import SOURCES
 from pipeline.evaluation.evaluate import EvalConfig
+from pipeline.evaluation.zeroshot import ZeroShotConfig
 from pipeline.study.plan import StudyConfig
 from pipeline.train.config import PretrainConfig, TrainConfig
 from pipeline.train.registry import MODES
@@ -808,37 +809,44 @@ def clean(
 
 @app.command(name="eval-zeroshot")
 def eval_zeroshot_command(
-    checkpoint: Annotated[str, typer.Option("--ckpt", envvar="CKPT", help="Any model load_model reads: a training run dir, an HF CLIP / BLIP dir or hub id, open_clip:<model>[:<pretrained>].")],
+    checkpoint: Annotated[Optional[str], typer.Option("--ckpt", envvar="CKPT", help="Any model load_model reads: a training run dir, an HF CLIP / BLIP dir or hub id, open_clip:<model>[:<pretrained>].")] = None,
     data: Annotated[Optional[str], typer.Option(envvar="ZS_DATA", help="An ImageFolder (class folders; '_' reads as a space) or a datasets dataset saved with save_to_disk.")] = None,
     labels: Annotated[Optional[str], typer.Option("--labels", envvar="ZS_LABELS", help="Without ZS_DATA: a labelled set from the synth generator, by shape or colour.")] = None,
-    synth_images: Annotated[int, typer.Option(envvar="ZS_SYNTH_IMAGES", help="Images of the synth labelled set.")] = 200,
-    dataset: Dataset = "synth",
+    synth_images: Annotated[Optional[int], _opt("ZS_SYNTH_IMAGES", f"Images of the synth labelled set (default {_default(ZeroShotConfig, 'synth_images')}).")] = None,
+    dataset: OptDataset = None,
     name: Annotated[Optional[str], typer.Option(envvar="EVAL_NAME", callback=_plain("EVAL_NAME"), help="Output name (evals/zeroshot/<name>.json).")] = None,
-    split: Annotated[str, typer.Option(envvar="ZS_SPLIT", help="Split of a saved DatasetDict.")] = "test",
+    split: Annotated[Optional[str], _opt("ZS_SPLIT", f"Split of a saved DatasetDict (default {_default(ZeroShotConfig, 'split')}).")] = None,
     size: Annotated[Optional[int], typer.Option(envvar="EVAL_SIZE", help="First N images (classes interleaved; default all).")] = None,
-    eps: Annotated[str, typer.Option(envvar="ZS_EPS", help="Comma-separated L-inf budgets in 1/255 units.")] = "1,2,4",
-    pgd_steps: Annotated[int, typer.Option(envvar="ZS_PGD_STEPS", help="PGD steps (step eps/4).")] = 100,
-    apgd: Annotated[bool, typer.Option("--apgd/--no-apgd", envvar="ZS_APGD", help="APGD-CE and APGD-T via torchattacks (skipped with a note when not installed).")] = True,
-    apgd_steps: Annotated[int, typer.Option(envvar="ZS_APGD_STEPS", help="APGD iterations.")] = 100,
+    eps: Annotated[Optional[str], _opt("ZS_EPS", f"Comma-separated L-inf budgets in 1/255 units (default {','.join(f'{e * 255:g}' for e in field_default(ZeroShotConfig, 'eps'))}).")] = None,
+    pgd_steps: Annotated[Optional[int], _opt("ZS_PGD_STEPS", f"PGD steps of eps/4 (default {_default(ZeroShotConfig, 'pgd_steps')}).")] = None,
+    apgd: Annotated[Optional[bool], typer.Option("--apgd/--no-apgd", envvar="ZS_APGD", help="APGD-CE and APGD-T via torchattacks (default on; skipped with a note when not installed).")] = None,
+    apgd_steps: Annotated[Optional[int], _opt("ZS_APGD_STEPS", f"APGD iterations (default {_default(ZeroShotConfig, 'apgd_steps')}).")] = None,
     templates: Annotated[Optional[str], typer.Option(envvar="ZS_TEMPLATES", help="A text file of prompt templates, one per line, each with {} for the class name.")] = None,
-    batch_size: Annotated[int, typer.Option(envvar="EVAL_BATCH", help="Images per forward / attack batch.")] = 64,
-    device: Annotated[str, typer.Option(envvar="DEVICE", help="auto, cpu or cuda.")] = "auto",
-    seed: Annotated[int, typer.Option(envvar="EVAL_SEED", help="Seed of the attacks' random starts.")] = 0,
+    batch_size: Annotated[Optional[int], _opt("EVAL_BATCH", f"Images per forward / attack batch (default {_default(ZeroShotConfig, 'batch_size')}).")] = None,
+    device: Annotated[Optional[str], _opt("DEVICE", "auto, cpu or cuda (default auto).")] = None,
+    seed: Annotated[Optional[int], _opt("EVAL_SEED", "Seed of the attacks' random starts (default 0).")] = None,
+    config: ConfigFile = None,
+    settings: Assignments = None,
 ) -> None:
     """Zero-shot classification accuracy, clean and under PGD (and APGD-CE / APGD-T) at each eps; writes
-    evals/zeroshot/<name>.json."""
-    from pipeline.evaluation.zeroshot import TEMPLATES, ZeroShotConfig, evaluate_zeroshot
-    from pipeline.models.hf import ModelNotFoundError
+    evals/zeroshot/<name>.json. Settings: ZeroShotConfig (pipeline/evaluation/zeroshot.py), through --set or a
+    --config file too."""
+    from pipeline.evaluation.zeroshot import evaluate_zeroshot
+    from pipeline.models.errors import ModelNotFoundError
 
     try:
         prompts = tuple(line.strip() for line in Path(templates).read_text().splitlines() if line.strip()) \
-            if templates else TEMPLATES
-        config = ZeroShotConfig(
-            checkpoint=checkpoint, data=_env_or_none(data), synth_labels=_env_or_none(labels),
-            synth_images=synth_images, dataset=dataset, name=_env_or_none(name), split=split, size=size,
-            templates=prompts, eps=tuple(float(e) / 255 for e in eps.split(",") if e.strip()), pgd_steps=pgd_steps,
-            apgd=apgd, apgd_steps=apgd_steps, batch_size=batch_size, device=device, seed=seed)
-        record = evaluate_zeroshot(config, layout())
+            if templates else None
+        budgets = tuple(float(e) / 255 for e in eps.split(",") if e.strip()) if _env_or_none(eps) else None
+    except (OSError, ValueError) as error:
+        _fail(f"ZS_TEMPLATES / ZS_EPS: {error}")
+    options = dict(checkpoint=_env_or_none(checkpoint), data=_env_or_none(data), synth_labels=_env_or_none(labels),
+                   synth_images=synth_images, dataset=dataset, name=_env_or_none(name), split=split, size=size,
+                   templates=prompts, eps=budgets, pgd_steps=pgd_steps, apgd=apgd, apgd_steps=apgd_steps,
+                   batch_size=batch_size, device=device, seed=seed)
+    cfg = _build(ZeroShotConfig, config, options, settings)
+    try:
+        record = evaluate_zeroshot(cfg, layout())
     except (ValueError, FileNotFoundError, ModelNotFoundError, ImportError) as error:
         _fail(str(error))
     metrics = record["metrics"]

@@ -86,6 +86,10 @@ class Layout:
         """Finished batches and attacks of unfinished evaluations (pipeline/evaluation/resume.py)."""
         return self.evals_dir(dataset) / "partial"
 
+    def synth_labelled_dir(self, labels: str, images: int, seed: int) -> Path:
+        """The labelled synth ImageFolder `eval-zeroshot` draws (by shape or colour), kept for reruns."""
+        return self.shards_dir / "synth" / f"zeroshot-{plain_name(labels, 'labels')}-{images}-seed{seed}"
+
     def eval_tracking_dir(self, dataset: str, name: str) -> Path:
         """evals/tracking/<name>/{tensorboard,wandb}/ of an evaluation."""
         return self.evals_dir(dataset) / "tracking" / plain_name(name, "eval name")

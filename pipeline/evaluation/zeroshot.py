@@ -41,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from pipeline.core.config import check_choice, check_positive
 from pipeline.core.fileio import atomic_write_json
 from pipeline.core.paths import Layout
 
@@ -57,7 +58,7 @@ ZEROSHOT_DIR = "zeroshot"
 
 @dataclass(frozen=True)
 class ZeroShotConfig:
-    checkpoint: str  # any model spec load_model reads, or a training run dir
+    checkpoint: str | None = None  # any model spec load_model reads, or a training run dir (required to run)
     data: str | None = None  # ImageFolder dir or a save_to_disk dataset; None with synth_labels: synth
     synth_labels: str | None = None  # "shape" or "colour": build the labelled set from the synth generator
     synth_images: int = 200
@@ -77,16 +78,20 @@ class ZeroShotConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.synth_labels is not None and self.synth_labels not in SYNTH_LABELS:
-            raise ValueError(f"synth_labels={self.synth_labels!r}: choose one of {SYNTH_LABELS}")
-        if self.data is None and self.synth_labels is None:
-            raise ValueError("give data (an ImageFolder or a saved datasets dataset) or synth_labels (shape|colour)")
+        if self.synth_labels is not None:
+            check_choice("synth_labels", self.synth_labels, SYNTH_LABELS)
         if not self.templates or any("{}" not in t for t in self.templates):
-            raise ValueError("every template needs a '{}' for the class name")
+            raise ValueError("templates: every template needs a '{}' for the class name")
         if any(not 0 < e <= 1 for e in self.eps):
             raise ValueError(f"eps={self.eps}: each must be in (0, 1] (pixels in [0, 1])")
-        if self.pgd_steps < 1 or self.apgd_steps < 1 or self.batch_size < 1:
-            raise ValueError("pgd_steps, apgd_steps and batch_size must be >= 1")
+        check_positive(self, "pgd_steps", "apgd_steps", "batch_size", "synth_images", "size")
+
+    def check_runnable(self) -> None:
+        """What a run needs beyond valid values (a config file may leave these to the command line)."""
+        if not self.checkpoint:
+            raise ValueError("checkpoint: required (CKPT=<training run dir, model dir or spec>)")
+        if self.data is None and self.synth_labels is None:
+            raise ValueError("give data (an ImageFolder or a saved datasets dataset) or synth_labels (shape|colour)")
 
 
 @dataclass
@@ -173,7 +178,7 @@ def write_synth_imagefolder(root: str | Path, labels: str, n_images: int = 200, 
 
 def load_labelled(cfg: ZeroShotConfig, layout: Layout) -> tuple[LabelledImages, str]:
     if cfg.data is None:
-        root = layout.shards_dir / "synth" / f"zeroshot-{cfg.synth_labels}-{cfg.synth_images}-seed{cfg.seed}"
+        root = layout.synth_labelled_dir(cfg.synth_labels, cfg.synth_images, cfg.seed)
         if not root.is_dir():
             write_synth_imagefolder(root, cfg.synth_labels, cfg.synth_images, cfg.seed)
         return load_imagefolder(root, cfg.size), str(root)
@@ -277,6 +282,7 @@ def evaluate_zeroshot(cfg: ZeroShotConfig, layout: Layout | None = None) -> dict
     from pipeline.models.device import resolve_device
     from pipeline.models.loading import load_model
 
+    cfg.check_runnable()
     layout = layout or Layout.from_env()
     device = str(resolve_device(cfg.device))
     model_dir, default_name, mode = resolve_checkpoint(cfg.checkpoint)
@@ -299,6 +305,8 @@ def run_zeroshot(model: Any, data: LabelledImages, cfg: ZeroShotConfig, out: Pat
     start = time.perf_counter()
     clean = accuracy(predict(classifier, images01, cfg.batch_size), data.labels)
     results: dict[str, Any] = {"clean": {"accuracy": clean, "seconds": round(time.perf_counter() - start, 2)}}
+    log.info("zero-shot clean: %.1f%% (%d images, %d classes); attacking at eps %s", clean, len(data.labels),
+             len(data.classes), ", ".join(f"{e * 255:g}/255" for e in cfg.eps))
     notes = []
     try:
         import torchattacks  # noqa: F401
