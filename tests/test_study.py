@@ -175,8 +175,8 @@ def test_plan_merges_shared_cells_and_gives_each_stage_its_pairing():
     assert fewer == {"pretrained", "mat", "mat-20steps", "matplus-eda-20steps"}  # MAT baseline at the same steps
 
 
-@pytest.mark.parametrize("change", [{"seeds": 0}, {"eval_steps": 0}, {"modes": ("nope",)}, {"attacks": ("pgd", "x")}, {"eval_size": 1},
-                                    {"dataset": "../x"}])
+@pytest.mark.parametrize("change", [{"seeds": 0}, {"modes": ("nope",)}, {"attacks": ("pgd", "x")}, {"eval_size": 1},
+                                    {"dataset": "../x"}, {"eval_steps": 0}])
 def test_bad_config_raises(change):
     with pytest.raises(ValueError):
         StudyConfig(**change)

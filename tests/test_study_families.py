@@ -50,8 +50,8 @@ def test_defences_table_runs_with_each_family(family, tiny_family_dirs, synth_wi
     clip = tiny_family_dirs[family]
     assert model_family(clip) == family
     cfg = StudyConfig(dataset="synth", clip=clip, mlm=tiny_family_dirs["mlm"], steps=2, batch_size=4,
-                      precision="fp32", eval_size=4, eval_batch=4, eval_steps=2, eval_top_k=2, augmentation=False, resamples=20,
-                      device="cpu", workers=1, data_workers=0)
+                      precision="fp32", eval_size=4, eval_batch=4, eval_steps=2, eval_top_k=2,
+                      augmentation=False, resamples=20, device="cpu", workers=1, data_workers=0)
     report = run_study(cfg, layout)
 
     cells = {"pretrained", *(m for m in MODES if m != "matplus"), "matplus-i2t-human"}  # MAT+: its default stage
