@@ -81,3 +81,41 @@ def tiny_images(tiny_clip) -> torch.Tensor:
     """Four random [0, 1] images at the tiny CLIP's resolution."""
     g = torch.Generator().manual_seed(0)
     return torch.rand(4, 3, tiny_clip.image_size, tiny_clip.image_size, generator=g)
+
+
+# Tiny models of the other families (open_clip, BLIP), built from their configs: shared by the family tests.
+TINY_OPEN_CLIP = {"embed_dim": 32,
+                  "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 8, "patch_size": 8},
+                  "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2}}
+
+
+def tiny_blip(bert_tok):
+    from transformers import BlipConfig
+
+    from pipeline.models.blip import build_blip
+
+    # BERT's init (std 0.02; the vision tower's 1e-10) makes a random BLIP's CLS embeddings nearly constant
+    layers = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  initializer_range=0.5)
+    text = dict(layers, vocab_size=len(bert_tok), max_position_embeddings=64, pad_token_id=bert_tok.pad_token_id,
+                bos_token_id=bert_tok.cls_token_id, sep_token_id=bert_tok.sep_token_id)
+    config = BlipConfig(text_config=text, vision_config=dict(layers, image_size=32, patch_size=8),
+                        image_text_hidden_size=32)
+    bert_tok.model_max_length = 64
+    return build_blip(config, bert_tok)
+
+
+@pytest.fixture(scope="session")
+def tiny_family_dirs(tmp_path_factory, tiny_model_dirs) -> dict[str, str]:
+    """{family: saved model dir} for "clip" (the suite's tiny CLIP), "open_clip" and "blip", plus "mlm"."""
+    pytest.importorskip("open_clip", reason="the 'families' extra (open_clip_torch) is not installed")
+    from transformers import AutoTokenizer
+
+    from pipeline.models.openclip import build_open_clip
+
+    root = tmp_path_factory.mktemp("families")
+    torch.manual_seed(0)
+    oc = build_open_clip(TINY_OPEN_CLIP, name="tiny-test-oc")
+    blip = tiny_blip(AutoTokenizer.from_pretrained(tiny_model_dirs["mlm"]))
+    return {"clip": tiny_model_dirs["clip"], "mlm": tiny_model_dirs["mlm"],
+            "open_clip": str(oc.save(root / "open_clip")), "blip": str(blip.save(root / "blip"))}

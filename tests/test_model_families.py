@@ -18,40 +18,13 @@ from pipeline.models.loading import UnsupportedModelError, load_model, model_fam
 open_clip = pytest.importorskip("open_clip", reason="the 'families' extra (open_clip_torch) is not installed")
 
 FAMILIES = ("clip", "open_clip", "blip")
-TINY_OPEN_CLIP = {"embed_dim": 32,
-                  "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 8, "patch_size": 8},
-                  "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2}}
-
-
-def _tiny_blip(bert_tok):
-    from transformers import BlipConfig
-
-    from pipeline.models.blip import build_blip
-
-    # BERT's init (std 0.02; the vision tower's 1e-10) makes a random BLIP's CLS embeddings nearly constant
-    layers = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  initializer_range=0.5)
-    text = dict(layers, vocab_size=len(bert_tok), max_position_embeddings=64, pad_token_id=bert_tok.pad_token_id,
-                bos_token_id=bert_tok.cls_token_id, sep_token_id=bert_tok.sep_token_id)
-    config = BlipConfig(text_config=text, vision_config=dict(layers, image_size=32, patch_size=8),
-                        image_text_hidden_size=32)
-    bert_tok.model_max_length = 64
-    return build_blip(config, bert_tok)
+from conftest import TINY_OPEN_CLIP  # noqa: E402  (the family builders are shared with test_study_families)
 
 
 @pytest.fixture(scope="module")
-def family_dirs(tmp_path_factory, tiny_model_dirs, tiny_captions) -> dict[str, str]:
+def family_dirs(tiny_family_dirs) -> dict[str, str]:
     """{family: saved model dir} plus "mlm"; the CLIP is the suite's tiny one."""
-    from transformers import AutoTokenizer
-
-    from pipeline.models.openclip import build_open_clip
-
-    root = tmp_path_factory.mktemp("families")
-    torch.manual_seed(0)
-    oc = build_open_clip(TINY_OPEN_CLIP, name="tiny-test-oc")
-    blip = _tiny_blip(AutoTokenizer.from_pretrained(tiny_model_dirs["mlm"]))
-    return {"clip": tiny_model_dirs["clip"], "mlm": tiny_model_dirs["mlm"],
-            "open_clip": str(oc.save(root / "open_clip")), "blip": str(blip.save(root / "blip"))}
+    return tiny_family_dirs
 
 
 @pytest.fixture(scope="module")

@@ -176,7 +176,7 @@ def test_plan_merges_shared_cells_and_gives_each_stage_its_pairing():
 
 
 @pytest.mark.parametrize("change", [{"seeds": 0}, {"modes": ("nope",)}, {"attacks": ("pgd", "x")}, {"eval_size": 1},
-                                    {"dataset": "../x"}])
+                                    {"dataset": "../x"}, {"eval_steps": 0}])
 def test_bad_config_raises(change):
     with pytest.raises(ValueError):
         StudyConfig(**change)

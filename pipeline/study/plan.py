@@ -51,6 +51,8 @@ class StudyConfig:
     eval_size: int | None = None  # first N test images; None = all (the published protocol)
     eval_split: str | None = None  # None: "test", or "val" for datasets without a test split (COCO's own splits)
     eval_batch: int = 64
+    eval_steps: int | None = None  # the attacks' iterations in evaluation; None = each attack's default
+    eval_top_k: int | None = None  # BERT-Attack's candidates per word in evaluation; None = its default
     attacks: tuple[str, ...] = ATTACKS
     stages: tuple[str, ...] | None = None  # augmentation table; None = every stage whose shards exist (+ CPU ones)
     combos: tuple[tuple[str, ...], ...] | None = None  # N:N cells; None = auto (a text stage with an image stage)
@@ -65,7 +67,7 @@ class StudyConfig:
     def __post_init__(self) -> None:
         plain_name(self.dataset, "dataset")
         check_positive(self, "seeds", "steps", "batch_size", "eval_batch", "pretrain_steps", "resamples", "workers",
-                       "aug_steps")
+                       "aug_steps", "eval_steps", "eval_top_k")
         if not self.modes:
             raise ValueError(f"modes=(): choose among {', '.join(MODES)}")
         check_choices("modes", self.modes, MODES)

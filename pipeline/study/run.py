@@ -111,7 +111,7 @@ def build_plan(cfg: StudyConfig, layout: Layout) -> tuple[list[Cell], list[Unit]
                 checkpoint, inputs = str(run_dir), {"clip": str(run_dir / "clip")}
             ecfg = EvalConfig(checkpoint=checkpoint, dataset=cfg.dataset, mlm=mlm, name=eval_name(cell, seed),
                               mode=cell.mode, split=split, size=cfg.eval_size, batch_size=cfg.eval_batch, attacks=cell.attacks,
-                              device=cfg.device, seed=seed)
+                              steps=cfg.eval_steps, top_k=cfg.eval_top_k, device=cfg.device, seed=seed)
             n_images = cfg.eval_size or 1000
             if any("mlm" in ATTACKS.get(a).needs for a in cell.attacks):
                 inputs = {**inputs, "mlm": mlm}
