@@ -36,6 +36,9 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,ray,tracking,families]'
+	@# torchattacks (APGD-CE / APGD-T for eval-zeroshot) pins requests~=2.25.1, which sends pip's resolver back to
+	@# years-old releases of other packages; what it imports (torch, scipy, numpy, tqdm) is installed above.
+	$(PY) -m pip install --quiet --no-deps 'torchattacks==3.5.1'
 	@touch $@
 
 $(APT_STAMP):
