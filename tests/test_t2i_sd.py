@@ -56,9 +56,10 @@ def test_batch_of_n_equals_n_single_calls(sd_dirs):
     batch = samples(4)
     batched = [pixels(r.variants[0].image_jpeg) for r in stage.augment_batch(batch)]
     singles = [pixels(stage.augment_batch([s])[0].variants[0].image_jpeg) for s in batch]
-    for a, b in zip(batched, singles):  # same generator per image; float noise of batched matmuls only
-        assert np.abs(a - b).max() <= 2
-    assert np.abs(batched[0] - batched[1]).max() > 2
+    for a, b in zip(batched, singles):  # same generator per image; float noise of batched matmuls only, which
+        diff = np.abs(a - b)  # JPEG encoding can spread over a block (max 4 seen once, on a loaded CI machine)
+        assert diff.max() <= 8 and (diff > 2).mean() < 0.01
+    assert np.abs(batched[0] - batched[1]).max() > 8
 
 
 def test_captions_seeds_and_flags_recorded(sd_dirs):
