@@ -30,8 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from PIL import Image
 from transformers import (
     AutoTokenizer,
     BertConfig,
@@ -45,7 +43,6 @@ from transformers import (
 )
 from transformers import __version__ as TRANSFORMERS_VERSION
 
-from pipeline.core.images import model_pixels
 from pipeline.models.errors import ModelNotFoundError
 from pipeline.models.base import ImageTextModel
 
@@ -151,10 +148,6 @@ class CLIPBundle(ImageTextModel):
     _stats: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
     def max_length(self) -> int:
         return min(self.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings)
 
@@ -172,47 +165,16 @@ class CLIPBundle(ImageTextModel):
         tok = self.tokenizer
         return (tok.bos_token_id, tok.eos_token_id) if tok.is_fast else None
 
-    def to(self, device: str | torch.device) -> CLIPBundle:
-        self.model.to(device)
-        return self
-
-    def normalize(self, pixels01: torch.Tensor) -> torch.Tensor:
-        key = f"{pixels01.device}:{pixels01.dtype}"
-        if key not in self._stats:
-            mean = torch.tensor(self.mean, device=pixels01.device, dtype=pixels01.dtype).view(1, 3, 1, 1)
-            std = torch.tensor(self.std, device=pixels01.device, dtype=pixels01.dtype).view(1, 3, 1, 1)
-            self._stats[key] = torch.stack([mean, std])
-        mean, std = self._stats[key]
-        return (pixels01 - mean) / std
-
     def image_features(self, pixels01: torch.Tensor) -> torch.Tensor:
         """Projected image embeddings before L2 normalisation, [B, D]."""
         pixels = self.normalize(pixels01.to(self.device))
         return projected(self.model.get_image_features(pixel_values=pixels))
 
-    def encode_images(self, pixels01: torch.Tensor) -> torch.Tensor:
-        """[B, 3, S, S] pixels in [0, 1] -> L2-normalised embeddings [B, D] (differentiable)."""
-        return F.normalize(self.image_features(pixels01), dim=-1)
-
-    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
-                             return_tensors="pt")
-        return {"input_ids": enc["input_ids"].to(self.device), "attention_mask": enc["attention_mask"].to(self.device)}
-
     def text_features(self, texts: list[str] | dict[str, torch.Tensor]) -> torch.Tensor:
         """Projected text embeddings before L2 normalisation, [N, D]."""
-        batch = self.tokenize(texts) if isinstance(texts, (list, tuple)) else texts
+        batch = self._features(texts)
         return projected(self.model.get_text_features(input_ids=batch["input_ids"],
                                                       attention_mask=batch["attention_mask"]))
-
-    def encode_texts(self, texts: list[str] | dict[str, torch.Tensor]) -> torch.Tensor:
-        """Texts (or the output of :meth:`tokenize`) -> L2-normalised embeddings [N, D]."""
-        return F.normalize(self.text_features(texts), dim=-1)
-
-    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
-        """PIL images -> [B, 3, S, S] float pixels in [0, 1] by :func:`pipeline.core.images.model_pixels` (CLIP's:
-        bicubic resize of the shorter side, centre crop), the same preprocessing training uses."""
-        return torch.stack([model_pixels(image, self.image_size) for image in images]).float().div_(255.0)
 
     def image_processor(self) -> CLIPImageProcessor:
         size = self.image_size
