@@ -58,21 +58,30 @@ def _shards(root: Path | str) -> list[Path | str]:
     return shards
 
 
+def _by_key(members: Iterator[tuple[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Group (member name, value) pairs into (key, {extension: value}) samples; a sample's members are adjacent."""
+    key, grouped = None, {}
+    for name, value in members:
+        name_key, _, extension = name.partition(".")
+        if name_key != key and grouped:
+            yield key, grouped
+            grouped = {}
+        key = name_key
+        grouped[extension.lower()] = value
+    if grouped:
+        yield key, grouped
+
+
+def _read(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    handle = tar.extractfile(member)
+    return handle.read() if handle else b""
+
+
 def _samples(tar_path: Path) -> Iterator[tuple[str, dict[str, tarfile.TarInfo], tarfile.TarFile]]:
     """(key, {extension: member}) per sample, in tar order; members of one key must be adjacent."""
     try:
         with tarfile.open(tar_path, mode="r:") as tar:
-            key, members = None, {}
-            for member in tar:
-                if not member.isfile():
-                    continue
-                name_key, _, extension = member.name.partition(".")
-                if name_key != key and members:
-                    yield key, members, tar
-                    members = {}
-                key = name_key
-                members[extension.lower()] = member
-            if members:
+            for key, members in _by_key((member.name, member) for member in tar if member.isfile()):
                 yield key, members, tar
     except (tarfile.TarError, EOFError, OSError) as error:
         raise SourceError(f"corrupt or truncated shard {tar_path}: {error}") from error
@@ -84,19 +93,10 @@ def _stream_samples(url: str) -> Iterator[tuple[str, dict[str, bytes], None]]:
     try:
         stream = wds.gopen(url, "rb")
         with tarfile.open(fileobj=stream, mode="r|") as tar:
-            key, members = None, {}
-            for member in tar:
-                if not member.isfile():
-                    continue
-                name_key, _, extension = member.name.partition(".")
-                if name_key != key and members:
-                    yield key, members, None
-                    members = {}
-                key = name_key
-                handle = tar.extractfile(member)
-                members[extension.lower()] = handle.read() if handle else b""
-            if members:
-                yield key, members, None
+            # read each member as the stream reaches it (a stream cannot seek back)
+            members = ((member.name, _read(tar, member)) for member in tar if member.isfile())
+            for key, grouped in _by_key(members):
+                yield key, grouped, None
         finished = True
     except (tarfile.TarError, EOFError, OSError) as error:
         raise SourceError(f"cannot read shard {url}: {error}") from error
