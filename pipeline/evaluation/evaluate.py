@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm import tqdm
 
-from pipeline.attacks import ATTACKS
+from pipeline.attacks import ATTACKS, build_attack
 from pipeline.evaluation.resume import PartialStore, fingerprint, model_stamp
 from pipeline.models.device import PRECISIONS, autocast, resolve_device, resolve_precision
 from pipeline.core.images import decode_rgb
@@ -121,8 +121,6 @@ class EvalConfig:
         return {k: v for k, v in options.items() if v is not None}
 
     def __post_init__(self) -> None:
-        from pipeline.attacks import ATTACKS
-
         check_reporters(self.report_to, self.wandb_mode)
         unknown = [a for a in self.attacks if a not in ATTACKS]
         if unknown:
@@ -250,8 +248,6 @@ def attacked_embeddings(clip: CLIPBundle, mlm: MLMBundle | None, data: TestSet, 
     ``source_data`` (the same images at its size); adversarial images of another size are resized to ours
     (:func:`to_target_size`). ``keep`` collects each batch's adversarial images and captions (ITM re-ranking).
     """
-    from pipeline.attacks import build_attack
-
     image_emb, text_emb, seconds, reused = [], [], 0.0, 0
     total = -(-len(data.keys) // cfg.batch_size)
     attacked = source if source is not None else clip
@@ -294,8 +290,6 @@ def to_target_size(images01: torch.Tensor, size: int) -> torch.Tensor:
 def resume_fingerprint(cfg: EvalConfig, device: str, precision: str, clip_dir: str, mlm_dir: str | None,
                        data: TestSet) -> str:
     """Fingerprint of everything that changes an evaluation's numbers (the key of its partial results)."""
-    from pipeline.attacks import build_attack
-
     content = hashlib.sha256(json.dumps([data.keys, data.captions]).encode())
     content.update(data.images_u8.contiguous().numpy())
     labels = {"name", "mode", "checkpoint", "mlm", "device", "precision", "report_to", "wandb_mode"}  # labels, or resolved
