@@ -91,7 +91,10 @@ def test_evaluation_attacks_stay_in_threat_model_and_lower_similarity(name, tiny
         adv = _pair_sims(tiny_clip, out.images[owner], flat_adv)
         assert adv.mean() < clean.mean()
     if name in ("bert", "coattack", "sga"):
-        assert sum(a != c for a, c in zip(flat_adv, flat_clean)) == len(flat_clean)
+        # one word at most per caption (n_words=1); a caption stays when no candidate helps (the reference rule),
+        # so only "most changed" holds for any model
+        changed = [sum(a != c for a, c in zip(adv.split(" "), clean.split(" "))) for adv, clean in zip(flat_adv, flat_clean)]
+        assert set(changed) <= {0, 1} and sum(changed) > len(flat_clean) // 2
     if name in ("pgd", "bert"):
         assert (flat_adv == flat_clean) == (name == "pgd") and torch.equal(out.images, images) == (name == "bert")
 

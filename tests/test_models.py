@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from PIL import Image
@@ -157,3 +159,35 @@ def test_loading_leaves_the_global_rng_as_it_was(tiny_model_dirs, monkeypatch):
     after_load = torch.rand(3)
     torch.manual_seed(0)
     assert torch.equal(after_load, torch.rand(3))
+
+
+_VOCAB_DIGEST = """
+import hashlib, json, sys
+from pipeline.models.hf import train_tokenizers
+clip_tok, bert_tok = train_tokenizers(json.loads(sys.argv[1]), vocab_size=300)
+vocabs = [sorted(clip_tok.get_vocab().items()), sorted(bert_tok.get_vocab().items())]
+print(hashlib.sha256(json.dumps(vocabs).encode()).hexdigest())
+"""
+
+
+def test_tokenizers_are_the_same_in_every_process(tiny_captions):
+    # The tokenizers library's trainers gave each process its own alphabet order, hence other ids (issue 21).
+    import json
+    import subprocess
+    import sys
+
+    digests = {subprocess.run([sys.executable, "-c", _VOCAB_DIGEST, json.dumps(tiny_captions)], check=True,
+                              capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": str(seed)}
+                              ).stdout for seed in (1, 2, 3)}
+    assert len(digests) == 1
+
+
+def test_merges_take_the_most_frequent_pair_and_break_ties_by_order():
+    from collections import Counter
+
+    from pipeline.models.vocab import learn_merges
+
+    words = Counter({("b", "##a", "##d"): 2, ("a", "##d"): 2, ("c", "##a", "##b"): 1})
+    # ("##a", "##d") and ("a", "##d") both occur twice: the smaller pair ("##a" < "a") goes first
+    assert learn_merges(words, budget=2, prefix="##") == [("##a", "##d"), ("a", "##d")]
+    assert learn_merges(Counter({("x", "y</w>"): 1}), budget=5) == [("x", "y</w>")]  # stops when no pair is left

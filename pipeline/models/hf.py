@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import string
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,9 +42,11 @@ from transformers import (
     CLIPTokenizer,
     PreTrainedTokenizerBase,
 )
+from tokenizers.pre_tokenizers import ByteLevel
 from transformers import __version__ as TRANSFORMERS_VERSION
 
 from pipeline.models.errors import ModelNotFoundError
+from pipeline.models.vocab import learn_merges
 from pipeline.models.base import ImageTextModel
 
 log = logging.getLogger(__name__)
@@ -99,15 +102,39 @@ def train_tokenizers(captions: Iterable[str], vocab_size: int) -> tuple[CLIPToke
                            f"transformers>=5; installed: {TRANSFORMERS_VERSION}. Loading, training and "
                            f"evaluating saved or hub models works with 4.50 and later.")
     captions = list(captions)
-    clip_tok = CLIPTokenizer().train_new_from_iterator(captions, vocab_size=vocab_size + 258)
+    # The merges are learned by learn_merges, not by the tokenizers trainers, whose alphabet order (a randomly
+    # seeded hash map) made every `make pretrain` a different vocabulary. Words are cut as each tokenizer cuts them.
+    clip_words = _word_counts(CLIPTokenizer(), captions)
+    clip_vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    _extend(clip_vocab, sorted(ByteLevel.alphabet()))
+    clip_symbols = Counter({(*w[:-1], w[-1] + "</w>"): n for w, n in clip_words.items()})
+    _extend(clip_vocab, sorted({w[-1] for w in clip_symbols}))
+    clip_merges = learn_merges(clip_symbols, max(0, vocab_size + 258 - len(clip_vocab)))
+    _extend(clip_vocab, [a + b for a, b in clip_merges])
+    clip_tok = CLIPTokenizer(vocab=clip_vocab, merges=clip_merges)
+
     alphabet = list(string.ascii_lowercase + string.digits + string.punctuation)
-    trained = BertTokenizer().train_new_from_iterator(captions, vocab_size=vocab_size + 2 * len(alphabet) + 5,
-                                                      initial_alphabet=alphabet)
-    vocab = trained.get_vocab()
-    for piece in alphabet + [f"##{c}" for c in alphabet]:  # the trainer only keeps pieces it has seen
-        vocab.setdefault(piece, len(vocab))
-    bert_tok = BertTokenizer(vocab=vocab)
+    bert_words = _word_counts(BertTokenizer(), captions)
+    bert_vocab = {token: i for i, token in enumerate(("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"))}
+    seen = sorted({c for w in bert_words for c in w} - set(alphabet))
+    _extend(bert_vocab, alphabet + seen + [f"##{c}" for c in alphabet + seen])
+    bert_symbols = Counter({(w[0], *(f"##{c}" for c in w[1:])): n for w, n in bert_words.items()})
+    bert_merges = learn_merges(bert_symbols, max(0, vocab_size + 2 * len(alphabet) + 5 - len(bert_vocab)), "##")
+    _extend(bert_vocab, [a + b.removeprefix("##") for a, b in bert_merges])
+    bert_tok = BertTokenizer(vocab=bert_vocab)
     return clip_tok, bert_tok
+
+
+def _word_counts(tokenizer: PreTrainedTokenizerBase, captions: list[str]) -> Counter[str]:
+    """How often each word occurs, words as the tokenizer's normaliser and pre-tokeniser cut them."""
+    backend = tokenizer.backend_tokenizer
+    return Counter(piece for text in captions
+                   for piece, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(text)))
+
+
+def _extend(vocab: dict[str, int], tokens: Iterable[str]) -> None:
+    for token in tokens:
+        vocab.setdefault(token, len(vocab))
 
 
 def _set_max_length(tokenizer: PreTrainedTokenizerBase, max_positions: int) -> None:
