@@ -66,13 +66,17 @@ def _brute_reference(clip, mlm, text: str, image_emb: torch.Tensor, *, n_words=1
     """The Co-Attack / SGA text attack on one caption, transcribed loop by loop, one text at a time."""
     tok = mlm.tokenizer
 
+    def albef_ids(s: str) -> list[int]:  # ALBEF's BertTokenizer: [CLS] and the pieces, no [SEP]
+        return [tok.cls_token_id] + tok(s, add_special_tokens=False)["input_ids"][:max_length - 1]
+
     def embed(s: str) -> torch.Tensor:  # the reference CLIP wrapper: BERT ids decoded, then CLIP-tokenised
-        d = tok.decode(tok(s, truncation=True, max_length=max_length)["input_ids"], clean_up_tokenization_spaces=True)
+        d = tok.decode(albef_ids(s), clean_up_tokenization_spaces=True)
         return clip.encode_texts([d.replace("[PAD]", "").replace("[CLS]", "").replace("[SEP]", "").strip()])[0]
 
     words = text.split(" ")
-    enc = tok(text, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
-    scores, ids = mlm.model(**enc).logits[0].topk(k)
+    row = albef_ids(text)
+    row = torch.tensor([row + [tok.pad_token_id] * (max_length - len(row))])
+    scores, ids = mlm.model(input_ids=row, attention_mask=(row != tok.pad_token_id).long()).logits[0].topk(k)
     origin = embed(text)
     importance = [F.kl_div(embed(" ".join(words[:j] + ["[UNK]"] + words[j + 1:])).log_softmax(-1),
                            origin.softmax(-1), reduction="sum").item() for j in range(len(words))]
@@ -321,3 +325,48 @@ def test_variant_reaches_every_text_attack_through_build_attack():
     assert build_attack("bert").text.variant == "reference"  # the evaluation default
     for name in ("bert", "coattack", "sga"):
         assert build_attack(name, variant="fast").text.variant == "fast"
+
+
+def test_reference_masked_lm_reads_cls_and_pieces_without_sep(clip, tiny_mlm, tiny_captions):
+    # ALBEF's tokenizer (SGA models/tokenization_bert.py) builds "[CLS] X" for one sentence: the masked LM never
+    # sees [SEP], so its logits, and the candidates, are those of that input.
+    seen = []
+    forward = tiny_mlm.model.forward
+
+    def record(*args, **kwargs):
+        seen.append(kwargs["input_ids"].clone())
+        return forward(*args, **kwargs)
+
+    tok = tiny_mlm.tokenizer
+    long = " ".join(tiny_captions[:6])  # more pieces than max_length
+    texts = [tiny_captions[0], long]
+    tiny_mlm.model.forward = record
+    try:
+        BERTAttack(max_length=12)(clip, tiny_mlm, texts, image_similarity_goal(_image_goal(clip, 2)))
+    finally:
+        tiny_mlm.model.forward = forward
+    ids = seen[0]
+    assert ids.shape == (2, 12) and (ids[:, 0] == tok.cls_token_id).all() and not (ids == tok.sep_token_id).any()
+    pieces = tok(texts, add_special_tokens=False)["input_ids"]
+    assert ids[1, 1:].tolist() == pieces[1][:11]  # 11 pieces fit beside [CLS]
+    assert ids[0, 1:1 + len(pieces[0])].tolist() == pieces[0] and (ids[0, 1 + len(pieces[0]):] == tok.pad_token_id).all()
+
+
+def test_training_text_attack_takes_the_reference_decisions(clip, tiny_mlm, tiny_captions):
+    # MAT trains with BERT-Attack as the paper does: its default text attack is the evaluation's reference one,
+    # and on a batch it makes the reference's decisions (word, replacement, original kept, multi-piece words).
+    from pipeline.attacks import build_attack
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.modes import build_mode
+
+    mode = build_mode(TrainConfig(mode="mat"), clip, tiny_mlm)
+    assert mode.text_attack == build_attack("bert").text
+    texts = _captions(tiny_captions, 6) + MULTI_PIECE
+    images = torch.rand(len(texts), 3, clip.image_size, clip.image_size, generator=torch.Generator().manual_seed(3))
+    trained = mode._attack_texts(texts, images)
+    with torch.no_grad():
+        image_emb = clip.encode_images(images).float()
+    expected = [_brute_reference(clip, tiny_mlm, t, image_emb[i]) for i, t in enumerate(texts)]
+    assert trained == [e for e, _ in expected]
+    attacked = {c[1] for _, changes in expected for c in changes}
+    assert attacked & {"triangles", "squares", "purplish"}, "a multi-piece word was attacked"

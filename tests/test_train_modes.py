@@ -155,13 +155,13 @@ def test_training_pgd_step_follows_eps_unless_given(eps, step_size, expected, ti
 
 
 def test_training_attacks_default_to_the_former_settings():
-    """eps 2/255, 2 steps of eps/2 from a symmetric random start; BERT-Attack fast, 1 word, top-10, threshold 0.3."""
+    """eps 2/255, 2 steps of eps/2 from a symmetric random start; BERT-Attack reference, 1 word, top-10, threshold 0.3."""
     from pipeline.attacks import PGD, BERTAttack
 
     attack = TrainConfig().attack
     assert attack.image == PGD(eps=2 / 255, steps=2, step_size=None, step_ratio=0.5, random_start=True)
     assert attack.image.step_length == pytest.approx(1 / 255) and attack.image.start == "symmetric"
-    assert attack.text == BERTAttack(n_words=1, top_k=10, variant="fast") and attack.text.mlm_threshold == 0.3
+    assert attack.text == BERTAttack(n_words=1, top_k=10, variant="reference") and attack.text.mlm_threshold == 0.3
     assert attack.order == "text-first"
 
 
@@ -169,7 +169,7 @@ def test_text_attack_settings_reach_the_bert_attack_mat_builds(tiny_model_dirs):
     clip, mlm = load_clip(tiny_model_dirs["clip"]), load_mlm(tiny_model_dirs["mlm"])
     cfg = apply_overrides(TrainConfig(mode="mat"), ["attack.text.mlm_threshold=0.5", "attack.text.top_k=4"])
     mode = build_mode(cfg, clip, mlm)
-    assert mode.text_attack.mlm_threshold == 0.5 and mode.text_attack.top_k == 4 and mode.text_attack.variant == "fast"
+    assert mode.text_attack.mlm_threshold == 0.5 and mode.text_attack.top_k == 4 and mode.text_attack.variant == "reference"
 
 
 def test_matplus_stages_come_from_its_mode_class():

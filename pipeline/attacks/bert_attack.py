@@ -6,12 +6,13 @@ Li et al., "BERT-ATTACK: Adversarial Attack Against BERT Using BERT" (EMNLP 2020
 indexes the attacked texts: :func:`image_similarity_goal` (lower the cosine to the paired image; SGA's loss, the
 default use) and :func:`text_drift_goal` (move away from the clean caption embedding; Co-Attack's loss).
 
-``variant="reference"`` (the default, what evaluation runs) follows ``TextAttacker.img_guided_attack`` of
+``variant="reference"`` (the default: what evaluation runs and MAT / MAT+ train with) follows ``TextAttacker.img_guided_attack`` of
 Zoky-2020/SGA (``attacker.py``) and ``BertAttack.attack`` of adversarial-for-goodness/Co-Attack
 (``attack/bert_attack.py``), which are the same algorithm, with their CLIP wrappers' text path:
 
-1. words are the caption split on single spaces; CLIP scores a text as the wrappers' ``inference_text`` sees it:
-   the masked-LM tokeniser's ids (truncated to ``max_length`` = 30 tokens) decoded back to a string;
+1. words are the caption split on single spaces; the masked LM reads ``[CLS]`` and the caption's pieces, no
+   ``[SEP]`` (ALBEF's BertTokenizer, SGA ``models/tokenization_bert.py``), ``max_length`` = 30 ids in all; CLIP
+   scores a text as the wrappers' ``inference_text`` sees it: those ids decoded back to a string;
 2. importance: each word in turn replaced by ``[UNK]``; score = KL(softmax(clean embedding) || softmax(masked
    embedding)) summed over the embedding (the reference's ``get_important_scores``), whatever the goal;
 3. candidates: the masked LM reads the unmasked caption once; a one-piece word takes its top-k tokens while the
@@ -29,12 +30,14 @@ Zoky-2020/SGA (``attacker.py``) and ``BertAttack.attack`` of adversarial-for-goo
    and punctuation outside the list can win, and punctuation or capitals glued to a word make it another word
    (the evaluation normalises captions first, as the reference's ``pre_caption``).
 
-Remaining differences from the reference: the reference's ALBEF tokenizer adds no ``[SEP]`` (one more piece fits
-in ``max_length``); ties between equal perplexities are broken by a stable sort; scores are computed in batches
+Same decisions, less work: a word that cannot change (a filter word, past ``max_length - 2`` pieces, or a
+one-piece word without candidates) gets no importance score, since the reference visits it without effect; the
+current caption's goal is computed once per change instead of at every visit. Remaining differences from the
+reference: ties between equal perplexities are broken by a stable sort; scores are computed in batches
 (float summation order may differ in the last bits); SGA's CLIP script sets ``max_length=77``, Co-Attack's keeps
 30 (our default: the demo's masked LM has 64 positions); ``stop_words`` replaces the variant's list when given.
 
-``variant="fast"`` (what training uses) keeps the earlier behaviour, for speed: words are regex words; only
+``variant="fast"`` (training's default before; ``--set attack.text.variant=fast``) keeps that behaviour: words are regex words; only
 words with candidates are scored, by removing the word and scoring the goal; candidates are single-piece
 words only, from the masked LM's top-k at the word itself, minus :data:`~pipeline.attacks.text_parts.STOP_WORDS`;
 the ``n_words`` most important words are replaced one after another by their best candidate, even if it does not
@@ -149,52 +152,87 @@ class BERTAttack:
             raise ValueError(f"max_length={self.max_length} exceeds the masked LM's {limit} positions")
         tok = mlm.tokenizer
         words = [t.split(" ") for t in texts]
-        enc = tok(texts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt")
-        logits = mlm.model(input_ids=enc["input_ids"].to(mlm.device),
-                           attention_mask=enc["attention_mask"].to(mlm.device)).logits.float()
+        input_ids = torch.full((len(texts), self.max_length), tok.pad_token_id, dtype=torch.long)
+        for i, row in enumerate(self._reference_ids(tok, texts)):
+            input_ids[i, :len(row)] = torch.tensor(row)
+        logits = mlm.model(input_ids=input_ids.to(mlm.device),
+                           attention_mask=(input_ids != tok.pad_token_id).long().to(mlm.device)).logits.float()
         top_scores, top_ids = (t.cpu() for t in logits.topk(self.top_k, dim=-1))
-
-        # Importance: KL drift of the clean embedding when a word becomes [UNK] (goal-independent, as the reference).
-        clean = self._view_embed(clip, mlm, texts)
-        masked = [(i, " ".join(ws[:j] + [tok.unk_token] + ws[j + 1:])) for i, ws in enumerate(words)
-                  for j in range(len(ws))]
-        owner = torch.tensor([i for i, _ in masked], device=clean.device)
-        drift = kl_drift(self._view_embed(clip, mlm, [m for _, m in masked]), clean[owner], reduction="none")
-        drift, start = drift.sum(-1).cpu().tolist(), 0
-        order: list[list[int]] = []
-        for ws in words:
-            scores = drift[start:start + len(ws)]
-            order.append(sorted(range(len(ws)), key=lambda j: -scores[j]))  # stable: ties keep word order
-            start += len(ws)
-
         keys = [self._piece_keys(tok, ws) for ws in words]
+
+        # Candidates of one-piece words now; a word of several pieces gets its combinations when visited (each
+        # costs a masked-LM call). A word that cannot change is never visited, so it needs no importance score.
+        found: dict[tuple[int, int], list[str]] = {}
+        visit: list[list[int]] = []
+        for i, ws in enumerate(words):
+            visit.append([])
+            for j, word in enumerate(ws):
+                if word in self.stops or keys[i][j][0] > self.max_length - 2:
+                    continue
+                if keys[i][j][1] - keys[i][j][0] == 1:
+                    found[i, j] = self._reference_candidates(mlm, word, keys[i][j], top_scores[i], top_ids[i])
+                    if not found[i, j]:  # the reference's argmax is the original: nothing changes
+                        continue
+                visit[i].append(j)
+
+        # Importance: KL drift of the clean embedding when a word becomes [UNK] (goal-independent, as the
+        # reference); a stable sort keeps the reference's order among the words visited.
+        clean = self._view_embed(clip, mlm, texts)
+        masked = [(i, " ".join(words[i][:j] + [tok.unk_token] + words[i][j + 1:]))
+                  for i in range(len(texts)) for j in visit[i]]
+        if masked:
+            owner = torch.tensor([i for i, _ in masked], device=clean.device)
+            drift = kl_drift(self._view_embed(clip, mlm, [m for _, m in masked]), clean[owner], reduction="none")
+            drift, start = drift.sum(-1).cpu().tolist(), 0
+            for i in range(len(texts)):
+                score = dict(zip(visit[i], drift[start:start + len(visit[i])]))
+                visit[i].sort(key=lambda j: -score[j])
+                start += len(visit[i])
+
+        # The current caption's goal: the clean caption's until a word changes (the reference rescores it each visit).
+        current = goal(clean, torch.arange(len(texts), device=clean.device)).float().cpu().tolist()
         final = [list(ws) for ws in words]
         changes: list[list[WordChange]] = [[] for _ in texts]
         cursor = [0] * len(texts)
         while True:
             trials: list[tuple[int, int, list[str]]] = []  # one word per caption and round, in importance order
             for i in range(len(texts)):
-                while len(changes[i]) < self.n_words and cursor[i] < len(order[i]):
-                    j = order[i][cursor[i]]
+                while len(changes[i]) < self.n_words and cursor[i] < len(visit[i]):
+                    j = visit[i][cursor[i]]
                     cursor[i] += 1
-                    found = self._reference_candidates(mlm, words[i][j], keys[i][j], top_scores[i], top_ids[i])
-                    if found:  # a word without candidates keeps its text: the reference's argmax is the original
-                        trials.append((i, j, found))
+                    if (i, j) not in found:
+                        found[i, j] = self._reference_candidates(mlm, words[i][j], keys[i][j], top_scores[i],
+                                                                 top_ids[i])
+                    if found[i, j]:
+                        trials.append((i, j, found[i, j]))
                         break
             if not trials:
                 break
-            variants = [(i, " ".join(final[i][:j] + [c] + final[i][j + 1:])) for i, j, found in trials
-                        for c in [final[i][j], *found]]
+            variants = [(i, " ".join(final[i][:j] + [c] + final[i][j + 1:])) for i, j, cands in trials for c in cands]
             emb = self._view_embed(clip, mlm, [v for _, v in variants])
-            scores = goal(emb, torch.tensor([i for i, _ in variants], device=emb.device)).float().cpu()
-            start = 0
-            for i, j, found in trials:
-                best = int(scores[start:start + 1 + len(found)].argmax())  # first maximum: the original wins ties
-                start += 1 + len(found)
-                if best:
-                    changes[i].append(WordChange(j, words[i][j], found[best - 1]))
-                    final[i][j] = found[best - 1]
+            scores = goal(emb, torch.tensor([i for i, _ in variants], device=emb.device)).float().cpu().tolist()
+            start, rescore = 0, []
+            for i, j, cands in trials:
+                mine = scores[start:start + len(cands)]
+                start += len(cands)
+                best = max(range(len(cands)), key=mine.__getitem__)  # the first maximum, as argmax
+                if mine[best] > current[i]:  # ties keep the original (index 0 of the reference's argmax)
+                    changes[i].append(WordChange(j, words[i][j], cands[best]))
+                    final[i][j] = cands[best]
+                    current[i] = mine[best]
+                    rescore.append(i)
+            if self.n_words > 1 and rescore:  # the edited caption alone, as the reference scores it next visit
+                emb = self._view_embed(clip, mlm, [" ".join(final[i]) for i in rescore])
+                fresh = goal(emb, torch.tensor(rescore, device=emb.device)).float().cpu().tolist()
+                for i, value in zip(rescore, fresh):
+                    current[i] = value
         return TextAttackResult([" ".join(ws) for ws in final], changes)
+
+    def _reference_ids(self, tok, texts: list[str]) -> list[list[int]]:
+        """The masked LM's ids as the reference's tokenizer (ALBEF's BertTokenizer, SGA ``models/tokenization_bert.py``)
+        makes them for one sentence: ``[CLS]`` then the pieces, no ``[SEP]``, ``max_length`` ids at most."""
+        pieces = tok(texts, add_special_tokens=False, truncation=True, max_length=self.max_length - 1)["input_ids"]
+        return [[tok.cls_token_id, *row] for row in pieces]
 
     @staticmethod
     def _piece_keys(tok, words: list[str]) -> list[tuple[int, int]]:
@@ -225,8 +263,7 @@ class BERTAttack:
     def _view_embed(self, clip: CLIPBundle, mlm: MLMBundle, texts: list[str]) -> torch.Tensor:
         """CLIP embeddings of texts as the reference's CLIP wrapper sees them: masked-LM ids decoded back."""
         tok = mlm.tokenizer
-        ids = tok(texts, truncation=True, max_length=self.max_length)["input_ids"]
-        decoded = tok.batch_decode(ids, clean_up_tokenization_spaces=True)
+        decoded = tok.batch_decode(self._reference_ids(tok, texts), clean_up_tokenization_spaces=True)
         specials = [s for s in (tok.pad_token, tok.cls_token, tok.sep_token) if s]
         for special in specials:
             decoded = [d.replace(special, "") for d in decoded]

@@ -5,7 +5,8 @@ Attack budgets follow the attack papers the evaluation uses (Co-Attack, SGA; see
 on [0, 1] pixels and one replaced word with top-10 masked-LM candidates. MAT trains with a cheap inner
 maximisation: 2 PGD steps of eps/2 from a random start (enough to reach any corner of the ball), the text
 attacked first. The attacks are the evaluation's own classes (``attack.image``: :class:`PGD`, ``attack.text``:
-:class:`BERTAttack`, fast variant), so every setting of theirs is a training option too. The step counts,
+:class:`BERTAttack`, the reference variant: the paper trains with BERT-Attack), so every setting of theirs is a
+training option too (``--set attack.text.variant=fast`` restores the earlier always-replace attack). The step counts,
 learning rates and batch sizes below are the CPU demo's (small preset, minutes of training); for ViT-B/16 on a
 GPU raise the batch size and lower the learning rate (e.g. 1e-5).
 """
@@ -58,8 +59,9 @@ def training_pgd() -> PGD:
 
 
 def training_bert_attack() -> BERTAttack:
-    """Training's BERT-Attack: the fast variant, 1 word, top-10 candidates."""
-    return BERTAttack(variant="fast")
+    """Training's BERT-Attack: the evaluation's reference decisions (1 word, top-10 candidates, the original kept
+    when no candidate lowers the similarity, words of several pieces attacked through their combinations)."""
+    return BERTAttack()
 
 
 @dataclass(frozen=True)
