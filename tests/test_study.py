@@ -284,6 +284,8 @@ def test_plan_evaluates_on_val_when_there_is_no_test_split(tmp_path):
 def test_training_units_keep_the_fingerprint_they_had_before_the_attack_configs():
     """The attack settings became PGD / BERTAttack objects; a study's default-attack units still match their
     records (this hash is the one the former flat AttackConfig gave), so finished trainings are not redone."""
+    import dataclasses
+
     from pipeline.core.config import apply_overrides
     from pipeline.evaluation.resume import fingerprint
     from pipeline.study.run import train_settings
@@ -292,6 +294,32 @@ def test_training_units_keep_the_fingerprint_they_had_before_the_attack_configs(
     tcfg = TrainConfig(mode="matplus", dataset="toy", clip="c", mlm="m", steps=7, batch_size=8, precision="fp32",
                        seed=1, device="cpu", run_dir="r", report_to=(), optim=OptimConfig(lr=1e-5),
                        data=DataConfig(stages=("i2t-human",), num_workers=0))
-    assert fingerprint(train_settings(tcfg)) == "a4ae368ba6993730c86c4a6c3c5cf19022494a91844e37cca68b95db0c987da5"
+    # training's text attack was the fast variant then: units trained with it keep their fingerprints
+    fast = apply_overrides(tcfg, ["attack.text.variant=fast"])
+    assert fingerprint(train_settings(fast)) == "a4ae368ba6993730c86c4a6c3c5cf19022494a91844e37cca68b95db0c987da5"
+    # ... but a MAT+ unit made with it is stale under today's default (the reference attack), while a mode that
+    # attacks no text keeps its fingerprint
+    assert train_settings(tcfg)["attack"]["text"]["variant"] == "reference"
+    ft = dataclasses.replace(tcfg, mode="ft", data=DataConfig(num_workers=0))
+    assert train_settings(ft) == train_settings(dataclasses.replace(fast, mode="ft", data=DataConfig(num_workers=0)))
+    assert train_settings(ft)["attack"] == train_settings(fast)["attack"]
     changed = apply_overrides(tcfg, ["attack.text.mlm_threshold=0.5"])
     assert train_settings(changed)["attack"]["text"]["mlm_threshold"] == 0.5  # other attacks: their full settings
+
+
+def test_study_train_set_reaches_every_training_cell(tmp_path):
+    from pipeline.core.paths import Layout
+    from pipeline.study.run import LEGACY_DEFAULT_ATTACK, build_plan
+    from pipeline.train.toy import write_toy_shards
+
+    write_toy_shards(tmp_path / "shards", "toy", shards=1, per_shard=4, split="test")
+    layout = Layout(tmp_path / "shards", tmp_path / "manifests", tmp_path / "runs", tmp_path / "models")
+    cfg = StudyConfig(dataset="toy", clip="c", mlm="m", modes=("ft", "mat"), augmentation=False,
+                      train_set=("attack.text.variant=fast",))
+    _, units = build_plan(cfg, layout)
+    trained = [u for u in units if u.kind == "train"]
+    assert trained and all(u.settings["attack"] == LEGACY_DEFAULT_ATTACK for u in trained)
+    import dataclasses
+
+    _, units = build_plan(dataclasses.replace(cfg, train_set=()), layout)
+    assert [u.settings["attack"]["text"]["variant"] for u in units if u.kind == "train" and "mat" in u.name] == ["reference"]

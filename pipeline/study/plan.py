@@ -63,6 +63,8 @@ class StudyConfig:
     device: str = "auto"
     workers: int = 2
     data_workers: int = 2
+    # --set items for every training cell, as `make train` takes them, e.g. attack.text.variant=fast
+    train_set: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         plain_name(self.dataset, "dataset")

@@ -37,7 +37,8 @@ import numpy as np
 
 from pipeline.attacks import ATTACKS
 from pipeline.study.bootstrap import Outcomes
-from pipeline.study.plan import ATTACK_COST, CPU_STAGES, Cell, EVAL_COST_SCALE, MODE_COST, STAGE_KINDS, StudyConfig, eval_name, plan_cells
+from pipeline.study.plan import (ATTACK_COST, CPU_STAGES, EVAL_COST_SCALE, MODE_COST, STAGE_KINDS, TRAIN_MODES, Cell,
+                                 StudyConfig, eval_name, plan_cells)
 from pipeline.evaluation.resume import fingerprint, model_stamp
 from pipeline.core.paths import Layout
 from pipeline.core.shards import list_shards
@@ -68,6 +69,7 @@ def build_plan(cfg: StudyConfig, layout: Layout) -> tuple[list[Cell], list[Unit]
     """Cells and units, in running order (prepare units first, then per seed: train, then eval)."""
     from pipeline.evaluation.evaluate import EvalConfig, evaluate
     from pipeline.core.config import to_dict
+    from pipeline.core.config import apply_overrides
     from pipeline.train.config import DataConfig, OptimConfig, TrainConfig
     from pipeline.train.main import train
 
@@ -104,6 +106,7 @@ def build_plan(cfg: StudyConfig, layout: Layout) -> tuple[list[Cell], list[Unit]
                                    batch_size=cfg.batch_size, precision=cfg.precision, seed=seed, device=cfg.device,
                                    run_dir=str(run_dir), report_to=(), optim=optim,
                                    data=DataConfig(stages=cell.stages, num_workers=cfg.data_workers))
+                tcfg = apply_overrides(tcfg, cfg.train_set)
                 settings = train_settings(tcfg)
                 units.append(Unit(f"train-{cell.id}-s{seed}", "train", settings, run_dir / "clip",
                                   inputs={"clip": clip, "mlm": mlm, **{f"stage:{s}": s for s in cell.stages}},
@@ -124,18 +127,22 @@ def build_plan(cfg: StudyConfig, layout: Layout) -> tuple[list[Cell], list[Unit]
 
 
 # Training's attack settings as they were fingerprinted before they became the attacks' own configs (PGD,
-# BERTAttack): the study trains with the default attack, so units finished before keep their fingerprints.
+# BERTAttack), when training's text attack was the fast variant: units finished with those settings keep their
+# fingerprints; a MAT / MAT+ unit trained with the fast attack is stale under today's reference default.
 LEGACY_DEFAULT_ATTACK = {"eps": 2 / 255, "pgd_steps": 2, "step_size": None, "random_start": True, "n_words": 1,
                          "k": 10, "order": "text-first"}
 
 
 def train_settings(tcfg: Any) -> dict[str, Any]:
     """What a training unit's fingerprint covers: the TrainConfig less its run dir and device."""
+    from pipeline.attacks.bert_attack import BERTAttack
     from pipeline.core.config import to_dict
     from pipeline.train.config import TrainAttackConfig
 
     settings = {k: v for k, v in to_dict(tcfg).items() if k not in ("run_dir", "device")}
-    if tcfg.attack == TrainAttackConfig():
+    legacy = TrainAttackConfig(text=BERTAttack(variant="fast"))
+    attacks_texts = "mlm" in TRAIN_MODES.get(tcfg.mode).needs
+    if tcfg.attack == legacy or (not attacks_texts and dataclasses.replace(tcfg.attack, text=legacy.text) == legacy):
         settings["attack"] = dict(LEGACY_DEFAULT_ATTACK)
     return settings
 
