@@ -21,6 +21,8 @@ from typing import Any
 import torch
 
 from pipeline.core.fileio import atomic_write_json
+from pipeline.core.provenance import PROVENANCE_KEY, provenance
+from pipeline.models.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,7 @@ def run_benchmarks(output: Path, only: str | None = None, directory: Path | None
     names = available(directory)
     chosen = select(names, only)
     figures: dict[str, Any] = json.loads(output.read_text()) if output.exists() and only else {}
+    figures.pop(PROVENANCE_KEY, None)
     threads = torch.get_num_threads()
     for name in chosen:
         log.info("benchmark %s ...", name)
@@ -74,5 +77,6 @@ def run_benchmarks(output: Path, only: str | None = None, directory: Path | None
             torch.set_num_threads(threads)  # several benchmarks time on one thread; the next gets the default back
         figures.update(results)
         log.info("benchmark %s: %.1f s", name, time.perf_counter() - started)
+    figures[PROVENANCE_KEY] = provenance(resolve_device("auto"))  # of this run, also when it updates older figures
     atomic_write_json(output, figures)
     return figures
