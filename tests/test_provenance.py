@@ -64,6 +64,7 @@ def test_dirty_means_changed_tracked_files(tmp_path):
 def test_no_checkout_or_no_git_gives_unknown_and_never_fails(tmp_path, monkeypatch):
     assert source_commit(tmp_path) == ("unknown", None)  # installed from a wheel: no repository
     _git(tmp_path, "init", "-q")  # a package inside another project's checkout (a venv in a repo)
+    _git(tmp_path, "commit", "-q", "--allow-empty", "-m", "other project")
     (tmp_path / "venv" / "site-packages").mkdir(parents=True)
     assert source_commit(tmp_path / "venv" / "site-packages") == ("unknown", None)
     monkeypatch.setenv("PATH", str(tmp_path / "nothing"))  # git missing

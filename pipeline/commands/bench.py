@@ -63,7 +63,6 @@ def run_benchmarks(output: Path, only: str | None = None, directory: Path | None
     names = available(directory)
     chosen = select(names, only)
     figures: dict[str, Any] = json.loads(output.read_text()) if output.exists() and only else {}
-    figures.pop(PROVENANCE_KEY, None)
     threads = torch.get_num_threads()
     for name in chosen:
         log.info("benchmark %s ...", name)
