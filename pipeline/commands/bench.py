@@ -3,7 +3,7 @@
 The benchmarks are the ``bench_*.py`` files of the ``benchmarks/`` folder beside the ``pipeline`` package (the
 source checkout that ``pip install -e .`` points at), found from this file's location, never from the current
 directory: running ``make bench`` from elsewhere must not execute whatever ``benchmarks/`` lies there. Each
-module's ``run()`` returns a dict of named figures. ``BENCH=name1,name2`` runs only those (and updates the
+module's ``run()`` returns a dict of named figures; the file also holds this run's ``provenance``. ``BENCH=name1,name2`` runs only those (and updates the
 existing file); benchmarks in ``ON_REQUEST`` (``gpu``: real-size models, minutes on a GPU, hours on a CPU) run
 only when named.
 """
