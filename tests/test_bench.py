@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from pipeline.commands import bench
 from pipeline.commands.cli import app
+from pipeline.core.provenance import PROVENANCE_KEY
 
 MARKER = "executed-from-cwd"
 
@@ -20,6 +21,12 @@ MARKER = "executed-from-cwd"
 def _write_bench(folder: Path, name: str, body: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"bench_{name}.py").write_text(body)
+
+
+def _figures(written: dict) -> dict:
+    """The benchmarks' figures, without the run's provenance (tests/test_provenance.py checks it)."""
+    assert PROVENANCE_KEY in written
+    return {k: v for k, v in written.items() if k != PROVENANCE_KEY}
 
 
 @pytest.fixture
@@ -45,7 +52,7 @@ def test_bench_runs_the_package_benchmarks_not_those_of_the_current_directory(pa
     result = CliRunner().invoke(app, ["bench"], env={"MANIFESTS_DIR": str(tmp_path / "manifests")})
     assert result.exit_code == 0, result.output
     figures = json.loads((tmp_path / "manifests" / "bench.json").read_text())
-    assert figures == {"fake_figure": 1.5, "other_figure": 2.0}  # gpu runs only when asked for
+    assert _figures(figures) == {"fake_figure": 1.5, "other_figure": 2.0}  # gpu runs only when asked for
     assert not (cwd / MARKER).exists()
     named = CliRunner().invoke(app, ["bench"], env={"MANIFESTS_DIR": str(tmp_path / "manifests"), "BENCH": "evil"})
     assert named.exit_code != 0 and "evil" in named.output and not (cwd / MARKER).exists()
@@ -54,9 +61,9 @@ def test_bench_runs_the_package_benchmarks_not_those_of_the_current_directory(pa
 def test_bench_selects_by_name_and_updates_the_file(package_dir, tmp_path):
     output = tmp_path / "bench.json"
     output.write_text(json.dumps({"earlier": 9.0, "other_figure": 0.0}))
-    assert bench.run_benchmarks(output, "gpu,other") == {"earlier": 9.0, "other_figure": 2.0, "gpu_figure": 3.0}
+    assert _figures(bench.run_benchmarks(output, "gpu,other")) == {"earlier": 9.0, "other_figure": 2.0, "gpu_figure": 3.0}
     assert json.loads(output.read_text())["gpu_figure"] == 3.0
-    assert bench.run_benchmarks(output) == {"fake_figure": 1.5, "other_figure": 2.0}  # a full run starts afresh
+    assert _figures(bench.run_benchmarks(output)) == {"fake_figure": 1.5, "other_figure": 2.0}  # a full run starts afresh
 
 
 @pytest.mark.parametrize("only", ["nope", "fake,nope", " , "])
@@ -70,7 +77,7 @@ def test_a_failing_benchmark_is_recorded_and_threads_are_restored(package_dir, t
                                         "    raise RuntimeError('boom')\n")
     threads = torch.get_num_threads()
     figures = bench.run_benchmarks(tmp_path / "bench.json", "broken,fake")
-    assert figures == {"broken_error": "RuntimeError: boom", "fake_figure": 1.5}
+    assert _figures(figures) == {"broken_error": "RuntimeError: boom", "fake_figure": 1.5}
     assert torch.get_num_threads() == threads
 
 

@@ -99,6 +99,7 @@ def test_eval_json_written_with_settings(record, trained):
     assert written["metrics"]["sga"]["ir_r1"] == record["metrics"]["sga"]["ir_r1"]
     assert written["settings"]["normalise_captions"] is True and written["settings"]["seed"] == 0
     assert written["precision"] == "fp32"  # the reference protocol's precision by default
+    assert written["provenance"]["device"] == "cpu" and written["provenance"]["precision"] == "fp32"
 
 
 def test_stronger_budget_breaks_more(trained, record):

@@ -95,6 +95,7 @@ def test_runner_aligns_records_skips_and_reconciles(synth_base, tmp_path):
     assert stats["variants"] + stats["variant_skips"] == captions_total
     assert stats["variant_skips"] > 0 and stats["ops"] == {"upper": stats["variants"]}
     assert stats["variant_skip_reasons"] == {"triangle": stats["variant_skips"]}
+    assert manifest["provenance"]["device"] == "cpu"  # the stage context's
 
 
 def test_rerun_and_resume_give_identical_bytes(synth_base, tmp_path):

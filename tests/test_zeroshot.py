@@ -141,6 +141,7 @@ def test_end_to_end_on_a_tiny_clip_writes_the_json(tmp_path, tiny_model_dirs):
                                               apgd_steps=2, device="cpu"), layout)
     path = zeroshot_path(layout, "synth", record["name"])
     assert json.loads(path.read_text())["metrics"]["clean"]["accuracy"] == record["metrics"]["clean"]["accuracy"]
+    assert json.loads(path.read_text())["provenance"]["device"] == "cpu"
     assert set(record["metrics"]) == {"clean", "eps1/255", "eps4/255"}
     assert path.parent.name == "zeroshot" and path.parent.parent.name == "evals"
 

@@ -343,7 +343,7 @@ def run_stage(
         "settings": settings,
         "fingerprint": settings_digest(settings),
     }
-    manifest = build_manifest(context.dataset, stage_cls.name, out_dir, manifest_config, results)
+    manifest = build_manifest(context.dataset, stage_cls.name, out_dir, manifest_config, results, device=context.device)
     write_manifest(layout.manifest_path(context.dataset, stage_cls.name), manifest, out_dir)
     return manifest
 

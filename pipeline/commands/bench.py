@@ -3,7 +3,7 @@
 The benchmarks are the ``bench_*.py`` files of the ``benchmarks/`` folder beside the ``pipeline`` package (the
 source checkout that ``pip install -e .`` points at), found from this file's location, never from the current
 directory: running ``make bench`` from elsewhere must not execute whatever ``benchmarks/`` lies there. Each
-module's ``run()`` returns a dict of named figures. ``BENCH=name1,name2`` runs only those (and updates the
+module's ``run()`` returns a dict of named figures; the file also holds this run's ``provenance``. ``BENCH=name1,name2`` runs only those (and updates the
 existing file); benchmarks in ``ON_REQUEST`` (``gpu``: real-size models, minutes on a GPU, hours on a CPU) run
 only when named.
 """
@@ -21,6 +21,8 @@ from typing import Any
 import torch
 
 from pipeline.core.fileio import atomic_write_json
+from pipeline.core.provenance import PROVENANCE_KEY, provenance
+from pipeline.models.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -74,5 +76,6 @@ def run_benchmarks(output: Path, only: str | None = None, directory: Path | None
             torch.set_num_threads(threads)  # several benchmarks time on one thread; the next gets the default back
         figures.update(results)
         log.info("benchmark %s: %.1f s", name, time.perf_counter() - started)
+    figures[PROVENANCE_KEY] = provenance(resolve_device("auto"))  # of this run, also when it updates older figures
     atomic_write_json(output, figures)
     return figures

@@ -19,6 +19,7 @@ from pipeline.core.executor import TaskResult
 from pipeline.core.metrics import frechet_summary, merge_feature_stats
 from pipeline.core.shards import list_shards, read_stats, write_sizes
 from pipeline.core.fileio import atomic_write_json
+from pipeline.core.provenance import PROVENANCE_KEY, provenance
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ def build_manifest(
     config: dict[str, Any],
     results: list[TaskResult] | None = None,
     extra_skipped: list[dict[str, str]] | None = None,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """Aggregate the committed shards' stats files (plus failures and reader-level skips) into a manifest."""
     committed = [(path, read_stats(path)) for path in list_shards(shard_dir)]
@@ -85,6 +87,7 @@ def build_manifest(
             {"path": str(path), "samples": int(stats["samples"]), "sha256": stats["sha256"]} for path, stats in committed
         ],
         "stats": stage_stats,
+        PROVENANCE_KEY: provenance(device),
     }
 
 

@@ -35,6 +35,7 @@ from pipeline.core.paths import Layout, plain_name, sizes_path
 from pipeline.core.schema import base_record, stage_record
 from pipeline.core.shards import list_shards, read_stats, shard_is_done, shard_name, stats_path, write_sizes, write_stats, write_tar
 from pipeline.core.fileio import atomic_write_json, sha256_file
+from pipeline.core.provenance import PROVENANCE_KEY, provenance
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,8 @@ def run_export(config: ExportConfig, layout: Layout) -> dict[str, Any]:
                "filter": str(filter_path) if filter_path else None, "shard_size": config.shard_size,
                "fingerprint": fingerprint, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "counts": _reconcile(counts, shards, base_dir, stages, config.split), "shards": shards,
-               "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}}
+               "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+               PROVENANCE_KEY: provenance()}
     write_sizes(out)
     atomic_write_json(out / DONE_FILE, summary)
     log.info("export %s: %d pairs of %d images in %d shards", out, summary["counts"]["pairs"],

@@ -21,6 +21,7 @@ import numpy as np
 from pipeline.core.config import check_choice, check_positive, check_range
 from pipeline.core.paths import Layout, is_plain_name, plain_name
 from pipeline.core.fileio import atomic_write_json
+from pipeline.core.provenance import PROVENANCE_KEY, provenance
 from pipeline.curate.stats import StageScores, read_stage_scores, stage_manifests
 
 SCOPES = ("stage", "global")
@@ -128,7 +129,7 @@ def run_filter(dataset: str, config: FilterConfig, layout: Layout) -> dict[str, 
                              "shift_limit": limits.get(stage), "keep": keep}
     scorers = {stage: (manifests[stage].get("config") or {}).get("scorer") for stage in chosen}
     result = {"name": config.name, "dataset": dataset, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              "config": asdict(config), "scorers": scorers, "stages": stages_out}
+              "config": asdict(config), "scorers": scorers, "stages": stages_out, PROVENANCE_KEY: provenance()}
     atomic_write_json(filter_path(layout, dataset, config.name), result)
     return result
 

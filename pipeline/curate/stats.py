@@ -20,6 +20,7 @@ from pipeline.core.schema import SCORES, stage_record
 from pipeline.core.shard_urls import expand_urls, read_url, stage_urls
 from pipeline.core.shards import list_shards
 from pipeline.core.fileio import atomic_write_json
+from pipeline.core.provenance import PROVENANCE_KEY, provenance
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +215,8 @@ def run_stats(dataset: str, layout: Layout, base_data: str | None = None) -> dic
         plots["frechet"] = plot_dir / "frechet.png"
         _plot_frechet(rows, plots["frechet"])
     # 4. Write.
-    result = {"dataset": dataset, "rows": rows, "plots": {name: str(path) for name, path in plots.items()}}
+    result = {"dataset": dataset, "rows": rows, "plots": {name: str(path) for name, path in plots.items()},
+              PROVENANCE_KEY: provenance()}
     atomic_write_json(out_dir / "stats.json", result)
     table = markdown_table(rows)
     images = "\n".join(f"![{name}](plots/{path.name})" for name, path in plots.items())

@@ -69,6 +69,7 @@ from pipeline.core.shard_urls import expand_urls, read_url
 from pipeline.core.shards import list_shards
 from pipeline.core.config import check_choice, check_positive, save_config
 from pipeline.core.fileio import atomic_write_json
+from pipeline.core.provenance import PROVENANCE_KEY, provenance
 
 if TYPE_CHECKING:  # type hints only: transformers loads when a model does, not with the CLI
     from pipeline.models.hf import CLIPBundle, MLMBundle
@@ -391,7 +392,8 @@ def evaluate(cfg: EvalConfig, layout: Layout | None = None) -> dict[str, Any]:
               "dataset": cfg.dataset, "split": cfg.split, "n_images": len(data.keys), "n_texts": len(texts),
               "captions_per_image": [len(group) for group in data.captions], "precision": precision,
               "settings": dataclasses.asdict(cfg), "attack_options": cfg.attack_options(), "metrics": results,
-              "time": time.strftime("%Y-%m-%d %H:%M:%S"), **transfer_fields(cfg, clip, source, source_dir)}
+              "time": time.strftime("%Y-%m-%d %H:%M:%S"), **transfer_fields(cfg, clip, source, source_dir),
+              PROVENANCE_KEY: provenance(device, precision)}
     atomic_write_json(out, record)
     store.remove()
     log.info("wrote %s", out)

@@ -20,6 +20,7 @@ from typing import Any
 from pipeline.attacks import ATTACKS
 from pipeline.core.paths import Layout
 from pipeline.core.fileio import atomic_write_json
+from pipeline.core.provenance import PROVENANCE_KEY
 from pipeline.train.registry import MODES
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def to_records(evals: list[dict[str, Any]]) -> list[dict[str, Any]]:
                             "dataset": ev["dataset"], "n_images": ev["n_images"], "n_texts": ev["n_texts"],
                             **{k: m[k] for k in METRICS}, "seconds": m.get("seconds"),
                             "setting": "clean" if attack == "clean" else ev.get("attack_setting", "white-box"),
-                            "attack_source": ev.get("attack_source")})
+                            "attack_source": ev.get("attack_source"), PROVENANCE_KEY: ev.get(PROVENANCE_KEY)})
     return records
 
 

@@ -44,6 +44,7 @@ from PIL import Image
 from pipeline.core.config import check_choice, check_positive
 from pipeline.core.fileio import atomic_write_json
 from pipeline.core.paths import Layout
+from pipeline.core.provenance import PROVENANCE_KEY, provenance
 
 log = logging.getLogger(__name__)
 
@@ -342,7 +343,8 @@ def run_zeroshot(model: Any, data: LabelledImages, cfg: ZeroShotConfig, out: Pat
     record = {**(extra or {}), "family": getattr(model, "family", None), "classes": data.classes,
               "images_per_class": counts, "n_images": len(data.labels), "chance": 100.0 / len(data.classes),
               "templates": list(cfg.templates), "settings": dataclasses.asdict(cfg), "metrics": results,
-              "notes": notes, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+              "notes": notes, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+              PROVENANCE_KEY: provenance(model.device, "fp32")}  # no autocast here
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out, json.loads(json.dumps(record)))

@@ -37,6 +37,7 @@ import numpy as np
 from pipeline.study.bootstrap import Bootstrap, Interval, Outcomes, Statistic, spearman
 from pipeline.evaluation.report import ATTACK_LABELS, ATTACK_ORDER, MODE_LABELS
 from pipeline.core.fileio import atomic_write_json
+from pipeline.core.provenance import PROVENANCE_KEY, provenance
 from pipeline.study.plan import MULTIMODAL_ATTACKS, STAGE_KINDS, Cell, StudyConfig
 
 log = logging.getLogger(__name__)
@@ -345,7 +346,8 @@ def build_study_report(results: list[CellResult], stage_stats: dict[str, dict[st
     markdown = "\n\n".join(parts) + "\n"
     (out_dir / "report.md").write_text(markdown)
     payload = {"dataset": cfg.dataset, "n_images": study.n_images, "chance_r1": study.chance_r1,
-               "meaningless": meaningless, "claims": claims, "augmentation": aug_rows, "records": records(study, cells)}
+               "meaningless": meaningless, "claims": claims, "augmentation": aug_rows, "records": records(study, cells),
+               PROVENANCE_KEY: provenance()}
     atomic_write_json(out_dir / "report.json", payload)
     log.info("study report: %s", out_dir / "report.md")
     return {"markdown": markdown, "claims": claims, "meaningless": meaningless, "figure": figure if has_figure else None,
