@@ -45,7 +45,7 @@ class _PositionLM(torch.nn.Module):
 def test_bert_attack_reads_candidates_one_position_early_by_default(tiny_clip, tiny_mlm):
     """Guards ``skip_cls`` defaulting to False (the reference's offsets without [CLS])."""
     tok = tiny_mlm.tokenizer
-    assert tok.convert_tokens_to_ids(PREDICTED) != [tok.unk_token_id] * len(PREDICTED)
+    assert tok.unk_token_id not in tok.convert_tokens_to_ids(PREDICTED)  # one vocabulary token each
     lm = MLMBundle(model=_PositionLM(tok), tokenizer=tok)
     words = CAPTION.split(" ")
     assert all(len(tok.tokenize(w)) == 1 for w in words)  # word j is piece j, at position j + 1 after [CLS]
