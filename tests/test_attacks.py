@@ -14,8 +14,9 @@ from pipeline.attacks import (
     build_attack,
     run_attack,
 )
-from pipeline.attacks.base import embed_texts, kl_drift, pair_similarity_loss
+from pipeline.attacks.base import kl_drift, pair_similarity_loss
 from pipeline.attacks.sga import scaled_copies
+from pipeline.attacks.text_parts import view_embed
 
 
 def _captions(tiny_captions: list[str], n: int) -> list[str]:
@@ -108,6 +109,7 @@ def test_published_defaults():
     assert (sga.image.start, pgd.image.start, co.image.start) == ("symmetric", "symmetric", "positive")
     assert sga.scales == (0.5, 0.75, 1.25, 1.5) and sga.noise_std == 0.05 and not sga.antialias
     assert sga.text.top_k == 10 and sga.text.n_words == 1 and sga.text.mlm_threshold == 0.3
+    assert (sga.text.max_length, co.text.max_length) == (77, 30)  # SGA's CLIP script; Co-Attack's BertAttack
 
 
 def test_step_size_follows_eps_by_the_published_ratio_unless_given():
@@ -227,7 +229,7 @@ def test_sga_runs_text_image_text_with_set_level_guidance(tiny_clip, tiny_mlm, t
     # step 2: the set of all adversarial captions of step 1 guides every copy
     adv_texts_1 = events[first][2]
     assert adv_texts_1 != flat
-    expected = embed_texts(tiny_clip, adv_texts_1)
+    expected = view_embed(tiny_clip, tiny_mlm, adv_texts_1, 30)  # the reference's 30-token view
     assert all(torch.allclose(e[2], expected, atol=1e-6) for e in losses)
     # step 3: the clean captions again, guided by the adversarial image
     assert events[second][1] == flat and events[second][2] == [t for g in out.texts for t in g]

@@ -92,6 +92,20 @@ def test_bert_attack_with_the_synonym_constraint_is_weaker_than_pgd(trained, rec
     assert synonyms_only < asr["pgd"] and synonyms_only < asr["bert"]
 
 
+def test_asr_at_r5_and_r10_against_the_clean_ranks(record):
+    """SGA's ASR at R@5 / R@10: the share of clean hits at K that the attack pushes out of the top K."""
+    clean = record["metrics"][CLEAN]["per_query"]
+    for attack in ("pgd", "bert", "coattack", "sga"):
+        row = record["metrics"][attack]
+        for side in ("tr", "ir"):
+            before, after = clean[f"{side}_rank"], row["per_query"][f"{side}_rank"]
+            for k in (5, 10):
+                hits = [a for b, a in zip(before, after) if b < k]
+                expected = 100.0 * sum(a >= k for a in hits) / len(hits)
+                assert row[f"{side}_asr_r{k}"] == pytest.approx(expected), (attack, side, k)
+    assert record["metrics"]["sga"]["tr_asr_r10"] != record["metrics"]["sga"]["tr_asr"]
+
+
 def test_eval_json_written_with_settings(record, trained):
     written = json.loads(eval_path(trained, "synth", "tiny").read_text())
     assert written["mode"] == "pretrained" and written["settings"]["attacks"] == ["pgd", "bert", "coattack", "sga"]

@@ -83,3 +83,23 @@ def test_transfer_rows_are_marked_and_the_resize_stated(tmp_path):
     assert settings[("target-from-src", "clean")] == "clean"
     assert "| transfer (transfer from models/src) |" in result["markdown"]
     assert "| pretrained (white-box) |" in result["markdown"] and "224 -> 384 px" in result["markdown"]
+
+
+def test_asr_at_r5_and_r10_reach_the_json_and_the_tables(tmp_path):
+    layout = Layout(manifests_dir=tmp_path / "manifests")
+    evals = layout.dataset_manifests("toy") / "evals"
+    evals.mkdir(parents=True)
+    new = _eval("new", "mat", {"clean": 40.0, "sga": 12.0})
+    new["metrics"]["sga"].update(tr_asr_r5=31.0, tr_asr_r10=21.0, ir_asr_r5=32.0, ir_asr_r10=22.0)
+    old = _eval("old", "ft", {"clean": 40.0, "sga": 12.0})  # written before the ASR at R@5 / R@10 existed
+    for ev in (new, old):
+        (evals / f"{ev['name']}.json").write_text(json.dumps(ev))
+    result = build_report("toy", layout)
+    by_key = {(r["name"], r["attack"]): r for r in json.loads(result["paths"]["json"].read_text())}
+    assert (by_key[("new", "sga")]["tr_asr_r5"], by_key[("new", "sga")]["ir_asr_r10"]) == (31.0, 22.0)
+    assert by_key[("old", "sga")]["tr_asr_r10"] is None
+    rows = [line.split("|")[1:-1] for line in result["markdown"].splitlines() if line.startswith("| MAT ")]
+    cells = [[c.strip() for c in row[1:]] for row in rows]
+    assert ["31.0", "32.0"] in cells and ["21.0", "22.0"] in cells
+    assert ["–", "–"] in [[c.strip() for c in line.split("|")[2:4]] for line in result["markdown"].splitlines()
+                          if line.startswith("| FT ")]

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.evaluation.retrieval import attack_success_rate, recall_at_k, retrieval_ranks, similarity
+from pipeline.evaluation.retrieval import asr_at_k, attack_success_rate, recall_at_k, retrieval_ranks, similarity
 
 
 def _brute_force(sim: torch.Tensor, txt2img: list[int], k: int) -> tuple[float, float]:
@@ -97,3 +97,11 @@ def test_attack_success_rate_counts_broken_clean_hits_only():
     assert attack_success_rate(torch.zeros(3, dtype=torch.bool), torch.zeros(3, dtype=torch.bool)) == 0.0
     with pytest.raises(ValueError):
         attack_success_rate(clean, adv[:3])
+
+
+def test_asr_at_k_counts_clean_hits_at_k_pushed_to_k_or_beyond():
+    clean = torch.tensor([0, 3, 4, 4, 7, 12])
+    adv = torch.tensor([9, 4, 5, 2, 0, 0])  # at R@5 (ranks 0-4) queries 0-3 were hits; 0 and 2 are no more
+    assert asr_at_k(clean, adv, 5) == pytest.approx(50.0)
+    assert asr_at_k(clean, adv, 10) == pytest.approx(0.0)  # 9 is still inside the top 10
+    assert asr_at_k(clean, adv, 1) == pytest.approx(100.0)

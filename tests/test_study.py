@@ -89,6 +89,23 @@ def test_seeds_widen_the_interval():
     assert two.spread("c", stat) > 20 and one.spread("c", stat) is None
 
 
+def test_asr_at_r5_and_r10_count_clean_hits_at_k_pushed_out(tmp_path):
+    rng = np.random.default_rng(12)
+    clean = Outcomes(rng.integers(0, 11, N_IMAGES), rng.integers(0, 11, N_IMAGES * CAPTIONS),
+                     np.repeat(np.arange(N_IMAGES), CAPTIONS))
+    adv = Outcomes(rng.integers(0, 11, N_IMAGES), rng.integers(0, 11, N_IMAGES * CAPTIONS), clean.owner)
+    cell = CellResult(Cell("mat", "mat", steps=10, tables=("defences",), attacks=("sga",)), {0: {"clean": clean, "sga": adv}})
+    report = build_study_report([cell], {}, StudyConfig(resamples=50, augmentation=False), tmp_path)
+    metrics = report["records"][0]["metrics"]["sga"]
+    for side, before, after in (("tr", clean.tr_rank, adv.tr_rank), ("ir", clean.ir_rank, adv.ir_rank)):
+        for k in (5, 10):
+            hits = before < k
+            assert metrics[f"{side}_asr_r{k}"] == pytest.approx(100 * (hits & (after >= k)).sum() / hits.sum())
+    row = next(line for line in report["markdown"].splitlines() if line.startswith("| MAT | SGA"))
+    tr = f"{metrics['tr_asr']:.1f} / {metrics['tr_asr_r5']:.1f} / {metrics['tr_asr_r10']:.1f}"
+    assert tr in row
+
+
 # ------------------------------------------------------------------ claims follow from the numbers
 
 ATTACKS = ("coattack", "sga")
@@ -173,6 +190,16 @@ def test_plan_merges_shared_cells_and_gives_each_stage_its_pairing():
     assert [cells[c].pairing for c in ("matplus-eda", "matplus-randaug", "matplus-eda_randaug")] == ["1:N", "N:1", "N:N"]
     fewer = {c.id for c in plan_cells(StudyConfig(modes=("mat",), steps=50, aug_steps=20, combos=()), ["eda"])}
     assert fewer == {"pretrained", "mat", "mat-20steps", "matplus-eda-20steps"}  # MAT baseline at the same steps
+
+
+@pytest.mark.parametrize("dataset, clip, steps, expected", [
+    ("coco", "openai/clip-vit-base-patch16", None, 10_000), ("flickr30k", "openai/clip-vit-base-patch16", None, 5_000),
+    ("coco", None, None, 2000), ("synth", "some/clip", None, 2000), ("coco", "some/clip", 300, 300)])
+def test_a_released_clip_trains_the_papers_budget_on_coco_and_flickr30k(dataset, clip, steps, expected):
+    cfg = StudyConfig(dataset=dataset, clip=clip, steps=steps, modes=("ft", "mat"), mode_steps=(("ft", 7),))
+    trained = {c.id: c.steps for c in plan_cells(cfg, []) if c.mode != "pretrained"}
+    assert trained["mat"] == expected and trained["ft"] == 7  # per-mode steps still win
+    assert ("paper's budget" in cfg.steps_source) == (steps is None and expected != 2000)
 
 
 @pytest.mark.parametrize("change", [{"seeds": 0}, {"modes": ("nope",)}, {"attacks": ("pgd", "x")}, {"eval_size": 1},

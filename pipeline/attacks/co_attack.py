@@ -7,10 +7,14 @@ form its code runs on CLIP (adversarial-for-goodness/Co-Attack: ``RetrievalCLIPE
 L2-normalised):
 
 1. text: BERT-Attack whose goal moves each caption's embedding away from its clean embedding
-   (KL of the softmaxed embeddings, :func:`text_drift_goal`);
+   (KL of the softmaxed embeddings, :func:`text_drift_goal`); the clean embedding is that of the caption as the
+   reference's ``inference_text`` sees it at the text attack's ``max_length`` (30): masked-LM ids decoded back
+   (:func:`~pipeline.attacks.text_parts.view_embed`);
 2. image: PGD maximising ``KL(clean image emb || adv image emb) + alpha * KL(adv caption emb || adv image emb)``
    on L2-normalised embeddings (KL over the softmax of the embedding dimension, the reference's
    ``KLDivLoss(reduction='batchmean')``), so the image leaves both its clean self and the adversarial text.
+   The adversarial captions are embedded through the same decoded view at 77 masked-LM tokens
+   (:data:`IMAGE_STEP_VIEW`: ``RetrievalCLIPEval.py`` passes ``max_length=77`` to ``run_before_fusion``).
    Being on the unit sphere, the loss does not change when the image tower's output is rescaled.
 
 Defaults as published: eps 2/255, 10 steps, step ``eps / steps * 1.25`` (0.25/255 at 2/255; it follows eps and
@@ -37,12 +41,15 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.attacks.base import MultimodalAttack, check_positive, embed_texts, kl_drift, make_generator
+from pipeline.attacks.base import MultimodalAttack, check_positive, kl_drift, make_generator
 from pipeline.attacks.bert_attack import BERTAttack, text_drift_goal
 from pipeline.attacks.pgd import PGD
+from pipeline.attacks.text_parts import view_embed
 
 if TYPE_CHECKING:  # type hints only: importing transformers here would slow every command's start
     from pipeline.models.hf import CLIPBundle, MLMBundle
+
+IMAGE_STEP_VIEW = 77  # masked-LM tokens of the adversarial captions' view in the image step (RetrievalCLIPEval.py)
 
 
 def per_image_mean(values: torch.Tensor, txt2img: torch.Tensor, n_images: int) -> torch.Tensor:
@@ -69,11 +76,11 @@ class CoAttack(MultimodalAttack):
         if mlm is None:
             raise ValueError("Co-Attack needs a masked LM (mlm bundle)")
         # 1. Text attack away from the clean captions.
-        clean_text = embed_texts(clip, texts, self.text.batch_size)
+        clean_text = view_embed(clip, mlm, texts, self.text.max_length, self.text.batch_size)
         adv_texts = self.text(clip, mlm, texts, text_drift_goal(clean_text)).texts
 
         # 2. Image attack away from the clean image and from the adversarial captions (unit-sphere embeddings).
-        adv_text = embed_texts(clip, adv_texts, self.text.batch_size)
+        adv_text = view_embed(clip, mlm, adv_texts, IMAGE_STEP_VIEW, self.text.batch_size)
         with torch.no_grad():
             clean_image = clip.encode_images(images01).float()
 

@@ -8,11 +8,15 @@ settings of ``eval_clip-vit2clip-cnn.py``. Three steps, each guided by a *set* f
 1. text: BERT-Attack on every caption, lowering its cosine to the clean image;
 2. image: PGD lowering the cosine between the image and *all* of its adversarial captions, the loss summed over
    the image itself and rescaled copies of it (scales 0.5, 0.75, 1.25, 1.5; each copy gets fresh Gaussian
-   noise of std 0.05, is resized bicubically to the scale, clipped to [0, 1] and resized back);
+   noise of std 0.05, is resized bicubically to the scale, clipped to [0, 1] and resized back). The captions
+   are embedded as the reference's ``inference_text`` sees them: masked-LM ids truncated to 30 tokens
+   (:data:`IMAGE_STEP_VIEW`, fixed in ``SGAttacker.attack`` whatever the text attack's length), decoded back;
 3. text again: BERT-Attack on the *clean* captions, now lowering their cosine to the adversarial image.
 
 Defaults as published: eps 2/255, 10 steps, step 0.5/255 (eps / 4: it follows eps unless ``step_size`` is
 given), random start uniform in [-eps, eps] clipped to [0, 1], top-10 candidates, one word, MLM threshold 0.3,
+text attack at ``max_length`` 77 masked-LM tokens (the CLIP script's ``TextAttacker(max_length=77)``; a masked
+LM with fewer positions, such as the demo's 64, runs at its own limit instead, logged),
 resizes without antialiasing (the reference's torchvision 0.15 ``transforms.Resize`` on tensors does not
 antialias; ``antialias=True`` is the option). ``seed`` seeds the random start and the copies' noise (None: the
 global torch RNG).
@@ -29,17 +33,26 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import dataclasses
+import logging
 from dataclasses import dataclass
 
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from pipeline.attacks.base import MultimodalAttack, check_positive, embed_texts, make_generator, pair_similarity_loss
+from pipeline.attacks.base import MultimodalAttack, check_positive, make_generator, pair_similarity_loss
 from pipeline.attacks.bert_attack import BERTAttack, image_similarity_goal
 from pipeline.attacks.pgd import PGD
+from pipeline.attacks.text_parts import view_embed
 
 if TYPE_CHECKING:  # type hints only: importing transformers here would slow every command's start
     from pipeline.models.hf import CLIPBundle, MLMBundle
+
+log = logging.getLogger(__name__)
+
+TEXT_MAX_LENGTH = 77  # eval_clip-vit2clip-cnn.py: TextAttacker(max_length=77)
+IMAGE_STEP_VIEW = 30  # attacker.py SGAttacker.attack tokenises the adversarial captions at 30 for the image step
+_CUT_LOGGED: set[tuple[int, int]] = set()
 
 
 def scaled_copies(images01: torch.Tensor, scales: tuple[float, ...], noise_std: float,
@@ -59,7 +72,7 @@ def scaled_copies(images01: torch.Tensor, scales: tuple[float, ...], noise_std: 
 @dataclass(frozen=True)
 class SGA(MultimodalAttack):
     image: PGD = PGD(eps=2 / 255, steps=10, step_ratio=0.25)
-    text: BERTAttack = BERTAttack()
+    text: BERTAttack = BERTAttack(max_length=TEXT_MAX_LENGTH)
     scales: tuple[float, ...] = (0.5, 0.75, 1.25, 1.5)
     noise_std: float = 0.05
     antialias: bool = False
@@ -75,14 +88,15 @@ class SGA(MultimodalAttack):
         if mlm is None:
             raise ValueError("SGA needs a masked LM (mlm bundle)")
         generator = make_generator(images01.device, self.seed)
+        text = self.text_attack(mlm)
 
         # 1. Captions guided by the clean image.
         with torch.no_grad():
             clean_image = clip.encode_images(images01).float()
-        adv_texts = self.text(clip, mlm, texts, image_similarity_goal(clean_image[txt2img])).texts
+        adv_texts = text(clip, mlm, texts, image_similarity_goal(clean_image[txt2img])).texts
 
         # 2. Image guided by the set of its adversarial captions, over the set of rescaled copies.
-        adv_text = embed_texts(clip, adv_texts, self.text.batch_size)
+        adv_text = view_embed(clip, mlm, adv_texts, IMAGE_STEP_VIEW, text.batch_size)
 
         def loss_fn(x: torch.Tensor) -> torch.Tensor:
             copies = scaled_copies(x, self.scales, self.noise_std, generator, self.antialias)
@@ -94,4 +108,15 @@ class SGA(MultimodalAttack):
         # 3. Clean captions again, guided by the adversarial image.
         with torch.no_grad():
             adv_image = clip.encode_images(adv_images).float()
-        return adv_images, self.text(clip, mlm, texts, image_similarity_goal(adv_image[txt2img])).texts
+        return adv_images, text(clip, mlm, texts, image_similarity_goal(adv_image[txt2img])).texts
+
+    def text_attack(self, mlm: MLMBundle) -> BERTAttack:
+        """``self.text``, its ``max_length`` cut to the masked LM's positions where it has fewer."""
+        limit = mlm.model.config.max_position_embeddings
+        if self.text.max_length <= limit:
+            return self.text
+        if (limit, self.text.max_length) not in _CUT_LOGGED:  # once, not per batch
+            _CUT_LOGGED.add((limit, self.text.max_length))
+            log.info("SGA: text attack at max_length %d, the masked LM's positions (reference: %d)", limit,
+                     self.text.max_length)
+        return dataclasses.replace(self.text, max_length=limit)

@@ -12,6 +12,8 @@ and the reference code's candidate expansion for words the masked LM splits into
   exactly its own; other edits fall back to tokenising the string.
 * :func:`piece_combinations`: the reference's ``get_bpe_substitues``: the top 4 tokens at each of the first 12
   pieces, combined in order, the first 24 combinations ranked by the masked LM's perplexity of them.
+* :func:`mlm_view` / :func:`view_embed`: a text as the reference CLIP wrappers' ``inference_text`` sees it
+  (masked-LM ids truncated to ``max_length``, decoded back, special tokens removed), and its CLIP embedding.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from pipeline.attacks.base import embed_texts
 
 if TYPE_CHECKING:  # type hints only: importing transformers here would slow every command's start
     from pipeline.models.hf import CLIPBundle, MLMBundle
@@ -199,3 +203,21 @@ def piece_combinations(mlm: MLMBundle, top_ids: torch.Tensor) -> list[str]:
     # the reference's convert_tokens_to_string: pieces joined, "##" continuations glued to the previous piece
     return [" ".join(mlm.tokenizer.convert_ids_to_tokens(combos[j].tolist())).replace(" ##", "").strip()
             for j in ranking]
+
+
+def mlm_view(mlm: MLMBundle, texts: list[str], max_length: int) -> list[str]:
+    """``texts`` as the reference CLIP wrappers' ``inference_text`` sees them (Co-Attack ``models/clip/model.py``,
+    SGA ``models/clip_model/model.py``): the masked LM's ids, truncated to ``max_length``, decoded back to a
+    string with [PAD] / [CLS] / [SEP] removed."""
+    tok = mlm.tokenizer
+    ids = tok(texts, truncation=True, max_length=max_length)["input_ids"]
+    decoded = tok.batch_decode(ids, clean_up_tokenization_spaces=True)
+    for special in (s for s in (tok.pad_token, tok.cls_token, tok.sep_token) if s):
+        decoded = [d.replace(special, "") for d in decoded]
+    return [d.strip() for d in decoded]
+
+
+def view_embed(clip: CLIPBundle, mlm: MLMBundle, texts: list[str], max_length: int,
+               batch_size: int = 512) -> torch.Tensor:
+    """L2-normalised CLIP embeddings [N, D] of :func:`mlm_view` of ``texts``."""
+    return embed_texts(clip, mlm_view(mlm, texts, max_length), batch_size)

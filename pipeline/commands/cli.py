@@ -26,7 +26,7 @@ from pipeline.data.ingest import IngestConfig
 from pipeline.data.sources import SOURCES
 from pipeline.evaluation.evaluate import EvalConfig
 from pipeline.evaluation.zeroshot import ZeroShotConfig
-from pipeline.study.plan import StudyConfig
+from pipeline.study.plan import DEFAULT_STEPS, PAPER_STEPS, StudyConfig
 from pipeline.train.config import PretrainConfig, TrainConfig
 from pipeline.train.registry import MODES
 
@@ -694,7 +694,7 @@ def study(
     mlm: Annotated[Optional[str], _opt("MLM", "Masked LM of the text attacks; default MODELS_DIR/<dataset>/mlm.")] = None,
     seeds: Annotated[Optional[int], _opt("SEEDS", f"Seeds per cell (default {_default(S, 'seeds')}; 3 gives a mean and spread).")] = None,
     modes: Annotated[Optional[str], _opt("STUDY_MODES", f"Defences to train (default {_default(S, 'modes')}).")] = None,
-    steps: Annotated[Optional[int], _opt("STUDY_STEPS", f"Training steps of every mode (default {_default(S, 'steps')}).")] = None,
+    steps: Annotated[Optional[int], _opt("STUDY_STEPS", f"Training steps of every mode (default {DEFAULT_STEPS}; with CLIP= the paper's budget by dataset: {', '.join(f'{d} {n}' for d, n in PAPER_STEPS.items())}).")] = None,
     mode_steps: Annotated[Optional[str], _opt("STUDY_MODE_STEPS", "Per-mode steps, e.g. ft=500,mat=1000.")] = None,
     aug_steps: Annotated[Optional[int], _opt("STUDY_AUG_STEPS", "Steps of the augmentation table's cells (default: the matplus steps).")] = None,
     batch_size: Annotated[Optional[int], _opt("BATCH_SIZE", f"Training batch per process (default {_default(S, 'batch_size')}).")] = None,

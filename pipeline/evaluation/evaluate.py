@@ -11,7 +11,8 @@ Protocol (the one of the Co-Attack and SGA evaluation code on CLIP):
    replaces its clean one. TR and IR are then computed on the matrix *adversarial images x adversarial captions*
    (an image-only attack leaves the captions clean, a text-only one the images), as the reference code does;
 4. attack success rate (ASR): the share of queries right at R@1 on clean data that the attack makes wrong
-   (TR over images, IR over captions).
+   (TR over images, IR over captions): ``tr_asr`` / ``ir_asr``; and the same at R@5 and R@10 against the clean
+   ranks, as SGA reports them: ``tr_asr_r5``, ``tr_asr_r10``, ``ir_asr_r5``, ``ir_asr_r10``.
 
 Captions are normalised as the reference evaluations read them (:func:`normalise_caption`, their
 ``pre_caption`` with 30 words) before anything sees them, clean or attacked; ``normalise_captions=False``
@@ -63,7 +64,7 @@ from pipeline.evaluation.itm import check_itm, itm_retrieval_metrics
 from pipeline.core.paths import Layout
 from pipeline.core.schema import base_record
 from pipeline.core.tracking import Tracker, check_reporters
-from pipeline.evaluation.retrieval import attack_success_rate, recall_at_k
+from pipeline.evaluation.retrieval import asr_at_k, attack_success_rate, recall_at_k
 from pipeline.core.seeding import derive_seed
 from pipeline.core.shard_urls import expand_urls, read_url
 from pipeline.core.shards import list_shards
@@ -305,11 +306,11 @@ def resume_fingerprint(cfg: EvalConfig, device: str, precision: str, clip_dir: s
 
 def _row(metrics: dict[str, Any], clean: dict[str, Any] | None, seconds: float, n_images: int) -> dict[str, Any]:
     row = {k: v for k, v in metrics.items() if not k.startswith("_")}
-    if clean is not None:
-        row["tr_asr"] = attack_success_rate(clean["_tr_hits"], metrics["_tr_hits"])
-        row["ir_asr"] = attack_success_rate(clean["_ir_hits"], metrics["_ir_hits"])
-    else:
-        row["tr_asr"] = row["ir_asr"] = 0.0
+    for side in ("tr", "ir"):
+        hits, ranks = f"_{side}_hits", f"_{side}_rank"
+        row[f"{side}_asr"] = attack_success_rate(clean[hits], metrics[hits]) if clean is not None else 0.0
+        for k in KS[1:]:  # SGA's ASR at R@5 and R@10
+            row[f"{side}_asr_r{k}"] = asr_at_k(clean[ranks], metrics[ranks], k) if clean is not None else 0.0
     row["seconds"] = round(seconds, 2)
     row["seconds_per_image"] = round(seconds / max(n_images, 1), 4)
     # Per-query ranks, capped at max(KS) (= a miss at every K): the bootstrap of `make study` resamples them.

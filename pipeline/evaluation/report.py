@@ -4,8 +4,11 @@ Input: every ``MANIFESTS_DIR/<dataset>/evals/*.json`` written by :func:`pipeline
 Output (same folder as the evals' parent):
 
 - ``report.json``: a list of records, one per (evaluation, attack), with at least ``name``, ``mode``, ``attack``
-  (``clean`` included), ``tr_r1``, ``tr_r5``, ``tr_r10``, ``ir_r1``, ``ir_r5``, ``ir_r10``, ``tr_asr``, ``ir_asr``;
-- ``report.md``: rows = evaluations (modes / checkpoints), columns = attacks x TR/IR R@1, then the same for ASR;
+  (``clean`` included), ``tr_r1``, ``tr_r5``, ``tr_r10``, ``ir_r1``, ``ir_r5``, ``ir_r10``, ``tr_asr``, ``ir_asr``
+  (ASR at R@1) and ``tr_asr_r5``, ``tr_asr_r10``, ``ir_asr_r5``, ``ir_asr_r10`` (SGA's ASR at R@5 / R@10; None in
+  evaluations written before they existed);
+- ``report.md``: rows = evaluations (modes / checkpoints), columns = attacks x TR/IR R@1, then the same for ASR
+  at R@1, R@5 and R@10, and R@5;
 - ``report.png``: grouped bars of TR and IR R@1 per attack, one bar per evaluation.
 """
 
@@ -26,6 +29,7 @@ from pipeline.train.registry import MODES
 log = logging.getLogger(__name__)
 
 METRICS = ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "tr_asr", "ir_asr")
+ASR_AT_K = ("tr_asr_r5", "tr_asr_r10", "ir_asr_r5", "ir_asr_r10")  # absent from evaluations written before them
 #: Row and column order: reference first, then the modes and the attacks in their registries' order.
 MODE_ORDER = ("pretrained", *MODES.names())
 ATTACK_ORDER = ("clean", *ATTACKS.names())
@@ -51,7 +55,7 @@ def to_records(evals: list[dict[str, Any]]) -> list[dict[str, Any]]:
             m = ev["metrics"][attack]
             records.append({"name": ev["name"], "mode": ev["mode"], "attack": attack, "checkpoint": ev["checkpoint"],
                             "dataset": ev["dataset"], "n_images": ev["n_images"], "n_texts": ev["n_texts"],
-                            **{k: m[k] for k in METRICS}, "seconds": m.get("seconds"),
+                            **{k: m[k] for k in METRICS}, **{k: m.get(k) for k in ASR_AT_K}, "seconds": m.get("seconds"),
                             "setting": "clean" if attack == "clean" else ev.get("attack_setting", "white-box"),
                             "attack_source": ev.get("attack_source"), PROVENANCE_KEY: ev.get(PROVENANCE_KEY)})
     return records
@@ -72,8 +76,8 @@ def attacks_of(records: list[dict[str, Any]]) -> list[str]:
 
 
 def markdown_table(records: list[dict[str, Any]], labels: dict[str, str], metric: str = "r1") -> str:
-    """Rows = evaluations, columns = attacks x (TR, IR) of ``metric`` (r1, r5, r10 or asr)."""
-    attacks = [a for a in attacks_of(records) if metric != "asr" or a != "clean"]
+    """Rows = evaluations, columns = attacks x (TR, IR) of ``metric`` (r1, r5, r10, asr, asr_r5 or asr_r10)."""
+    attacks = [a for a in attacks_of(records) if not metric.startswith("asr") or a != "clean"]
     cell = {(r["name"], r["attack"]): r for r in records}
     names = list(dict.fromkeys(r["name"] for r in records))
     head = ["model"] + [f"{ATTACK_LABELS.get(a, a)} {side}" for a in attacks for side in ("TR", "IR")]
@@ -82,7 +86,8 @@ def markdown_table(records: list[dict[str, Any]], labels: dict[str, str], metric
         values = []
         for attack in attacks:
             r = cell.get((name, attack))
-            values += [f"{r[f'{side}_{metric}']:.1f}" if r else "–" for side in ("tr", "ir")]
+            values += [f"{r[f'{side}_{metric}']:.1f}" if r and r.get(f"{side}_{metric}") is not None else "–"
+                       for side in ("tr", "ir")]
         lines.append("| " + " | ".join([labels[name]] + values) + " |")
     return "\n".join(lines)
 
@@ -110,6 +115,10 @@ def render_markdown(evals: list[dict[str, Any]], records: list[dict[str, Any]]) 
         markdown_table(records, labels, "r1"),
         "Attack success rate (%): share of the R@1-correct queries that the attack breaks.",
         markdown_table(records, labels, "asr"),
+        "Attack success rate at R@5 and at R@10 (%), as SGA reports them: share of the queries right at R@K on clean "
+        "data that the attack pushes out of the top K.",
+        markdown_table(records, labels, "asr_r5"),
+        markdown_table(records, labels, "asr_r10"),
         "R@5 (%):",
         markdown_table(records, labels, "r5"),
     ]) + "\n"

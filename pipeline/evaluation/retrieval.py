@@ -4,8 +4,8 @@ Protocol of the CLIP retrieval evaluations in Co-Attack / SGA (Flickr30k / COCO,
 
 - text retrieval (TR): each image ranks all captions; a hit at K when *any* of its captions is in the top K;
 - image retrieval (IR): each caption ranks all images; a hit at K when its image is in the top K;
-- attack success rate (ASR, as SGA reports it): among queries right at R@1 on clean data, the share the attack
-  makes wrong.
+- attack success rate (ASR, as SGA reports it): among queries right at R@K on clean data, the share the attack
+  makes wrong at R@K (SGA's ``eval_*.py`` report it at K = 1, 5 and 10 against the clean ranks).
 
 A query's rank is the number of candidates scoring strictly higher than the right one (ties resolve in the
 query's favour; with float embeddings exact ties do not occur in practice). Values are percentages.
@@ -99,9 +99,16 @@ def _check_groups(img2txts: Sequence[Sequence[int]], index: torch.Tensor, n_imag
 
 
 def attack_success_rate(clean_correct: torch.Tensor, adv_correct: torch.Tensor) -> float:
-    """Percent of the queries correct at R@1 on clean data that are wrong under attack (0 if none was correct)."""
+    """Percent of the queries correct on clean data that are wrong under attack (0 if none was correct); R@K
+    hits on both sides give the ASR at R@K (:func:`asr_at_k`)."""
     clean_correct, adv_correct = torch.as_tensor(clean_correct).bool(), torch.as_tensor(adv_correct).bool()
     if clean_correct.shape != adv_correct.shape:
         raise ValueError(f"shapes differ: {tuple(clean_correct.shape)} vs {tuple(adv_correct.shape)}")
     n = int(clean_correct.sum())
     return 100.0 * int((clean_correct & ~adv_correct).sum()) / n if n else 0.0
+
+
+def asr_at_k(clean_rank: torch.Tensor, adv_rank: torch.Tensor, k: int) -> float:
+    """ASR at R@K from per-query ranks (0 = first): the share of clean hits at K that the attack pushes to K or
+    beyond."""
+    return attack_success_rate(torch.as_tensor(clean_rank) < k, torch.as_tensor(adv_rank) < k)

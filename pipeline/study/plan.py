@@ -31,6 +31,10 @@ PAIRING = {"text": "1:N", "image": "N:1", "both": "N:N"}
 MODE_COST = {"ft": 1.0, "tecoa": 2.0, "fare": 2.0, "mat": 4.3, "matplus": 4.3}
 ATTACK_COST = {"pgd": 7.8, "bert": 10.2, "coattack": 17.2, "sga": 56.9}
 EVAL_COST_SCALE = 0.0067  # one clean-forward-image in FT steps (demo: 0.23 s per FT step, 43 s per eval of 300)
+DEFAULT_STEPS = 2000
+#: The paper's training budget, by dataset name, taken when a released CLIP (``clip``) is fine-tuned and no steps
+#: are given: 5k steps on Flickr30k, 10k on COCO (Waseda et al. 2024, implementation details).
+PAPER_STEPS = {"coco": 10_000, "mscoco": 10_000, "flickr30k": 5_000, "f30k": 5_000}
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,7 @@ class StudyConfig:
     mlm: str | None = None
     seeds: int = 1
     modes: tuple[str, ...] = MODES
-    steps: int = 2000  # training steps of every mode
+    steps: int | None = None  # training steps of every mode; None: see train_steps
     mode_steps: tuple[tuple[str, int], ...] = ()  # per-mode overrides, e.g. (("ft", 500),)
     aug_steps: int | None = None  # steps of the augmentation table's cells; default the matplus steps
     batch_size: int = 128
@@ -80,8 +84,25 @@ class StudyConfig:
         if not 0 < self.level < 1:
             raise ValueError(f"level={self.level}: must be in (0, 1)")
 
+    @property
+    def train_steps(self) -> int:
+        """``steps`` when given; else the paper's budget (:data:`PAPER_STEPS`) when a released CLIP is fine-tuned on
+        COCO or Flickr30k; else :data:`DEFAULT_STEPS` (the stand-in CLIP, the demo, synth)."""
+        if self.steps is not None:
+            return self.steps
+        return PAPER_STEPS.get(self.dataset, DEFAULT_STEPS) if self.clip else DEFAULT_STEPS
+
+    @property
+    def steps_source(self) -> str:
+        """Where :attr:`train_steps` comes from, as the plan states it."""
+        if self.steps is not None:
+            return "given (steps)"
+        if self.clip and self.dataset in PAPER_STEPS:
+            return f"the paper's budget for {self.dataset} with a released CLIP (5k Flickr30k, 10k COCO)"
+        return "the study's default (the stand-in CLIP, or a dataset outside PAPER_STEPS)"
+
     def steps_of(self, mode: str) -> int:
-        return dict(self.mode_steps).get(mode, self.steps)
+        return dict(self.mode_steps).get(mode, self.train_steps)
 
 
 @dataclass(frozen=True)

@@ -57,14 +57,15 @@ def recall(attack: str, side: str, k: int) -> Statistic:
     return lambda outcomes, w: outcomes[attack].recall(side, k, w)
 
 
-def asr(attack: str, side: str) -> Statistic:
-    """Attack success rate: the share of clean R@1 hits that the attack turns into misses."""
+def asr(attack: str, side: str, k: int = 1) -> Statistic:
+    """Attack success rate at R@K: the share of clean R@K hits that the attack turns into misses at K (SGA
+    reports K = 1, 5, 10)."""
     def stat(outcomes: dict[str, Outcomes], w: np.ndarray) -> np.ndarray:
         clean, adv = outcomes["clean"], outcomes[attack]
         rank_c, rank_a = (clean.tr_rank, adv.tr_rank) if side == "tr" else (clean.ir_rank, adv.ir_rank)
         owner = np.arange(clean.n_images) if side == "tr" else clean.owner
-        hit = np.bincount(owner, weights=rank_c == 0, minlength=clean.n_images)
-        broken = np.bincount(owner, weights=(rank_c == 0) & (rank_a > 0), minlength=clean.n_images)
+        hit = np.bincount(owner, weights=rank_c < k, minlength=clean.n_images)
+        broken = np.bincount(owner, weights=(rank_c < k) & (rank_a >= k), minlength=clean.n_images)
         return 100.0 * (w @ broken) / np.maximum(w @ hit, 1e-12)
     return stat
 
@@ -221,13 +222,13 @@ def _r1(study: Study, cell: str, attack: str, side: str) -> str:
 
 def defences_table(study: Study, cells: list[Cell]) -> str:
     head = ["model", "attack", "TR R@1 [95% CI]", "TR R@5", "TR R@10", "IR R@1 [95% CI]", "IR R@5", "IR R@10",
-            "TR ASR", "IR ASR"]
+            "TR ASR @1 / @5 / @10", "IR ASR @1 / @5 / @10"]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for cell in (c for c in cells if "defences" in c.tables):
         for attack in ("clean", *[a for a in ATTACK_ORDER if a in cell.attacks]):
             at = [f"{study.boot.point(study.seeds(cell.id), recall(attack, s, k)):.1f}" for s in ("tr", "ir") for k in (5, 10)]
-            rates = [f"{study.boot.point(study.seeds(cell.id), asr(attack, s)):.1f}" if attack != "clean" else "–"
-                     for s in ("tr", "ir")]
+            rates = [" / ".join(f"{study.boot.point(study.seeds(cell.id), asr(attack, s, k)):.1f}" for k in (1, 5, 10))
+                     if attack != "clean" else "–" for s in ("tr", "ir")]
             lines.append("| " + " | ".join([_label(cell), ATTACK_LABELS.get(attack, attack), _r1(study, cell.id, attack, "tr"),
                                             *at[:2], _r1(study, cell.id, attack, "ir"), *at[2:], *rates]) + " |")
     return "\n".join(lines)
@@ -303,6 +304,8 @@ def records(study: Study, cells: list[Cell]) -> list[dict[str, Any]]:
             ones = study.boot.ones
             metrics = {a: {f"{s}_r{k}": float(o.recall(s, k, ones)[0]) for s in ("tr", "ir") for k in (1, 5, 10)}
                        | ({f"{s}_asr": float(asr(a, s)(outcomes, ones)[0]) for s in ("tr", "ir")} if a != "clean" else {})
+                       | ({f"{s}_asr_r{k}": float(asr(a, s, k)(outcomes, ones)[0]) for s in ("tr", "ir") for k in (5, 10)}
+                          if a != "clean" else {})
                        for a, o in outcomes.items()}
             out.append({"cell": cell.id, "mode": cell.mode, "stages": list(cell.stages), "pairing": cell.pairing,
                         "steps": cell.steps, "tables": list(cell.tables), "seed": seed, "n_images": study.n_images,
@@ -335,8 +338,8 @@ def build_study_report(results: list[CellResult], stage_stats: dict[str, dict[st
                      "pretrained CLIP (CLIP=...) or train the stand-in longer before reading the tables.")
     parts.append("## The paper's claims\n\n" + "\n".join(
         f"- **{c['verdict']}**: {c['claim']}. {c['why']}." for c in claims))
-    parts.append("## Defences\n\nR@K (%) clean and under each attack; ASR (%): the share of clean R@1 hits the attack "
-                 "breaks.\n\n" + defences_table(study, cells))
+    parts.append("## Defences\n\nR@K (%) clean and under each attack; ASR (%) at R@1 / R@5 / R@10: the share of "
+                 "clean hits at K the attack pushes out of the top K (SGA's three).\n\n" + defences_table(study, cells))
     if aug_rows:
         parts.append("## Augmentations\n\nMAT+ with one stage (its pairing: text variants 1:N, image variants N:1, "
                      "both N:N) next to MAT; stage statistics from the stage manifests (diversity = 1 - src_sim; "

@@ -199,7 +199,7 @@ def _set_aside_stale_run(unit: Unit, fp: str) -> None:
 
 def write_plan(cfg: StudyConfig, cells: list[Cell], units: list[Unit], path: Path) -> None:
     atomic_write_json(path, {
-        "config": dataclasses.asdict(cfg),
+        "config": dataclasses.asdict(cfg), "train_steps": cfg.train_steps, "train_steps_from": cfg.steps_source,
         "cells": [dataclasses.asdict(c) | {"pairing": c.pairing, "modality": c.modality} for c in cells],
         "units": [{"name": u.name, "kind": u.kind, "output": str(u.output), "inputs": u.inputs, "cost": round(u.cost, 1),
                    "settings": u.settings} for u in units],
@@ -272,7 +272,8 @@ def run_study(cfg: StudyConfig, layout: Layout | None = None, echo: Callable[[st
     out = layout.study_dir(cfg.dataset)
     cells, units = build_plan(cfg, layout)
     write_plan(cfg, cells, units, out / "plan.json")
-    echo(f"study {cfg.dataset}: {len(cells)} cells x {cfg.seeds} seed(s), {len(units)} units; plan: {out / 'plan.json'}")
+    echo(f"study {cfg.dataset}: {len(cells)} cells x {cfg.seeds} seed(s), {len(units)} units; {cfg.train_steps} training "
+         f"steps per mode ({cfg.steps_source}); plan: {out / 'plan.json'}")
     run_plan(units, layout, cfg.dataset, echo)
     results = [CellResult(cell, {seed: load_outcomes(layout.eval_path(cfg.dataset, eval_name(cell, seed)))
                                  for seed in range(cfg.seeds)}) for cell in cells]

@@ -24,8 +24,11 @@ changed: eps 2/255, 2 signed steps of 1/255 from a uniform [-eps, eps] start, th
   L2 of unnormalised embeddings against the frozen original, summed over dimensions, batch mean) and the same
   trained part (the vision tower with its projection); the reference's PGD takes 10 steps of 1/255 with
   momentum 0.9 (eps 2/255 or 4/255), ours 2 plain signed steps, for training cost.
-- mat / matplus (Waseda et al., arXiv 2405.18770): no public code; the order, the BERT-Attack goal and the
-  InfoNCE on the adversarial pairs follow the paper's description.
+- mat / matplus (Waseda et al., arXiv 2405.18770): the paper's latest abstract names its code,
+  CyberAgentAILab/multimodal-adversarial-training, which could not be read here; the order, the BERT-Attack goal
+  and the InfoNCE on the adversarial pairs follow the paper's description. That code would settle the order, the
+  text attack's variant, the inner PGD's steps and eps, the loss and the pairing of 1:N / N:1 pairs (README,
+  "MAT's public code").
 """
 
 from __future__ import annotations
