@@ -70,9 +70,11 @@ def test_bert_attack_reads_candidates_one_position_early_by_default(tiny_clip, t
 
 
 def _reference_view(tiny_clip, tiny_mlm, texts: list[str], max_length: int) -> torch.Tensor:
-    """The reference wrappers' inference_text: masked-LM ids padded to max_length, decoded, specials dropped."""
+    """The reference wrappers' inference_text: masked-LM ids as ALBEF's tokenizer makes them ([CLS] and the
+    pieces, no [SEP]) padded to max_length, decoded, specials dropped."""
     tok = tiny_mlm.tokenizer
-    ids = tok(texts, padding="max_length", truncation=True, max_length=max_length)["input_ids"]
+    ids = [[tok.cls_token_id] + tok(t, add_special_tokens=False)["input_ids"][:max_length - 1] for t in texts]
+    ids = [row + [tok.pad_token_id] * (max_length - len(row)) for row in ids]
     decoded = [tok.decode(row).replace("[PAD]", "").replace("[CLS]", "").replace("[SEP]", "").strip() for row in ids]
     with torch.no_grad():
         return tiny_clip.encode_texts(decoded).float()

@@ -62,8 +62,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipeline.attacks.base import MultimodalAttack, check_positive, embed_texts, kl_drift
-from pipeline.attacks.text_parts import FILTER_WORDS, STOP_WORDS, Caption, TokenEditor, embed_ids, piece_combinations
+from pipeline.attacks.base import MultimodalAttack, check_positive, kl_drift
+from pipeline.attacks.text_parts import (FILTER_WORDS, STOP_WORDS, Caption, TokenEditor, embed_ids, piece_combinations,
+                                        reference_ids, view_embed)
 
 if TYPE_CHECKING:  # type hints only: importing transformers here would slow every command's start
     from pipeline.models.hf import CLIPBundle, MLMBundle
@@ -153,7 +154,7 @@ class BERTAttack:
         tok = mlm.tokenizer
         words = [t.split(" ") for t in texts]
         input_ids = torch.full((len(texts), self.max_length), tok.pad_token_id, dtype=torch.long)
-        for i, row in enumerate(self._reference_ids(tok, texts)):
+        for i, row in enumerate(reference_ids(tok, texts, self.max_length)):
             input_ids[i, :len(row)] = torch.tensor(row)
         logits = mlm.model(input_ids=input_ids.to(mlm.device),
                            attention_mask=(input_ids != tok.pad_token_id).long().to(mlm.device)).logits.float()
@@ -228,12 +229,6 @@ class BERTAttack:
                     current[i] = value
         return TextAttackResult([" ".join(ws) for ws in final], changes)
 
-    def _reference_ids(self, tok, texts: list[str]) -> list[list[int]]:
-        """The masked LM's ids as the reference's tokenizer (ALBEF's BertTokenizer, SGA ``models/tokenization_bert.py``)
-        makes them for one sentence: ``[CLS]`` then the pieces, no ``[SEP]``, ``max_length`` ids at most."""
-        pieces = tok(texts, add_special_tokens=False, truncation=True, max_length=self.max_length - 1)["input_ids"]
-        return [[tok.cls_token_id, *row] for row in pieces]
-
     @staticmethod
     def _piece_keys(tok, words: list[str]) -> list[tuple[int, int]]:
         """[start, end) of each word's pieces in the caption's pieces, counted without [CLS] (as the reference)."""
@@ -262,12 +257,7 @@ class BERTAttack:
 
     def _view_embed(self, clip: CLIPBundle, mlm: MLMBundle, texts: list[str]) -> torch.Tensor:
         """CLIP embeddings of texts as the reference's CLIP wrapper sees them: masked-LM ids decoded back."""
-        tok = mlm.tokenizer
-        decoded = tok.batch_decode(self._reference_ids(tok, texts), clean_up_tokenization_spaces=True)
-        specials = [s for s in (tok.pad_token, tok.cls_token, tok.sep_token) if s]
-        for special in specials:
-            decoded = [d.replace(special, "") for d in decoded]
-        return embed_texts(clip, [d.strip() for d in decoded], self.batch_size)
+        return view_embed(clip, mlm, texts, self.max_length, self.batch_size)
 
     # ----------------------------------------------------------------------------------------------- fast
 

@@ -205,13 +205,19 @@ def piece_combinations(mlm: MLMBundle, top_ids: torch.Tensor) -> list[str]:
             for j in ranking]
 
 
+def reference_ids(tok, texts: list[str], max_length: int) -> list[list[int]]:
+    """The masked LM's ids as the reference's tokenizer (ALBEF's BertTokenizer, SGA ``models/tokenization_bert.py``)
+    makes them for one sentence: ``[CLS]`` then the pieces, no ``[SEP]``, ``max_length`` ids at most."""
+    pieces = tok(texts, add_special_tokens=False, truncation=True, max_length=max_length - 1)["input_ids"]
+    return [[tok.cls_token_id, *row] for row in pieces]
+
+
 def mlm_view(mlm: MLMBundle, texts: list[str], max_length: int) -> list[str]:
     """``texts`` as the reference CLIP wrappers' ``inference_text`` sees them (Co-Attack ``models/clip/model.py``,
-    SGA ``models/clip_model/model.py``): the masked LM's ids, truncated to ``max_length``, decoded back to a
-    string with [PAD] / [CLS] / [SEP] removed."""
+    SGA ``models/clip_model/model.py``): the masked LM's ids (:func:`reference_ids`) decoded back to a string
+    with [PAD] / [CLS] / [SEP] removed."""
     tok = mlm.tokenizer
-    ids = tok(texts, truncation=True, max_length=max_length)["input_ids"]
-    decoded = tok.batch_decode(ids, clean_up_tokenization_spaces=True)
+    decoded = tok.batch_decode(reference_ids(tok, texts, max_length), clean_up_tokenization_spaces=True)
     for special in (s for s in (tok.pad_token, tok.cls_token, tok.sep_token) if s):
         decoded = [d.replace(special, "") for d in decoded]
     return [d.strip() for d in decoded]
