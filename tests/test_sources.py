@@ -232,3 +232,12 @@ def test_captions_of_control_or_zero_width_characters_are_empty(caption):
     record = make_record("i", b"", [caption, "a dog \x00on\u200b a sofa"], "train", "src")
     assert record.captions == ["a dog on\u200b a sofa"]
     assert record.caption_skips == [{"source": "src#caption0", "reason": "empty caption"}]
+
+
+def test_karpathy_entries_that_are_not_objects_or_leave_the_folder_are_skips(tmp_path):
+    entries = [1, {"filename": "a.jpg", "filepath": "..", "split": "test", "sentences": [{"raw": "x"}]},
+               {"filename": "b.jpg", "split": "test", "sentences": [{"raw": "y"}]}]
+    (tmp_path / "dataset_flickr30k.json").write_text(json.dumps({"images": entries}))
+    records, skips = split_items(list(read_source("karpathy", SourceOptions(data_root=tmp_path))))
+    assert [r.image_id for r in records] == ["flickr30kb"]
+    assert [s.reason for s in skips] == ["image entry is not an object", "image name '../a.jpg' leaves the image folder"]
