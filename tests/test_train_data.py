@@ -184,3 +184,17 @@ def test_captions_and_train_augment_reach_the_config_from_env_and_options(monkey
     runner.invoke(app, ["train", "--captions", "primary"], env={"CAPTIONS": "all"})
     runner.invoke(app, ["train"], env={"CAPTIONS": "", "TRAIN_AUGMENT": ""})
     assert [(d.captions, d.augment) for d in seen] == [("all", "rrc"), ("primary", "none"), ("primary", "none")]
+
+
+def test_a_base_shard_truncated_at_a_member_boundary_is_named(toy_base, tmp_path):
+    import tarfile
+
+    root = tmp_path / "toy"
+    shutil.copytree(toy_base.parent, root)
+    shard = sorted((root / "base").glob("train-*.tar"))[0]
+    with tarfile.open(shard) as tar:
+        last_json = [m for m in tar.getmembers() if m.name.endswith(".json")][-1]
+    with open(shard, "r+b") as handle:  # cut just before the last sample's json member: a tar that reads cleanly
+        handle.truncate(last_json.offset)
+    with pytest.raises(ValueError, match=rf"base shard {shard}: sample '{last_json.name.split('.')[0]}' has no json member"):
+        _draw(root / "base", (), batches=10, resampled=False, batch_size=1)

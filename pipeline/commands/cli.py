@@ -626,6 +626,7 @@ def eval_command(
     EvalConfig (pipeline/evaluation/evaluate.py), through --set or a --config file too."""
     from pipeline.evaluation.evaluate import evaluate
     from pipeline.models.errors import ModelNotFoundError
+    from pipeline.core.shards import ShardError
 
     options = dict(
         dataset=dataset, mlm=_env_or_none(mlm), name=_env_or_none(name), mode=_env_or_none(mode), split=split,
@@ -648,7 +649,7 @@ def eval_command(
         cfg = _build(EvalConfig, config, {**options, "checkpoint": one}, settings)
         try:
             record = evaluate(cfg, layout())
-        except (ValueError, FileNotFoundError, ModelNotFoundError) as error:
+        except (ValueError, FileNotFoundError, ModelNotFoundError, ShardError) as error:
             _fail(str(error))
         for attack, m in record["metrics"].items():
             typer.echo(f"{record['name']:<32} {attack:<9} TR R@1/5/10 {m['tr_r1']:5.1f} {m['tr_r5']:5.1f} {m['tr_r10']:5.1f}"

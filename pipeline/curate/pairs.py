@@ -41,6 +41,10 @@ def _zip_stages(src: Iterator[dict[str, Any]], stages: tuple[str, ...], handler=
                    for url in (base_url, *(stage_url(base_url, s) for s in stages))]
         for parts in zip(*readers, strict=True):
             base = parts[0]
+            if "json" not in base or "jpg" not in base:  # a tar cut at a member boundary reads as a short sample
+                raise ValueError(f"base shard {base_url}: sample {base['__key__']!r} has no "
+                                 f"{'json' if 'json' not in base else 'jpg'} member: the shard is truncated or "
+                                 "damaged; rerun `make ingest`")
             for stage, part in zip(stages, parts[1:]):
                 if part["__key__"] != base["__key__"]:
                     raise ValueError(
