@@ -241,3 +241,13 @@ def test_karpathy_entries_that_are_not_objects_or_leave_the_folder_are_skips(tmp
     records, skips = split_items(list(read_source("karpathy", SourceOptions(data_root=tmp_path))))
     assert [r.image_id for r in records] == ["flickr30kb"]
     assert [s.reason for s in skips] == ["image entry is not an object", "image name '../a.jpg' leaves the image folder"]
+
+
+def test_albef_splits_that_cannot_name_a_shard_are_skips(tmp_path):
+    data = [{"image": "a.jpg", "caption": "a", "split": "../../x"}, {"image": "b.jpg", "caption": "b", "split": ["t"]},
+            {"image": "c.jpg", "caption": "c", "split": "test"}]
+    (tmp_path / "all.json").write_text(json.dumps(data))
+    records, skips = split_items(list(read_source("albef", SourceOptions(data_root=tmp_path))))
+    assert [(r.image_id, r.split) for r in records] == [("albefc.jpg", "test")]
+    assert [s.reason for s in skips] == ["split '../../x' is not a name of letters and digits",
+                                         "split ['t'] is not a name of letters and digits"]

@@ -132,6 +132,8 @@ def make_record(
     image_id: str, image: ImageRef, raw_captions: list[Any], split: str, source: str
 ) -> Record | Skip:
     """Clean captions, recording each dropped one (empty, duplicate); skip the image if none is left."""
+    if not isinstance(split, str) or not re.fullmatch(r"[A-Za-z0-9]+", split):  # it names shards and keys
+        return Skip(source, f"split {split!r} is not a name of letters and digits")
     captions: list[str] = []
     caption_skips: list[dict[str, str]] = []
     for index, raw in enumerate(raw_captions):
