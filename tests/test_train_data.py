@@ -186,7 +186,8 @@ def test_captions_and_train_augment_reach_the_config_from_env_and_options(monkey
     assert [(d.captions, d.augment) for d in seen] == [("all", "rrc"), ("primary", "none"), ("primary", "none")]
 
 
-def test_a_base_shard_truncated_at_a_member_boundary_is_named(toy_base, tmp_path):
+@pytest.mark.parametrize("cut", ["member boundary", "inside a member"])
+def test_a_truncated_base_shard_is_named(toy_base, tmp_path, cut):
     import tarfile
 
     root = tmp_path / "toy"
@@ -194,7 +195,10 @@ def test_a_base_shard_truncated_at_a_member_boundary_is_named(toy_base, tmp_path
     shard = sorted((root / "base").glob("train-*.tar"))[0]
     with tarfile.open(shard) as tar:
         last_json = [m for m in tar.getmembers() if m.name.endswith(".json")][-1]
-    with open(shard, "r+b") as handle:  # cut just before the last sample's json member: a tar that reads cleanly
-        handle.truncate(last_json.offset)
-    with pytest.raises(ValueError, match=rf"base shard {shard}: sample '{last_json.name.split('.')[0]}' has no json member"):
+    key = last_json.name.split(".")[0]
+    with open(shard, "r+b") as handle:  # before the last json member: a tar that reads cleanly; inside it: one that does not
+        handle.truncate(last_json.offset if cut == "member boundary" else last_json.offset_data + last_json.size // 2)
+    message = (rf"base shard {shard}: sample '{key}' has no json member" if cut == "member boundary"
+               else rf"^corrupt or truncated shard {shard}: unexpected end of data$")
+    with pytest.raises(ValueError, match=message):
         _draw(root / "base", (), batches=10, resampled=False, batch_size=1)
