@@ -11,8 +11,10 @@ The same four functions serve all of them:
   one, with the values a run resolved at start (precision, device, ...) under the reserved key ``resolved``,
   which loading skips: a saved file replays as is.
 
-Validation helpers (:func:`check_choice`, :func:`check_positive`, ...) raise ``ValueError`` naming the field,
-which the CLI shows as a one-line error.
+Every value from a file, an option or ``--set`` is type-checked against its field once, in :func:`from_dict`
+(``lr: true``, ``steps: 2.5``, a non-finite float are refused); config files are capped in size and in YAML
+alias expansion. Validation helpers (:func:`check_choice`, :func:`check_positive`, ...) raise ``ValueError``
+naming the field, which the CLI shows as a one-line error.
 """
 
 from __future__ import annotations
