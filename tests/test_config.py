@@ -119,3 +119,63 @@ def test_bad_config_files_say_which_file(tmp_path):
 
 def test_option_names_expand_groups():
     assert option_names(Outer) == ["name", "stages", "limit", "inner.eps", "inner.steps", "inner.start"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("inner:\n  eps: true\n", r"inner.eps=True: expected a number"),
+    ("inner:\n  steps: 2.5\n", r"inner.steps=2.5: expected an integer"),
+    ("inner:\n  steps: [1, 2]\n", r"inner.steps=\[1, 2\]: expected an integer"),
+    ("inner:\n  steps: true\n", r"inner.steps=True: expected an integer"),
+    ("inner:\n  start: 1\n", r"inner.start=1: expected true or false"),
+    ("name: 3\n", r"name=3: expected a string"),
+    ("stages: [eda, 4]\n", r"stages=4: expected a string"),
+    ("limit: {a: 1}\n", r"limit=\{'a': 1\}: expected an integer"),
+    ("inner:\n  eps: .inf\n", r"inner.eps=inf: must be a finite number"),
+    ("inner:\n  eps: .nan\n", r"inner.eps=nan: must be a finite number"),
+])
+def test_config_files_with_a_value_of_the_wrong_type_name_the_field(tmp_path, text, message):
+    (tmp_path / "run.yaml").write_text(text)
+    with pytest.raises(ValueError, match=f"run.yaml: {message}"):
+        load_config(Outer, tmp_path / "run.yaml")
+    with pytest.raises(ValueError, match=message):
+        build_config(Outer, tmp_path / "run.yaml")
+
+
+@pytest.mark.parametrize("assignment, message", [
+    ("inner.eps=inf", r"inner.eps=inf: must be a finite number"),
+    ("inner.eps=nan", r"inner.eps=nan: must be a finite number"),
+    ("inner.eps=-1e999", r"inner.eps=-inf: must be a finite number"),
+])
+def test_non_finite_overrides_are_refused(assignment, message):
+    with pytest.raises(ValueError, match=message):
+        apply_overrides(Outer(), [assignment])
+
+
+def test_a_real_training_config_refuses_lr_true_and_fractional_steps():
+    from pipeline.train.config import TrainConfig
+
+    with pytest.raises(ValueError, match=r"optim.lr=True: expected a number"):
+        from_dict(TrainConfig, {"optim": {"lr": True}})
+    with pytest.raises(ValueError, match=r"steps=2.5: expected an integer"):
+        from_dict(TrainConfig, {"steps": 2.5})
+    with pytest.raises(ValueError, match=r"optim.lr=inf: must be a finite number"):
+        build_config(TrainConfig, None, {}, ["optim.lr=inf"])
+
+
+@dataclass(frozen=True)
+class Free:
+    options: dict = field(default_factory=dict)  # as AugmentConfig.stage_options: values of any shape
+
+
+def test_config_files_are_capped_in_size_and_alias_expansion(tmp_path):
+    levels = ["  a: &a [x, x, x, x, x, x, x, x, x, x]\n"]
+    for i in range(1, 6):  # each level lists the previous one 10 times: 10^6 values (the real bomb: 10^9)
+        name, previous = chr(97 + i), chr(96 + i)
+        levels.append(f"  {name}: &{name} [{', '.join([f'*{previous}'] * 10)}]\n")
+    (tmp_path / "bomb.yaml").write_text("options:\n" + "".join(levels))
+    assert (tmp_path / "bomb.yaml").stat().st_size < 400
+    with pytest.raises(ValueError, match=r"bomb.yaml: more than 100,000 values once its aliases are expanded"):
+        to_dict(build_config(Free, tmp_path / "bomb.yaml"))
+    (tmp_path / "big.yaml").write_text("name: x\n" + "# padding\n" * 200_000)
+    with pytest.raises(ValueError, match=r"big.yaml: larger than 1,000,000 bytes"):
+        load_config(Outer, tmp_path / "big.yaml")

@@ -152,3 +152,38 @@ def test_empty_source_is_an_error(tmp_path, layout):
     (tmp_path / "annotations" / "captions_val2017.json").write_text(json.dumps({"images": [], "annotations": []}))
     with pytest.raises(ValueError, match="no usable record"):
         run_ingest(IngestConfig(dataset="empty", data_root=tmp_path), layout)
+
+
+def test_disk_full_during_ingest_fails_the_command_and_leaves_no_tmp(tmp_path):
+    """A real write limit (RLIMIT_FSIZE, SIGXFSZ ignored so the write raises EFBIG): shards of ~100 kB cannot be
+    written, the manifest of ~30 kB can."""
+    import os
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limit_file_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64_000, 64_000))
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    run = subprocess.run(
+        [sys.executable, "-m", "pipeline", "--shards-dir", "shards", "--manifests-dir", "manifests", "ingest",
+         "--dataset", "synth", "--synth-size", "300", "--shard-size", "50", "--workers", "1"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, preexec_fn=limit_file_size, timeout=600)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "0 written, 300 skipped" in run.stdout
+    assert "7 shard(s) failed: synth/base/test-000000.tar (OSError: [Errno 27] File too large)" in run.stderr
+    assert not list((tmp_path / "shards").rglob("*.tmp"))
+    manifest = json.loads((tmp_path / "manifests" / "synth" / "base.json").read_text())
+    assert manifest["counts"] == {"input": 300, "written": 0, "skipped": 300}
+
+
+def test_augment_stops_when_its_base_ingest_has_failed_shards(tmp_path, monkeypatch):
+    from pipeline.augment import runner
+
+    failed = {"failed_shards": [{"shard": "train-000000.tar", "error": "OSError: [Errno 28] No space left on device"}]}
+    monkeypatch.setattr(runner, "run_ingest", lambda *args: failed)
+    with pytest.raises(ValueError, match=r"1 base shard\(s\) failed, first train-000000.tar \(OSError: \[Errno 28\]"):
+        runner.ensure_base(IngestConfig(), Layout(tmp_path / "shards", tmp_path / "manifests"), RunOptions())

@@ -81,3 +81,36 @@ def test_real_torch_limited_to_avx2_resolves_to_fp32():
     out = subprocess.run([sys.executable, "-c", "from pipeline.models.device import resolve_precision as r; print(r('auto', 'cpu'))"],
                          env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "fp32"
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+
+
+@pytest.mark.parametrize("name", ["cuda", "cuda:0", "tpu", "gpu", "xla", ""])
+def test_a_device_this_machine_lacks_is_one_line_naming_the_devices_there(no_gpu, name):
+    with pytest.raises(ValueError, match=rf"^device='{name}' is not available here; devices: auto, cpu$"):
+        models.resolve_device(name)
+
+
+def test_devices_that_exist_resolve(no_gpu, monkeypatch):
+    assert models.resolve_device("auto") == torch.device("cpu")
+    assert models.resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert models.resolve_device("cuda:0") == torch.device("cuda:0")
+    assert models.resolve_device("auto", local_rank=0) == torch.device("cuda:0")
+    with pytest.raises(ValueError, match=r"device='cuda:1' is not available here; devices: auto, cpu, cuda, cuda:0$"):
+        models.resolve_device("cuda:1")
+
+
+def test_cli_eval_with_an_unknown_device_is_a_one_line_error(no_gpu, tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.commands.cli import app
+
+    result = CliRunner().invoke(app, ["--manifests-dir", str(tmp_path), "eval", "--ckpt", str(tmp_path), "--device", "tpu"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1] == "error: device='tpu' is not available here; devices: auto, cpu"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from torchvision import transforms as T
 
 from pipeline.curate.pairs import base_shard_urls
 from pipeline.evaluation.evaluate import load_test_set
-from pipeline.core.images import RRC_RATIO, RRC_SCALE, _rrc_box, decode_rgb, encode_jpeg, model_pixels
+from pipeline.core.images import RRC_RATIO, RRC_SCALE, _rrc_box, decode_rgb, encode_jpeg, model_pixels, prepare_image
 from pipeline.core.shards import read_tar, sample_key, shard_name, write_tar
 from pipeline.train import data
 
@@ -86,3 +88,19 @@ def test_random_resized_crop_boxes_follow_open_clips_scale_and_ratio():
                 assert RRC_RATIO[0] - 0.02 <= w / h <= RRC_RATIO[1] + 0.02
             else:
                 assert RRC_RATIO[0] - 0.02 <= w / h <= RRC_RATIO[1] + 0.02
+
+
+COCO_PHOTO = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-mini" / "val2017" / "000000000139.jpg"
+
+
+@pytest.mark.skipif(not COCO_PHOTO.exists(), reason="needs ../shared/data/coco-mini")
+def test_a_16_bit_greyscale_png_is_scaled_not_clipped_to_white():
+    """A real photo as a 16-bit greyscale PNG (value * 257, as 16-bit scanners and medical images store it)."""
+    grey = np.asarray(Image.open(COCO_PHOTO).convert("L"))
+    buffer = io.BytesIO()
+    Image.fromarray(grey.astype(np.uint16) * 257).save(buffer, format="PNG")
+    assert Image.open(io.BytesIO(buffer.getvalue())).mode == "I;16"
+    for decoded in (decode_rgb(prepare_image(buffer.getvalue()).jpeg), decode_rgb(buffer.getvalue())):
+        pixels = np.asarray(decoded.convert("L"), dtype=np.float64)
+        assert (pixels >= 250).mean() < 0.05  # clipped, 99.6 % of them were
+        assert np.abs(pixels - grey).mean() < 2  # the photo itself, up to JPEG's loss

@@ -101,3 +101,32 @@ def test_evaluation_from_a_pipe_url_equals_evaluation_from_the_dataset_folder(tm
     assert piped["n_images"] == from_folder["n_images"] >= 3
     for attack in ("clean", "pgd"):
         assert piped["metrics"][attack]["embeddings_sha256"] == from_folder["metrics"][attack]["embeddings_sha256"]
+
+
+def test_evaluation_refuses_a_shard_changed_in_place_and_names_it(tmp_path, tiny_model_dirs):
+    import tarfile
+
+    from typer.testing import CliRunner
+
+    from pipeline.commands.cli import app
+    from pipeline.core.executor import RunOptions
+    from pipeline.data.ingest import IngestConfig, run_ingest
+
+    layout = _layout(tmp_path)
+    run_ingest(IngestConfig(dataset="synth", synth_size=60, shard_size=1000), layout, RunOptions(workers=1))
+    shard = layout.base_dir("synth") / "test-000000.tar"
+    with tarfile.open(shard) as tar:
+        image = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+    with open(shard, "r+b") as handle:  # one byte of image data, the size unchanged: the tar still reads
+        handle.seek(image.offset_data + image.size // 2)
+        byte = handle.read(1)
+        handle.seek(-1, 1)
+        handle.write(bytes([byte[0] ^ 0x55]))
+    assert read_tar(shard)  # still a readable tar
+    result = CliRunner().invoke(app, ["--shards-dir", str(layout.shards_dir), "--manifests-dir", str(layout.manifests_dir),
+                                      "eval", "--dataset", "synth", "--ckpt", tiny_model_dirs["clip"], "--device", "cpu",
+                                      "--size", "4", "--attacks", "pgd", "--steps", "1"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1] == (
+        f"error: shard {shard} does not match the sha256 its stats file recorded: it changed after it was written; "
+        "rerun the command that wrote it")

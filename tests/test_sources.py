@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.data.sources import Record, Skip, SourceError, SourceOptions, SplitFractions, detect_format, read_source
+from pipeline.data.sources import (
+    Record, Skip, SourceError, SourceOptions, SplitFractions, detect_format, make_record, read_source,
+)
 from pipeline.data.sources.synth import CAPTIONS_PER_IMAGE
 
 COCO_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-mini"
@@ -151,3 +153,101 @@ def test_unknown_format_and_missing_root_are_clear(tmp_path):
         read_source("parquet", SourceOptions(data_root=tmp_path))
     with pytest.raises(SourceError, match="does not exist"):
         read_source("coco", SourceOptions(data_root=tmp_path / "nope"))
+
+
+def test_coco_bad_entries_are_recorded_skips_and_orphan_captions_counted(tmp_path):
+    outside = tmp_path / "secret.jpg"
+    outside.write_bytes(jpeg())
+    write_coco(
+        tmp_path / "root",
+        images=[{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "../../secret.jpg"},
+                {"id": 3, "file_name": str(outside)}, {"id": 4, "file_name": 7}, {"id": 5, "file_name": ""}, "x"],
+        annotations=[{"image_id": i, "caption": f"caption {i}"} for i in (1, 2, 3, 4, 5, 9, 9)] + [1, {"caption": "no id"}],
+    )
+    items = list(read_source("coco", SourceOptions(data_root=tmp_path / "root")))
+    records, skips = split_items(items)
+    assert [r.image_id for r in records] == ["coco1"]
+    reasons = [s.reason for s in skips]
+    assert sum("leaves the image folder" in r for r in reasons) == 2  # ../ and the absolute path
+    assert sum("is not a non-empty string" in r for r in reasons) == 2  # 7 and ""
+    assert "image entry is not an object" in reasons
+    assert reasons.count("annotation without an image_id") == 2
+    assert "2 caption(s) for an image_id no image has" in reasons
+    assert len(items) == 1 + 2 + 2 + 1 + 2 + 1
+
+
+@pytest.mark.parametrize("payload, message", [
+    ({"images": [], "annotations": [1, 2]}, None),
+    ({"images": {"1": "a.jpg"}, "annotations": []}, r"'images' is a dict, not a list"),
+    ({"images": [], "annotations": "x"}, r"'annotations' is a str, not a list"),
+])
+def test_coco_wrong_shapes_are_errors_or_skips_naming_the_file(tmp_path, payload, message):
+    (tmp_path / "annotations").mkdir()
+    path = tmp_path / "annotations" / "captions_val2017.json"
+    path.write_text(json.dumps(payload))
+    if message is None:
+        assert [s.reason for s in read_source("coco", SourceOptions(data_root=tmp_path))] == ["annotation without an image_id"] * 2
+    else:
+        with pytest.raises(SourceError, match=f"{path}.*{message}"):
+            list(read_source("coco", SourceOptions(data_root=tmp_path)))
+
+
+def test_non_utf8_annotation_files_are_named(tmp_path):
+    (tmp_path / "annotations").mkdir()
+    bad = tmp_path / "annotations" / "captions_val2017.json"
+    bad.write_bytes(b'{"images": [], "annotations": [{"caption": "caf\xe9"}]}')
+    with pytest.raises(SourceError, match=f"{bad} is not UTF-8"):
+        list(read_source("coco", SourceOptions(data_root=tmp_path)))
+    table = tmp_path / "t" / "captions.csv"
+    table.parent.mkdir()
+    table.write_bytes(b"image,caption\na.jpg,caf\xe9\n")
+    with pytest.raises(SourceError, match=f"{table} is not UTF-8"):
+        list(read_source("csv", SourceOptions(data_root=table.parent)))
+    albef = tmp_path / "a" / "test.json"
+    albef.parent.mkdir()
+    albef.write_bytes(b'[{"image": "a.jpg", "caption": "caf\xe9"}]')
+    assert detect_format(albef.parent) == "albef"
+    with pytest.raises(SourceError, match=f"{albef} is not UTF-8"):
+        list(read_source("albef", SourceOptions(data_root=albef.parent)))
+
+
+def test_albef_extensions_make_distinct_ids_and_empty_names_are_skips(tmp_path):
+    data = [{"image": "x/a.jpg", "caption": "jpg"}, {"image": "x/a.png", "caption": "png"},
+            {"image": "", "caption": "empty"}, {"image": ".", "caption": "dot"}]
+    (tmp_path / "test.json").write_text(json.dumps(data))
+    records, skips = split_items(list(read_source("albef", SourceOptions(data_root=tmp_path))))
+    assert sorted(r.image_id for r in records) == ["albefx/a.jpg", "albefx/a.png"]
+    assert [s.reason for s in skips] == ["image name '' is not a non-empty string", "image name '.' names no file"]
+
+
+def test_csv_with_a_byte_order_mark_is_read(tmp_path):
+    (tmp_path / "captions.csv").write_bytes("image,caption\na.jpg,a dog\n../b.jpg,escape\n".encode("utf-8-sig"))
+    records, skips = split_items(list(read_source("csv", SourceOptions(data_root=tmp_path))))
+    assert [(r.image_id, r.captions) for r in records] == [("csva", ["a dog"])]
+    assert [s.reason for s in skips] == ["image name '../b.jpg' leaves the image folder"]
+
+
+@pytest.mark.parametrize("caption", ["\x00\x01\x7f", "\u200b\u200b", " \u200b\u2060\ufeff ", "\t\x0b\x1b"])
+def test_captions_of_control_or_zero_width_characters_are_empty(caption):
+    record = make_record("i", b"", [caption, "a dog \x00on\u200b a sofa"], "train", "src")
+    assert record.captions == ["a dog on\u200b a sofa"]
+    assert record.caption_skips == [{"source": "src#caption0", "reason": "empty caption"}]
+
+
+def test_karpathy_entries_that_are_not_objects_or_leave_the_folder_are_skips(tmp_path):
+    entries = [1, {"filename": "a.jpg", "filepath": "..", "split": "test", "sentences": [{"raw": "x"}]},
+               {"filename": "b.jpg", "split": "test", "sentences": [{"raw": "y"}]}]
+    (tmp_path / "dataset_flickr30k.json").write_text(json.dumps({"images": entries}))
+    records, skips = split_items(list(read_source("karpathy", SourceOptions(data_root=tmp_path))))
+    assert [r.image_id for r in records] == ["flickr30kb"]
+    assert [s.reason for s in skips] == ["image entry is not an object", "image name '../a.jpg' leaves the image folder"]
+
+
+def test_albef_splits_that_cannot_name_a_shard_are_skips(tmp_path):
+    data = [{"image": "a.jpg", "caption": "a", "split": "../../x"}, {"image": "b.jpg", "caption": "b", "split": ["t"]},
+            {"image": "c.jpg", "caption": "c", "split": "test"}]
+    (tmp_path / "all.json").write_text(json.dumps(data))
+    records, skips = split_items(list(read_source("albef", SourceOptions(data_root=tmp_path))))
+    assert [(r.image_id, r.split) for r in records] == [("albefc.jpg", "test")]
+    assert [s.reason for s in skips] == ["split '../../x' is not a name of letters and digits",
+                                         "split ['t'] is not a name of letters and digits"]

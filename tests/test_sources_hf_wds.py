@@ -184,6 +184,20 @@ def test_wds_img2dataset_failed_rows_and_missing_captions(tmp_path):
     assert written["wds000000000"]["source"] == "http://x/000000000.jpg"
 
 
+def test_wds_one_bad_json_member_is_a_skip_not_the_end_of_the_ingest(tmp_path):
+    samples = [
+        {"__key__": "a", "jpg": jpeg((9, 9, 9)), "txt": "a photo"},
+        {"__key__": "b", "jpg": jpeg((9, 9, 90)), "json": b'{"caption": "caf\xe9"}'},  # not UTF-8
+        {"__key__": "c", "jpg": jpeg((9, 90, 9)), "json": b"[" * 100_000},  # nested too deep
+        {"__key__": "d", "jpg": jpeg((90, 9, 9)), "txt": "another photo"},
+    ]
+    write_tar(tmp_path / "in" / "00000.tar", samples)
+    _, manifest = ingest(tmp_path, "bad", data_root=tmp_path / "in")
+    assert manifest["counts"] == {"input": 4, "written": 2, "skipped": 2}
+    assert [s["source"] for s in manifest["skipped"]] == [f"{tmp_path / 'in' / '00000.tar'}#{k}" for k in "bc"]
+    assert all(s["reason"].startswith("malformed json member") for s in manifest["skipped"])
+
+
 def _png() -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (9, 7), (1, 200, 3)).save(buffer, format="PNG")

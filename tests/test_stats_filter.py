@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from pipeline.curate.filters import FilterConfig, filter_path, find_filter, load_filter, run_filter
 from pipeline.core.paths import Layout
-from pipeline.core.shards import sample_key, shard_name, write_stats, write_tar
+from pipeline.core.shards import read_stats, sample_key, shard_name, write_stats, write_tar
 from pipeline.core.fileio import sha256_file
 from pipeline.curate.stats import read_stage_scores, run_stats
 
@@ -137,8 +137,8 @@ def test_filter_refuses_bad_configs_and_unscored_stages(scored) -> None:
     with pytest.raises(ValueError, match="no manifest"):
         run_filter(DATASET, FilterConfig(name="f", max_shift=1.0, stages=("t2i-sd",)), layout)
     unscored = [{"__key__": "k", "json": {"key": "k", "variants": [{"text": "t", "op": "x"}], "skipped": []}}]
-    for tar in layout.stage_dir(DATASET, "eda").glob("*.tar"):
-        write_tar(tar, unscored)
+    for tar in layout.stage_dir(DATASET, "eda").glob("*.tar"):  # as a stage without scores writes them
+        write_stats(tar, {**read_stats(tar), "sha256": write_tar(tar, unscored)})
     assert not read_stage_scores("eda", layout.stage_dir(DATASET, "eda")).scored
     with pytest.raises(ValueError, match="no scores"):
         run_filter(DATASET, FilterConfig(name="f", max_shift=1.0), layout)

@@ -184,3 +184,21 @@ def test_captions_and_train_augment_reach_the_config_from_env_and_options(monkey
     runner.invoke(app, ["train", "--captions", "primary"], env={"CAPTIONS": "all"})
     runner.invoke(app, ["train"], env={"CAPTIONS": "", "TRAIN_AUGMENT": ""})
     assert [(d.captions, d.augment) for d in seen] == [("all", "rrc"), ("primary", "none"), ("primary", "none")]
+
+
+@pytest.mark.parametrize("cut", ["member boundary", "inside a member"])
+def test_a_truncated_base_shard_is_named(toy_base, tmp_path, cut):
+    import tarfile
+
+    root = tmp_path / "toy"
+    shutil.copytree(toy_base.parent, root)
+    shard = sorted((root / "base").glob("train-*.tar"))[0]
+    with tarfile.open(shard) as tar:
+        last_json = [m for m in tar.getmembers() if m.name.endswith(".json")][-1]
+    key = last_json.name.split(".")[0]
+    with open(shard, "r+b") as handle:  # before the last json member: a tar that reads cleanly; inside it: one that does not
+        handle.truncate(last_json.offset if cut == "member boundary" else last_json.offset_data + last_json.size // 2)
+    message = (rf"base shard {shard}: sample '{key}' has no json member" if cut == "member boundary"
+               else rf"^corrupt or truncated shard {shard}: unexpected end of data$")
+    with pytest.raises(ValueError, match=message):
+        _draw(root / "base", (), batches=10, resampled=False, batch_size=1)

@@ -75,7 +75,10 @@ def ensure_base(config: IngestConfig, layout: Layout, options: RunOptions) -> No
         config = saved
     else:
         log.info("no base shards for %s yet: ingesting first", dataset)
-    run_ingest(config, layout, options)
+    failed = run_ingest(config, layout, options)["failed_shards"]
+    if failed:
+        raise ValueError(f"ingest of {dataset}: {len(failed)} base shard(s) failed, first {failed[0]['shard']} "
+                         f"({failed[0]['error']}); rerun to resume them")
 
 
 def _saved_ingest_config(manifest_path: Path) -> IngestConfig:

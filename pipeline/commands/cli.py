@@ -209,6 +209,15 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _fail_on_failed_shards(manifests: list[dict[str, Any]]) -> None:
+    """Exit 1 when a shard failed after its retries: the output is incomplete (a rerun resumes it)."""
+    failed = [(m, f) for m in manifests for f in m.get("failed_shards", [])]
+    if failed:
+        names = ", ".join(f"{m['dataset']}/{m['stage']}/{f['shard']} ({f['error']})" for m, f in failed[:3])
+        more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
+        _fail(f"{len(failed)} shard(s) failed: {names}{more}; rerun the same command to resume them", code=1)
+
+
 # ------------------------------------------------------------------ ingest
 
 
@@ -254,6 +263,7 @@ def ingest(
         _fail(str(error))
     for line in summary_lines(manifest):
         typer.echo(line)
+    _fail_on_failed_shards([manifest])
 
 
 # ------------------------------------------------------------------ augment
@@ -350,9 +360,10 @@ def augment(
             for stage, values in stage_options.items():
                 merged.setdefault(stage, {}).update(values)
             config_ = dataclasses.replace(config_, stage_options=merged)
-        run_augment(config_, layout())
+        manifests = run_augment(config_, layout())
     except (ValueError, FileNotFoundError, ShardError) as error:
         _fail(str(error))
+    _fail_on_failed_shards(manifests)
 
 
 # ------------------------------------------------------------------ stats and filters (pipeline/curate/stats.py, pipeline/curate/filters.py)
@@ -615,6 +626,7 @@ def eval_command(
     EvalConfig (pipeline/evaluation/evaluate.py), through --set or a --config file too."""
     from pipeline.evaluation.evaluate import evaluate
     from pipeline.models.errors import ModelNotFoundError
+    from pipeline.core.shards import ShardError
 
     options = dict(
         dataset=dataset, mlm=_env_or_none(mlm), name=_env_or_none(name), mode=_env_or_none(mode), split=split,
@@ -637,7 +649,7 @@ def eval_command(
         cfg = _build(EvalConfig, config, {**options, "checkpoint": one}, settings)
         try:
             record = evaluate(cfg, layout())
-        except (ValueError, FileNotFoundError, ModelNotFoundError) as error:
+        except (ValueError, FileNotFoundError, ModelNotFoundError, ShardError) as error:
             _fail(str(error))
         for attack, m in record["metrics"].items():
             typer.echo(f"{record['name']:<32} {attack:<9} TR R@1/5/10 {m['tr_r1']:5.1f} {m['tr_r5']:5.1f} {m['tr_r10']:5.1f}"

@@ -11,14 +11,17 @@ The same four functions serve all of them:
   one, with the values a run resolved at start (precision, device, ...) under the reserved key ``resolved``,
   which loading skips: a saved file replays as is.
 
-Validation helpers (:func:`check_choice`, :func:`check_positive`, ...) raise ``ValueError`` naming the field,
-which the CLI shows as a one-line error.
+Every value from a file, an option or ``--set`` is type-checked against its field once, in :func:`from_dict`
+(``lr: true``, ``steps: 2.5``, a non-finite float are refused); config files are capped in size and in YAML
+alias expansion. Validation helpers (:func:`check_choice`, :func:`check_positive`, ...) raise ``ValueError``
+naming the field, which the CLI shows as a one-line error.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from collections.abc import Iterable, Sequence
@@ -108,33 +111,63 @@ def _join(where: str, name: str) -> str:
 
 
 def _from_json(value: Any, hint: Any, where: str) -> Any:
-    """A JSON / YAML value as the field's type (lists become tuples, mappings nested dataclasses)."""
+    """A JSON / YAML value as the field's type (lists become tuples, mappings nested dataclasses); a value of
+    another type (``lr: true``, ``steps: 2.5``) or a non-finite float raises ValueError naming the field."""
     hint = _unwrap_optional(hint, value)
     if value is None:
         return None
     if dataclasses.is_dataclass(hint):
         return from_dict(hint, value, where)
-    origin = typing.get_origin(hint)
-    if origin is tuple:
-        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
-        item = args[0] if args else Any
-        return tuple(_from_json(v, item, where) for v in (value if isinstance(value, (list, tuple)) else [value]))
-    if origin is frozenset:
-        return frozenset(value if isinstance(value, (list, tuple, set, frozenset)) else [value])
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint is Path:
-        return Path(value)
     if isinstance(value, str) and hint in (int, float, bool):
-        return parse_value(value, hint, where)
+        value = parse_value(value, hint, where)
+    origin = typing.get_origin(hint)
+    args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+    if origin in (tuple, frozenset):
+        items = list(value) if isinstance(value, (list, tuple, set, frozenset)) else [value]
+        if origin is tuple and Ellipsis not in typing.get_args(hint) and args:  # a fixed shape: tuple[str, int]
+            if len(items) != len(args):
+                raise ValueError(f"{where}={value!r}: expected {len(args)} items")
+            return tuple(_from_json(v, a, where) for v, a in zip(items, args))
+        converted = [_from_json(v, args[0] if args else Any, where) for v in items]
+        return tuple(converted) if origin is tuple else frozenset(converted)
+    if origin in (typing.Union, types.UnionType):  # Path | str: one of them
+        if not any(_is_instance(value, a) for a in args):
+            raise ValueError(f"{where}={value!r}: expected {' or '.join(_type_name(a) for a in args)}")
+        return value
+    if hint is Path and isinstance(value, str):
+        return Path(value)
+    if not _is_instance(value, hint):
+        raise ValueError(f"{where}={value!r}: expected {_type_name(hint)}")
+    if hint is float:
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"{where}={value!r}: must be a finite number")
     return value
+
+
+def _is_instance(value: Any, hint: Any) -> bool:
+    if hint is Any:
+        return True
+    if hint in (int, float) and isinstance(value, bool):  # True is an int to Python, not to a config
+        return False
+    if hint is float:
+        return isinstance(value, (int, float))
+    if hint is Path:
+        return isinstance(value, (str, Path))
+    origin = typing.get_origin(hint) or hint
+    return isinstance(origin, type) and isinstance(value, origin)
+
+
+def _type_name(hint: Any) -> str:
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", Path: "a path"}
+    return names.get(hint, getattr(typing.get_origin(hint) or hint, "__name__", str(hint)))
 
 
 def _unwrap_optional(hint: Any, value: Any) -> Any:
     args = typing.get_args(hint)
     if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
         rest = [a for a in args if a is not type(None)]
-        return rest[0] if len(rest) == 1 else Any
+        return rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]
     return hint
 
 
@@ -252,19 +285,42 @@ def load_config(cls: type[T], path: str | Path) -> T:
         raise ValueError(f"config file {path}: {error}") from error
 
 
+MAX_CONFIG_BYTES = 1_000_000
+MAX_CONFIG_VALUES = 100_000  # YAML aliases repeat a value without repeating its text: a few lines can expand to 10^9
+
+
 def _read_payload(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        text = path.read_text()
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_CONFIG_BYTES + 1)
     except OSError as error:
         raise ValueError(f"config file {path}: {error.strerror or error}") from error
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ValueError(f"config file {path}: larger than {MAX_CONFIG_BYTES:,} bytes")
     try:
+        text = data.decode("utf-8")
         payload = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as error:
+    except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError, RecursionError) as error:
         raise ValueError(f"config file {path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {error}") from error
+    _check_expanded_size(payload, path)
     if not isinstance(payload, (dict, type(None))):
         raise ValueError(f"config file {path}: expected a mapping, got {type(payload).__name__}")
     return payload or {}
+
+
+def _check_expanded_size(payload: Any, path: Path) -> None:
+    """Count the values as the config system will copy them (an alias once per use), up to the cap."""
+    stack, count = [payload], 0
+    while stack:
+        value = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            raise ValueError(f"config file {path}: more than {MAX_CONFIG_VALUES:,} values once its aliases are expanded")
+        if isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
 
 
 def save_config(config: Any, path: str | Path, resolved: dict[str, Any] | None = None) -> Path:

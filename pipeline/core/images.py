@@ -49,6 +49,16 @@ def _flatten_alpha(image: Image.Image) -> Image.Image:
     return background
 
 
+def _from_16_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit greyscale image ("I;16*", or "I" as 16-bit PNGs may open) scaled to 8-bit "L": PIL's own
+    convert clips every value above 255 to white instead of scaling."""
+    pixels = np.asarray(image, dtype=np.float64)
+    return Image.fromarray(np.clip(np.rint(pixels / 257), 0, 255).astype(np.uint8), mode="L")
+
+
+SIXTEEN_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+
+
 def prepare_image(data: bytes, max_side: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> PreparedImage:
     """Check that `data` is a complete image and return JPEG bytes for the shard.
 
@@ -76,6 +86,9 @@ def prepare_image(data: bytes, max_side: int | None = None, max_pixels: int = DE
         raise ImageError(f"cannot decode image: {type(error).__name__}: {error}") from error
 
     conversions = []
+    if image.mode in SIXTEEN_BIT_MODES:
+        conversions.append(f"{image.mode}->L")
+        image = _from_16_bit(image)
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         image = _flatten_alpha(image)
         conversions.append("alpha->white")
@@ -98,7 +111,7 @@ def prepare_image(data: bytes, max_side: int | None = None, max_pixels: int = DE
 def decode_rgb(data: bytes) -> Image.Image:
     """Decode shard image bytes to an RGB PIL image."""
     with Image.open(io.BytesIO(data)) as image:
-        return image.convert("RGB")
+        return (_from_16_bit(image) if image.mode in SIXTEEN_BIT_MODES else image).convert("RGB")
 
 
 #: open_clip's default RandomResizedCrop area range (``AugmentationCfg.scale``, src/open_clip/transform.py) and

@@ -85,11 +85,17 @@ def read_url(url: str) -> list[dict[str, Any]]:
 
 
 def read_shard(url: str) -> tuple[list[dict[str, Any]], str]:
-    """:func:`read_url`, with the sha256 of the shard read (a local one's stats file's, as :func:`fingerprint`)."""
+    """:func:`read_url`, with the sha256 of the shard read. A local shard whose bytes no longer match the sha256
+    its stats file recorded (an image corrupted in place, same size) is a ShardError naming it: the shard was
+    just read whole, so hashing it is cheap next to what its reader does with it."""
     if is_local(url):
         path = Path(url).expanduser()
         samples = read_tar(path)
-        return samples, (read_stats(path) or {}).get("sha256") or sha256_file(path)
+        recorded, actual = (read_stats(path) or {}).get("sha256"), sha256_file(path)
+        if recorded and recorded != actual:
+            raise ShardError(f"shard {path} does not match the sha256 its stats file recorded: it changed after it "
+                             "was written; rerun the command that wrote it")
+        return samples, actual
     data = _fetch(url)
     return read_tar_bytes(data, url), hashlib.sha256(data).hexdigest()
 

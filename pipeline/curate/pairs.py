@@ -7,6 +7,7 @@ Training draws one pair per sample from these (pipeline/train/data.py); export w
 
 from __future__ import annotations
 
+import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -37,18 +38,30 @@ def _zip_stages(src: Iterator[dict[str, Any]], stages: tuple[str, ...], handler=
     """For each base shard url, yield base samples with each stage's aligned sample under `sample[stage]`."""
     for item in src:
         base_url = item["url"]
-        readers = [wds.tariterators.tarfile_samples([{"url": url}], handler=handler)
-                   for url in (base_url, *(stage_url(base_url, s) for s in stages))]
-        for parts in zip(*readers, strict=True):
-            base = parts[0]
-            for stage, part in zip(stages, parts[1:]):
-                if part["__key__"] != base["__key__"]:
-                    raise ValueError(
-                        f"stage {stage!r} shard of {base_url} is not aligned with base: "
-                        f"key {part['__key__']!r} where base has {base['__key__']!r}"
-                    )
-                base[stage] = part
-            yield base
+        urls = (base_url, *(stage_url(base_url, s) for s in stages))
+        readers = [wds.tariterators.tarfile_samples([{"url": url}], handler=handler) for url in urls]
+        try:
+            yield from _zipped(base_url, readers, stages)
+        except (tarfile.TarError, EOFError) as error:  # webdataset's error holds the reader, not a plain message
+            raise ValueError(f"corrupt or truncated shard {' or '.join(urls)}: "
+                             f"{str(error.args[0]).partition(' @ ')[0] if error.args else error}") from error
+
+
+def _zipped(base_url: str, readers: list[Iterator[dict[str, Any]]], stages: tuple[str, ...]) -> Iterator[dict[str, Any]]:
+    for parts in zip(*readers, strict=True):
+        base = parts[0]
+        if "json" not in base or "jpg" not in base:  # a tar cut at a member boundary reads as a short sample
+            raise ValueError(f"base shard {base_url}: sample {base['__key__']!r} has no "
+                             f"{'json' if 'json' not in base else 'jpg'} member: the shard is truncated or "
+                             "damaged; rerun `make ingest`")
+        for stage, part in zip(stages, parts[1:]):
+            if part["__key__"] != base["__key__"]:
+                raise ValueError(
+                    f"stage {stage!r} shard of {base_url} is not aligned with base: "
+                    f"key {part['__key__']!r} where base has {base['__key__']!r}"
+                )
+            base[stage] = part
+        yield base
 
 
 zip_stages = wds.filters.pipelinefilter(_zip_stages)

@@ -13,14 +13,31 @@ import torch
 log = logging.getLogger(__name__)
 
 
+def available_devices() -> list[str]:
+    """The device names this machine can run: auto, cpu, and cuda / cuda:<i> / mps where present."""
+    names = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        names += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        names.append("mps")
+    return names
+
+
 def resolve_device(name: str | torch.device = "auto", local_rank: int | None = None) -> torch.device:
     """"auto" -> the GPU when there is one (``cuda:<local_rank>`` when a rank is given, for one process per GPU),
-    else the CPU; any other name as torch reads it."""
-    if str(name) != "auto":
-        return torch.device(name)
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda" if local_rank is None else f"cuda:{local_rank}")
+    else the CPU; any other name as torch reads it. A name this machine cannot run (``cuda`` without a GPU,
+    ``tpu``, ``gpu``) raises ValueError listing the devices that exist."""
+    if str(name) == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda" if local_rank is None else f"cuda:{local_rank}")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or (device.type != "cpu" and str(device) not in available_devices()):
+        raise ValueError(f"device={str(name)!r} is not available here; devices: {', '.join(available_devices())}")
+    return device
 
 
 PRECISIONS = ("auto", "bf16", "fp32")

@@ -13,9 +13,10 @@ each one lazily ("module:function"), and the image references a reader defines (
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 from pipeline.core.config import check_positive, check_range
@@ -103,16 +104,36 @@ class SplitFractions:
 
 
 def clean_caption(text: Any) -> str:
-    """Collapse whitespace (newlines included); non-ASCII text is kept as it is."""
+    """Collapse whitespace (newlines and other control characters included); non-ASCII text is kept as it is.
+    A caption with no visible character (only control, format such as zero-width spaces, or space) is empty."""
     if not isinstance(text, str):
         return ""
-    return re.sub(r"\s+", " ", text).strip()
+    text = "".join(" " if unicodedata.category(c) == "Cc" else c for c in text)
+    text = re.sub(r"\s+", " ", text).strip()
+    if all(unicodedata.category(c)[0] in "CZ" for c in text):
+        return ""
+    return text
+
+
+def image_name_problem(name: Any, allow_absolute: bool = False) -> str | None:
+    """Why an image name from an annotation file cannot be used, or None: it must be a non-empty string naming a
+    file, relative and inside the image folder (no `..`) unless absolute paths are allowed."""
+    if not isinstance(name, str) or not name.strip():
+        return f"image name {name!r} is not a non-empty string"
+    path = PurePosixPath(name)
+    if path.name in ("", ".", ".."):
+        return f"image name {name!r} names no file"
+    if not allow_absolute and (path.is_absolute() or ".." in path.parts):
+        return f"image name {name!r} leaves the image folder"
+    return None
 
 
 def make_record(
     image_id: str, image: ImageRef, raw_captions: list[Any], split: str, source: str
 ) -> Record | Skip:
     """Clean captions, recording each dropped one (empty, duplicate); skip the image if none is left."""
+    if not isinstance(split, str) or not re.fullmatch(r"[A-Za-z0-9]+", split):  # it names shards and keys
+        return Skip(source, f"split {split!r} is not a name of letters and digits")
     captions: list[str] = []
     caption_skips: list[dict[str, str]] = []
     for index, raw in enumerate(raw_captions):
@@ -201,7 +222,7 @@ def _format_of_file(path: Path) -> str:
     if path.name.startswith("dataset_") and path.suffix == ".json":
         return "karpathy"
     if path.suffix == ".json":
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8", errors="replace") as handle:  # the reader names a non-UTF-8 file
             head = handle.read(4096).lstrip()
         return "albef" if head.startswith("[") else "karpathy"
     raise SourceError(f"cannot tell the format of {path}: pass FORMAT=...")

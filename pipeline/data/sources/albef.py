@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.data.sources import SPLITS, Record, Skip, SourceError, SourceOptions, make_record
+from pipeline.data.sources import SPLITS, Record, Skip, SourceError, SourceOptions, image_name_problem, make_record
 from pipeline.data.sources.coco import load_json
 
 
@@ -29,6 +29,9 @@ def read_albef(options: SourceOptions) -> Iterator[Record | Skip]:
             if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
                 yield Skip(f"{annotation_file}[{index}]", "entry without an 'image' path")
                 continue
+            if (problem := image_name_problem(entry["image"], allow_absolute=True)) is not None:
+                yield Skip(f"{annotation_file}[{index}]", problem)
+                continue
             caption = entry.get("caption", [])
             captions = caption if isinstance(caption, list) else [caption]
             merged.setdefault(entry["image"], []).extend(captions)
@@ -37,4 +40,5 @@ def read_albef(options: SourceOptions) -> Iterator[Record | Skip]:
         for image, captions in merged.items():
             split = splits[image] or file_split or options.fractions.assign(image)
             path = Path(image) if Path(image).is_absolute() else image_root / image
-            yield make_record(f"albef{Path(image).with_suffix('').as_posix()}", path, captions, split, image)
+            # the extension stays in the id: a.jpg and a.png are two images
+            yield make_record(f"albef{Path(image).as_posix()}", path, captions, split, image)

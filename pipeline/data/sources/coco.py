@@ -8,7 +8,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.data.sources import Record, Skip, SourceError, SourceOptions, make_record
+from pipeline.data.sources import Record, Skip, SourceError, SourceOptions, image_name_problem, make_record
 
 COCO_SPLITS = {"train": "train", "val": "val", "test": "test"}
 
@@ -19,6 +19,8 @@ def load_json(path: Path) -> object:
             return json.load(handle)
     except json.JSONDecodeError as error:
         raise SourceError(f"malformed JSON in {path}: {error}") from error
+    except UnicodeDecodeError as error:
+        raise SourceError(f"{path} is not UTF-8 text: {error}") from error
 
 
 def read_coco(options: SourceOptions) -> Iterator[Record | Skip]:
@@ -35,19 +37,37 @@ def read_coco(options: SourceOptions) -> Iterator[Record | Skip]:
         data = load_json(annotation_file)
         if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
             raise SourceError(f"{annotation_file} is not a COCO caption file (needs 'images' and 'annotations')")
+        for part in ("images", "annotations"):
+            if not isinstance(data[part], list):
+                raise SourceError(f"{annotation_file}: '{part}' is a {type(data[part]).__name__}, not a list")
         captions: dict[object, list[str]] = defaultdict(list)
-        for annotation in data["annotations"]:
-            captions[annotation.get("image_id")].append(annotation.get("caption"))
+        for index, annotation in enumerate(data["annotations"]):
+            image_id = annotation.get("image_id") if isinstance(annotation, dict) else None
+            if not isinstance(image_id, (int, str)):
+                yield Skip(f"{annotation_file}#annotations[{index}]", "annotation without an image_id")
+                continue
+            captions[image_id].append(annotation.get("caption"))
         image_dir = root / f"{split_name}{year}"
         seen: set[object] = set()
-        for image in data["images"]:
-            image_id = image.get("id")
-            source = str(image_dir / str(image.get("file_name", "?")))
-            if "file_name" not in image or image_id is None:
-                yield Skip(source, "image entry without id or file_name")
+        listed: set[object] = set()  # every id an image entry names, usable or not: the others' captions are orphans
+        for index, image in enumerate(data["images"]):
+            if not isinstance(image, dict):
+                yield Skip(f"{annotation_file}#images[{index}]", "image entry is not an object")
+                continue
+            image_id, file_name = image.get("id"), image.get("file_name")
+            source = str(image_dir / str(file_name)) if isinstance(file_name, str) else f"{annotation_file}#images[{index}]"
+            if not isinstance(image_id, (int, str)):
+                yield Skip(source, "image entry without an id")
+                continue
+            listed.add(image_id)
+            if (problem := image_name_problem(file_name)) is not None:
+                yield Skip(source, f"file_name: {problem}")
                 continue
             if image_id in seen:
                 yield Skip(source, "duplicate image id")
                 continue
             seen.add(image_id)
-            yield make_record(f"coco{image_id}", image_dir / image["file_name"], captions.get(image_id, []), split, source)
+            yield make_record(f"coco{image_id}", image_dir / file_name, captions.get(image_id, []), split, source)
+        for image_id in sorted(captions.keys() - listed, key=str):
+            count = len(captions[image_id])
+            yield Skip(f"{annotation_file}#image_id={image_id}", f"{count} caption(s) for an image_id no image has")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.data.sources import Record, Skip, SourceError, SourceOptions, make_record
+from pipeline.data.sources import Record, Skip, SourceError, SourceOptions, image_name_problem, make_record
 from pipeline.data.sources.coco import load_json
 
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
@@ -32,12 +32,18 @@ def read_karpathy(options: SourceOptions) -> Iterator[Record | Skip]:
         raise SourceError(f"{annotation_file} is not a Karpathy split file (needs an 'images' list)")
     name = annotation_file.stem.removeprefix("dataset_")
     seen: set[str] = set()
-    for entry in data["images"]:
-        filename = entry.get("filename")
-        relative = Path(entry.get("filepath", "")) / str(filename)
+    for index, entry in enumerate(data["images"]):
+        if not isinstance(entry, dict):
+            yield Skip(f"{annotation_file}#images[{index}]", "image entry is not an object")
+            continue
+        filename, filepath = entry.get("filename"), entry.get("filepath", "")
+        relative = Path(str(filepath)) / str(filename)
         source = str(relative)
         if not filename:
             yield Skip(source, "image entry without filename")
+            continue
+        if (problem := image_name_problem(relative.as_posix())) is not None:
+            yield Skip(source, problem)
             continue
         if source in seen:
             yield Skip(source, "duplicate image entry")

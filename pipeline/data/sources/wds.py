@@ -157,8 +157,8 @@ def read_wds(options: SourceOptions) -> Iterator[Record | Skip]:
             where = f"{tar_path}#{key}"
             try:
                 meta = json.loads(_read_member(tar, members["json"])) if "json" in members else {}
-            except json.JSONDecodeError as error:
-                yield Skip(where, f"malformed json member: {error}")
+            except (ValueError, RecursionError) as error:  # not JSON, not UTF-8, nested too deep
+                yield Skip(where, f"malformed json member: {type(error).__name__}: {error}")
                 continue
             if not isinstance(meta, dict):
                 meta = {}
