@@ -20,6 +20,7 @@ from pipeline.augment.runner import AugmentConfig
 from pipeline.commands.demo import DemoConfig
 from pipeline.core.config import build_config, field_default
 from pipeline.core.executor import EXECUTORS
+from pipeline.core.lifetime import stop_on_signals
 from pipeline.core.paths import Layout, plain_name
 from pipeline.curate.export import ExportConfig
 from pipeline.curate.filters import FilterConfig
@@ -863,6 +864,7 @@ def eval_zeroshot_command(
 
 
 def main() -> None:
+    stop_on_signals()
     app()
 
 
