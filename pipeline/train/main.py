@@ -97,7 +97,11 @@ def resume_settings(cfg: TrainConfig) -> dict[str, Any]:
 def _saved_config(path: Path) -> TrainConfig | None:
     if not path.is_file():
         return None
-    payload = json.loads(path.read_text())
+    try:
+        payload = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}): rerun with --overwrite to start the run afresh, "
+                         f"or give another RUN_DIR") from error
     payload.pop(RESOLVED_KEY, None)
     return from_dict(TrainConfig, payload, where=str(path))
 
