@@ -184,7 +184,9 @@ class ProcessPool:
             return item, TaskResult(item[0], ok=False, error=f"worker process died: {error}")
 
     def shutdown(self) -> None:
-        self.pool.shutdown(wait=True)
+        # Tasks not started are dropped (none are left after a complete run): a command stopped by SIGTERM or
+        # an error ends once the running tasks end, instead of doing all the rest first.
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def run_local(
