@@ -9,6 +9,7 @@ or reseeded the data stream, gives other weights.
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import os
 from pathlib import Path
@@ -147,9 +148,10 @@ def _ddp_worker(rank: int, world: int, port: int, model_dirs: dict, root: str, r
     if stop_early:
         real_barrier = train_main.barrier
 
-        def barrier_then_stop() -> None:  # the first barrier follows the first checkpoint
+        def barrier_then_stop() -> None:  # the first barrier once a checkpoint exists follows that checkpoint
             real_barrier()
-            raise Interrupted()
+            if checkpoints.latest_checkpoint(Path(root) / run) is not None:
+                raise Interrupted()
 
         train_main.barrier = barrier_then_stop
     try:
@@ -182,3 +184,110 @@ def test_two_rank_resume_restores_each_ranks_state(tiny_model_dirs, tmp_path):
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
     spawn("split", False)
     _assert_same(_weights(tmp_path / "whole"), _weights(tmp_path / "split"))
+
+
+# ------------------------------------------------------------------ resuming with other settings (issue 21)
+
+
+def test_resume_with_other_settings_stops_naming_them_and_keeps_config_json(tiny_model_dirs, layout, tmp_path):
+    run_dir = tmp_path / "run"
+    train(_cfg(tiny_model_dirs, run_dir, mode="ft", steps=2, save_every=2), layout)
+    saved = (run_dir / "config.json").read_text()
+    with pytest.raises(ValueError, match=r"optim\.lr: 0\.001 -> 0\.5.*seed: 0 -> 7.*--overwrite"):
+        train(_cfg(tiny_model_dirs, run_dir, mode="ft", steps=2, save_every=2, seed=7,
+                   optim=OptimConfig(lr=0.5, warmup=2)), layout)
+    with pytest.raises(ValueError, match=r"mode: 'ft' -> 'tecoa'"):  # not a torch error about the optimiser state
+        train(_cfg(tiny_model_dirs, run_dir, mode="tecoa", steps=4, save_every=2), layout)
+    with pytest.raises(ValueError, match=r"steps=1: .* already trained 2 steps"):
+        train(_cfg(tiny_model_dirs, run_dir, mode="ft", steps=1, save_every=2), layout)
+    assert (run_dir / "config.json").read_text() == saved
+    # What does not change the computation may differ: more steps, logging, workers.
+    more = train(_cfg(tiny_model_dirs, run_dir, mode="ft", steps=3, save_every=3, log_every=3,
+                      data=DataConfig(num_workers=1, shuffle_buffer=8)), layout)
+    assert more.start_step == 2
+    assert json.loads((run_dir / "config.json").read_text())["steps"] == 3
+
+
+def test_train_command_refuses_changed_settings_and_overwrite_restarts(tiny_model_dirs, layout, tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.commands.cli import app
+
+    run_dir = tmp_path / "run"
+    train(_cfg(tiny_model_dirs, run_dir, mode="ft", steps=2, save_every=2), layout)
+    saved = (run_dir / "config.json").read_text()
+    folders = ["--shards-dir", str(layout.shards_dir), "--runs-dir", str(layout.runs_dir)]
+    replay = [*folders, "train", "--config", str(run_dir / "config.json")]
+    refused = CliRunner().invoke(app, [*replay, "--lr", "0.5", "--seed", "7"])
+    assert refused.exit_code == 2
+    assert "error: " in refused.output and "optim.lr: 0.001 -> 0.5" in refused.output
+    assert (run_dir / "config.json").read_text() == saved
+    restarted = CliRunner().invoke(app, [*replay, "--lr", "0.5", "--seed", "7", "--overwrite"])
+    assert restarted.exit_code == 0, restarted.output
+    assert json.loads((run_dir / "config.json").read_text())["seed"] == 7
+
+
+def test_overwrite_starts_afresh_removing_only_the_runs_files(tiny_model_dirs, layout, tmp_path):
+    run_dir = tmp_path / "run"
+    train(_cfg(tiny_model_dirs, run_dir, mode="ft", steps=2, save_every=1), layout)
+    (run_dir / "notes.txt").write_text("mine")
+    result = train(_cfg(tiny_model_dirs, run_dir, mode="tecoa", steps=1, save_every=1, seed=7), layout, overwrite=True)
+    assert result.start_step == 0
+    assert [p.name for p in checkpoints.complete_checkpoints(run_dir)] == ["step-000001"]
+    assert [row.split(",")[0] for row in (run_dir / "metrics.csv").read_text().splitlines()] == ["step", "1"]
+    assert json.loads((run_dir / "config.json").read_text())["mode"] == "tecoa"
+    assert (run_dir / "notes.txt").read_text() == "mine"
+
+
+# ------------------------------------------------------------------ unreadable state.pt (issue 21)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_unreadable_newest_checkpoint_falls_back_to_the_previous(tiny_model_dirs, layout, tmp_path, caplog, damage):
+    run_dir = tmp_path / "run"
+    train(_cfg(tiny_model_dirs, run_dir, mode="ft", steps=4, save_every=2), layout)
+    newest = checkpoints.latest_checkpoint(run_dir) / "state.pt"
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"")
+    resumed = train(_cfg(tiny_model_dirs, run_dir, mode="ft", steps=6, save_every=2), layout)
+    assert resumed.start_step == 2
+    assert "step-000004/state.pt is unreadable" in caplog.text and "falling back" in caplog.text
+
+
+def test_no_readable_checkpoint_is_one_clear_error(tiny_model_dirs, layout, tmp_path):
+    run_dir = tmp_path / "run"
+    train(_cfg(tiny_model_dirs, run_dir, mode="ft", steps=2, save_every=2), layout)
+    (checkpoints.latest_checkpoint(run_dir) / "state.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="no readable checkpoint in .*--overwrite"):
+        train(_cfg(tiny_model_dirs, run_dir, mode="ft", steps=4, save_every=2), layout)
+
+
+# ------------------------------------------------------------------ non-finite loss (issue 21)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_dirs, layout, tmp_path, monkeypatch):
+    import pipeline.train.main as train_main
+
+    real_build_mode = train_main.build_mode
+
+    def nan_from_step_5(cfg, clip, mlm):
+        mode = real_build_mode(cfg, clip, mlm)
+        calls = iter(range(1, 10**6))
+
+        class Poisoned(type(mode)):
+            def __call__(self, net, batch):
+                terms = super().__call__(net, batch)
+                return {k: v * float("nan") for k, v in terms.items()} if next(calls) >= 5 else terms
+
+        mode.__class__ = Poisoned
+        return mode
+
+    monkeypatch.setattr(train_main, "build_mode", nan_from_step_5)
+    run_dir = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"step 5: the loss became non-finite"):
+        train(_cfg(tiny_model_dirs, run_dir, mode="ft", steps=6, save_every=1, keep_checkpoints=5), layout)
+    assert [p.name for p in checkpoints.complete_checkpoints(run_dir)][-1] == "step-000004"
+    assert not (run_dir / "clip").exists()
+    for checkpoint in checkpoints.complete_checkpoints(run_dir):
+        weights = load_file(str(checkpoint / "clip" / "model.safetensors"))
+        assert all(torch.isfinite(w).all() for w in weights.values()), checkpoint

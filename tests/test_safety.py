@@ -19,13 +19,15 @@ from typer.testing import CliRunner
 
 from pipeline.commands.cli import app
 from pipeline.commands.clean import clean
-from pipeline.evaluation.evaluate import eval_path
+from pipeline.evaluation.evaluate import EvalConfig, eval_path
 from pipeline.curate.filters import filter_path, find_filter
 from pipeline.data.ingest import IngestConfig, run_ingest
 from pipeline.core.paths import NAME_MAX, Layout, is_plain_name, plain_name
+from pipeline.study.plan import StudyConfig
+from pipeline.train.config import DataConfig
 
 ROOT = Path(__file__).parents[1]
-BAD_NAMES = ["..", "../x", "/etc", "a/b", "", "x" * (NAME_MAX + 1), ".hidden", "-rf", "a\\b", "a..b", "a b", "\x00"]
+BAD_NAMES = ["..", "../x", "/etc", "a/b", "", "*", "test*", "x" * (NAME_MAX + 1), ".hidden", "-rf", "a\\b", "a..b", "a b", "\x00"]
 GOOD_NAMES = ["synth", "coco", "i2t-human", "mat-synth-20261201-184147", "v1.2", "A_b", "x" * NAME_MAX]
 
 
@@ -41,6 +43,8 @@ def test_bad_names_are_refused_everywhere_a_name_becomes_a_path(name, tmp_path):
         lambda: layout.model_dir(name, "clip"), lambda: layout.run_dir(name),
         lambda: eval_path(layout, "synth", name), lambda: filter_path(layout, "synth", name),
         lambda: IngestConfig(dataset=name),
+        # splits are shard-name prefixes (SHARDS_DIR/<dataset>/base/<split>-*.tar)
+        lambda: EvalConfig(split=name), lambda: StudyConfig(eval_split=name), lambda: DataConfig(split=name),
     ]
     for build in builders:
         with pytest.raises(ValueError):
@@ -82,6 +86,11 @@ def _text(output: str) -> str:
         (["eval", "--ckpt", "somewhere"], {"EVAL_NAME": "../escape"}),
         (["augment"], {"STAGES": "eda,../base"}),
         (["stats", "--dataset", "x" * (NAME_MAX + 1)], {}),
+        (["eval", "--ckpt", "somewhere"], {"EVAL_SPLIT": "*"}),
+        (["eval", "--ckpt", "somewhere"], {"EVAL_SPLIT": "../../x/train"}),
+        (["eval", "--ckpt", "somewhere"], {"EVAL_SPLIT": "/data/x/train"}),
+        (["study"], {"EVAL_SPLIT": "*"}),
+        (["train", "--set", "data.split=../x"], {}),
     ],
 )
 def test_cli_refuses_bad_names_before_touching_anything(argv, env, tmp_path):

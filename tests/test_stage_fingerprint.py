@@ -149,3 +149,19 @@ def test_augment_cli_names_the_changed_option_and_offers_overwrite(tmp_path):
     assert redone.exit_code == 0, redone.output
     manifest = json.loads((Path(env["MANIFESTS_DIR"]) / "synth" / "i2t-human.json").read_text())
     assert manifest["config"]["settings"]["stage"]["max_variants"] == 1
+
+
+def test_a_reingest_that_changes_the_base_makes_its_stages_stale(layout, caplog):
+    stage_dir = layout.stage_dir("synth", "suffix")
+    _run(layout)
+    same = run_ingest(IngestConfig(dataset="synth", synth_size=30, shard_size=10), layout)
+    assert len(list_shards(stage_dir)) == 4 and layout.manifest_path("synth", "suffix").is_file()  # unchanged base
+    base = run_ingest(IngestConfig(dataset="synth", synth_size=30, shard_size=6), layout)
+    assert base["counts"]["written"] == same["counts"]["written"]
+    assert "stage suffix made from the old base" in caplog.text and "STAGES=suffix" in caplog.text
+    assert not layout.manifest_path("synth", "suffix").exists()
+    manifest = _run(layout)
+    base_names = [p.name for p in list_shards(layout.base_dir("synth"))]
+    assert [p.name for p in list_shards(stage_dir)] == base_names
+    assert sorted(json.loads((stage_dir / "sizes.json").read_text())) == base_names
+    assert manifest["counts"]["written"] == base["counts"]["written"]

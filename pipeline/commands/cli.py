@@ -6,6 +6,7 @@ Options also read environment variables (shown in --help), which is how `make VA
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 from pathlib import Path
@@ -19,6 +20,7 @@ from pipeline.augment.runner import AugmentConfig
 from pipeline.commands.demo import DemoConfig
 from pipeline.core.config import build_config, field_default
 from pipeline.core.executor import EXECUTORS
+from pipeline.core.lifetime import stop_on_signals
 from pipeline.core.paths import Layout, plain_name
 from pipeline.curate.export import ExportConfig
 from pipeline.curate.filters import FilterConfig
@@ -559,6 +561,7 @@ def train(
     device: Annotated[Optional[str], _opt("DEVICE", f"auto, cpu or cuda (default {_default(T, 'device')}).")] = None,
     report_to: ReportTo = None,
     wandb_mode: WandbMode = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", envvar="OVERWRITE", help="Remove the training run found in the run folder (its config.json, metrics, checkpoints, model, logs) and start afresh instead of resuming it.")] = False,
     config: ConfigFile = None,
     settings: Assignments = None,
 ) -> None:
@@ -582,7 +585,7 @@ def train(
         "data.captions": _env_or_none(captions), "data.augment": _env_or_none(train_augment),
         "data.urls": _env_or_none(train_data), "data.num_samples": train_num_samples,
     }, settings)
-    result = _run_training(run_train, cfg, layout())
+    result = _run_training(functools.partial(run_train, overwrite=overwrite), cfg, layout())
     last = result.history[-1] if result.history else {}
     typer.echo(f"run: {result.run_dir}\nmodel: {result.model_dir}\nloss: {last.get('loss', float('nan')):.4f}")
 
@@ -873,6 +876,7 @@ def eval_zeroshot_command(
 
 
 def main() -> None:
+    stop_on_signals()
     app()
 
 

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from tqdm import tqdm
 
 from pipeline.core.config import check_choice, check_non_negative, check_positive
+from pipeline.core.lifetime import die_with_parent
 from pipeline.core.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,10 @@ def safe_call(worker: Callable[[Any], TaskResult], task: Any, task_id: str) -> T
         return TaskResult(task_id, ok=False, error=f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=3)}")
 
 
-def worker_init(threads: int) -> None:
-    """Set up a worker process: its share of the cores' threads."""
+def worker_init(threads: int, parent_pid: int | None = None) -> None:
+    """Set up a worker process: it ends with its parent (`parent_pid`), and its share of the cores' threads."""
+    if parent_pid is not None:
+        die_with_parent(parent_pid)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     try:
         import torch
@@ -154,7 +157,7 @@ class ProcessPool:
 
     def _start(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(max_workers=self.processes, mp_context=get_context("spawn"),
-                                   initializer=worker_init, initargs=(self.threads,))
+                                   initializer=worker_init, initargs=(self.threads, os.getpid()))
 
     def can_submit(self) -> bool:
         return True
@@ -181,7 +184,9 @@ class ProcessPool:
             return item, TaskResult(item[0], ok=False, error=f"worker process died: {error}")
 
     def shutdown(self) -> None:
-        self.pool.shutdown(wait=True)
+        # Tasks not started are dropped (none are left after a complete run): a command stopped by SIGTERM or
+        # an error ends once the running tasks end, instead of doing all the rest first.
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def run_local(

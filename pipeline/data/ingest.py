@@ -1,4 +1,9 @@
-"""`ingest`: a source → base shards `SHARDS_DIR/<dataset>/base/<split>-NNNNNN.tar` + the base manifest."""
+"""`ingest`: a source → base shards `SHARDS_DIR/<dataset>/base/<split>-NNNNNN.tar` + the base manifest.
+
+A re-ingest that changes the base (another SHARD_SIZE, source, limit, ...) makes the stages built on it stale:
+their shards made from a base shard that is gone or different are removed, with their stage's manifest, and a
+warning names each stage to augment again (`invalidate_stages`). Stage shards of an unchanged base shard stay.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +24,8 @@ from pipeline.core.manifests import build_manifest, write_manifest
 from pipeline.core.paths import Layout, plain_name
 from pipeline.core.schema import BaseRecord
 from pipeline.core.shard_urls import expand_urls, is_local
-from pipeline.core.shards import list_shards, read_stats, sample_key, shard_is_done, shard_name, stats_path, write_stats, write_tar
+from pipeline.core.shards import (list_shards, read_stats, sample_key, shard_is_done, shard_name, stats_path, write_sizes,
+                                  write_stats, write_tar)
 from pipeline.data.sources import Record, Skip, SourceOptions, SplitFractions, detect_format, read_source
 from pipeline.core.executor import RunOptions
 
@@ -144,6 +150,30 @@ def _local_roots(data_root: Path | str | None) -> list[Path]:
     return [] if data_root is None else [data_root]
 
 
+def invalidate_stages(layout: Layout, dataset: str) -> list[str]:
+    """Remove every stage shard of `dataset` not made from the base shard of its name as it is now (a stage shard's
+    stats record the `base_sha256` it was made from), and the manifest of each stage that lost shards; return those
+    stages. Folders whose shards record no base (not a stage's) are left alone."""
+    base_dir = layout.base_dir(dataset)
+    current = {p.name: (read_stats(p) or {}).get("sha256") for p in list_shards(base_dir)}
+    stale_stages = []
+    for stage_dir in sorted(p for p in layout.dataset_shards(dataset).iterdir() if p.is_dir() and p != base_dir):
+        stale = [tar for tar in list_shards(stage_dir)
+                 if "base_sha256" in (stats := read_stats(tar) or {}) and stats["base_sha256"] != current.get(tar.name)]
+        if not stale:
+            continue
+        for tar in stale:
+            stats_path(tar).unlink(missing_ok=True)
+            tar.unlink()
+        write_sizes(stage_dir)
+        layout.manifest_path(dataset, stage_dir.name).unlink(missing_ok=True)
+        stale_stages.append(stage_dir.name)
+        log.warning("the base of %s changed: removed %d shard(s) of stage %s made from the old base and its manifest; "
+                    "run `make augment DATASET=%s STAGES=%s` to rebuild it", dataset, len(stale), stage_dir.name,
+                    dataset, stage_dir.name)
+    return stale_stages
+
+
 def run_ingest(config: IngestConfig, layout: Layout, options: RunOptions = RunOptions()) -> dict[str, Any]:
     """Read the source, write the base shards (resuming done ones), and write the base manifest."""
     # 1. Read the source's metadata (images are read in the workers).
@@ -187,7 +217,8 @@ def run_ingest(config: IngestConfig, layout: Layout, options: RunOptions = RunOp
         if not result.ok:
             result.stats["sources"] = [r.source for r in job.records]
 
-    # 4. Manifest.
+    # 4. Stages made from a base shard that changed or is gone are stale; then the manifest.
+    invalidate_stages(layout, config.dataset)
     config_record = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()}
     config_record["fmt"] = fmt
     manifest = build_manifest(config.dataset, "base", out_dir, config_record, results, extra_skipped=reader_skips)

@@ -61,7 +61,7 @@ from pipeline.evaluation.resume import PartialStore, fingerprint, model_stamp
 from pipeline.models.device import PRECISIONS, autocast, resolve_device, resolve_precision
 from pipeline.core.images import decode_rgb
 from pipeline.evaluation.itm import check_itm, itm_retrieval_metrics
-from pipeline.core.paths import Layout
+from pipeline.core.paths import Layout, plain_name
 from pipeline.core.schema import base_record
 from pipeline.core.tracking import Tracker, check_reporters
 from pipeline.evaluation.retrieval import asr_at_k, attack_success_rate, recall_at_k
@@ -123,6 +123,7 @@ class EvalConfig:
         return {k: v for k, v in options.items() if v is not None}
 
     def __post_init__(self) -> None:
+        plain_name(self.split, "split")  # a shard-name prefix: '*', '../x' or '/abs' would read other shards
         check_reporters(self.report_to, self.wandb_mode)
         unknown = [a for a in self.attacks if a not in ATTACKS]
         if unknown:

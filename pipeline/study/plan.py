@@ -72,6 +72,8 @@ class StudyConfig:
 
     def __post_init__(self) -> None:
         plain_name(self.dataset, "dataset")
+        if self.eval_split is not None:
+            plain_name(self.eval_split, "eval_split")
         check_positive(self, "seeds", "steps", "batch_size", "eval_batch", "pretrain_steps", "resamples", "workers",
                        "aug_steps", "eval_steps", "eval_top_k")
         if not self.modes:

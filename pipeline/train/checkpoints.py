@@ -2,7 +2,9 @@
 image processor: `load_clip` reads it) and `state.pt`: optimiser, scheduler, step, the data position and every
 random state a resumed run needs (CPU, CUDA when used, numpy and Python `random`), one set per rank.
 
-A checkpoint is written under a temporary name and renamed, so the newest complete one is always resumable.
+A checkpoint is written under a temporary name and renamed, so the newest complete one is always resumable. One
+whose files are unreadable all the same (a truncated or empty `state.pt` from a full disk or a copy cut short) is
+skipped with a warning, and the run resumes from the previous one (:func:`load_latest`).
 `state.pt` holds tensors and plain values only and is read with `torch.load(weights_only=True)`: a run folder
 from elsewhere (RUN_DIR, RESUME=latest) cannot run code when it is resumed.
 """
@@ -37,11 +39,14 @@ def _complete(path: Path) -> bool:
     return path.name.startswith(PREFIX) and not path.name.endswith(TMP_SUFFIX) and (path / "state.pt").exists()
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The finished checkpoints of a run, oldest first."""
     root = run_dir / "checkpoints"
-    if not root.is_dir():
-        return None
-    done = sorted(p for p in root.iterdir() if _complete(p))
+    return sorted(p for p in root.iterdir() if _complete(p)) if root.is_dir() else []
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    done = complete_checkpoints(run_dir)
     return done[-1] if done else None
 
 
@@ -110,8 +115,13 @@ def _prune(run_dir: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+class UnreadableCheckpoint(ValueError):
+    """A checkpoint file is truncated or empty."""
+
+
 def read_state(path: Path) -> dict[str, Any]:
-    """`state.pt` of a checkpoint dir, loaded with weights_only=True; ValueError if it holds anything else."""
+    """`state.pt` of a checkpoint dir, loaded with weights_only=True; ValueError if it holds anything else,
+    UnreadableCheckpoint if it is truncated or empty."""
     try:
         return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -119,6 +129,20 @@ def read_state(path: Path) -> dict[str, Any]:
             f"refusing to load {path / 'state.pt'}: it holds objects other than tensors and plain values "
             f"(weights_only=True; an older or foreign checkpoint?): {str(error).splitlines()[0]}"
         ) from error
+    except (EOFError, RuntimeError) as error:  # torch.load: EOFError when empty, RuntimeError (zip) when truncated
+        raise UnreadableCheckpoint(f"{path / 'state.pt'} is unreadable (truncated or empty): "
+                                   f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from error
+
+
+def _read_weights(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    file = path / "clip" / "model.safetensors"
+    try:
+        return load_file(str(file), device=str(device))
+    except (SafetensorError, FileNotFoundError) as error:
+        raise UnreadableCheckpoint(f"{file} is unreadable: {error}") from error
 
 
 def load_checkpoint(
@@ -129,10 +153,8 @@ def load_checkpoint(
     The returned dict holds `step` and `data` (the loader position to fast-forward to). Resuming with another
     world size restores no random state and no data position (the run cannot be the same one): a warning says so.
     """
-    from safetensors.torch import load_file
-
     state = read_state(path)
-    weights = load_file(str(path / "clip" / "model.safetensors"), device=str(clip.device))
+    weights = _read_weights(path, clip.device)
     missing, unexpected = clip.model.load_state_dict(weights, strict=False)
     if unexpected or [m for m in missing if "position_ids" not in m]:
         raise ValueError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}")
@@ -146,3 +168,23 @@ def load_checkpoint(
         state["data"] = None
     log.info("resumed from %s (step %d)", path, state["step"])
     return state
+
+
+def load_latest(
+    run_dir: Path, clip: CLIPBundle, optimizer: torch.optim.Optimizer, scheduler: Any, rank: int = 0,
+    world_size: int = 1
+) -> dict[str, Any] | None:
+    """`load_checkpoint` of the newest readable checkpoint of the run (None when it has none): a newer one whose
+    files are unreadable is skipped with a warning; ValueError when every one is unreadable."""
+    done = complete_checkpoints(run_dir)
+    unreadable = []
+    for path in reversed(done):
+        try:
+            return load_checkpoint(path, clip, optimizer, scheduler, rank, world_size)
+        except UnreadableCheckpoint as error:
+            unreadable.append(str(error))
+            log.warning("%s; falling back to the previous checkpoint", error)
+    if unreadable:
+        raise ValueError(f"no readable checkpoint in {run_dir / 'checkpoints'} ({'; '.join(unreadable)}): rerun "
+                         f"with --overwrite to start the run afresh, or give another RUN_DIR")
+    return None

@@ -20,6 +20,7 @@ from pipeline.train.registry import MODES
 from pipeline.attacks.bert_attack import BERTAttack
 from pipeline.attacks.pgd import PGD
 from pipeline.core.config import check_choice, check_non_negative, check_positive, check_range
+from pipeline.core.paths import plain_name
 from pipeline.core.tracking import check_reporters
 
 # "auto": bf16 where the hardware runs it natively, fp32 elsewhere (pipeline.models.resolve_precision).
@@ -95,6 +96,7 @@ class DataConfig:
     augment: str = "none"  # AUGMENTS
 
     def __post_init__(self) -> None:
+        plain_name(self.split, "data.split")
         check_choice("data.captions", self.captions, CAPTIONS)
         check_choice("data.augment", self.augment, AUGMENTS)
         check_non_negative(self, "num_workers", "shuffle_buffer")

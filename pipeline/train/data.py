@@ -23,7 +23,9 @@ the shorter side and centre crop); ``augment="rrc"`` replaces it by open_clip's 
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -32,6 +34,7 @@ from typing import Any
 import torch
 import webdataset as wds
 
+from pipeline.core.lifetime import die_with_parent
 from pipeline.core.images import decode_rgb, model_pixels, random_resized_crop_pixels
 from pipeline.core.schema import base_record
 from pipeline.core.seeding import derive_seed
@@ -210,7 +213,12 @@ def build_loader(pipeline: wds.DataPipeline, num_workers: int) -> torch.utils.da
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
+        worker_init_fn=functools.partial(_loader_worker_init, os.getpid()),
     )
+
+
+def _loader_worker_init(parent_pid: int, worker_id: int) -> None:
+    die_with_parent(parent_pid)
 
 
 def endless(loader: Iterable[Any]) -> Iterator[Any]:

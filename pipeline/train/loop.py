@@ -118,6 +118,23 @@ def train_step(
     return sums
 
 
+class NonFiniteLoss(ValueError):
+    """The loss or the gradients became NaN or infinite: training stops before the optimiser steps."""
+
+
+def _check_finite(step: int, row: dict[str, float], grad_norm: float | None) -> None:
+    """Stop (every rank alike: the loss is averaged over ranks) before a non-finite step reaches the weights, so
+    no checkpoint or final model is ever written from them."""
+    loss = float(all_reduce_mean(torch.tensor(row["loss"])))
+    if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
+        return
+    terms = ", ".join(f"{k}={v:.4g}" for k, v in row.items() if not k.endswith("_s") and k != "loss")
+    raise NonFiniteLoss(
+        f"step {step}: the loss became non-finite (loss={loss}, gradient norm={grad_norm}; {terms}): training "
+        f"stopped, its checkpoints (all from finite steps) are kept. Lower the learning rate (LR) or use "
+        f"PRECISION=fp32 and start afresh (--overwrite, or another RUN_DIR)")
+
+
 def fit(
     net: nn.Module,
     mode: Mode,
@@ -147,8 +164,8 @@ def fit(
         window_data += time.perf_counter() - fetch
         optimizer.zero_grad(set_to_none=True)
         row = train_step(net, mode, micro, bf16, env.device)
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip)) if grad_clip > 0 else None
+        _check_finite(step + 1, row, grad_norm)
         optimizer.step()
         clamp_logit_scale(net)
         scheduler.step()

@@ -4,12 +4,20 @@ Run folder RUNS_DIR/<mode>-<dataset>-<YYYYmmdd-HHMMSS>/: config.json (the TrainC
 with paths, world size and precision under "resolved"; `train --config <it>` replays it), metrics.csv, tensorboard/,
 checkpoints/step-NNNNNN/{clip/, state.pt}, and clip/ (the final model, an HF dir for `load_clip`).
 Launch with `torchrun --nproc-per-node N -m pipeline train ...` for DDP (gloo on CPU, nccl on GPU).
+
+A run folder holds one run: resuming it with other settings stops before anything is written, naming each
+difference (`--overwrite` removes the run's files and starts afresh; another RUN_DIR keeps both). Only what
+does not change what is computed may differ on resume (RESUMABLE_CHANGES: where and how fast it runs, how often
+it logs and saves), and `steps`, which may grow: the cosine schedule then decays to the new total from the
+resumed step on. config.json is rewritten only once the settings are accepted, so it always describes the run.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +35,8 @@ from pipeline.models.hf import CLIPBundle, MLMBundle, load_mlm
 from pipeline.models.loading import load_model
 from pipeline.core.paths import Layout, plain_name
 from pipeline.core.shard_urls import check_stage_urls, dataset_size, expand_urls
-from pipeline.core.config import save_config, to_dict
+from pipeline.augment.stage import settings_differences
+from pipeline.core.config import RESOLVED_KEY, from_dict, save_config, to_dict
 from pipeline.train import checkpoints, data
 from pipeline.train.config import TrainConfig, resolve_stages
 from pipeline.train.distributed import DistEnv, barrier, init_distributed
@@ -64,6 +73,68 @@ def setup_run_dir(cfg: TrainConfig, layout: Layout, env: DistEnv) -> Path:
     if env.distributed:
         dist.broadcast_object_list(name, src=0)
     return layout.run_dir(name[0])
+
+
+# Settings that may differ between a run and its resumption (dotted names; `steps` is checked on its own).
+RESUMABLE_CHANGES = ("steps", "log_every", "save_every", "keep_checkpoints", "resume", "run_dir", "device",
+                     "report_to", "wandb_mode", "data.num_workers", "data.num_samples")
+# What a training run writes in its folder: all that --overwrite removes.
+RUN_FILES = ("config.json", "metrics.csv", "checkpoints", "clip", "tensorboard", "wandb")
+
+
+def resume_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The settings a resumed run must share with the run it continues."""
+    settings = to_dict(cfg)
+    for name in RESUMABLE_CHANGES:
+        *parents, last = name.split(".")
+        group = settings
+        for parent in parents:
+            group = group[parent]
+        group.pop(last, None)
+    return settings
+
+
+def _saved_config(path: Path) -> TrainConfig | None:
+    if not path.is_file():
+        return None
+    try:
+        payload = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}): rerun with --overwrite to start the run afresh, "
+                         f"or give another RUN_DIR") from error
+    payload.pop(RESOLVED_KEY, None)
+    return from_dict(TrainConfig, payload, where=str(path))
+
+
+def check_resume(cfg: TrainConfig, run_dir: Path) -> None:
+    """ValueError, naming each difference, when `run_dir` holds a run that `cfg` may not continue."""
+    saved = _saved_config(run_dir / "config.json")
+    latest = checkpoints.latest_checkpoint(run_dir)
+    if saved is None and latest is None:
+        return
+    how = "Rerun with --overwrite to remove that run and start afresh, or give another RUN_DIR to keep both."
+    if cfg.resume == "never":
+        raise ValueError(f"{run_dir} holds a training run and resume=never starts afresh. {how}")
+    differences = settings_differences(resume_settings(saved) if saved else None, resume_settings(cfg))
+    if differences:
+        raise ValueError(f"{run_dir} holds a run with other settings ({'; '.join(differences)}). {how}")
+    done = int(latest.name.removeprefix(checkpoints.PREFIX)) if latest else 0
+    if cfg.steps < done:
+        raise ValueError(f"steps={cfg.steps}: {run_dir} has already trained {done} steps (steps may only grow on "
+                         f"resume). {how}")
+
+
+def remove_run(run_dir: Path) -> None:
+    """Remove what a training run wrote in `run_dir` (RUN_FILES), and nothing else."""
+    for name in RUN_FILES:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        log.info("--overwrite: removed %s", path)
 
 
 def load_models(cfg: TrainConfig, layout: Layout, env: DistEnv) -> tuple[CLIPBundle, MLMBundle | None]:
@@ -121,7 +192,8 @@ def build_batches(cfg: TrainConfig, layout: Layout, image_size: int, seed: int, 
     return batches
 
 
-def train(cfg: TrainConfig, layout: Layout | None = None) -> RunResult:
+def train(cfg: TrainConfig, layout: Layout | None = None, overwrite: bool = False) -> RunResult:
+    """Train, or resume the run in the run dir (same settings); `overwrite` first removes a run found there."""
     # 1. Resolve (the config validated itself when built).
     cfg = resolve_stages(cfg)
     layout = layout or Layout.from_env()
@@ -129,10 +201,16 @@ def train(cfg: TrainConfig, layout: Layout | None = None) -> RunResult:
     seed_everything(cfg.seed, env.rank)
     precision = resolve_precision(cfg.precision, env.device)
     run_dir = setup_run_dir(cfg, layout, env)
+    if not overwrite:
+        check_resume(cfg, run_dir)
+    barrier()  # every rank has read the old config.json before rank 0 replaces it
     if env.is_main:
+        if overwrite:
+            remove_run(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.json", resolved={"paths": {k: str(v) for k, v in vars(layout).items()},
                                                             "world_size": env.world_size, "precision_resolved": precision})
+    barrier()  # the old run is gone (overwrite) before any rank looks for its checkpoints
     # 2. Model, mode (it freezes what it does not train), DDP.
     clip, mlm = load_models(cfg, layout, env)
     mode = build_mode(cfg, clip, mlm)
@@ -145,9 +223,8 @@ def train(cfg: TrainConfig, layout: Layout | None = None) -> RunResult:
     optimizer = torch.optim.AdamW(param_groups(clip.model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     scheduler = cosine_with_warmup(optimizer, o.warmup, cfg.steps, o.min_lr_ratio)
     start_step, data_state = 0, {"seed": cfg.seed, "batches": 0}
-    latest = checkpoints.latest_checkpoint(run_dir) if cfg.resume != "never" else None
-    if latest is not None:
-        state = checkpoints.load_checkpoint(latest, clip, optimizer, scheduler, env.rank, env.world_size)
+    state = checkpoints.load_latest(run_dir, clip, optimizer, scheduler, env.rank, env.world_size)
+    if state is not None:
         start_step = int(state["step"])
         # Same world size: continue the same stream where it stopped; otherwise a fresh stream for the new ranks.
         data_state = state["data"] or {"seed": cfg.seed + start_step, "batches": 0}
