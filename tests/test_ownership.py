@@ -1,0 +1,73 @@
+"""The pipeline overwrites and deletes only files it can prove it wrote (pipeline/core/ledger.py): temporary files
+are created exclusively and never through a planted link; a link or a foreign file at a target is refused;
+`make export` writes only into a new, empty or earlier export folder; `make clean` removes only recorded entries.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.core import ledger
+from pipeline.core.fileio import atomic_write_json, atomic_write_text
+from pipeline.core.ledger import LEDGER, ForeignFileError
+from pipeline.core.paths import Layout
+from pipeline.core.shards import list_shards
+from pipeline.data.ingest import IngestConfig, run_ingest
+
+
+def _layout(root: Path) -> Layout:
+    return Layout(root / "shards", root / "manifests", root / "runs", root / "models")
+
+
+def _ingest(layout: Layout, dataset: str = "synth") -> None:
+    run_ingest(IngestConfig(dataset=dataset, synth_size=12, shard_size=5, fmt="synth"), layout)
+
+
+# ---------------------------------------------------------------- writes follow no planted link
+
+def test_ingest_writes_through_no_planted_temporary_link(tmp_path):
+    layout = _layout(tmp_path)
+    victim = tmp_path / "elsewhere.txt"
+    victim.write_text("precious")
+    base = layout.base_dir("synth")
+    base.mkdir(parents=True)
+    (base / "train-000000.tar.tmp").symlink_to(victim)  # the old fixed temporary names
+    manifests = layout.dataset_manifests("synth")
+    manifests.mkdir(parents=True)
+    (manifests / "base.json.tmp").symlink_to(victim)
+    _ingest(layout)
+    assert victim.read_text() == "precious"
+    tar = base / "train-000000.tar"
+    assert tar.is_file() and not tar.is_symlink() and (manifests / "base.json").is_file()
+    assert not (manifests / "base.json").is_symlink()
+    assert not [p for p in base.iterdir() if ledger.is_own_temp(p)]  # no temporary file left behind
+
+
+def test_a_link_or_a_foreign_file_at_the_target_is_refused(tmp_path):
+    victim = tmp_path / "elsewhere.json"
+    victim.write_text("precious")
+    folder = tmp_path / "out"
+    atomic_write_json(folder / "mine.json", {"a": 1})
+    atomic_write_json(folder / "mine.json", {"a": 2})  # our own file: replaced
+    assert json.loads((folder / "mine.json").read_text()) == {"a": 2}
+    (folder / "linked.json").symlink_to(victim)
+    (folder / "theirs.json").write_text("user's")
+    for name in ("linked.json", "theirs.json"):
+        with pytest.raises(ForeignFileError, match=f"refusing to overwrite {folder / name}.*move it away"):
+            atomic_write_json(folder / name, {"a": 3})
+    assert victim.read_text() == "precious" and (folder / "theirs.json").read_text() == "user's"
+    assert (folder / "linked.json").is_symlink()
+    assert sorted(p.name for p in folder.iterdir()) == [LEDGER, "linked.json", "mine.json", "theirs.json"]
+
+
+def test_the_ledger_is_no_planted_link_either(tmp_path):
+    victim = tmp_path / "elsewhere.txt"
+    victim.write_text("precious")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / LEDGER).symlink_to(victim)
+    with pytest.raises(ForeignFileError, match="cannot write the ledger"):
+        atomic_write_text(tmp_path / "out" / "a.txt", "x")
+    assert victim.read_text() == "precious"
