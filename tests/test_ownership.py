@@ -71,3 +71,44 @@ def test_the_ledger_is_no_planted_link_either(tmp_path):
     with pytest.raises(ForeignFileError, match="cannot write the ledger"):
         atomic_write_text(tmp_path / "out" / "a.txt", "x")
     assert victim.read_text() == "precious"
+
+
+# ---------------------------------------------------------------- export writes only into a folder of its own
+
+def test_export_refuses_a_folder_of_the_users_and_deletes_nothing_there(tmp_path):
+    from pipeline.curate.export import ExportConfig, run_export
+
+    layout = _layout(tmp_path)
+    _ingest(layout)
+    theirs = tmp_path / "mine"
+    theirs.mkdir()
+    (theirs / "family-photos.tar").write_bytes(b"photos")
+    (theirs / "sizes.json").write_text('{"mine": 1}')
+    with pytest.raises(ForeignFileError, match=r"refusing to export into .*mine: it holds family-photos.tar and 1 more"):
+        run_export(ExportConfig(dataset="synth", stages=(), out=theirs), layout)
+    assert sorted(p.name for p in theirs.iterdir()) == ["family-photos.tar", "sizes.json"]
+    assert (theirs / "sizes.json").read_text() == '{"mine": 1}'
+
+    empty = tmp_path / "empty"  # an empty folder of the user's is fine, and so is the export's own on a rerun
+    empty.mkdir()
+    first = run_export(ExportConfig(dataset="synth", stages=(), out=empty, shard_size=4), layout)
+    again = run_export(ExportConfig(dataset="synth", stages=(), out=empty, shard_size=5), layout)
+    assert first["counts"]["pairs"] == again["counts"]["pairs"] == 12
+    assert [p.name for p in list_shards(empty)] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+
+
+def test_export_into_the_base_shards_is_refused_and_they_stay(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from pipeline.commands.cli import app
+
+    layout = _layout(tmp_path)
+    _ingest(layout)
+    base = layout.base_dir("synth")
+    before = {p.name: p.read_bytes() for p in base.iterdir()}
+    for name, value in (("SHARDS_DIR", layout.shards_dir), ("MANIFESTS_DIR", layout.manifests_dir),
+                        ("EXPORT_DIR", base), ("STAGES", "base")):
+        monkeypatch.setenv(name, str(value))
+    result = CliRunner().invoke(app, ["export", "--dataset", "synth"])
+    assert result.exit_code == 2 and f"refusing to export into {base}" in result.output
+    assert {p.name: p.read_bytes() for p in base.iterdir()} == before

@@ -171,7 +171,7 @@ def own_tree(directory: Path, fresh: bool = False) -> Path:
         shutil.rmtree(directory)
     if not is_recorded(directory):
         record(directory, tree=True)
-    make_dirs(directory)
+    directory.mkdir(exist_ok=True)  # no ledger inside: the whole tree is recorded in its parent's
     return directory
 
 
