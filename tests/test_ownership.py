@@ -112,3 +112,30 @@ def test_export_into_the_base_shards_is_refused_and_they_stay(tmp_path, monkeypa
     result = CliRunner().invoke(app, ["export", "--dataset", "synth"])
     assert result.exit_code == 2 and f"refusing to export into {base}" in result.output
     assert {p.name: p.read_bytes() for p in base.iterdir()} == before
+
+
+# ---------------------------------------------------------------- clean removes what the ledgers record, only that
+
+def test_clean_in_a_mixed_folder_removes_the_pipelines_files_and_no_one_elses(tmp_path):
+    from pipeline.commands.clean import clean
+
+    root = tmp_path / "project"
+    layout = Layout(root, root, root, root)  # every folder pointed at one directory of the user's
+    theirs = {"webapp/package.json": "{}", "hf-model/config.json": '{"dataset": "synth"}',
+              "hf-model/checkpoints/ckpt.bin": "weights", "hf-model/tensorboard/events.out": "events",
+              "x/clip/model.bin": "weights", "synth/notes.json": "{}", "synth/base.json.tmp": "a user's",
+              "hf-model/.config.json.abcd1234.tmp": "ours by its name, but no ledger claims this folder"}
+    for name, text in theirs.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    _ingest(layout)
+    leftover = ledger.temp_path(layout.base_dir("synth") / "train-000001.tar")  # a write killed mid-way
+    assert (root / "synth" / "base.json").is_file() and list_shards(layout.base_dir("synth"))
+
+    one = clean(layout, "synth")
+    assert {name: (root / name).read_text() for name in theirs} == theirs
+    assert not layout.base_dir("synth").exists() and not (root / "synth" / "base.json").exists()
+    assert leftover in one.removed
+    everything = clean(layout)
+    assert {name: (root / name).read_text() for name in theirs} == theirs
+    assert everything.removed == [] and root / "synth" / "notes.json" in one.kept

@@ -45,6 +45,7 @@ from transformers import __version__ as TRANSFORMERS_VERSION
 
 from pipeline.models.errors import ModelNotFoundError
 from pipeline.models.base import ImageTextModel
+from pipeline.core.ledger import own_tree
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +183,7 @@ class CLIPBundle(ImageTextModel):
                                   image_mean=list(self.mean), image_std=list(self.std))
 
     def save(self, directory: str | Path) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = own_tree(Path(directory))  # refuses a folder of someone else's
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         self.image_processor().save_pretrained(directory)
@@ -206,8 +206,7 @@ class MLMBundle:
         return self
 
     def save(self, directory: str | Path) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = own_tree(Path(directory))  # refuses a folder of someone else's
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         return directory

@@ -33,6 +33,7 @@ from pipeline.train.config import TrainConfig, resolve_stages
 from pipeline.train.distributed import DistEnv, barrier, init_distributed
 from pipeline.train.loop import LoopHooks, MetricsLog, cosine_with_warmup, fit, param_groups
 from pipeline.train.modes import MODES, DualEncoder, build_mode
+from pipeline.core.ledger import make_dirs
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ def train(cfg: TrainConfig, layout: Layout | None = None) -> RunResult:
     precision = resolve_precision(cfg.precision, env.device)
     run_dir = setup_run_dir(cfg, layout, env)
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(run_dir)
         save_config(cfg, run_dir / "config.json", resolved={"paths": {k: str(v) for k, v in vars(layout).items()},
                                                             "world_size": env.world_size, "precision_resolved": precision})
     # 2. Model, mode (it freezes what it does not train), DDP.
