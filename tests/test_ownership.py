@@ -139,3 +139,12 @@ def test_clean_in_a_mixed_folder_removes_the_pipelines_files_and_no_one_elses(tm
     everything = clean(layout)
     assert {name: (root / name).read_text() for name in theirs} == theirs
     assert everything.removed == [] and root / "synth" / "notes.json" in one.kept
+
+
+def test_a_rerun_removes_the_temporary_file_a_killed_write_left(tmp_path):
+    layout = _layout(tmp_path)
+    _ingest(layout)
+    left = ledger.temp_path(layout.base_dir("synth") / "train-000001.tar")  # as a SIGKILL mid-write leaves it
+    left.write_bytes(b"half a tar")
+    _ingest(layout)
+    assert not left.exists() and not [p for p in layout.base_dir("synth").iterdir() if p.name.endswith(".tmp")]

@@ -31,7 +31,7 @@ from PIL import Image
 
 from pipeline.core.executor import RunOptions, TaskResult, get_executor
 from pipeline.core.images import decode_rgb
-from pipeline.core.ledger import make_dirs, remove_own
+from pipeline.core.ledger import make_dirs, remove_own, remove_own_temps
 from pipeline.core.manifests import build_manifest, write_manifest
 from pipeline.core.paths import Layout
 from pipeline.core.schema import StageRecord, VariantRecord, base_record
@@ -305,6 +305,7 @@ def run_stage(
     base_of = {base.name: base for base in bases}
     out_dir = layout.stage_dir(context.dataset, stage_cls.name)
     make_dirs(out_dir)
+    remove_own_temps(out_dir)  # left by a killed run
 
     # 2. Plan: one job per base shard, skipping shards already done with these settings (unless overwriting).
     settings = stage_settings(config, context, scorer)

@@ -56,9 +56,7 @@ def _clean_folder(folder: Path, report: CleanReport) -> None:
     for name in sorted(ledger.read(folder).written):
         if ledger.is_recorded(folder / name) and ledger.remove_own(folder / name):
             report.removed.append(folder / name)
-    for tmp in ledger.own_temps(folder) if has_ledger else []:
-        tmp.unlink()
-        report.removed.append(tmp)
+    report.removed += ledger.remove_own_temps(folder)
     for sub in _subdirs(folder):
         _clean_folder(sub, report)
     if not ledger.remove_if_emptied(folder) and has_ledger:

@@ -210,6 +210,18 @@ def own_temps(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if is_own_temp(p)) if folder.is_dir() else []
 
 
+def remove_own_temps(folder: Path) -> list[Path]:
+    """Remove the temporary files (and checkpoint folders) killed writes left in a folder the pipeline wrote
+    into; return them. Resumable commands call it as they start."""
+    removed = own_temps(folder) if (folder / LEDGER).is_file() else []
+    for tmp in removed:
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp)
+        else:
+            tmp.unlink()
+    return removed
+
+
 def remove_if_emptied(folder: Path) -> bool:
     """Remove a folder the pipeline created once only its ledger is left in it; True if removed."""
     if folder.is_symlink() or not folder.is_dir() or not read(folder).created:

@@ -156,8 +156,7 @@ def _remove_export_files(out: Path) -> None:
     """An interrupted or outdated export's files, every one recorded in the folder's ledger."""
     for name in sorted(ledger.read(out).written):
         ledger.remove_own(out / name)
-    for tmp in ledger.own_temps(out):
-        tmp.unlink()
+    ledger.remove_own_temps(out)
 
 
 def run_export(config: ExportConfig, layout: Layout) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from pipeline.core.executor import TaskResult, get_executor
 from pipeline.core.images import DEFAULT_MAX_PIXELS, ImageError, prepare_image
 from pipeline.core.manifests import build_manifest, write_manifest
 from pipeline.core.paths import Layout, plain_name
-from pipeline.core.ledger import make_dirs, remove_own
+from pipeline.core.ledger import make_dirs, remove_own, remove_own_temps
 from pipeline.core.schema import BaseRecord
 from pipeline.core.shard_urls import expand_urls, is_local
 from pipeline.core.shards import list_shards, read_stats, sample_key, shard_is_done, shard_name, stats_path, write_stats, write_tar
@@ -168,6 +168,7 @@ def run_ingest(config: IngestConfig, layout: Layout, options: RunOptions = RunOp
 
     # 2. Plan shards; keep those already done with the same plan, remove shards no longer in the plan.
     make_dirs(out_dir)
+    remove_own_temps(out_dir)  # left by a killed run
     jobs = plan_shards(records, out_dir, config)
     planned = {job.out_tar.name for job in jobs}
     for stale in list_shards(out_dir):

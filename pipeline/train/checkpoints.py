@@ -114,8 +114,7 @@ def _prune(run_dir: Path, keep: int) -> None:
     for old in [p for p in done if _complete(p)][:-keep]:
         if ledger.is_recorded(old):  # one of an earlier version, unrecorded, stays
             ledger.remove_own(old)
-    for tmp in ledger.own_temps(run_dir / "checkpoints"):  # left by a killed write
-        shutil.rmtree(tmp, ignore_errors=True)
+    ledger.remove_own_temps(run_dir / "checkpoints")  # left by a killed write
 
 
 def read_state(path: Path) -> dict[str, Any]:
