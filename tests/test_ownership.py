@@ -148,3 +148,26 @@ def test_a_rerun_removes_the_temporary_file_a_killed_write_left(tmp_path):
     left.write_bytes(b"half a tar")
     _ingest(layout)
     assert not left.exists() and not [p for p in layout.base_dir("synth").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_ledger_entry_names_nothing_outside_its_folder(tmp_path):
+    from pipeline.commands.clean import clean
+
+    layout = _layout(tmp_path)
+    victim = layout.shards_dir / "victim.txt"
+    atomic_write_text(layout.dataset_shards("synth") / "sizes.json", "{}")  # SHARDS_DIR/synth/: the pipeline's
+    victim.write_text("precious")  # beside it, the user's, which a planted entry tries to reach
+    with open(layout.dataset_shards("synth") / LEDGER, "a") as handle:
+        handle.write('{"wrote": "../victim.txt", "tree": true}\n{"wrote": ".."}\n')
+    clean(layout, "synth")
+    assert victim.read_text() == "precious" and not layout.dataset_shards("synth").exists()
+
+
+def test_the_ledger_is_no_hard_link_to_someone_elses_file(tmp_path):
+    victim = tmp_path / "elsewhere.txt"
+    victim.write_text("precious")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / LEDGER).hardlink_to(victim)
+    with pytest.raises(ForeignFileError, match="not a plain file of its own"):
+        atomic_write_text(tmp_path / "out" / "a.txt", "x")
+    assert victim.read_text() == "precious"

@@ -32,6 +32,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 LEDGER = ".mat-pipeline"
@@ -57,6 +58,9 @@ class _State:
         self.written: dict[str, dict[str, Any]] = {}
 
     def apply(self, entry: dict[str, Any]) -> None:
+        for key in ("wrote", "removed"):  # one name inside this folder, never a path out of it
+            if key in entry and not _is_entry_name(entry[key]):
+                return
         if entry.get("created"):
             self.created = True
         if "claim" in entry:
@@ -70,23 +74,28 @@ class _State:
 _cache: dict[str, _State] = {}
 
 
+def _is_entry_name(name: object) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..", LEDGER) and "/" not in name and "\0" not in name
+
+
 def read(folder: Path) -> _State:
     """The folder's ledger as it stands (an empty state when it has none); only new lines are parsed again."""
     path = folder / LEDGER
-    try:
-        with open(path, "rb") as handle:  # an O_NOFOLLOW-less read is harmless: a link here is refused on write
-            if path.is_symlink():
-                return _State()
-            state = _cache.get(str(path))
-            stat = os.fstat(handle.fileno())
-            if state is None or stat.st_ino != state.inode or stat.st_size < state.offset:
-                state = _State()
-                state.inode = stat.st_ino
-            handle.seek(state.offset)
-            data = handle.read()
-    except (FileNotFoundError, NotADirectoryError):
+    try:  # not through a link, and not blocking on a FIFO planted under the name
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
         _cache.pop(str(path), None)
         return _State()
+    with os.fdopen(fd, "rb") as handle:
+        stat = os.fstat(fd)
+        if not S_ISREG(stat.st_mode):
+            return _State()
+        state = _cache.get(str(path))
+        if state is None or stat.st_ino != state.inode or stat.st_size < state.offset:
+            state = _State()
+            state.inode = stat.st_ino
+        handle.seek(state.offset)
+        data = handle.read()
     end = data.rfind(b"\n") + 1  # a line still being appended is read next time
     for line in data[:end].splitlines():
         try:
@@ -100,11 +109,19 @@ def read(folder: Path) -> _State:
 
 def _append(folder: Path, entry: dict[str, Any]) -> None:
     line = (json.dumps(entry, sort_keys=True) + "\n").encode()
+    problem = None
     try:
-        fd = os.open(folder / LEDGER, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        fd = os.open(folder / LEDGER, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
     except OSError as error:
-        raise ForeignFileError(f"cannot write the ledger {folder / LEDGER} ({error.strerror}): "
-                               "remove whatever is there under that name and run again") from error
+        problem = error.strerror
+    else:
+        stat = os.fstat(fd)
+        if not S_ISREG(stat.st_mode) or stat.st_nlink != 1:  # a FIFO, or a hard link to someone's file
+            os.close(fd)
+            problem = "not a plain file of its own"
+    if problem:
+        raise ForeignFileError(f"cannot write the ledger {folder / LEDGER} ({problem}): "
+                               "remove whatever is there under that name and run again")
     try:
         os.write(fd, line)
     finally:
