@@ -2,11 +2,11 @@
 
 Every folder the pipeline writes into holds a ledger, `.mat-pipeline`: JSON lines, each appended with one
 `write` on a descriptor opened with O_APPEND (parallel workers do not interleave) and O_NOFOLLOW (a planted link
-is refused). The lines:
+is refused, and so is a FIFO or a hard link under the name). The lines:
 
 - `{"created": true}`: the pipeline created the folder (`make_dirs`), so it may remove it once nothing else is in it;
 - `{"claim": "<owner>"}`: a command took the folder as its own (`make export` takes only a new or empty folder);
-- `{"wrote": "<name>", ...}`: a file (with its size and sha256 when the writer had the bytes at hand) or, with
+- `{"wrote": "<name>", ...}`: a file (with its size, and its sha256 when small) or, with
   `"tree": true`, a whole folder written by another library (a model's `save_pretrained`, TensorBoard, a checkpoint);
 - `{"removed": "<name>"}`: the pipeline removed it.
 
@@ -16,12 +16,13 @@ The rules every writer and remover follows:
   (and not removed since). Its content is not compared: a shard damaged on disk is still ours to redo (the stats
   files' digests tell that). Anything else raises ForeignFileError naming the file and how to proceed.
 - Temporary files are created exclusively (`tempfile.mkstemp`: O_EXCL, so never through a planted link) beside
-  their target as `.<name>.<random>.tmp` (`is_own_temp` recognises the pattern); the rename onto the target
-  happens only after the check above.
+  their target as `.<name>.<random>.tmp`; the rename onto the target happens only after the check above. The
+  ones a killed write leaves are removed by the resumable commands as they start and by `make clean`
+  (`remove_own_temps`: files of that pattern, in folders holding a ledger).
 
 Outputs of versions before the ledger have none: the pipeline neither overwrites nor deletes them, and says so.
 To go on, move or remove such a folder yourself (`rm -r <folder>`) and run the command again; `make clean`
-lists them as kept.
+leaves them.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ class ForeignFileError(ValueError):
 
 
 def foreign(path: Path, action: str, advice: str = "move it away (or remove it) yourself and run again") -> ForeignFileError:
-    what = "a symbolic link" if path.is_symlink() else "not recorded as written by the pipeline"
-    return ForeignFileError(f"refusing to {action} {path}: it is {what} (no entry in {path.parent / LEDGER}); {advice}")
+    what = "a symbolic link" if path.is_symlink() else f"not recorded as written by the pipeline in {path.parent / LEDGER}"
+    return ForeignFileError(f"refusing to {action} {path}: it is {what}; {advice}")
 
 
 class _State:
@@ -175,17 +176,15 @@ def claim_file(path: Path) -> None:
         record(path)
 
 
-def own_tree(directory: Path, fresh: bool = False) -> Path:
+def own_tree(directory: Path) -> Path:
     """A folder another library writes into (a model, TensorBoard): absent, empty or already ours, else
-    ForeignFileError; recorded as the pipeline's. `fresh`: emptied first (what a model's save needs)."""
+    ForeignFileError; recorded as the pipeline's."""
     if directory.is_symlink() or (directory.exists() and not directory.is_dir()):
         raise foreign(directory, "write into")
     if directory.is_dir() and not is_recorded(directory):
         if any(directory.iterdir()):
             raise foreign(directory, "write into", "choose another folder, or move this one away and run again")
     make_dirs(directory.parent)
-    if fresh and directory.is_dir():
-        shutil.rmtree(directory)
     if not is_recorded(directory):
         record(directory, tree=True)
     directory.mkdir(exist_ok=True)  # no ledger inside: the whole tree is recorded in its parent's
@@ -216,11 +215,9 @@ def temp_path(target: Path, directory: bool = False) -> Path:
     return Path(name)
 
 
-def is_own_temp(path: Path, target_name: str | None = None) -> bool:
-    """True for a temporary file the pipeline left (a killed write), optionally of one target name."""
-    if not _OWN_TEMP.fullmatch(path.name):
-        return False
-    return target_name is None or path.name.startswith(f".{target_name}.")
+def is_own_temp(path: Path) -> bool:
+    """True for a name `temp_path` gives: a temporary file the pipeline left (a killed write)."""
+    return _OWN_TEMP.fullmatch(path.name) is not None
 
 
 def own_temps(folder: Path) -> list[Path]:
