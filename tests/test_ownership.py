@@ -171,3 +171,30 @@ def test_the_ledger_is_no_hard_link_to_someone_elses_file(tmp_path):
     with pytest.raises(ForeignFileError, match="not a plain file of its own"):
         atomic_write_text(tmp_path / "out" / "a.txt", "x")
     assert victim.read_text() == "precious"
+
+
+def test_a_checkpoint_is_written_through_no_planted_link_and_replaces_no_foreign_folder(tmp_path, tiny_clip):
+    import torch
+
+    from pipeline.train import checkpoints
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "step-000002.tmp").symlink_to(elsewhere)  # the old fixed temporary name
+    optimizer = torch.optim.SGD(tiny_clip.model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    def save(step: int) -> Path:
+        return checkpoints.save_checkpoint(run, step, tiny_clip, optimizer, scheduler, keep=1,
+                                           rng=[checkpoints.rng_state()], data_state={})
+
+    assert save(2) == checkpoints.latest_checkpoint(run) and not any(elsewhere.iterdir())
+    assert not (run / "checkpoints" / "step-000002").is_symlink()
+    theirs = run / "checkpoints" / "step-000004"  # a folder of the user's under a checkpoint's name
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    with pytest.raises(ForeignFileError, match="step-000004"):
+        save(4)
+    assert (theirs / "notes.txt").read_text() == "mine" and (run / "checkpoints" / "step-000002").is_dir()
