@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from pipeline.commands import bench
 from pipeline.commands.cli import app
+from pipeline.core.fileio import atomic_write_json
 from pipeline.core.provenance import PROVENANCE_KEY
 
 MARKER = "executed-from-cwd"
@@ -60,7 +61,7 @@ def test_bench_runs_the_package_benchmarks_not_those_of_the_current_directory(pa
 
 def test_bench_selects_by_name_and_updates_the_file(package_dir, tmp_path):
     output = tmp_path / "bench.json"
-    output.write_text(json.dumps({"earlier": 9.0, "other_figure": 0.0}))
+    atomic_write_json(output, {"earlier": 9.0, "other_figure": 0.0})  # an earlier run's (the pipeline's) file
     assert _figures(bench.run_benchmarks(output, "gpu,other")) == {"earlier": 9.0, "other_figure": 2.0, "gpu_figure": 3.0}
     assert json.loads(output.read_text())["gpu_figure"] == 3.0
     assert _figures(bench.run_benchmarks(output)) == {"fake_figure": 1.5, "other_figure": 2.0}  # a full run starts afresh

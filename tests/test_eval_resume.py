@@ -216,11 +216,13 @@ def test_clean_removes_interrupted_evaluations(tmp_path):
 
     layout = Layout(shards_dir=tmp_path / "shards", manifests_dir=tmp_path / "manifests", runs_dir=tmp_path / "runs",
                     models_dir=tmp_path / "models")
+    from pipeline.core import ledger
+    from pipeline.core.fileio import atomic_write_json
+
     partial = eval_path(layout, "synth", "x").parent / "partial"
-    partial.mkdir(parents=True)
-    written = [partial / "x.0123456789abcdef.pgd.b000000.json", partial / "x.0123456789abcdef.pgd.done.json.tmp",
-               eval_path(layout, "synth", "y")]
+    written = [partial / "x.0123456789abcdef.pgd.b000000.json", eval_path(layout, "synth", "y")]
     for path in written:
-        path.write_text("{}")
+        atomic_write_json(path, {})
+    written.append(ledger.temp_path(partial / "x.0123456789abcdef.pgd.done.json"))  # left by a killed write
     clean(layout, "synth")
     assert not any(path.exists() for path in written) and not partial.parent.exists()

@@ -10,6 +10,7 @@ import webdataset as wds
 
 from pipeline.curate import export
 from pipeline.curate.export import ExportConfig, run_export
+from pipeline.core import ledger
 from pipeline.core.paths import Layout
 from pipeline.core.shards import list_shards, read_tar, write_stats, write_tar
 from pipeline.core.fileio import sha256_file
@@ -85,7 +86,7 @@ def test_an_interrupted_export_is_detected_and_redone(layout, monkeypatch):
 
     def dying_write_tar(path, samples):
         if len(written) == 2:
-            Path(f"{path}.tmp").write_bytes(b"half a tar")
+            ledger.temp_path(path).write_bytes(b"half a tar")  # what a write killed mid-way leaves
             raise KeyboardInterrupt("killed")
         written.append(path)
         return real_write_tar(path, samples)

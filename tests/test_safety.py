@@ -22,6 +22,8 @@ from pipeline.commands.clean import clean
 from pipeline.evaluation.evaluate import EvalConfig, eval_path
 from pipeline.curate.filters import filter_path, find_filter
 from pipeline.data.ingest import IngestConfig, run_ingest
+from pipeline.core import ledger
+from pipeline.core.fileio import atomic_write_text
 from pipeline.core.paths import NAME_MAX, Layout, is_plain_name, plain_name
 from pipeline.study.plan import StudyConfig
 from pipeline.train.config import DataConfig
@@ -107,15 +109,13 @@ def _scratch_outputs(cwd: Path) -> None:
     layout = Layout(cwd / "shards", cwd / "manifests", cwd / "runs", cwd / "models")
     for dataset in ("synth", "other"):
         run_ingest(IngestConfig(dataset=dataset, synth_size=12, shard_size=5, fmt="synth"), layout)
-        for kind in ("clip", "mlm"):
-            (layout.model_dir(dataset, kind)).mkdir(parents=True)
-            (layout.model_dir(dataset, kind) / "config.json").write_text("{}")
+        for kind in ("clip", "mlm"):  # as a model's save writes them (recorded in the ledger)
+            (ledger.own_tree(layout.model_dir(dataset, kind)) / "config.json").write_text("{}")
         run = layout.run_dir(f"ft-{dataset}-20260101-000000")
-        (run / "checkpoints" / "step-000002").mkdir(parents=True)
-        (run / "config.json").write_text(f'{{"dataset": "{dataset}"}}')
-        (run / "metrics.csv").write_text("step,loss\n")
-        (layout.dataset_manifests(dataset) / "evals").mkdir()
-        (layout.dataset_manifests(dataset) / "evals" / "ft.json").write_text("{}")
+        (ledger.own_tree(run / "checkpoints" / "step-000002") / "state.pt").write_text("state")
+        atomic_write_text(run / "config.json", f'{{"dataset": "{dataset}"}}')
+        atomic_write_text(run / "metrics.csv", "step,loss\n")
+        atomic_write_text(layout.dataset_manifests(dataset) / "evals" / "ft.json", "{}")
     (cwd / "notes.txt").write_text("mine")
     (cwd / "shards" / "README.md").write_text("mine")
     (cwd / "shards" / "synth" / "base" / "keep.txt").write_text("mine")
@@ -151,10 +151,14 @@ def test_clean_removes_only_what_the_pipeline_wrote_and_says_so(tmp_path):
 
     everything = _cli(tmp_path, "clean")
     assert everything.returncode == 0, everything.stderr
-    assert _files(tmp_path) == {"notes.txt", "shards/README.md", "shards/synth/base/keep.txt",
-                                "runs/my-own-folder/data.bin"}
+    left = _files(tmp_path)
+    assert {p for p in left if not p.endswith(ledger.LEDGER)} == {
+        "notes.txt", "shards/README.md", "shards/synth/base/keep.txt", "runs/my-own-folder/data.bin"}
+    # A folder the pipeline made keeps its ledger while a file of the user's keeps the folder.
+    assert {p for p in left if p.endswith(ledger.LEDGER)} == {
+        f"{d}/{ledger.LEDGER}" for d in ("shards", "shards/synth", "shards/synth/base", "runs")}
     assert "removed from runs/ft-other-20260101-000000/" in everything.stdout
-    assert _cli(tmp_path, "clean").stdout.strip() == "nothing to remove"
+    assert _cli(tmp_path, "clean").stdout.splitlines()[0] == "nothing to remove"
 
 
 def test_clean_follows_no_link_out_of_its_folders(tmp_path):
@@ -166,11 +170,12 @@ def test_clean_follows_no_link_out_of_its_folders(tmp_path):
     layout = Layout(tmp_path / "shards", tmp_path / "manifests", tmp_path / "runs", tmp_path / "models")
     layout.shards_dir.mkdir()
     (layout.shards_dir / "synth").symlink_to(outside)
-    (layout.models_dir / "synth").mkdir(parents=True)
+    ledger.own_tree(layout.models_dir / "synth" / "clip")  # recorded as the pipeline's, then replaced by a link
+    (layout.models_dir / "synth" / "clip").rmdir()
     (layout.models_dir / "synth" / "clip").symlink_to(outside / "clip")
     report = clean(layout)
     assert (outside / "base" / "train-000000.tar").read_text() == "precious" and (outside / "clip").is_dir()
-    assert report.removed == [layout.models_dir / "synth" / "clip"]  # the link itself, not its target
+    assert report.removed == [] and (layout.models_dir / "synth" / "clip").is_symlink()
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")

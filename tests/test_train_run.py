@@ -49,7 +49,7 @@ def test_run_folder_and_final_model(tiny_model_dirs, layout):
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
     assert {"loss", "contrastive", "lr", "samples_per_s", "text_attack_s", "image_attack_s"} <= set(rows[0])
     assert any((run / "tensorboard").iterdir())
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [".mat-pipeline", "step-000002", "step-000004"]
     assert load_clip(result.model_dir).image_size == 32
 
 

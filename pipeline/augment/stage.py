@@ -31,6 +31,7 @@ from PIL import Image
 
 from pipeline.core.executor import RunOptions, TaskResult, get_executor
 from pipeline.core.images import decode_rgb
+from pipeline.core.ledger import make_dirs, remove_own, remove_own_temps
 from pipeline.core.manifests import build_manifest, write_manifest
 from pipeline.core.paths import Layout
 from pipeline.core.schema import StageRecord, VariantRecord, base_record
@@ -303,7 +304,8 @@ def run_stage(
             raise FileNotFoundError(f"no base shards in {base_dir}: run `make ingest DATASET={context.dataset}` first")
     base_of = {base.name: base for base in bases}
     out_dir = layout.stage_dir(context.dataset, stage_cls.name)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(out_dir)
+    remove_own_temps(out_dir)  # left by a killed run
 
     # 2. Plan: one job per base shard, skipping shards already done with these settings (unless overwriting).
     settings = stage_settings(config, context, scorer)
@@ -323,7 +325,7 @@ def run_stage(
             f"the new run elsewhere (other SHARDS_DIR and MANIFESTS_DIR) to keep both."
         )
     for _, job in jobs:  # until redone, a shard is not finished: a failure cannot leave old-settings shards behind
-        stats_path(job.out_tar).unlink(missing_ok=True)
+        remove_own(stats_path(job.out_tar))
     log.info("%s/%s: %d of %d shards to do", context.dataset, stage_cls.name, len(jobs), len(bases))
 
     # 3. Run.

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.core.ledger import own_tree
+
 logger = logging.getLogger(__name__)
 
 _WORDS = (
@@ -78,7 +80,7 @@ def build_tiny_internvl(out_dir: str | Path, seed: int = 0) -> Path:
         InternVLVideoProcessor,
     )
 
-    out = Path(out_dir)
+    out = own_tree(Path(out_dir))  # refuses a folder of someone else's
     tokenizer = _internvl_tokenizer()
     size = {"height": _TILE, "width": _TILE}
     processor = InternVLProcessor(
@@ -157,7 +159,7 @@ def build_tiny_sd(
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    out = Path(out_dir)
+    out = own_tree(Path(out_dir))  # refuses a folder of someone else's
     tokenizer = _clip_tokenizer(max_length=77)  # CLIP's prompt length
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(

@@ -813,8 +813,8 @@ def clean(
 ) -> None:
     """Remove what the pipeline wrote (shards, manifests, runs, models; of one dataset, or all) and list it.
 
-    Only the pipeline's own files inside SHARDS_DIR, MANIFESTS_DIR, RUNS_DIR and MODELS_DIR go (pipeline/commands/clean.py
-    lists them); other files, and the folders holding them, stay.
+    Only what the ledgers (.mat-pipeline) inside SHARDS_DIR, MANIFESTS_DIR, RUNS_DIR and MODELS_DIR record as
+    written by the pipeline goes (pipeline/commands/clean.py); other files, and the folders holding them, stay.
     """
     from pipeline.commands.clean import clean as run_clean
 

@@ -1,7 +1,8 @@
 """WebDataset shard I/O with atomic commits.
 
 A shard is committed in this order: the tar is written under a temporary name and renamed into place, then
-its stats file `<name>.stats.json` is written (also via a temporary name). The stats file holds the tar's
+its stats file `<name>.stats.json` is written (also via a temporary name; both through pipeline/core/fileio.py,
+so only a file the folder's ledger records as the pipeline's is ever replaced). The stats file holds the tar's
 sha256, so a shard is done only when the stats file exists and the tar still matches it; anything else (a
 crash mid-write, a truncated or edited tar) is redone on the next run.
 """
@@ -48,7 +49,6 @@ def write_tar(path: Path, samples: list[dict[str, Any]]) -> str:
 
     Member mtimes are fixed, so the same samples always give the same bytes.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     writer = wds.TarWriter(buffer, encoder=False, mtime=0, user="mat", group="mat")
     for sample in samples:

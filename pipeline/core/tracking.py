@@ -9,6 +9,7 @@ Every tracker logs the run's resolved config as the run's config (W&B's config, 
 """
 
 from __future__ import annotations
+from pipeline.core.ledger import own_tree
 
 import importlib.util
 import json
@@ -63,12 +64,12 @@ class Tracker:
         if "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tensorboard = SummaryWriter(log_dir=str(log_dir / "tensorboard"))
+            self._tensorboard = SummaryWriter(log_dir=str(own_tree(log_dir / "tensorboard")))
             self._tensorboard.add_text("config", f"```\n{json.dumps(config, indent=1, default=str)}\n```")
         if "wandb" in report_to:
             import wandb
 
-            (log_dir / "wandb").mkdir(parents=True, exist_ok=True)
+            own_tree(log_dir / "wandb")
             self._wandb = wandb.init(project=project, name=name, dir=str(log_dir), config=config, mode=wandb_mode,
                                      reinit="create_new")
             log.info("W&B run %s (%s) in %s", name, wandb_mode, log_dir / "wandb")

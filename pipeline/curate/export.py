@@ -16,6 +16,11 @@ written under a temporary name and renamed into place, with its `.stats.json`; t
 reads it); then `export.json` last: the settings, their fingerprint (inputs' sha256 included), the counts and
 the shards. A folder without an `export.json` matching the settings and the shards on disk is an interrupted or
 outdated export: its export files are removed and it is written again.
+
+OUT is the export's own: it must be new, empty, or a folder an earlier export claimed in its ledger
+(pipeline/core/ledger.py) holding nothing the ledger does not record. Anything else (a folder of one's own, a
+stage's shards, an export of a version before the ledger) is refused before anything is written or removed, with
+the first foreign file named: choose another EXPORT_DIR, or move that folder away.
 """
 
 from __future__ import annotations
@@ -31,15 +36,17 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.config import check_positive
-from pipeline.core.paths import Layout, plain_name, sizes_path
+from pipeline.core import ledger
+from pipeline.core.paths import Layout, plain_name
 from pipeline.core.schema import base_record, stage_record
-from pipeline.core.shards import list_shards, read_stats, shard_is_done, shard_name, stats_path, write_sizes, write_stats, write_tar
+from pipeline.core.shards import list_shards, read_stats, shard_is_done, shard_name, write_sizes, write_stats, write_tar
 from pipeline.core.fileio import atomic_write_json, sha256_file
 from pipeline.core.provenance import PROVENANCE_KEY, provenance
 
 log = logging.getLogger(__name__)
 
 DONE_FILE = "export.json"
+OWNER = "export"  # the claim in the output folder's ledger
 
 
 @dataclass(frozen=True)
@@ -129,13 +136,28 @@ def _is_done(out: Path, fingerprint: str) -> dict[str, Any] | None:
     return summary if all(shard_is_done(p) for p in listed) else None
 
 
+def _claim_out(out: Path) -> None:
+    """Make `out` the export's folder, or refuse one that is not: see the module docstring."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"export folder {out} is a file: choose another EXPORT_DIR")
+    entries = sorted(p for p in out.iterdir() if p.name != ledger.LEDGER) if out.is_dir() else []
+    claimed = ledger.read(out).claim == OWNER
+    foreign = [p for p in entries if not (claimed and (ledger.is_recorded(p) or ledger.is_own_temp(p)))]
+    if foreign:
+        raise ledger.ForeignFileError(
+            f"refusing to export into {out}: it holds {foreign[0].name}"
+            f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}, which no earlier export wrote; "
+            "set EXPORT_DIR to a new or empty folder, or move this folder's files away")
+    ledger.make_dirs(out)
+    if not claimed:
+        ledger.claim(out, OWNER)
+
+
 def _remove_export_files(out: Path) -> None:
-    """An interrupted or outdated export's own files; anything else in the folder stays."""
-    for tar in list_shards(out):
-        stats_path(tar).unlink(missing_ok=True)
-        tar.unlink()
-    for path in [out / DONE_FILE, sizes_path(out), *out.glob("*.tmp")]:
-        path.unlink(missing_ok=True)
+    """An interrupted or outdated export's files, every one recorded in the folder's ledger."""
+    for name in sorted(ledger.read(out).written):
+        ledger.remove_own(out / name)
+    ledger.remove_own_temps(out)
 
 
 def run_export(config: ExportConfig, layout: Layout) -> dict[str, Any]:
@@ -154,8 +176,9 @@ def run_export(config: ExportConfig, layout: Layout) -> dict[str, Any]:
     if summary is not None:
         log.info("export %s is up to date (%d pairs)", out, summary["counts"]["pairs"])
         return summary
-    if out.exists():
-        log.info("export %s is missing, interrupted or outdated: writing it again", out)
+    _claim_out(out)
+    if ledger.read(out).written:
+        log.info("export %s is interrupted or outdated: writing it again", out)
         _remove_export_files(out)
 
     counts: Counter = Counter()

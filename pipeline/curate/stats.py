@@ -19,7 +19,8 @@ from pipeline.core.paths import Layout
 from pipeline.core.schema import SCORES, stage_record
 from pipeline.core.shard_urls import expand_urls, read_url, stage_urls
 from pipeline.core.shards import list_shards
-from pipeline.core.fileio import atomic_write_json
+from pipeline.core.fileio import atomic_write_json, atomic_write_text
+from pipeline.core.ledger import claim_file
 from pipeline.core.provenance import PROVENANCE_KEY, provenance
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,7 @@ def _plot_histograms(scores: list[StageScores], path: Path) -> None:
     ax.set(xlabel="alignment (cosine image-text)", ylabel="density", title="Alignment of augmented pairs per stage")
     ax.legend(fontsize=8)
     fig.tight_layout()
+    claim_file(path)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -162,6 +164,7 @@ def _plot_scatter(scores: list[StageScores], path: Path) -> None:
            title="Augmentation quality: aligned and diverse is up and right")
     ax.legend(fontsize=8)
     fig.tight_layout()
+    claim_file(path)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -179,6 +182,7 @@ def _plot_frechet(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set(ylabel="Frechet distance to the originals", title="Distribution shift per stage (lower is closer)")
     ax.legend()
     fig.tight_layout()
+    claim_file(path)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -201,7 +205,6 @@ def run_stats(dataset: str, layout: Layout, base_data: str | None = None) -> dic
     # 3. Plots.
     out_dir = layout.dataset_manifests(dataset)
     plot_dir = out_dir / "plots"
-    plot_dir.mkdir(parents=True, exist_ok=True)
     scored = [s for s in scores.values() if s.scored]
     plots = {}
     if scored:
@@ -220,6 +223,6 @@ def run_stats(dataset: str, layout: Layout, base_data: str | None = None) -> dic
     atomic_write_json(out_dir / "stats.json", result)
     table = markdown_table(rows)
     images = "\n".join(f"![{name}](plots/{path.name})" for name, path in plots.items())
-    (out_dir / "stats.md").write_text(f"# Stats: {dataset}\n\n{table}\n\n{images}\n")
+    atomic_write_text(out_dir / "stats.md", f"# Stats: {dataset}\n\n{table}\n\n{images}\n")
     result["markdown"] = table
     return result

@@ -22,6 +22,7 @@ from pipeline.core.executor import TaskResult, get_executor
 from pipeline.core.images import DEFAULT_MAX_PIXELS, ImageError, prepare_image
 from pipeline.core.manifests import build_manifest, write_manifest
 from pipeline.core.paths import Layout, plain_name
+from pipeline.core.ledger import make_dirs, remove_own, remove_own_temps
 from pipeline.core.schema import BaseRecord
 from pipeline.core.shard_urls import expand_urls, is_local
 from pipeline.core.shards import (list_shards, read_stats, sample_key, shard_is_done, shard_name, stats_path, write_sizes,
@@ -196,14 +197,15 @@ def run_ingest(config: IngestConfig, layout: Layout, options: RunOptions = RunOp
     log.info("%s (%s): %d images, %d skipped while reading", config.dataset, fmt, len(records), len(reader_skips))
 
     # 2. Plan shards; keep those already done with the same plan, remove shards no longer in the plan.
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(out_dir)
+    remove_own_temps(out_dir)  # left by a killed run
     jobs = plan_shards(records, out_dir, config)
     planned = {job.out_tar.name for job in jobs}
     for stale in list_shards(out_dir):
         if stale.name not in planned:
             log.warning("removing %s: not part of this ingest plan", stale)
-            stats_path(stale).unlink(missing_ok=True)
-            stale.unlink()
+            remove_own(stats_path(stale))
+            remove_own(stale)
     todo = [
         (job.out_tar.name, job)
         for job in jobs

@@ -22,9 +22,10 @@ from typing import Any
 
 from pipeline.attacks import ATTACKS
 from pipeline.core.paths import Layout
-from pipeline.core.fileio import atomic_write_json
+from pipeline.core.fileio import atomic_write_json, atomic_write_text
 from pipeline.core.provenance import PROVENANCE_KEY
 from pipeline.train.registry import MODES
+from pipeline.core.ledger import claim_file
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,7 @@ def plot(records: list[dict[str, Any]], labels: dict[str, str], path: Path) -> N
     axes[0].set_ylabel("R@1 (%)")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
+    claim_file(path)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -163,7 +165,7 @@ def build_report(dataset: str, layout: Layout | None = None) -> dict[str, Any]:
     markdown = render_markdown(evals, records)
     paths = {"json": root / "report.json", "md": root / "report.md", "png": root / "report.png"}
     atomic_write_json(paths["json"], records)
-    paths["md"].write_text(markdown)
+    atomic_write_text(paths["md"], markdown)
     plot(records, dict(zip((e["name"] for e in evals), row_labels(evals))), paths["png"])
     log.info("report: %s", ", ".join(str(p) for p in paths.values()))
     return {"paths": paths, "markdown": markdown, "records": records}

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from pipeline.core.fileio import atomic_write_json, sha256_file
+from pipeline.core.ledger import own_temps, remove_if_emptied, remove_own
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class PartialStore:
         """Remove this evaluation name's files made under other settings."""
         stale = [p for p, m in self._files() if m["fp"] != self.fp]
         for path in stale:
-            path.unlink(missing_ok=True)
+            remove_own(path)
         if stale:
             log.info("removed %d partial results of %s made with other settings", len(stale), self.name)
 
@@ -107,13 +108,13 @@ class PartialStore:
         atomic_write_json(self._path(attack, "done"), {"attack": attack, "row": row})
         for path, m in self._files():
             if m["fp"] == self.fp and m["attack"] == attack and m["part"] != "done":
-                path.unlink(missing_ok=True)
+                remove_own(path)
 
     def remove(self) -> None:
         """Remove every file of this evaluation (and the folder when nothing else is left in it)."""
         for path, _ in self._files():
-            path.unlink(missing_ok=True)
-        for tmp in self.folder.glob(f"{self.name}.{self.fp}.*.tmp") if self.folder.is_dir() else []:
-            tmp.unlink(missing_ok=True)
-        if self.folder.is_dir() and not any(self.folder.iterdir()):
-            self.folder.rmdir()
+            remove_own(path)
+        for tmp in own_temps(self.folder):
+            if tmp.name.startswith(f".{self.name}.{self.fp}."):
+                tmp.unlink()
+        remove_if_emptied(self.folder)

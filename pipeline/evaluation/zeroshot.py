@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.core.config import check_choice, check_positive
-from pipeline.core.fileio import atomic_write_json
+from pipeline.core.fileio import atomic_write_bytes, atomic_write_json
 from pipeline.core.paths import Layout
 from pipeline.core.provenance import PROVENANCE_KEY, provenance
 
@@ -171,8 +171,7 @@ def write_synth_imagefolder(root: str | Path, labels: str, n_images: int = 200, 
             continue
         kind, colour = shapes[0][0], shapes[0][1]
         folder = root / (kind if labels == "shape" else f"{colour}_shape")
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{record.image_id}.jpg").write_bytes(render(record.image))
+        atomic_write_bytes(folder / f"{record.image_id}.jpg", render(record.image))
         written += 1
     return root
 
@@ -346,7 +345,6 @@ def run_zeroshot(model: Any, data: LabelledImages, cfg: ZeroShotConfig, out: Pat
               "notes": notes, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
               PROVENANCE_KEY: provenance(model.device, "fp32")}  # no autocast here
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out, json.loads(json.dumps(record)))
         log.info("wrote %s", out)
     return record

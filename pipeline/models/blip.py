@@ -23,6 +23,7 @@ import torch
 from transformers import AutoTokenizer, BlipConfig, BlipForImageTextRetrieval, BlipImageProcessor
 
 from pipeline.models.base import ImageTextModel
+from pipeline.core.ledger import own_tree
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +109,7 @@ class BLIPBundle(ImageTextModel):
                                   image_std=list(self.std))
 
     def save(self, directory: str | Path) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = own_tree(Path(directory))  # refuses a folder of someone else's
         self.model.config.logit_scale_init_value = float(self.model.logit_scale.detach())
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)

@@ -48,6 +48,7 @@ from transformers import __version__ as TRANSFORMERS_VERSION
 from pipeline.models.errors import ModelNotFoundError
 from pipeline.models.vocab import learn_merges
 from pipeline.models.base import ImageTextModel
+from pipeline.core.ledger import own_tree
 
 log = logging.getLogger(__name__)
 
@@ -209,8 +210,7 @@ class CLIPBundle(ImageTextModel):
                                   image_mean=list(self.mean), image_std=list(self.std))
 
     def save(self, directory: str | Path) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = own_tree(Path(directory))  # refuses a folder of someone else's
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         self.image_processor().save_pretrained(directory)
@@ -233,8 +233,7 @@ class MLMBundle:
         return self
 
     def save(self, directory: str | Path) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = own_tree(Path(directory))  # refuses a folder of someone else's
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         return directory

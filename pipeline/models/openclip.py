@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from pipeline.models.base import ImageTextModel
+from pipeline.core.ledger import own_tree
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +103,7 @@ class OpenCLIPBundle(ImageTextModel):
     def save(self, directory: str | Path) -> Path:
         from safetensors.torch import save_model
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = own_tree(Path(directory))  # refuses a folder of someone else's
         config = {"model_cfg": self.model_cfg,
                   "preprocess_cfg": {"size": self.image_size, "mean": list(self.mean), "std": list(self.std)}}
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))

@@ -36,9 +36,10 @@ import numpy as np
 
 from pipeline.study.bootstrap import Bootstrap, Interval, Outcomes, Statistic, spearman
 from pipeline.evaluation.report import ATTACK_LABELS, ATTACK_ORDER, MODE_LABELS
-from pipeline.core.fileio import atomic_write_json
+from pipeline.core.fileio import atomic_write_json, atomic_write_text
 from pipeline.core.provenance import PROVENANCE_KEY, provenance
 from pipeline.study.plan import MULTIMODAL_ATTACKS, STAGE_KINDS, Cell, StudyConfig
+from pipeline.core.ledger import claim_file
 
 log = logging.getLogger(__name__)
 
@@ -291,6 +292,7 @@ def plot_quality(rows: list[dict[str, Any]], path: Path) -> bool:
     axes[0].set_ylabel("robust R@1 gain over MAT (points, 95% CI)")
     fig.suptitle("Augmentation quality and robustness (one point per stage)")
     fig.tight_layout()
+    claim_file(path)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
@@ -347,7 +349,7 @@ def build_study_report(results: list[CellResult], stage_stats: dict[str, dict[st
                      + augmentation_table(aug_rows, aug_attacks)
                      + (f"\n\n![augmentation quality]({figure.name})" if has_figure else ""))
     markdown = "\n\n".join(parts) + "\n"
-    (out_dir / "report.md").write_text(markdown)
+    atomic_write_text(out_dir / "report.md", markdown)
     payload = {"dataset": cfg.dataset, "n_images": study.n_images, "chance_r1": study.chance_r1,
                "meaningless": meaningless, "claims": claims, "augmentation": aug_rows, "records": records(study, cells),
                PROVENANCE_KEY: provenance()}

@@ -42,7 +42,8 @@ from pipeline.study.plan import (ATTACK_COST, CPU_STAGES, EVAL_COST_SCALE, MODE_
 from pipeline.evaluation.resume import fingerprint, model_stamp
 from pipeline.core.paths import Layout
 from pipeline.core.shards import list_shards
-from pipeline.core.fileio import atomic_write_json
+from pipeline.core.fileio import atomic_write_json, atomic_write_text
+from pipeline.core.ledger import make_dirs
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +194,9 @@ def _set_aside_stale_run(unit: Unit, fp: str) -> None:
         aside = run_dir.with_name(f"{run_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
         log.warning("%s: made with other settings; moved to %s", run_dir, aside)
         run_dir.rename(aside)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(fp + "\n")
+    make_dirs(run_dir)
+    if not marker.is_file():  # a marker left in place holds this fingerprint already
+        atomic_write_text(marker, fp + "\n")
 
 
 def write_plan(cfg: StudyConfig, cells: list[Cell], units: list[Unit], path: Path) -> None:

@@ -2,9 +2,11 @@
 image processor: `load_clip` reads it) and `state.pt`: optimiser, scheduler, step, the data position and every
 random state a resumed run needs (CPU, CUDA when used, numpy and Python `random`), one set per rank.
 
-A checkpoint is written under a temporary name and renamed, so the newest complete one is always resumable. One
-whose files are unreadable all the same (a truncated or empty `state.pt` from a full disk or a copy cut short) is
-skipped with a warning, and the run resumes from the previous one (:func:`load_latest`).
+A checkpoint is written into a new temporary folder (`.step-NNNNNN.<random>.tmp`, created exclusively) and
+renamed, so the newest complete one is always resumable; it replaces or prunes only checkpoints the folder's
+ledger records (pipeline/core/ledger.py). One whose files are unreadable all the same (a truncated or empty
+`state.pt` from a full disk or a copy cut short) is skipped with a warning, and the run resumes from the previous
+one (:func:`load_latest`).
 `state.pt` holds tensors and plain values only and is read with `torch.load(weights_only=True)`: a run folder
 from elsewhere (RUN_DIR, RESUME=latest) cannot run code when it is resumed.
 """
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipeline.core import ledger
 from pipeline.models.hf import CLIPBundle
 
 log = logging.getLogger(__name__)
@@ -96,12 +99,14 @@ def save_checkpoint(
 ) -> Path:
     """Write the checkpoint of `step` (rank 0): `rng` is `gather_rng_states()`, `data_state` the loader position."""
     final = checkpoint_dir(run_dir, step)
-    tmp = final.with_name(final.name + TMP_SUFFIX)
-    shutil.rmtree(tmp, ignore_errors=True)
+    ledger.check_replaceable(final)
+    tmp = ledger.temp_path(final, directory=True)
     clip.save(tmp / "clip")
     state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng,
              "data": data_state}
     torch.save(state, tmp / "state.pt")
+    ledger.check_replaceable(final)
+    ledger.record(final, tree=True)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     _prune(run_dir, keep)
@@ -111,8 +116,10 @@ def save_checkpoint(
 
 def _prune(run_dir: Path, keep: int) -> None:
     done = sorted(p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(PREFIX))
-    for old in [p for p in done if _complete(p)][:-keep] + [p for p in done if p.name.endswith(TMP_SUFFIX)]:
-        shutil.rmtree(old, ignore_errors=True)
+    for old in [p for p in done if _complete(p)][:-keep]:
+        if ledger.is_recorded(old):  # one of an earlier version, unrecorded, stays
+            ledger.remove_own(old)
+    ledger.remove_own_temps(run_dir / "checkpoints")  # left by a killed write
 
 
 class UnreadableCheckpoint(ValueError):

@@ -20,6 +20,7 @@ from pipeline.models.device import autocast
 from pipeline.core.tracking import Tracker
 from pipeline.train.distributed import DistEnv, all_reduce_mean
 from pipeline.train.modes import Mode
+from pipeline.core.ledger import claim_file
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,8 @@ class MetricsLog:
         if not self.enabled:
             return
         new = not self.path.exists()
+        if new:
+            claim_file(self.path)
         with open(self.path, "a", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=["step", *row])
             if new:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from pipeline.train.config import TrainConfig, resolve_stages
 from pipeline.train.distributed import DistEnv, barrier, init_distributed
 from pipeline.train.loop import LoopHooks, MetricsLog, cosine_with_warmup, fit, param_groups
 from pipeline.train.modes import MODES, DualEncoder, build_mode
+from pipeline.core.ledger import foreign, is_recorded, make_dirs, remove_own, remove_own_below
 
 log = logging.getLogger(__name__)
 
@@ -125,13 +125,20 @@ def check_resume(cfg: TrainConfig, run_dir: Path) -> None:
 
 
 def remove_run(run_dir: Path) -> None:
-    """Remove what a training run wrote in `run_dir` (RUN_FILES), and nothing else."""
+    """Remove what a training run wrote in `run_dir` (RUN_FILES its ledgers record), and nothing else; a file of
+    someone else's in there stops it (ForeignFileError, naming the file)."""
     for name in RUN_FILES:
         path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+        if is_recorded(path):
+            remove_own(path)
+        elif path.is_dir() and not path.is_symlink():  # a folder the pipeline made and filled (checkpoints/)
+            _, kept = remove_own_below(path)
+            if kept:
+                raise foreign(kept[0], "leave behind in a run it starts afresh")
+            if path.exists():
+                raise foreign(path, "remove")
+        elif path.exists() or path.is_symlink():
+            raise foreign(path, "remove")
         else:
             continue
         log.info("--overwrite: removed %s", path)
@@ -207,7 +214,7 @@ def train(cfg: TrainConfig, layout: Layout | None = None, overwrite: bool = Fals
     if env.is_main:
         if overwrite:
             remove_run(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(run_dir)
         save_config(cfg, run_dir / "config.json", resolved={"paths": {k: str(v) for k, v in vars(layout).items()},
                                                             "world_size": env.world_size, "precision_resolved": precision})
     barrier()  # the old run is gone (overwrite) before any rank looks for its checkpoints

@@ -29,6 +29,7 @@ from pipeline.core.tracking import Tracker
 from pipeline.train.config import DataConfig, OptimConfig, PretrainConfig, TrainConfig
 from pipeline.train.loop import cosine_with_warmup
 from pipeline.train.main import train
+from pipeline.core.ledger import own_tree, remove_own
 
 log = logging.getLogger(__name__)
 PRETRAIN_CONFIG = "pretrain.json"  # beside the `ft` run's config.json in the run folder
@@ -91,8 +92,8 @@ def pretrain(cfg: PretrainConfig, layout: Layout | None = None) -> dict[str, str
     )
     # 4. Publish.
     clip_dir = layout.model_dir(cfg.dataset, "clip")
-    shutil.rmtree(clip_dir, ignore_errors=True)
-    shutil.copytree(result.model_dir, clip_dir)
-    shutil.rmtree(init_dir, ignore_errors=True)
+    remove_own(clip_dir)
+    shutil.copytree(result.model_dir, own_tree(clip_dir), dirs_exist_ok=True)
+    remove_own(init_dir)
     log.info("pretrained models: %s, %s", clip_dir, mlm_dir)
     return {"clip": str(clip_dir), "mlm": str(mlm_dir), "run_dir": str(result.run_dir)}
