@@ -163,11 +163,11 @@ def invalidate_stages(layout: Layout, dataset: str) -> list[str]:
                  if "base_sha256" in (stats := read_stats(tar) or {}) and stats["base_sha256"] != current.get(tar.name)]
         if not stale:
             continue
-        for tar in stale:
-            stats_path(tar).unlink(missing_ok=True)
-            tar.unlink()
+        for tar in stale:  # the ledger's: a shard or manifest the pipeline did not write stops it, named
+            remove_own(stats_path(tar))
+            remove_own(tar)
         write_sizes(stage_dir)
-        layout.manifest_path(dataset, stage_dir.name).unlink(missing_ok=True)
+        remove_own(layout.manifest_path(dataset, stage_dir.name))
         stale_stages.append(stage_dir.name)
         log.warning("the base of %s changed: removed %d shard(s) of stage %s made from the old base and its manifest; "
                     "run `make augment DATASET=%s STAGES=%s` to rebuild it", dataset, len(stale), stage_dir.name,
