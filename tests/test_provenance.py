@@ -94,13 +94,15 @@ def test_make_report_records_carry_their_evaluations_provenance(tmp_path):
 
 def test_bench_json_has_provenance_and_an_update_keeps_one(tmp_path, monkeypatch):
     from pipeline.commands import bench
+    from pipeline.core.fileio import atomic_write_json
 
     folder = tmp_path / "benchmarks"
     folder.mkdir()
     (folder / "bench_fake.py").write_text("def run():\n    return {'fake_figure': 1.5}\n")
     monkeypatch.setattr(bench, "BENCHMARKS_DIR", folder)
     output = tmp_path / "bench.json"
-    output.write_text(json.dumps({"earlier": 9.0, PROVENANCE_KEY: {"commit": "old"}}))
+    # an earlier run's file, written by the pipeline (a file of the user's there would be refused: ledger.py)
+    atomic_write_json(output, {"earlier": 9.0, PROVENANCE_KEY: {"commit": "old"}})
     bench.run_benchmarks(output, "fake")
     written = json.loads(output.read_text())
     assert written["earlier"] == 9.0 and written["fake_figure"] == 1.5
