@@ -115,8 +115,7 @@ def save_checkpoint(
 
 
 def _prune(run_dir: Path, keep: int) -> None:
-    done = sorted(p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(PREFIX))
-    for old in [p for p in done if _complete(p)][:-keep]:
+    for old in complete_checkpoints(run_dir)[:-keep]:
         if ledger.is_recorded(old):  # one of an earlier version, unrecorded, stays
             ledger.remove_own(old)
     ledger.remove_own_temps(run_dir / "checkpoints")  # left by a killed write
