@@ -32,7 +32,7 @@ from pipeline.augment.captioning import (
     remote_code_problem,
     resolve_checkpoint,
 )
-from pipeline.core.config import check_choice, check_non_negative, check_positive, check_range
+from pipeline.core.config import check_choice, check_device, check_non_negative, check_positive, check_range
 from pipeline.augment.stage import BaseSample, SampleResult, Stage, StageContext, Variant
 
 DEFAULT_MODEL = "OpenGVLab/InternVL3-1B-hf"
@@ -72,6 +72,7 @@ class InternVLCaptionConfig:
         if self.max_words < self.min_words:
             raise ValueError(f"max_words={self.max_words!r}: must be >= min_words ({self.min_words})")
         check_choice("dtype", self.dtype, DTYPES)
+        check_device("device", self.device)
 
     def settings(self) -> CaptionSettings:
         return CaptionSettings(

@@ -30,7 +30,7 @@ from pipeline.augment.captioning import (
     resolve_checkpoint,
     resolve_dtype,
 )
-from pipeline.core.config import check_choice, check_non_negative, check_positive, check_range
+from pipeline.core.config import check_choice, check_device, check_non_negative, check_positive, check_range
 from pipeline.core.images import encode_jpeg
 from pipeline.models.device import resolve_device
 from pipeline.augment.stage import BaseSample, SampleResult, Stage, StageContext, Variant
@@ -78,6 +78,7 @@ class StableDiffusionConfig:
         check_choice("captions", self.captions, CAPTION_CHOICES)
         check_range("jpeg_quality", self.jpeg_quality, 1, 100)
         check_choice("dtype", self.dtype, DTYPES)
+        check_device("device", self.device)
 
 
 def load_text_to_image(config: StableDiffusionConfig, device: torch.device) -> Any:

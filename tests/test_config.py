@@ -179,3 +179,40 @@ def test_config_files_are_capped_in_size_and_alias_expansion(tmp_path):
     (tmp_path / "big.yaml").write_text("name: x\n" + "# padding\n" * 200_000)
     with pytest.raises(ValueError, match=r"big.yaml: larger than 1,000,000 bytes"):
         load_config(Outer, tmp_path / "big.yaml")
+
+
+# Every config with a device field, and what else it needs to build.
+DEVICE_CONFIGS = [
+    ("pipeline.train.config:TrainConfig", {}),
+    ("pipeline.train.config:PretrainConfig", {}),
+    ("pipeline.evaluation.evaluate:EvalConfig", {}),
+    ("pipeline.evaluation.zeroshot:ZeroShotConfig", {}),
+    ("pipeline.study.plan:StudyConfig", {}),
+    ("pipeline.augment.runner:AugmentConfig", {}),
+    ("pipeline.augment.scoring:ScorerConfig", {"model": "some/clip"}),
+    ("stages.t2i_sd:StableDiffusionConfig", {}),
+    ("stages.i2t_internvl:InternVLCaptionConfig", {}),
+]
+
+
+def _config_class(target: str) -> type:
+    import importlib
+
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@pytest.mark.parametrize("target, needs", DEVICE_CONFIGS)
+@pytest.mark.parametrize("device", ["gpu", "tpu", "cuda0", "cuda:", "cuda:-1", "CPU", ""])
+def test_every_device_field_refuses_a_name_of_no_device_at_validation(target, needs, device):
+    """DEVICE=gpu: a 148-line traceback (or, in augment, silently ignored) before; now the config refuses it."""
+    with pytest.raises(ValueError, match=rf"^device='{device}': choose one of auto, cpu, cuda, cuda:N \(N a GPU "
+                                         r"index\), mps$"):
+        from_dict(_config_class(target), {**needs, "device": device})
+
+
+@pytest.mark.parametrize("target, needs", DEVICE_CONFIGS)
+def test_every_device_field_takes_the_names_the_pipeline_runs_on(target, needs):
+    """Whether this machine has the device is resolve_device's question, not the config's."""
+    for device in ("auto", "cpu", "cuda", "cuda:0", "cuda:3", "mps"):
+        assert from_dict(_config_class(target), {**needs, "device": device}).device == device

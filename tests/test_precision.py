@@ -85,14 +85,29 @@ def test_real_torch_limited_to_avx2_resolves_to_fp32():
 
 @pytest.fixture
 def no_gpu(monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
 
 
-@pytest.mark.parametrize("name", ["cuda", "cuda:0", "tpu", "gpu", "xla", ""])
+@pytest.mark.parametrize("name", ["tpu", "gpu", "xla", ""])
 def test_a_device_this_machine_lacks_is_one_line_naming_the_devices_there(no_gpu, name):
-    with pytest.raises(ValueError, match=rf"^device='{name}' is not available here; devices: auto, cpu$"):
+    with pytest.raises(ValueError, match=rf"^device='{name}': not available here; devices: auto, cpu$"):
         models.resolve_device(name)
+
+
+@pytest.mark.parametrize("name", ["cuda", "cuda:0"])
+def test_cuda_without_a_gpu_says_torch_sees_none(no_gpu, name):
+    """DEVICE=cuda on a machine without a GPU: torch's 'Found no NVIDIA driver' traceback, before."""
+    with pytest.raises(ValueError, match=rf"^device='{name}': torch sees no CUDA device here \(no GPU, or no NVIDIA "
+                                         r"driver\); devices: auto, cpu$"):
+        models.resolve_device(name)
+
+
+def test_cuda_with_a_cpu_only_torch_says_so(no_gpu, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: False)
+    with pytest.raises(ValueError, match=r"^device='cuda': this torch is a CPU-only build; devices: auto, cpu$"):
+        models.resolve_device("cuda")
 
 
 def test_devices_that_exist_resolve(no_gpu, monkeypatch):
@@ -102,7 +117,7 @@ def test_devices_that_exist_resolve(no_gpu, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert models.resolve_device("cuda:0") == torch.device("cuda:0")
     assert models.resolve_device("auto", local_rank=0) == torch.device("cuda:0")
-    with pytest.raises(ValueError, match=r"device='cuda:1' is not available here; devices: auto, cpu, cuda, cuda:0$"):
+    with pytest.raises(ValueError, match=r"device='cuda:1': torch sees 1 CUDA device here; devices: auto, cpu, cuda, cuda:0$"):
         models.resolve_device("cuda:1")
 
 
@@ -113,4 +128,21 @@ def test_cli_eval_with_an_unknown_device_is_a_one_line_error(no_gpu, tmp_path):
 
     result = CliRunner().invoke(app, ["--manifests-dir", str(tmp_path), "eval", "--ckpt", str(tmp_path), "--device", "tpu"])
     assert result.exit_code == 2
-    assert result.output.strip().splitlines()[-1] == "error: device='tpu' is not available here; devices: auto, cpu"
+    assert result.output.strip().splitlines()[-1] == "error: device='tpu': choose one of auto, cpu, cuda, cuda:N (N a GPU index), mps"
+
+
+@pytest.mark.parametrize("command", [["train"], ["pretrain"], ["augment"], ["study"], ["eval", "--ckpt", "x"],
+                                     ["eval-zeroshot", "--ckpt", "x"]])
+def test_cli_commands_refuse_device_gpu_before_any_work(tmp_path, command):
+    """`--device gpu`: a traceback before (augment: ignored, the stages ran; study: the plan written first)."""
+    from typer.testing import CliRunner
+
+    from pipeline.commands.cli import app
+
+    folders = [f"--{kind}-dir" for kind in ("shards", "manifests", "runs", "models")]
+    layout = [arg for folder in folders for arg in (folder, str(tmp_path / folder.strip("-")))]
+    result = CliRunner().invoke(app, [*layout, *command, "--device", "gpu"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1] == \
+        "error: device='gpu': choose one of auto, cpu, cuda, cuda:N (N a GPU index), mps"
+    assert list(tmp_path.iterdir()) == []  # nothing made: no shards, plan, run or model folder

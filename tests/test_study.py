@@ -219,6 +219,18 @@ def toy_layout(tmp_path, tiny_model_dirs):
     return Layout(tmp_path / "shards", tmp_path / "manifests", tmp_path / "runs", tmp_path / "models")
 
 
+def test_a_study_on_a_gpu_this_machine_lacks_stops_before_its_plan(toy_layout, monkeypatch):
+    """DEVICE=cuda without a GPU: the plan was written and the first unit failed, before."""
+    import torch
+
+    from pipeline.study.run import run_study
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"^device='cuda': .*; devices: auto, cpu"):
+        run_study(StudyConfig(dataset="toy", device="cuda"), toy_layout)
+    assert not toy_layout.manifests_dir.exists()
+
+
 def _study(layout, tiny_model_dirs, steps: int) -> subprocess.Popen:
     env = {**os.environ, "SHARDS_DIR": str(layout.shards_dir), "MANIFESTS_DIR": str(layout.manifests_dir),
            "RUNS_DIR": str(layout.runs_dir), "MODELS_DIR": str(layout.models_dir), "PRECISION": "fp32"}

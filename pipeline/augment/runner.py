@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.config import apply_overrides, check_non_negative, check_positive, to_dict
+from pipeline.core.config import apply_overrides, check_device, check_non_negative, check_positive, to_dict
 from pipeline.data.ingest import IngestConfig, run_ingest
 from pipeline.core.manifests import read_manifest, summary_lines
 from pipeline.core.paths import Layout, plain_name
@@ -48,6 +48,7 @@ class AugmentConfig:
             raise ValueError(f"stage_options={self.stage_options!r}: must map stage -> option -> value")
         check_positive(self, "workers")
         check_non_negative(self, "retries")
+        check_device("device", self.device)
 
     @property
     def dataset(self) -> str:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.fileio import atomic_write_bytes, sha256_files
-from pipeline.core.config import check_positive, check_range
+from pipeline.core.config import check_device, check_positive, check_range
 from pipeline.core.images import decode_rgb
 from pipeline.core.metrics import FeatureStats, MahalanobisReference, RunningGaussian
 from pipeline.core.paths import Layout
@@ -58,6 +58,7 @@ class ScorerConfig:
             raise ValueError("scorer model must be a hub id or a directory, got an empty string")
         check_positive(self, "batch_size", "shrinkage")
         check_range("shrinkage", self.shrinkage, 0.0, 1.0)
+        check_device("device", self.device)
         if self.reference_samples < 2:
             raise ValueError(f"reference_samples={self.reference_samples!r}: must be >= 2")
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from collections.abc import Iterable, Sequence
@@ -49,6 +50,18 @@ def check_choices(name: str, values: Iterable[Any], choices: Iterable[Any]) -> N
     unknown = [v for v in values if v not in choices]
     if unknown:
         raise ValueError(f"{name}: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(map(str, choices))}")
+
+
+#: The device names a config may hold (whether this machine has the device is checked where it is resolved,
+#: pipeline/models/device.py:resolve_device).
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N (N a GPU index), mps"
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?|mps")
+
+
+def check_device(name: str, value: Any) -> None:
+    """A device name of a form the pipeline runs on: auto, cpu, cuda, cuda:N or mps."""
+    if not isinstance(value, str) or _DEVICE.fullmatch(value) is None:
+        raise ValueError(f"{name}={value!r}: choose one of {DEVICE_CHOICES}")
 
 
 def check_positive(config: Any, *names: str) -> None:

@@ -68,7 +68,7 @@ from pipeline.evaluation.retrieval import asr_at_k, attack_success_rate, recall_
 from pipeline.core.seeding import derive_seed
 from pipeline.core.shard_urls import expand_urls, read_url
 from pipeline.core.shards import list_shards
-from pipeline.core.config import check_choice, check_positive, save_config
+from pipeline.core.config import check_choice, check_device, check_positive, save_config
 from pipeline.core.fileio import atomic_write_json
 from pipeline.core.provenance import PROVENANCE_KEY, provenance
 
@@ -132,6 +132,7 @@ class EvalConfig:
             raise ValueError(f"size={self.size}: need at least 2 test images")
         check_positive(self, "batch_size")
         check_choice("precision", self.precision, PRECISIONS)
+        check_device("device", self.device)
         if self.eps is not None and not 0 <= self.eps <= 1:
             raise ValueError(f"eps={self.eps}: must be in [0, 1] (pixels in [0, 1]; 2/255 = {2 / 255:.5f})")
         if self.itm_k < 0:

@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.core.config import check_choice, check_positive
+from pipeline.core.config import check_choice, check_device, check_positive
 from pipeline.core.fileio import atomic_write_bytes, atomic_write_json
 from pipeline.core.paths import Layout
 from pipeline.core.provenance import PROVENANCE_KEY, provenance
@@ -86,6 +86,7 @@ class ZeroShotConfig:
         if any(not 0 < e <= 1 for e in self.eps):
             raise ValueError(f"eps={self.eps}: each must be in (0, 1] (pixels in [0, 1])")
         check_positive(self, "pgd_steps", "apgd_steps", "batch_size", "synth_images", "size")
+        check_device("device", self.device)
 
     def check_runnable(self) -> None:
         """What a run needs beyond valid values (a config file may leave these to the command line)."""

@@ -36,8 +36,22 @@ def resolve_device(name: str | torch.device = "auto", local_rank: int | None = N
     except (RuntimeError, TypeError):
         device = None
     if device is None or (device.type != "cpu" and str(device) not in available_devices()):
-        raise ValueError(f"device={str(name)!r} is not available here; devices: {', '.join(available_devices())}")
+        raise ValueError(f"device={str(name)!r}: {_why_missing(device)}; devices: {', '.join(available_devices())}")
     return device
+
+
+def _why_missing(device: torch.device | None) -> str:
+    """Why torch cannot run ``device`` here, in a few words."""
+    if device is not None and device.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            return "this torch is a CPU-only build"
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            return "torch sees no CUDA device here (no GPU, or no NVIDIA driver)"
+        return f"torch sees {count} CUDA device{'s' if count > 1 else ''} here"
+    if device is not None and device.type == "mps":
+        return "torch sees no MPS device here"
+    return "not available here"
 
 
 PRECISIONS = ("auto", "bf16", "fp32")

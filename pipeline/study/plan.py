@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from pipeline.core.config import check_choices, check_positive
+from pipeline.core.config import check_choices, check_device, check_positive
 from pipeline.attacks import ATTACKS as ALL_ATTACKS
 from pipeline.core.paths import plain_name
 from pipeline.train.registry import MODES as TRAIN_MODES
@@ -85,6 +85,7 @@ class StudyConfig:
             raise ValueError(f"eval_size={self.eval_size}: need at least 2 test images")
         if not 0 < self.level < 1:
             raise ValueError(f"level={self.level}: must be in (0, 1)")
+        check_device("device", self.device)
 
     @property
     def train_steps(self) -> int:

@@ -268,8 +268,10 @@ def load_outcomes(path: Path) -> dict[str, Outcomes]:
 def run_study(cfg: StudyConfig, layout: Layout | None = None, echo: Callable[[str], None] = log.info) -> dict[str, Any]:
     """Plan, run (resuming), and write the report; returns the report builder's result."""
     from pipeline.curate.stats import read_stage_scores, stage_row
+    from pipeline.models.device import resolve_device
     from pipeline.study.report import CellResult, build_study_report
 
+    resolve_device(cfg.device)  # DEVICE=cuda without a GPU: refused before the plan, not at the first unit
     layout = layout or Layout.from_env()
     out = layout.study_dir(cfg.dataset)
     cells, units = build_plan(cfg, layout)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pipeline.train.registry import MODES
 from pipeline.attacks.bert_attack import BERTAttack
 from pipeline.attacks.pgd import PGD
-from pipeline.core.config import check_choice, check_non_negative, check_positive, check_range
+from pipeline.core.config import check_choice, check_device, check_non_negative, check_positive, check_range
 from pipeline.core.paths import plain_name
 from pipeline.core.tracking import check_reporters
 
@@ -138,6 +138,7 @@ class TrainConfig:
         check_positive(self, "steps", "batch_size", "accum_steps", "log_every", "save_every", "keep_checkpoints")
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("resume", self.resume, RESUME)
+        check_device("device", self.device)
         check_reporters(self.report_to, self.wandb_mode)
         mode = MODES.get(self.mode)
         if not self.data.stages and mode.default("stages"):
@@ -179,6 +180,7 @@ class PretrainConfig:
         if not 0 < self.mask_prob < 1:
             raise ValueError(f"mask_prob={self.mask_prob}: must be in (0, 1)")
         check_choice("precision", self.precision, PRECISIONS)
+        check_device("device", self.device)
 
 
 def resolve_stages(cfg: TrainConfig) -> TrainConfig:
