@@ -83,10 +83,60 @@ def test_mlm_round_trip(tiny_model_dirs):
 
 @pytest.mark.parametrize("loader", [load_clip, load_mlm])
 def test_missing_dir_raises_model_not_found_naming_it(loader, tmp_path):
+    (tmp_path / "clip-a").mkdir()
     missing = str(tmp_path / "no_such_model")
     with pytest.raises(ModelNotFoundError, match="no_such_model") as info:
         loader(missing)
-    assert "make pretrain" in str(info.value) and isinstance(info.value, FileNotFoundError)
+    assert str(info.value) == f"model {missing!r} not found: no such folder ({tmp_path} holds clip-a, newest first)"
+    assert isinstance(info.value, FileNotFoundError)
+
+
+@pytest.fixture
+def hub_online_but_unreachable(monkeypatch):
+    """The hub not offline, and any hub or file lookup of transformers fails the test: a spec that does reach
+    transformers spent 38 s retrying the hub before."""
+    import huggingface_hub
+    import transformers
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError(f"asked transformers / the hub for {args[:2]}")
+
+    for name in ("AutoConfig", "CLIPModel", "BertForMaskedLM", "AutoTokenizer"):
+        monkeypatch.setattr(getattr(transformers, name), "from_pretrained", no_hub)
+    monkeypatch.setattr(transformers.utils.hub, "cached_files", no_hub)
+
+
+@pytest.mark.parametrize("spec", ["runs/nope", "./nope", "../nope", "runs/nope/clip", "~/surely-no-such-folder-here"])
+def test_a_missing_folder_is_refused_at_once_without_the_hub(spec, tmp_path, monkeypatch, hub_online_but_unreachable):
+    """`eval --ckpt runs/nope`: 38 s of hub retries, then a hint to `make pretrain`, before."""
+    from pipeline.models.loading import load_model
+
+    (tmp_path / "runs" / "mat-synth-1").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    for loader in (load_model, load_clip, load_mlm):
+        with pytest.raises(ModelNotFoundError, match=rf"^model '{spec}' not found: no such folder") as info:
+            loader(spec)
+    if spec.startswith("runs/"):
+        assert str(info.value).endswith("(runs holds mat-synth-1, newest first)")
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ModelNotFoundError, match=r"^model 'a-file' is a file, not a model folder$"):
+        load_model("a-file")
+
+
+def test_which_specs_look_like_folders(tmp_path, monkeypatch):
+    from pipeline.models.errors import looks_like_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for spec in ("runs/nope", "./x", "../x", "/x", "~/x", "a/b/c", ".hidden", "runs"):
+        assert looks_like_path(spec), spec
+    for spec in ("openai/clip-vit-base-patch16", "bert-base-uncased", "org/name"):
+        assert not looks_like_path(spec), spec
+    (tmp_path / "openai").mkdir()  # a folder of that name here: the spec means it
+    assert looks_like_path("openai/clip-vit-base-patch16")
 
 
 def test_offline_hub_id_raises_model_not_found(monkeypatch):

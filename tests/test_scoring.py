@@ -214,8 +214,11 @@ def test_load_scorer_defaults_and_errors(toy_clip_dir, toy_base) -> None:
     layout, _ = toy_base
     assert load_scorer(None, "toy", layout) is None
     assert load_scorer("none", "toy", layout) is None
-    with pytest.raises(ModelNotFoundError, match="no config.json"):
+    with pytest.raises(ModelNotFoundError, match=r"^scorer '.*/missing' not found: no such folder"):
         load_scorer(str(layout.models_dir / "missing"), "toy", layout)
+    (layout.models_dir / "not-a-model").mkdir(parents=True)
+    with pytest.raises(ModelNotFoundError, match="no config.json"):
+        load_scorer(str(layout.models_dir / "not-a-model"), "toy", layout)
     default = layout.model_dir("toy", "clip")
     default.parent.mkdir(parents=True, exist_ok=True)
     default.symlink_to(toy_clip_dir)

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from pipeline.models.device import resolve_device
-from pipeline.models.errors import ModelNotFoundError
+from pipeline.models.errors import ModelNotFoundError, looks_like_path
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +41,6 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
 
 
-def _looks_like_path(model: str) -> bool:
-    # hub ids are "name" or "org/name"; anything else is meant as a local directory
-    return model.startswith(("/", ".", "~")) or model.count("/") > 1
-
-
 def checkpoint_problem(model: str, env_var: str, marker: str) -> str | None:
     """Why `model` cannot be loaded here (None when it can). `marker` is a file every checkpoint of the kind has."""
     how = (
@@ -57,7 +52,7 @@ def checkpoint_problem(model: str, env_var: str, marker: str) -> str | None:
     path = Path(model).expanduser()
     if path.is_dir():
         return None if (path / marker).is_file() else f"{path} has no {marker}: {how}"
-    if _looks_like_path(model):
+    if looks_like_path(model):
         return f"model directory {model} does not exist: {how}"
     if hub_offline():
         from huggingface_hub import try_to_load_from_cache

@@ -33,7 +33,7 @@ from pipeline.core.images import decode_rgb
 from pipeline.core.metrics import FeatureStats, MahalanobisReference, RunningGaussian
 from pipeline.core.paths import Layout
 from pipeline.core.schema import base_record
-from pipeline.models.errors import ModelNotFoundError
+from pipeline.models.errors import ModelNotFoundError, looks_like_path, missing_folder
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +284,8 @@ def load_scorer(spec: str | None, dataset: str, layout: Layout, **options: Any) 
     """The scorer SCORER names (hub id or directory); by default the CLIP `make pretrain` saved for the dataset.
 
     Returns None when no scorer is named and no pretrained one exists, or
-    when spec is "none". A named directory that does not exist raises ModelNotFoundError at once.
+    when spec is "none". A named directory that does not exist (models.errors.looks_like_path) raises
+    ModelNotFoundError at once.
     """
     cache_dir = layout.dataset_manifests(dataset)
     if spec is not None and spec.strip().lower() in DISABLED_SPECS:
@@ -296,8 +297,9 @@ def load_scorer(spec: str | None, dataset: str, layout: Layout, **options: Any) 
             return None  # the caller says scoring was skipped and how to enable it
         spec = str(default)
     local = Path(spec).expanduser()
-    looks_local = local.exists() or spec.startswith((".", "/", "~"))
-    if looks_local and not (local / "config.json").exists():
+    if looks_like_path(spec) and not local.is_dir():
+        raise missing_folder(spec, "scorer")
+    if local.is_dir() and not (local / "config.json").exists():
         raise ModelNotFoundError(f"scorer {spec!r} is not a model directory (no config.json): "
                                   "pass SCORER=<save_pretrained dir or hub id>, or run `make pretrain`")
     return Scorer(ScorerConfig(model=spec, **options), cache_dir)

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from pipeline.models.base import ImageTextModel
-from pipeline.models.hf import ModelNotFoundError, _loading, load_clip
+from pipeline.models.errors import looks_like_path, missing_folder
+from pipeline.models.hf import _loading, load_clip
 from pipeline.models.openclip import CONFIG_FILE, PREFIX, load_open_clip
 
 FAMILIES = ("clip", "blip", "open_clip")
@@ -57,10 +58,8 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu", dtype: torc
     """The bundle of any supported family (see the module docstring). Raises ModelNotFoundError or
     UnsupportedModelError."""
     spec = str(spec)
-    path = Path(spec).expanduser()
-    if not spec.startswith(PREFIX) and (spec.startswith((".", "/", "~")) or spec.count("/") > 1) \
-            and not path.is_dir():
-        raise ModelNotFoundError(f"model {spec!r} not found: no such directory")
+    if not spec.startswith(PREFIX) and looks_like_path(spec) and not Path(spec).expanduser().is_dir():
+        raise missing_folder(spec)  # at once: a mistyped folder is not sent to the hub
     family = model_family(spec)
     if family == "open_clip":
         return load_open_clip(spec, device=device, dtype=dtype)
