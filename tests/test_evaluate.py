@@ -191,6 +191,48 @@ def test_run_dir_resolves_to_its_clip_and_mode(tmp_path):
     assert resolve_checkpoint(str(tmp_path / "models" / "synth" / "clip"))[1:] == ("synth", "pretrained")
 
 
+@pytest.fixture()
+def no_model_loads(monkeypatch):
+    """Any model load fails the test: the checks below come before the models."""
+    def refuse(spec, *args, **kwargs):
+        raise AssertionError(f"loaded {spec}")
+
+    monkeypatch.setattr("pipeline.models.loading.load_model", refuse)
+    monkeypatch.setattr("pipeline.models.hf.load_mlm", refuse)
+
+
+@pytest.fixture()
+def toy(tmp_path) -> Layout:
+    from pipeline.train.toy import write_toy_shards
+
+    write_toy_shards(tmp_path / "shards", "toy", shards=1, per_shard=4, split="test")
+    return Layout(tmp_path / "shards", tmp_path / "manifests", tmp_path / "runs", tmp_path / "models")
+
+
+def test_a_dataset_without_shards_is_named_before_the_models(toy, tiny_model_dirs, no_model_loads):
+    """`eval --dataset nosuch`: it complained about the masked LM, before."""
+    with pytest.raises(FileNotFoundError, match=r"^dataset 'nosuch' has no shards \(no test-\*\.tar in .*; datasets "
+                                                r"with shards there: toy\): make them with `make ingest DATASET=nosuch "):
+        evaluate(EvalConfig(checkpoint=tiny_model_dirs["clip"], dataset="nosuch"), toy)
+    with pytest.raises(FileNotFoundError, match=r"^dataset 'toy' has no val shards in .*; its splits: test$"):
+        evaluate(EvalConfig(checkpoint=tiny_model_dirs["clip"], dataset="toy", split="val"), toy)
+
+
+def test_missing_models_are_named_before_any_loads(toy, tiny_model_dirs, no_model_loads, monkeypatch):
+    from pipeline.models.errors import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError, match=r"^no masked LM for dataset 'toy' at .*/models/toy/mlm, where `make "
+                                                 r"pretrain DATASET=toy` saves one: run it, or name a model with MLM=<"
+                                                 r".*>, or evaluate without the text attacks \(ATTACKS='pgd'\)$"):
+        evaluate(EvalConfig(checkpoint=tiny_model_dirs["clip"], dataset="toy"), toy)
+    monkeypatch.chdir(toy.runs_dir.parent)
+    toy.runs_dir.mkdir()
+    for change in ({"checkpoint": "runs/nope"}, {"checkpoint": tiny_model_dirs["clip"], "attack_source": "runs/nope"},
+                   {"checkpoint": tiny_model_dirs["clip"], "mlm": "runs/nope"}):
+        with pytest.raises(ModelNotFoundError, match=r"^model 'runs/nope' not found: no such folder"):
+            evaluate(EvalConfig(dataset="toy", **{"mlm": tiny_model_dirs["mlm"], **change}), toy)
+
+
 @pytest.mark.parametrize("change, message", [({"attacks": ("pgd", "nope")}, "nope"), ({"size": 1}, "size"),
                                              ({"precision": "fp8"}, "fp8"), ({"eps": 2.0}, "eps")])
 def test_bad_settings_raise(change, message):

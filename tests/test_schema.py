@@ -174,5 +174,5 @@ def test_ingested_and_toy_shards_read_back_byte_for_byte(tmp_path):
     assert seen == 12 + 3 * 4
     captions = read_captions(layout.base_dir("synth"), "train")
     assert captions and all(isinstance(c, str) for c in captions)
-    with pytest.raises(FileNotFoundError, match="no nosplit captions"):
+    with pytest.raises(FileNotFoundError, match="has no nosplit shards .*; its splits: train$"):
         read_captions(layout.base_dir("synth"), "nosplit")

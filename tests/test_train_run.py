@@ -80,3 +80,32 @@ def test_pretrain_saves_loadable_models(layout):
     assert clip.image_size == 32 and mlm.tokenizer.tokenize("a green picture") == ["a", "green", "picture"]
     assert not (layout.runs_dir / out["run_dir"] / "init").exists()
     assert load_config(PretrainConfig, layout.runs_dir / out["run_dir"] / "pretrain.json") == cfg
+
+
+def test_a_dataset_without_shards_is_named_before_any_model_or_run_folder(tiny_model_dirs, layout):
+    """`train --dataset nosuch`: "model '.../models/nosuch/clip' not found" before, and a run folder left behind."""
+    from pipeline.train.config import PretrainConfig
+    from pipeline.train.pretrain import pretrain
+
+    message = (r"^dataset 'nosuch' has no shards \(no train-\*\.tar in .*/shards/nosuch/base; datasets with shards "
+               r"there: toy\): make them with `make ingest DATASET=nosuch DATA_ROOT=<its folder or annotation file>`$")
+    with pytest.raises(FileNotFoundError, match=message):
+        train(_cfg(tiny_model_dirs, dataset="nosuch", clip=None, mlm=None), layout)
+    with pytest.raises(FileNotFoundError, match=message):
+        pretrain(PretrainConfig(dataset="nosuch"), layout)
+    with pytest.raises(FileNotFoundError, match=r"^dataset 'toy' has no val shards in .*; its splits: train$"):
+        train(_cfg(tiny_model_dirs, data=DataConfig(split="val", num_workers=0)), layout)
+    assert not layout.runs_dir.exists()
+
+
+def test_a_missing_default_model_names_make_pretrain_before_any_run_folder(tiny_model_dirs, layout):
+    from pipeline.models.errors import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError, match=r"^no CLIP for dataset 'toy' at .*/models/toy/clip, where `make "
+                                                 r"pretrain DATASET=toy` saves one: run it, or name a model with CLIP="):
+        train(_cfg(tiny_model_dirs, clip=None), layout)
+    with pytest.raises(ModelNotFoundError, match=r"^no masked LM for dataset 'toy' .*MLM="):
+        train(_cfg(tiny_model_dirs, mode="mat", mlm=None), layout)
+    with pytest.raises(ModelNotFoundError, match=r"^model '.*/runs/nope/clip' not found: no such folder"):
+        train(_cfg(tiny_model_dirs, clip=str(layout.runs_dir / "nope" / "clip")), layout)
+    assert not layout.runs_dir.exists()

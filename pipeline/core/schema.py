@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.shards import json_text, list_shards, read_tar
+from pipeline.core.shards import json_text, read_tar, require_shards
 
 SCHEMA_VERSION = 1
 VERSION_KEY = "schema_version"
@@ -207,7 +207,7 @@ def stage_record(sample: dict[str, Any]) -> StageRecord:
 def read_captions(base_dir: Path, split: str = "train") -> list[str]:
     """Every caption of every base sample of `split` (captions are small; images are not decoded)."""
     captions: list[str] = []
-    for tar in list_shards(base_dir, split):
+    for tar in require_shards(base_dir, split):
         for sample in read_tar(tar):
             captions.extend(base_record(sample).captions)
     if not captions:

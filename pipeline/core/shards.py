@@ -147,6 +147,30 @@ def list_shards(directory: Path, split: str | None = None) -> list[Path]:
     return sorted(p for p in directory.glob(pattern) if p.is_file())
 
 
+def ingest_command(dataset: str) -> str:
+    """The command that makes a dataset's base shards (the embedded synth needs no DATA_ROOT)."""
+    return f"make ingest DATASET={dataset}" + ("" if dataset == "synth" else " DATA_ROOT=<its folder or annotation file>")
+
+
+def require_shards(base_dir: Path, split: str | None = None) -> list[Path]:
+    """The base shards of `split` (of every split: None) in ``SHARDS_DIR/<dataset>/base``; when there are none,
+    FileNotFoundError saying so before any model loads: which splits the dataset has, or, for a dataset with no
+    shards at all, which datasets have some and the command that makes them."""
+    tars = list_shards(base_dir, split)
+    if tars:
+        return tars
+    dataset, shards_dir = base_dir.parent.name, base_dir.parent.parent
+    others = list_shards(base_dir) if split else []
+    if others:
+        splits = sorted({p.name.rsplit("-", 1)[0] for p in others})
+        raise FileNotFoundError(f"dataset {dataset!r} has no {split} shards in {base_dir}; its splits: "
+                                f"{', '.join(splits)}")
+    have = sorted(p.name for p in shards_dir.iterdir() if list_shards(p / "base")) if shards_dir.is_dir() else []
+    elsewhere = f"datasets with shards there: {', '.join(have)}" if have else f"no dataset has shards in {shards_dir}"
+    raise FileNotFoundError(f"dataset {dataset!r} has no shards (no {split + '-' if split else ''}*.tar in "
+                            f"{base_dir}; {elsewhere}): make them with `{ingest_command(dataset)}`")
+
+
 def write_sizes(directory: Path) -> dict[str, int]:
     """`sizes.json`: samples per committed shard, as open_clip reads it."""
     sizes = {}

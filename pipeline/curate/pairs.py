@@ -16,7 +16,7 @@ import webdataset as wds
 
 from pipeline.core.schema import BaseRecord, SchemaError, VariantRecord, stage_record
 from pipeline.core.shard_urls import check_stage_urls, stage_url
-from pipeline.core.shards import list_shards
+from pipeline.core.shards import require_shards
 
 #: keep(stage, key, variant index) -> whether a filter keeps that variant
 KeepFn = Callable[[str, str, int], bool]
@@ -26,9 +26,7 @@ CAPTION_INDEX = "__caption__"  # set by training's caption expansion: the captio
 
 def base_shard_urls(base_dir: Path, split: str, stages: Iterable[str] = ()) -> list[str]:
     """Base shard paths of `split`; checks every stage has the aligned shard of each one."""
-    tars = list_shards(base_dir, split)
-    if not tars:
-        raise FileNotFoundError(f"no {split}-*.tar shards in {base_dir}: run `make ingest` first")
+    tars = require_shards(base_dir, split)
     urls = [str(t) for t in tars]
     check_stage_urls(urls, tuple(stages))
     return urls

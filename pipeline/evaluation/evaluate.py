@@ -67,7 +67,7 @@ from pipeline.core.tracking import Tracker, check_reporters
 from pipeline.evaluation.retrieval import asr_at_k, attack_success_rate, recall_at_k
 from pipeline.core.seeding import derive_seed
 from pipeline.core.shard_urls import expand_urls, read_url
-from pipeline.core.shards import list_shards
+from pipeline.core.shards import require_shards
 from pipeline.core.config import check_choice, check_device, check_positive, save_config
 from pipeline.core.fileio import atomic_write_json
 from pipeline.core.provenance import PROVENANCE_KEY, provenance
@@ -180,9 +180,7 @@ def load_test_set(base_dir: Path, split: str, clip: CLIPBundle, size: int | None
                   normalise: bool = True) -> TestSet:
     """The split's images (preprocessed to the model's size) with all their captions (normalised by
     :func:`normalise_caption` unless ``normalise`` is False), in shard order."""
-    shards = list_shards(base_dir, split)
-    if not shards:
-        raise FileNotFoundError(f"no {split}-*.tar shards in {base_dir}: run `make ingest` first")
+    shards = require_shards(base_dir, split)
     return load_test_urls([str(s) for s in shards], clip, size, normalise)
 
 
@@ -320,6 +318,25 @@ def _row(metrics: dict[str, Any], clean: dict[str, Any] | None, seconds: float, 
     return row
 
 
+def model_specs(cfg: EvalConfig, layout: Layout, clip_dir: str) -> tuple[str | None, str | None]:
+    """The attack source and the masked LM of an evaluation (None: not used), checked with the CLIP before any
+    loads: a named folder that is not there, or a default masked LM that `make pretrain` has not made, is an
+    error naming it."""
+    from pipeline.models.errors import default_model
+    from pipeline.models.loading import check_model_spec
+
+    source_dir = resolve_checkpoint(cfg.attack_source)[0] if cfg.attack_source else None
+    mlm_dir = None
+    if any("mlm" in ATTACKS.get(a).needs for a in cfg.attacks):
+        image_only = ",".join(a for a in cfg.attacks if "mlm" not in ATTACKS.get(a).needs)
+        mlm_dir = cfg.mlm or default_model(layout.model_dir(cfg.dataset, "mlm"), "masked LM", cfg.dataset, "MLM",
+                                           f", or evaluate without the text attacks (ATTACKS={image_only!r})")
+    for spec in (clip_dir, source_dir, mlm_dir):
+        if spec:
+            check_model_spec(spec)
+    return source_dir, mlm_dir
+
+
 def evaluate(cfg: EvalConfig, layout: Layout | None = None) -> dict[str, Any]:
     """Run one evaluation and write its JSON; returns the record written."""
     # 1. Resolve (the config validated itself when built).
@@ -330,6 +347,9 @@ def evaluate(cfg: EvalConfig, layout: Layout | None = None) -> dict[str, Any]:
     clip_dir, default_name, default_mode = resolve_checkpoint(cfg.checkpoint)
     name, mode = cfg.name or default_name, cfg.mode or default_mode
     out = eval_path(layout, cfg.dataset, name)  # refuses a name that is not plain before any work
+    if not cfg.data:  # the data, then the models, are there before any model loads
+        require_shards(layout.base_dir(cfg.dataset), cfg.split)
+    source_dir, mlm_dir = model_specs(cfg, layout, clip_dir)
     precision = resolve_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
     # 2. Models and data; the store of partial results.
@@ -338,10 +358,7 @@ def evaluate(cfg: EvalConfig, layout: Layout | None = None) -> dict[str, Any]:
 
     clip = load_model(clip_dir, device=device)
     check_itm(clip, cfg.itm_k)
-    source_dir = resolve_checkpoint(cfg.attack_source)[0] if cfg.attack_source else None
     source = load_model(source_dir, device=device) if source_dir else None
-    needs_mlm = any("mlm" in ATTACKS.get(a).needs for a in cfg.attacks)
-    mlm_dir = str(cfg.mlm or layout.model_dir(cfg.dataset, "mlm")) if needs_mlm else None
     mlm = load_mlm(mlm_dir, device=device) if mlm_dir else None
     def load_data(model: Any) -> TestSet:
         if cfg.data:

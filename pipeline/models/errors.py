@@ -58,3 +58,13 @@ def _nearby(path: Path, shown: int = 6) -> str:
     names = ", ".join(p.name for p in folders[:shown])
     more = f" and {len(folders) - shown} more" if len(folders) > shown else ""
     return f" ({where} holds {names}{more}, newest first)"
+
+
+def default_model(path: Path, what: str, dataset: str, option: str, also: str = "") -> str:
+    """``MODELS_DIR/<dataset>/<clip|mlm>`` (the stand-in `make pretrain` saves) when it is there; otherwise
+    ModelNotFoundError naming the command that makes it, the option (``option``) that names another model, and
+    ``also`` (another way out)."""
+    if not Path(path).is_dir():
+        raise ModelNotFoundError(f"no {what} for dataset {dataset!r} at {path}, where `make pretrain DATASET={dataset}` "
+                                 f"saves one: run it, or name a model with {option}=<model folder or hub id>{also}")
+    return str(path)

@@ -54,12 +54,19 @@ def model_family(spec: str) -> str:
     raise UnsupportedModelError(f"{spec}: {what}; supported families: {FAMILY_HELP}")
 
 
+def check_model_spec(spec: str | Path) -> str:
+    """``spec``, unless it means a local folder (:func:`pipeline.models.errors.looks_like_path`) that is not there:
+    then ModelNotFoundError at once, naming it, before any hub request. What runs load checks them first."""
+    spec = str(spec)
+    if not spec.startswith(PREFIX) and looks_like_path(spec) and not Path(spec).expanduser().is_dir():
+        raise missing_folder(spec)
+    return spec
+
+
 def load_model(spec: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> ImageTextModel:
     """The bundle of any supported family (see the module docstring). Raises ModelNotFoundError or
     UnsupportedModelError."""
-    spec = str(spec)
-    if not spec.startswith(PREFIX) and looks_like_path(spec) and not Path(spec).expanduser().is_dir():
-        raise missing_folder(spec)  # at once: a mistyped folder is not sent to the hub
+    spec = check_model_spec(spec)
     family = model_family(spec)
     if family == "open_clip":
         return load_open_clip(spec, device=device, dtype=dtype)

@@ -41,7 +41,7 @@ from pipeline.study.plan import (ATTACK_COST, CPU_STAGES, EVAL_COST_SCALE, MODE_
                                  StudyConfig, eval_name, plan_cells)
 from pipeline.evaluation.resume import fingerprint, model_stamp
 from pipeline.core.paths import Layout
-from pipeline.core.shards import list_shards
+from pipeline.core.shards import list_shards, require_shards
 from pipeline.core.fileio import atomic_write_json, atomic_write_text
 from pipeline.core.ledger import make_dirs
 
@@ -74,8 +74,7 @@ def build_plan(cfg: StudyConfig, layout: Layout) -> tuple[list[Cell], list[Unit]
     from pipeline.train.config import DataConfig, OptimConfig, TrainConfig
     from pipeline.train.main import train
 
-    if not layout.base_dir(cfg.dataset).is_dir():
-        raise FileNotFoundError(f"no base shards in {layout.base_dir(cfg.dataset)}: run `make ingest DATASET={cfg.dataset}`")
+    require_shards(layout.base_dir(cfg.dataset))
     units: list[Unit] = []
     clip = cfg.clip or str(layout.model_dir(cfg.dataset, "clip"))
     mlm = cfg.mlm or str(layout.model_dir(cfg.dataset, "mlm"))

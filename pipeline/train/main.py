@@ -31,9 +31,11 @@ from torch.nn.parallel import DistributedDataParallel
 from pipeline.curate.pairs import base_shard_urls
 from pipeline.models.device import resolve_precision
 from pipeline.models.hf import CLIPBundle, MLMBundle, load_mlm
-from pipeline.models.loading import load_model
+from pipeline.models.errors import default_model
+from pipeline.models.loading import check_model_spec, load_model
 from pipeline.core.paths import Layout, plain_name
 from pipeline.core.shard_urls import check_stage_urls, dataset_size, expand_urls
+from pipeline.core.shards import require_shards
 from pipeline.augment.stage import settings_differences
 from pipeline.core.config import RESOLVED_KEY, from_dict, save_config, to_dict
 from pipeline.train import checkpoints, data
@@ -144,11 +146,21 @@ def remove_run(run_dir: Path) -> None:
         log.info("--overwrite: removed %s", path)
 
 
-def load_models(cfg: TrainConfig, layout: Layout, env: DistEnv) -> tuple[CLIPBundle, MLMBundle | None]:
-    clip = load_model(cfg.clip or layout.model_dir(cfg.dataset, "clip"), device=env.device)
+def model_specs(cfg: TrainConfig, layout: Layout) -> tuple[str, str | None]:
+    """The CLIP and the masked LM (None when the mode attacks no text) of a run, checked before its folder is made:
+    a default MODELS_DIR/<dataset>/... that `make pretrain` has not made, or a named folder that is not there, is
+    an error naming it."""
+    clip = cfg.clip or default_model(layout.model_dir(cfg.dataset, "clip"), "CLIP", cfg.dataset, "CLIP")
     mlm = None
     if "mlm" in MODES.get(cfg.mode).needs:
-        mlm = load_mlm(cfg.mlm or layout.model_dir(cfg.dataset, "mlm"), device=env.device)
+        mlm = cfg.mlm or default_model(layout.model_dir(cfg.dataset, "mlm"), "masked LM", cfg.dataset, "MLM")
+    return check_model_spec(clip), check_model_spec(mlm) if mlm else None
+
+
+def load_models(cfg: TrainConfig, layout: Layout, env: DistEnv) -> tuple[CLIPBundle, MLMBundle | None]:
+    clip_spec, mlm_spec = model_specs(cfg, layout)
+    clip = load_model(clip_spec, device=env.device)
+    mlm = load_mlm(mlm_spec, device=env.device) if mlm_spec else None
     return clip, mlm
 
 
@@ -204,6 +216,9 @@ def train(cfg: TrainConfig, layout: Layout | None = None, overwrite: bool = Fals
     # 1. Resolve (the config validated itself when built).
     cfg = resolve_stages(cfg)
     layout = layout or Layout.from_env()
+    if not cfg.data.urls:  # the data and the models first: a run folder is made only for a run that can start
+        require_shards(layout.base_dir(cfg.dataset), cfg.data.split)
+    model_specs(cfg, layout)
     env = init_distributed(cfg.device)
     seed_everything(cfg.seed, env.rank)
     precision = resolve_precision(cfg.precision, env.device)
