@@ -228,6 +228,56 @@ def test_load_scorer_defaults_and_errors(toy_clip_dir, toy_base) -> None:
         load_scorer(toy_clip_dir, "toy", layout, batch_size=0)
 
 
+def _small_base(root: Path, colours: list[str], captions) -> Layout:
+    """One base shard of an image per colour, each with `captions(colour)`."""
+    layout = Layout(shards_dir=root / "shards", manifests_dir=root / "manifests", models_dir=root / "models")
+    rng = np.random.default_rng(0)
+    samples = []
+    for index, colour in enumerate(colours):
+        key = sample_key("train", 0, index)
+        meta = {"key": key, "captions": captions(colour), "primary": 0, "split": "train"}
+        samples.append({"__key__": key, "jpg": jpeg(toy_image(colour, rng)), "txt": meta["captions"][0], "json": meta})
+    tar = layout.base_dir("small") / shard_name("train", 0)
+    write_stats(tar, {"sha256": write_tar(tar, samples), "samples": len(samples), "keys": [s["__key__"] for s in samples]})
+    return layout
+
+
+def test_a_reference_without_variance_says_how_many_images_it_needs(toy_clip_dir, tmp_path) -> None:
+    """An 11-image dataset: a bare "reference features have zero variance" before."""
+    one_caption = _small_base(tmp_path / "a", ["red", "green", "blue"], lambda colour: ["a picture"] * 2)
+    scorer = Scorer(ScorerConfig(model=toy_clip_dir), one_caption.dataset_manifests("small"))
+    with pytest.raises(ValueError, match=r"^the scorer's reference of the original captions has zero variance: the 3 "
+                                         r"base image\(s\) give 6 captions, all with the same features\. It needs at "
+                                         r"least 2 different captions, and about 33 \(the feature dimension \+ 1\) for "
+                                         r"shift scores that mean something: add images, or run without scores "
+                                         r"\(SCORER=none\)$"):
+        scorer.prepare(one_caption.base_dir("small"))
+    one_image = _small_base(tmp_path / "b", ["red"], lambda colour: [f"a {colour} picture", f"the colour {colour}"])
+    scorer = Scorer(ScorerConfig(model=toy_clip_dir), one_image.dataset_manifests("small"))
+    with pytest.raises(ValueError, match=r"original images has zero variance: the 1 base image\(s\) give 1 image\. "
+                                         r"It needs at least 2 different images"):
+        scorer.prepare(one_image.base_dir("small"))
+
+
+def test_the_reference_progress_counts_the_images_there(toy_clip_dir, tmp_path, monkeypatch, caplog) -> None:
+    """The bar said 0/20000 (reference_samples) on an 11-image dataset."""
+    import tqdm
+
+    totals = []
+
+    class Recorder(tqdm.tqdm):
+        def __init__(self, *args, **kwargs):
+            totals.append(kwargs.get("total"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(tqdm, "tqdm", Recorder)
+    layout = _small_base(tmp_path, list(COLOURS)[:5], lambda colour: [f"a {colour} picture", f"the colour {colour}"])
+    Scorer(ScorerConfig(model=toy_clip_dir), layout.dataset_manifests("small")).prepare(layout.base_dir("small"))
+    Scorer(ScorerConfig(model=toy_clip_dir, reference_samples=3), tmp_path / "other").prepare(layout.base_dir("small"))
+    assert totals == [5, 3]
+    assert "scorer reference of the images: 5 for 32 feature dimensions; shift scores are rough below 33" in caplog.text
+
+
 class _PlantedStage:
     """Stage mixin for the end-to-end test: emits the planted variants of `_planted_stage_results`."""
 

@@ -175,10 +175,12 @@ class Scorer:
         from pipeline.core.shards import list_shards, read_stats
 
         if isinstance(base, (str, Path)):
-            shards = [(str(p), p.name, (read_stats(p) or {}).get("sha256")) for p in list_shards(Path(base))]
-            shards = [shard for shard in shards if shard[2] is not None]
+            stats = [(p, read_stats(p) or {}) for p in list_shards(Path(base))]
+            shards = [(str(p), p.name, s.get("sha256")) for p, s in stats if s.get("sha256") is not None]
+            images = sum(int(s.get("samples", len(s.get("keys", ())))) for _, s in stats if s.get("sha256") is not None)
         else:
             shards = [(shard.url, shard.name, shard.sha256) for shard in base]
+            images = sum(len(shard.keys) for shard in base)
         if not shards:
             raise FileNotFoundError(f"no committed base shards in {base}: run `make ingest` first")
         key = "|".join([self.revision(), str(self.config.shrinkage), str(self.config.reference_samples)]
@@ -191,10 +193,12 @@ class Scorer:
                 self.shift_percentiles = {side: arrays[f"{side}_shift_percentiles"] for side in SIDES}
             log.info("scorer reference loaded from %s", cache)
             return
-        features = self._reference_features([url for url, _, _ in shards])
+        features = self._reference_features([url for url, _, _ in shards], min(images, self.config.reference_samples))
         arrays = {}
         for side, rows in features.items():
-            reference = MahalanobisReference.fit(RunningGaussian(self.dim).update(rows), self.config.shrinkage)
+            gaussian = RunningGaussian(self.dim).update(rows)
+            self._check_reference(side, gaussian, len(features["image"]))
+            reference = MahalanobisReference.fit(gaussian, self.config.shrinkage)
             self.references[side] = reference
             # the originals' own shift, so filters can say "farther than 99% of the originals"
             self.shift_percentiles[side] = np.percentile(reference.distance(rows), np.arange(101))
@@ -207,14 +211,33 @@ class Scorer:
         log.info("scorer reference fitted on %d images / %d captions, cached at %s",
                  len(features["image"]), len(features["text"]), cache)
 
-    def _reference_features(self, shard_urls: list[str]) -> dict[str, np.ndarray]:
+    def _check_reference(self, side: str, gaussian: RunningGaussian, images: int) -> None:
+        """A reference Gaussian needs features that vary: refused with how many images it needs when they do not
+        (too few images, or all alike, e.g. one caption for every image); a warning below the feature dimension."""
+        what = "images" if side == "image" else "captions"
+        varied = gaussian.count >= 2 and float(np.trace(gaussian.cov)) > 1e-9  # unit vectors: total variance <= 2
+        if not varied:
+            alike = f"{gaussian.count} {what}, all with the same features" if gaussian.count >= 2 else \
+                f"{gaussian.count} {what[:-1] if gaussian.count == 1 else what}"
+            raise ValueError(
+                f"the scorer's reference of the original {what} has zero variance: the {images} base image(s) "
+                f"give {alike}. It needs at least 2 different {what}, and about {self.dim + 1} (the feature "
+                f"dimension + 1) for shift scores that mean something: add images, or run without scores (SCORER=none)")
+        if gaussian.count <= self.dim:
+            log.warning("scorer reference of the %s: %d for %d feature dimensions; shift scores are rough below %d "
+                        "(the covariance is shrunk to invert)", what, gaussian.count, self.dim, self.dim + 1)
+
+    def _reference_features(self, shard_urls: list[str], total: int | None = None) -> dict[str, np.ndarray]:
+        """The original image and caption features of the first ``reference_samples`` base images (``total``:
+        how many that is, for the progress bar)."""
         from tqdm import tqdm
 
         from pipeline.core.shard_urls import read_url
 
         found: dict[str, list[np.ndarray]] = {side: [] for side in SIDES}
         count = 0
-        progress = tqdm(total=self.config.reference_samples, desc="scorer reference", unit="img", leave=False)
+        total = self.config.reference_samples if total is None else total
+        progress = tqdm(total=total, desc="scorer reference", unit="img", leave=False)
         for url in shard_urls:
             samples = read_url(url)[: self.config.reference_samples - count]
             found["image"].append(self.embed_images([s["jpg"] for s in samples]))
