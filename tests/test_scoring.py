@@ -210,6 +210,27 @@ def test_scorer_pickles_without_model_and_reuses_cached_reference(scorer: Scorer
     assert description["revision"].startswith("sha256:") and description["path"] == str(Path(scorer.config.model))
 
 
+def test_the_model_loads_once_per_process_not_once_per_shard(toy_clip_dir, tmp_path, monkeypatch) -> None:
+    """Each shard's job carries an unpickled Scorer: each loaded the model (and printed "Loading weights") again."""
+    import os
+    import shutil
+
+    from pipeline.augment import scoring
+    from pipeline.models import loading
+
+    calls = []
+    real = loading.load_model
+    monkeypatch.setattr(loading, "load_model", lambda spec, **kwargs: calls.append(spec) or real(spec, **kwargs))
+    model = shutil.copytree(toy_clip_dir, tmp_path / "clip")
+    scorer = Scorer(ScorerConfig(model=str(model)), tmp_path)
+    for _ in range(3):  # three shards in one worker process
+        pickle.loads(pickle.dumps(scorer)).embed_texts(["a red picture"])
+    assert calls == [str(model)]
+    os.utime(model / "config.json", ns=(0, 0))  # the model saved again in the same folder: loaded again
+    pickle.loads(pickle.dumps(scorer)).embed_texts(["a red picture"])
+    assert calls == [str(model)] * 2
+
+
 def test_load_scorer_defaults_and_errors(toy_clip_dir, toy_base) -> None:
     layout, _ = toy_base
     assert load_scorer(None, "toy", layout) is None

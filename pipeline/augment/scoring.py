@@ -67,6 +67,21 @@ def _weights_digest(directory: Path) -> str:
     return sha256_files(sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.bin")))[:16]
 
 
+def _files_stamp(model: str) -> tuple:
+    """What a local model folder's files are (name, size, mtime), to tell a model saved again in the same place
+    from the one loaded before; empty for a hub id."""
+    directory = Path(model).expanduser()
+    if not directory.is_dir():
+        return ()
+    return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(directory.iterdir()) if p.is_file())
+
+
+#: The scorer model this process loaded last, by (model, device, files): every shard of a worker process shares it
+#: (each shard's job carries its own unpickled Scorer, which loaded the model again, and printed transformers'
+#: "Loading weights" bar again, once per shard).
+_LOADED: dict[tuple, Any] = {}
+
+
 class Scorer:
     """Picklable: the model is loaded lazily in whichever process scores; references travel as arrays."""
 
@@ -93,11 +108,17 @@ class Scorer:
 
     @property
     def bundle(self):
+        """The model, loaded once per process (see ``_LOADED``)."""
         if self._bundle is None:
-            from pipeline.models.loading import load_model
+            key = (self.config.model, self.device, _files_stamp(self.config.model))
+            if key not in _LOADED:
+                from pipeline.models.loading import load_model
 
-            self._bundle = load_model(self.config.model, device=self.device)
-            self._bundle.model.requires_grad_(False)
+                bundle = load_model(self.config.model, device=self.device)
+                bundle.model.requires_grad_(False)
+                _LOADED.clear()  # one model held: a process scoring with another model lets the former go
+                _LOADED[key] = bundle
+            self._bundle = _LOADED[key]
         return self._bundle
 
     def revision(self) -> str:
