@@ -186,9 +186,36 @@ def test_seed_reaches_the_attacks(trained):
 def test_run_dir_resolves_to_its_clip_and_mode(tmp_path):
     run = tmp_path / "tecoa-synth-20240101-000000"
     (run / "clip").mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps({"mode": "tecoa"}))
+    (run / "config.json").write_text(json.dumps({"mode": "tecoa", "dataset": "synth"}))
     assert resolve_checkpoint(str(run)) == (str(run / "clip"), run.name, "tecoa")
-    assert resolve_checkpoint(str(tmp_path / "models" / "synth" / "clip"))[1:] == ("synth", "pretrained")
+    assert resolve_checkpoint(str(run / "clip")) == (str(run / "clip"), run.name, "tecoa")  # its clip/ is the run
+    assert resolve_checkpoint(str(tmp_path / "models" / "synth" / "clip"))[1:] == ("synth-clip", "pretrained")
+
+
+def test_evaluations_are_named_by_model_and_dataset(tmp_path):
+    """MODELS_DIR/synth/clip evaluated on f30k was named "synth", a dataset's name, before."""
+    from pipeline.evaluation.evaluate import default_eval_name
+
+    layout = Layout(tmp_path / "shards", tmp_path / "manifests", tmp_path / "runs", tmp_path / "models")
+    run = layout.runs_dir / "mat-synth-20240101-000000"
+    (run / "clip").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"mode": "mat", "dataset": "synth"}))
+    pretrained = str(layout.model_dir("synth", "clip"))
+    names = {
+        (str(run), "synth"): "mat-synth-20240101-000000",  # made on the dataset evaluated: the run's name, as before
+        (str(run), "f30k"): "mat-synth-20240101-000000-on-f30k",
+        (str(run / "clip"), "f30k"): "mat-synth-20240101-000000-on-f30k",
+        (pretrained, "synth"): "synth-clip",
+        (pretrained, "f30k"): "synth-clip-on-f30k",
+        ("openai/clip-vit-base-patch16", "coco"): "clip-vit-base-patch16-on-coco",
+        ("open_clip:ViT-B-32:laion2b_s34b_b79k", "coco"): "ViT-B-32-laion2b_s34b_b79k-on-coco",
+        ("open_clip:hf-hub:timm/ViT-B-16-SigLIP", "coco"): "ViT-B-16-SigLIP-on-coco",
+        (str(tmp_path / "elsewhere" / "clip"), "coco"): "elsewhere-clip-on-coco",
+        ("x" * 120, "coco"): "x" * 92 + "-on-coco",
+    }
+    for (checkpoint, dataset), name in names.items():
+        assert default_eval_name(checkpoint, dataset, layout) == name
+        assert eval_path(layout, dataset, name).name == f"{name}.json"  # a plain name: a file name
 
 
 @pytest.fixture()
@@ -231,6 +258,16 @@ def test_missing_models_are_named_before_any_loads(toy, tiny_model_dirs, no_mode
                    {"checkpoint": tiny_model_dirs["clip"], "mlm": "runs/nope"}):
         with pytest.raises(ModelNotFoundError, match=r"^model 'runs/nope' not found: no such folder"):
             evaluate(EvalConfig(dataset="toy", **{"mlm": tiny_model_dirs["mlm"], **change}), toy)
+
+
+def test_an_evaluation_is_written_under_its_default_or_given_name(toy, tiny_model_dirs):
+    clip = toy.model_dir("synth", "clip")
+    clip.parent.mkdir(parents=True)
+    clip.symlink_to(tiny_model_dirs["clip"])
+    record = evaluate(EvalConfig(checkpoint=str(clip), dataset="toy", attacks=(), report_to=()), toy)
+    assert record["name"] == "synth-clip-on-toy" and eval_path(toy, "toy", "synth-clip-on-toy").is_file()
+    named = evaluate(EvalConfig(checkpoint=str(clip), dataset="toy", attacks=(), report_to=(), name="mine"), toy)
+    assert named["name"] == "mine" and eval_path(toy, "toy", "mine").is_file()  # EVAL_NAME as before
 
 
 @pytest.mark.parametrize("change, message", [({"attacks": ("pgd", "nope")}, "nope"), ({"size": 1}, "size"),

@@ -129,6 +129,9 @@ def test_evaluate_builds_the_mlm_only_when_a_chosen_attack_needs_it(tmp_path, mo
 
     monkeypatch.setattr(evaluate_module, "load_test_set", stop)
     layout = Layout(tmp_path / "shards", tmp_path / "manifests", tmp_path / "runs", tmp_path / "models")
+    for folder in (tmp_path / "ckpt", layout.model_dir("synth", "mlm"), layout.base_dir("synth")):
+        folder.mkdir(parents=True)  # what evaluate checks is there before it loads anything
+    (layout.base_dir("synth") / "test-000000.tar").write_bytes(b"")
     cfg = evaluate_module.EvalConfig(checkpoint=str(tmp_path / "ckpt"), attacks=attacks, device="cpu", report_to=())
     with pytest.raises(_Stop):
         evaluate_module.evaluate(cfg, layout)

@@ -35,6 +35,15 @@ def plain_name(value: str, what: str = "name") -> str:
     return value
 
 
+def as_plain_name(text: str, fallback: str = "model", max_length: int = NAME_MAX) -> str:
+    """A plain name made from `text` (a model spec, a folder name): every run of other characters becomes one
+    '-', '..' becomes '.', what is not a letter or digit is cut from both ends, at most `max_length` characters;
+    `fallback` when nothing is left."""
+    name = re.sub(r"\.{2,}", ".", re.sub(r"[^A-Za-z0-9_.-]+", "-", text))
+    name = re.sub(r"^[^A-Za-z0-9]+|[^A-Za-z0-9]+$", "", name[:max_length])
+    return name or fallback
+
+
 def sizes_path(shard_dir: Path) -> Path:
     """The `sizes.json` of a folder of shards (any folder: stage, export, or one given by URL)."""
     return shard_dir / SIZES_FILE

@@ -59,9 +59,10 @@ from tqdm import tqdm
 from pipeline.attacks import ATTACKS, build_attack
 from pipeline.evaluation.resume import PartialStore, fingerprint, model_stamp
 from pipeline.models.device import PRECISIONS, autocast, resolve_device, resolve_precision
+from pipeline.models.openclip import PREFIX as OPEN_CLIP_PREFIX
 from pipeline.core.images import decode_rgb
 from pipeline.evaluation.itm import check_itm, itm_retrieval_metrics
-from pipeline.core.paths import Layout, plain_name
+from pipeline.core.paths import NAME_MAX, Layout, as_plain_name, plain_name
 from pipeline.core.schema import base_record
 from pipeline.core.tracking import Tracker, check_reporters
 from pipeline.evaluation.retrieval import asr_at_k, attack_success_rate, recall_at_k
@@ -202,15 +203,56 @@ def load_test_urls(urls: list[str], clip: CLIPBundle, size: int | None = None, n
     return TestSet(keys, clip.preprocess(images).mul_(255.0).round_().to(torch.uint8), captions)
 
 
+def _run_config(run: Path) -> dict[str, Any]:
+    """A training run's saved config.json ({} when it has none or it is not one)."""
+    config = run / "config.json"
+    try:
+        saved = json.loads(config.read_text()) if config.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return saved if isinstance(saved, dict) and "mode" in saved else {}
+
+
 def resolve_checkpoint(checkpoint: str) -> tuple[str, str, str]:
-    """(CLIP dir or id, default name, default mode) of a run dir, a CLIP dir or a hub id."""
+    """(CLIP dir or spec, model name, default mode) of a training run dir (or its clip/), a CLIP dir, a hub id or
+    an open_clip spec. The model name is a plain name saying which model: the run's folder name; for a folder
+    named clip, the folder above and clip (MODELS_DIR/synth/clip: ``synth-clip``); a folder's or a hub id's last
+    name; an open_clip spec's model and weights (``open_clip:ViT-B-32:laion2b``: ``ViT-B-32-laion2b``)."""
     path = Path(checkpoint)
     if (path / "clip").is_dir():  # a training run
-        config = path / "config.json"
-        mode = json.loads(config.read_text()).get("mode", path.name) if config.is_file() else path.name
-        return str(path / "clip"), path.name, mode
-    name = path.parent.name if path.name == "clip" else path.name
-    return str(checkpoint), name or "model", "pretrained"
+        return str(path / "clip"), path.name, _run_config(path).get("mode", path.name)
+    if path.name == "clip" and _run_config(path.parent):  # a training run's clip/
+        return str(checkpoint), path.parent.name, _run_config(path.parent)["mode"]
+    if checkpoint.startswith(OPEN_CLIP_PREFIX):
+        parts = checkpoint[len(OPEN_CLIP_PREFIX):].split(":")
+        name = "-".join(part.rsplit("/", 1)[-1] for part in parts if part and part != "hf-hub")
+    else:
+        name = f"{path.parent.name}-clip" if path.name == "clip" and path.parent.name else path.name
+    return str(checkpoint), as_plain_name(name), "pretrained"
+
+
+def model_dataset(checkpoint: str, layout: Layout) -> str | None:
+    """The dataset a model was made on, where that is known: a training run's, or <dataset> of
+    MODELS_DIR/<dataset>/clip (`make pretrain`'s); None for anything else (a hub id, another folder)."""
+    path = Path(checkpoint).expanduser()
+    for run in (path, path.parent if path.name == "clip" else None):
+        if run is not None and (run / "clip").is_dir() and _run_config(run).get("dataset"):
+            return str(_run_config(run)["dataset"])
+    if path.name == "clip" and path.parent.parent.resolve() == Path(layout.models_dir).resolve():
+        return path.parent.name
+    return None
+
+
+def default_eval_name(checkpoint: str, dataset: str, layout: Layout) -> str:
+    """An evaluation's name when EVAL_NAME gives none: the model's name (:func:`resolve_checkpoint`), and the
+    dataset evaluated on unless the model was made on that very dataset: ``mat-synth-20260101-000000`` on synth,
+    ``synth-clip-on-f30k`` for MODELS_DIR/synth/clip on f30k, ``clip-vit-base-patch16-on-coco`` for a hub model.
+    A plain name (a file name; the W&B run name too)."""
+    model = resolve_checkpoint(checkpoint)[1]
+    if model_dataset(checkpoint, layout) == dataset:
+        return model
+    suffix = f"-on-{dataset}"
+    return as_plain_name(model, max_length=NAME_MAX - len(suffix)) + suffix
 
 
 @torch.no_grad()
@@ -344,8 +386,8 @@ def evaluate(cfg: EvalConfig, layout: Layout | None = None) -> dict[str, Any]:
         raise ValueError("checkpoint: required (CKPT=<training run dir, CLIP dir or hub id>)")
     layout = layout or Layout.from_env()
     device = str(resolve_device(cfg.device))
-    clip_dir, default_name, default_mode = resolve_checkpoint(cfg.checkpoint)
-    name, mode = cfg.name or default_name, cfg.mode or default_mode
+    clip_dir, _, default_mode = resolve_checkpoint(cfg.checkpoint)
+    name, mode = cfg.name or default_eval_name(cfg.checkpoint, cfg.dataset, layout), cfg.mode or default_mode
     out = eval_path(layout, cfg.dataset, name)  # refuses a name that is not plain before any work
     if not cfg.data:  # the data, then the models, are there before any model loads
         require_shards(layout.base_dir(cfg.dataset), cfg.split)

@@ -43,7 +43,7 @@ from PIL import Image
 
 from pipeline.core.config import check_choice, check_device, check_positive
 from pipeline.core.fileio import atomic_write_bytes, atomic_write_json
-from pipeline.core.paths import Layout
+from pipeline.core.paths import Layout, as_plain_name
 from pipeline.core.provenance import PROVENANCE_KEY, provenance
 
 log = logging.getLogger(__name__)
@@ -287,7 +287,7 @@ def evaluate_zeroshot(cfg: ZeroShotConfig, layout: Layout | None = None) -> dict
     layout = layout or Layout.from_env()
     device = str(resolve_device(cfg.device))
     model_dir, default_name, mode = resolve_checkpoint(cfg.checkpoint)
-    name = cfg.name or f"{default_name}-{cfg.synth_labels or Path(cfg.data).name}"
+    name = cfg.name or as_plain_name(f"{default_name}-{cfg.synth_labels or Path(cfg.data).name}")
     out = zeroshot_path(layout, cfg.dataset, name)
     torch.manual_seed(cfg.seed)
     model = load_model(model_dir, device=device)
