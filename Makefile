@@ -1,6 +1,7 @@
 # Thin layer over the CLI (`.venv/bin/mat-pipeline <command>`): every target is a command with the same
 # options, passed as variables, e.g. `make augment DATASET=coco DATA_ROOT=../shared/data/coco-mini`.
-# Variables given on the make command line reach the CLI as environment variables (see `--help`).
+# A variable given on the make command line reaches the CLI as MAT_<NAME> (see `--help`); the CLI reads no
+# other environment variable, so a DATASET or FORMAT exported in the shell for another tool changes nothing.
 
 SHELL := /bin/bash
 PYTHON ?= python3.11
@@ -12,14 +13,12 @@ APT_STAMP := $(VENV)/.apt-installed
 # WordNet (+ the lexnames file Debian lacks) and the tagger lexicon, copied into nltk's data folder in the venv.
 NLTK_STAMP := $(VENV)/nltk_data/corpora/wordnet/lexnames
 
-export DATASET ?= synth
-export SHARDS_DIR ?= shards
-export MANIFESTS_DIR ?= manifests
-export RUNS_DIR ?= runs
-export MODELS_DIR ?= models
+MODELS_DIR ?= models
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
-# DATA_ROOT, FORMAT, STAGES, MODE, SCORER, FILTER, CKPT, STEPS, ... are read by the CLI when set.
+# NAME=value on the command line -> MAT_NAME for the CLI (DATASET, DATA_ROOT, STAGES, MODE, STEPS, CKPT, ...).
+MAKE_ONLY := PYTHON SHELL MAKEFLAGS MAKEOVERRIDES MFLAGS
+$(foreach name,$(filter-out $(MAKE_ONLY),$(.VARIABLES)),$(if $(filter command line,$(origin $(name))),$(eval export MAT_$(name) := $(value $(name)))))
 
 # Debian packages: WordNet 3.0 for EDA (read by nltk offline) and a Penn-Treebank tagger lexicon.
 APT_PACKAGES := wordnet-base wordnet-sense-index liblingua-en-tagger-perl

@@ -148,16 +148,16 @@ def test_cli_stats_and_filter(scored, monkeypatch) -> None:
     from pipeline.commands.cli import app
 
     layout, planted = scored
-    env = {"SHARDS_DIR": str(layout.shards_dir), "MANIFESTS_DIR": str(layout.manifests_dir), "DATASET": DATASET}
+    env = {"MAT_SHARDS_DIR": str(layout.shards_dir), "MAT_MANIFESTS_DIR": str(layout.manifests_dir), "MAT_DATASET": DATASET}
     runner = CliRunner()
     out = runner.invoke(app, ["stats"], env=env)
     assert out.exit_code == 0, out.output
     assert "| randaug | image |" in out.output and "frechet.png" in out.output
-    out = runner.invoke(app, ["filter"], env={**env, "FILTER": "cli", "TOP_FRACTION": "0.5", "FILTER_STAGES": "eda"})
+    out = runner.invoke(app, ["filter"], env={**env, "MAT_FILTER": "cli", "MAT_TOP_FRACTION": "0.5", "MAT_FILTER_STAGES": "eda"})
     assert out.exit_code == 0, out.output
     assert f"eda: kept {len(planted['eda']) // 2} of {len(planted['eda'])}" in out.output
     assert set(json.loads(filter_path(layout, DATASET, "cli").read_text())["stages"]) == {"eda"}
-    out = runner.invoke(app, ["filter"], env={**env, "FILTER": "bad"})
+    out = runner.invoke(app, ["filter"], env={**env, "MAT_FILTER": "bad"})
     assert out.exit_code != 0 and "at least one" in out.output
 
 

@@ -220,8 +220,8 @@ def toy_layout(tmp_path, tiny_model_dirs):
 
 
 def _study(layout, tiny_model_dirs, steps: int) -> subprocess.Popen:
-    env = {**os.environ, "SHARDS_DIR": str(layout.shards_dir), "MANIFESTS_DIR": str(layout.manifests_dir),
-           "RUNS_DIR": str(layout.runs_dir), "MODELS_DIR": str(layout.models_dir), "PRECISION": "fp32"}
+    env = {**os.environ, "MAT_SHARDS_DIR": str(layout.shards_dir), "MAT_MANIFESTS_DIR": str(layout.manifests_dir),
+           "MAT_RUNS_DIR": str(layout.runs_dir), "MAT_MODELS_DIR": str(layout.models_dir), "MAT_PRECISION": "fp32"}
     argv = [sys.executable, "-m", "pipeline", "study", "--dataset", "toy", "--clip", tiny_model_dirs["clip"],
             "--mlm", tiny_model_dirs["mlm"], "--modes", "ft", "--steps", str(steps), "--batch-size", "8",
             "--eval-size", "8", "--attacks", "pgd", "--no-augmentation", "--resamples", "50",

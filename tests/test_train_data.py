@@ -180,9 +180,9 @@ def test_captions_and_train_augment_reach_the_config_from_env_and_options(monkey
 
     monkeypatch.setattr("pipeline.commands.cli._run_training", capture)
     runner = CliRunner()
-    runner.invoke(app, ["train"], env={"CAPTIONS": "all", "TRAIN_AUGMENT": "rrc"})
-    runner.invoke(app, ["train", "--captions", "primary"], env={"CAPTIONS": "all"})
-    runner.invoke(app, ["train"], env={"CAPTIONS": "", "TRAIN_AUGMENT": ""})
+    runner.invoke(app, ["train"], env={"MAT_CAPTIONS": "all", "MAT_TRAIN_AUGMENT": "rrc"})
+    runner.invoke(app, ["train", "--captions", "primary"], env={"MAT_CAPTIONS": "all"})
+    runner.invoke(app, ["train"], env={"MAT_CAPTIONS": "", "MAT_TRAIN_AUGMENT": ""})
     assert [(d.captions, d.augment) for d in seen] == [("all", "rrc"), ("primary", "none"), ("primary", "none")]
 
 

@@ -71,6 +71,7 @@ from pipeline.core.shards import list_shards
 from pipeline.core.config import check_choice, check_positive, save_config
 from pipeline.core.fileio import atomic_write_json
 from pipeline.core.provenance import PROVENANCE_KEY, provenance
+from pipeline.evaluation.config import DEFAULT_ATTACKS, EvalConfig  # noqa: F401  (EvalConfig: its settings)
 
 if TYPE_CHECKING:  # type hints only: transformers loads when a model does, not with the CLI
     from pipeline.models.hf import CLIPBundle, MLMBundle
@@ -78,64 +79,10 @@ if TYPE_CHECKING:  # type hints only: transformers loads when a model does, not 
 log = logging.getLogger(__name__)
 
 CLEAN = "clean"
-DEFAULT_ATTACKS = ATTACKS.names()
 KS = (1, 5, 10)
 MAX_WORDS = 30  # SGA's paired_dataset (max_words=30)
 _DELETED = re.compile(r"[,.'!?\"()*#:;~]")
 _SPACE_RUNS = re.compile(r"\s{2,}")
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """One evaluation. ``checkpoint`` (required by :func:`evaluate`): a training run dir (its ``clip/``), or any
-    CLIP dir / hub id."""
-
-    checkpoint: str = ""
-    dataset: str = "synth"
-    mlm: str | None = None  # masked LM of the text attacks; default MODELS_DIR/<dataset>/mlm
-    name: str | None = None  # output file name; default the run dir / model dir name
-    mode: str | None = None  # row label; default the run's training mode, "pretrained" for a bare CLIP dir
-    split: str = "test"
-    data: str | None = None  # test shard URLs (pipeline/core/shard_urls.py) instead of SHARDS_DIR/<dataset>/base/<split>-*
-    size: int | None = None  # first N test images (None: all)
-    batch_size: int = 64  # images attacked together (with all their captions)
-    attacks: tuple[str, ...] = DEFAULT_ATTACKS
-    # Overrides of every attack's defaults (None keeps the published defaults of each attack):
-    eps: float | None = None
-    steps: int | None = None
-    step_size: float | None = None
-    top_k: int | None = None
-    n_words: int | None = None
-    mlm_threshold: float | None = None
-    constraint: str | None = None  # BERT-Attack candidates: "synonyms" (WordNet); None: unfiltered, as the reference
-    precision: str = "fp32"  # the reference evaluations run fp32; "auto" / "bf16" trade fidelity for speed
-    device: str = "auto"
-    seed: int = 0
-    normalise_captions: bool = True  # the reference's pre_caption (normalise_caption); False: captions as stored
-    report_to: tuple[str, ...] = ("tensorboard",)  # trackers of the metrics (pipeline/core/tracking.py); () for none
-    wandb_mode: str = "offline"
-    itm_k: int = 0  # BLIP: re-rank each query's contrastive top k with the ITM head (pipeline/evaluation/itm.py)
-    attack_source: str | None = None  # transfer: craft the attacks on this model (spec / run dir), evaluate ours
-
-    def attack_options(self) -> dict[str, Any]:
-        options = {"eps": self.eps, "steps": self.steps, "step_size": self.step_size, "top_k": self.top_k,
-                   "n_words": self.n_words, "mlm_threshold": self.mlm_threshold, "constraint": self.constraint}
-        return {k: v for k, v in options.items() if v is not None}
-
-    def __post_init__(self) -> None:
-        plain_name(self.split, "split")  # a shard-name prefix: '*', '../x' or '/abs' would read other shards
-        check_reporters(self.report_to, self.wandb_mode)
-        unknown = [a for a in self.attacks if a not in ATTACKS]
-        if unknown:
-            raise ValueError(f"attacks={unknown}: unknown; valid: {sorted(ATTACKS)}")
-        if self.size is not None and self.size < 2:
-            raise ValueError(f"size={self.size}: need at least 2 test images")
-        check_positive(self, "batch_size")
-        check_choice("precision", self.precision, PRECISIONS)
-        if self.eps is not None and not 0 <= self.eps <= 1:
-            raise ValueError(f"eps={self.eps}: must be in [0, 1] (pixels in [0, 1]; 2/255 = {2 / 255:.5f})")
-        if self.itm_k < 0:
-            raise ValueError(f"itm_k={self.itm_k}: must be >= 0 (0: contrastive ranking only)")
 
 
 def normalise_caption(caption: str, max_words: int = MAX_WORDS) -> str:
