@@ -113,6 +113,16 @@ def _typer_parameter(declared: Declared) -> inspect.Parameter:
     return inspect.Parameter(declared.param, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
 
 
+def _flags(parameter: inspect.Parameter) -> list[str]:
+    """The option names a typer parameter takes ("--on/--off" gives both)."""
+    infos = [m for m in getattr(parameter.annotation, "__metadata__", ()) if isinstance(m, typer.models.OptionInfo)]
+    if not infos:
+        return ["--" + parameter.name.replace("_", "-")]
+    declared = [infos[0].default, *(infos[0].param_decls or ())]  # Annotated: typer keeps the first name in default
+    names = [d for d in declared if isinstance(d, str) and d.startswith("-")] or ["--" + parameter.name.replace("_", "-")]
+    return [part for name in names for part in name.split("/")]
+
+
 ConfigFile = Annotated[Optional[Path], typer.Option("--config", envvar=env("CONFIG"), help="Settings file, YAML or JSON (a run's saved config.json replays as is); the options and --set override it.")]
 Assignments = Annotated[Optional[list[str]], typer.Option("--set", envvar=env("SET"), help="Any setting as name=value, applied last, repeatable (e.g. --set optim.lr=1e-5; names as in the saved config.json; MAT_SET / make SET=: space-separated).")]
 
@@ -131,9 +141,10 @@ def settings_command(cls: type, split_set: Callable[[Sequence[str]], tuple[list[
         extra = [inspect.Parameter("config_file", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ConfigFile),
                  inspect.Parameter("assignments", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Assignments)]
         names = [p.name for p in own + generated + extra]
-        clash = {n for n in names if names.count(n) > 1}
+        flags = [flag for p in own + generated + extra for flag in _flags(p)]
+        clash = {n for n in names if names.count(n) > 1} | {f for f in flags if flags.count(f) > 1}
         if clash:
-            raise TypeError(f"{fn.__name__}: parameters {sorted(clash)} declared twice")
+            raise TypeError(f"{fn.__name__}: {', '.join(sorted(clash))} declared twice")
 
         @functools.wraps(fn)
         def command(**given: Any) -> Any:
