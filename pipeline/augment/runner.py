@@ -37,7 +37,7 @@ class AugmentConfig:
     executor: str = field(default="local", metadata=option("EXECUTOR", " | ".join(f"{e.name} ({e.description})" for e in EXECUTORS.entries()) + "."))
     retries: int = field(default=1, metadata=option("RETRIES", "Times a failed shard is retried before it is recorded."))
     overwrite: bool = field(default=False, metadata=option("OVERWRITE", "Redo every stage shard with the settings given instead of resuming.", flag="--overwrite/--resume"))
-    # nothing is ingested then, and the stage shards still go to SHARDS_DIR/<dataset>/<stage>/.
+    # Given, nothing is ingested, and the stage shards still go to SHARDS_DIR/<dataset>/<stage>/.
     base_data: str | None = field(default=None, metadata=option("BASE_DATA", "Base shard URLs instead of SHARDS_DIR/<dataset>/base: a brace pattern (/data/coco/base/train-{000000..000009}.tar), a '::' list or pipe: commands; stage shards are those beside them, by the stage's name."))
 
     def __post_init__(self) -> None:
