@@ -110,7 +110,7 @@ def test_folders_are_passed_not_written_to_the_environment(tmp_path, monkeypatch
     assert (tmp_path / "m" / "synth" / "base.json").is_file() and _base_shards(tmp_path / "s")
     import os
 
-    assert "SHARDS_DIR" not in os.environ
+    assert "MAT_SHARDS_DIR" not in os.environ
 
 
 def test_demo_phases_write_into_the_demo_folders(tmp_path, monkeypatch):

@@ -51,7 +51,7 @@ class KillReport:
 
 
 def _env(cwd: Path, extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("SHARDS_DIR", "MANIFESTS_DIR", "RUNS_DIR", "MODELS_DIR")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAT_")}
     env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", SHARDS_DIR=str(cwd / "shards"),
                MANIFESTS_DIR=str(cwd / "manifests"), RUNS_DIR=str(cwd / "runs"), MODELS_DIR=str(cwd / "models"))
     return {**env, **extra}

@@ -124,7 +124,7 @@ def _scratch_outputs(cwd: Path) -> None:
 
 
 def _cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("SHARDS_DIR", "MANIFESTS_DIR", "RUNS_DIR", "MODELS_DIR", "DATASET")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAT_")}
     env["PYTHONPATH"] = str(ROOT)
     return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env, capture_output=True, text=True)
 
