@@ -36,7 +36,7 @@ GENERATIVE_STAGES = {"i2t-internvl": "I2T_MODEL", "t2i-sd": "T2I_MODEL"}
 
 @dataclass(frozen=True)
 class DemoConfig:
-    # Sized for 20 minutes with set-up on 2 CPU cores without bf16 instructions (fp32: see README, "The demo").
+    # Sized for 20 minutes with set-up on 2 CPU cores without bf16 instructions (fp32: README, "The demo's results").
     size: int = field(default=3000, metadata=option("DEMO_SIZE", "Images in the embedded synth dataset, 80/10/10 split.", flag="--size"))
     pretrain_steps: int = field(default=700, metadata=option("DEMO_PRETRAIN_STEPS", "CLIP pretraining steps.", flag="--pretrain-steps"))
     # every cell of both tables (the MAT+ i2t-human and MAT cells are shared by both)
@@ -82,7 +82,7 @@ def run_demo(cfg: DemoConfig, run: Runner, layout: Layout, echo: Callable[[str],
     phase("pretrain", ["pretrain", *data, "--steps", str(cfg.pretrain_steps)])
     echo(f"generative stages skipped: {', '.join(GENERATIVE_STAGES)} (no generative models on this machine); "
          f"enable them with {' / '.join(f'{v}=<model dir or id>' for v in GENERATIVE_STAGES.values())} "
-         f"and `make augment STAGES={','.join(GENERATIVE_STAGES)}` (see README)")
+         f"and `make augment STAGES={','.join(GENERATIVE_STAGES)}` (see docs/stages.md)")
     phase("augment", ["augment", *data, "--stages", ",".join(CPU_STAGES), "--workers", str(cfg.workers)])
     phase("stats", ["stats", *data], optional=True)  # descriptive only: nothing downstream reads it
     phase("study", ["study", *data, "--modes", ",".join(cfg.modes), "--steps", str(cfg.train_steps),
