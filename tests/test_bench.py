@@ -91,7 +91,7 @@ def test_the_real_benchmarks_folder_is_the_checkout_one():
 
 @pytest.mark.slow
 def test_gpu_bench_at_tiny_size_reports_every_figure(monkeypatch):
-    monkeypatch.setenv("GPU_BENCH_SIZE", "tiny")
+    monkeypatch.setenv("MAT_GPU_BENCH_SIZE", "tiny")
     module = bench._load("gpu", bench.available()["gpu"])
     figures = module.run()
     expected = set(module.expected_figures())

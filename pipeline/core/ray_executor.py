@@ -13,8 +13,8 @@ Data would add a row-level execution plan and block-size tuning for nothing.
 
 Resources per actor: a task whose stage runs on CUDA (its config's `device`, or the run's `DEVICE` when the
 config says "auto"; or a stage class with `needs_gpu = True`) gets an actor per GPU (`num_gpus=1`, or
-`RAY_GPUS_PER_ACTOR`, e.g. 0.5 to pack two small models per GPU); otherwise one actor per CPU
-(`RAY_CPUS_PER_ACTOR`, default 1). The pool is as large as the cluster's resources allow, capped by the number of
+`MAT_RAY_GPUS_PER_ACTOR`, e.g. 0.5 to pack two small models per GPU); otherwise one actor per CPU
+(`MAT_RAY_CPUS_PER_ACTOR`, default 1). The pool is as large as the cluster's resources allow, capped by the number of
 shards. With no `RAY_ADDRESS` the executor starts a local instance with `workers` CPUs.
 
 Failures: a shard that returns ok=False or whose actor process dies (RayActorError) is re-queued up to
@@ -61,9 +61,9 @@ def task_needs_gpu(task: Any) -> bool:
 
 
 def actor_resources(tasks: Sequence[tuple[str, Any]]) -> ActorResources:
-    cpus = float(os.environ.get("RAY_CPUS_PER_ACTOR", "1"))
+    cpus = float(os.environ.get("MAT_RAY_CPUS_PER_ACTOR", "1"))
     if any(task_needs_gpu(task) for _, task in tasks):
-        return ActorResources(num_cpus=cpus, num_gpus=float(os.environ.get("RAY_GPUS_PER_ACTOR", "1")))
+        return ActorResources(num_cpus=cpus, num_gpus=float(os.environ.get("MAT_RAY_GPUS_PER_ACTOR", "1")))
     return ActorResources(num_cpus=cpus)
 
 
