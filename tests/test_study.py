@@ -350,3 +350,38 @@ def test_study_train_set_reaches_every_training_cell(tmp_path):
 
     _, units = build_plan(dataclasses.replace(cfg, train_set=()), layout)
     assert [u.settings["attack"]["text"]["variant"] for u in units if u.kind == "train" and "mat" in u.name] == ["reference"]
+
+
+def test_study_trackers_reach_every_training_cell_and_keep_the_fingerprints(tmp_path, monkeypatch):
+    """REPORT_TO of the study reaches each training run's TrainConfig (TensorBoard by default, as `make train`),
+    while the units' fingerprints stay those the study had when it trained with no trackers: a study resumed
+    after the option came, or rerun with other trackers, retrains nothing."""
+    import pipeline.train.main
+    from pipeline.core.paths import Layout
+    from pipeline.evaluation.resume import fingerprint
+    from pipeline.study.run import build_plan
+    from pipeline.train.toy import write_toy_shards
+
+    write_toy_shards(tmp_path / "shards", "toy", shards=1, per_shard=4, split="test")
+    layout = Layout(tmp_path / "shards", tmp_path / "manifests", tmp_path / "runs", tmp_path / "models")
+    trained: list = []
+    monkeypatch.setattr(pipeline.train.main, "train", lambda tcfg, layout: trained.append(tcfg))
+
+    def plan(**change):
+        cfg = StudyConfig(dataset="toy", clip="c", mlm="m", modes=("ft", "mat"), augmentation=False, **change)
+        units = [u for u in build_plan(cfg, layout)[1] if u.kind == "train"]
+        trained.clear()
+        for unit in units:
+            unit.run()
+        return {u.name: fingerprint(u.settings) for u in units}, [t.report_to for t in trained]
+
+    default, reporters = plan()
+    assert StudyConfig().report_to == ("tensorboard",) and reporters == [("tensorboard",)] * 2
+    none, reporters = plan(report_to=())
+    assert reporters == [(), ()] and none == default
+    assert plan(report_to=("tensorboard",), wandb_mode="online")[0] == default
+    # the fingerprints these units had before the option existed (the study then trained with report_to=())
+    assert default == {"train-ft-s0": "b501f9e7a5ac44e51ee11a4a0e59d76ccd0ce6b738c27cad649a840551549644",
+                       "train-mat-s0": "12c774ba028d5cf9287c8a23408456fb92fd07355f1813ce4e7ce9e50532850a"}
+    with pytest.raises(ValueError, match="report_to"):
+        StudyConfig(report_to=("tensorbord",))

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pipeline.core.config import check_choices, check_positive
 from pipeline.attacks import ATTACKS as ALL_ATTACKS
 from pipeline.core.paths import plain_name
+from pipeline.core.tracking import check_reporters
 from pipeline.train.registry import MODES as TRAIN_MODES
 from stages import STAGES
 
@@ -69,6 +70,10 @@ class StudyConfig:
     data_workers: int = 2
     # --set items for every training cell, as `make train` takes them, e.g. attack.text.variant=fast
     train_set: tuple[str, ...] = ()
+    # Trackers of every training cell (TrainConfig.report_to: tensorboard, wandb; () for none), written in each
+    # run's folder. Not part of a unit's fingerprint: changing them retrains nothing.
+    report_to: tuple[str, ...] = ("tensorboard",)
+    wandb_mode: str = "offline"
 
     def __post_init__(self) -> None:
         plain_name(self.dataset, "dataset")
@@ -85,6 +90,7 @@ class StudyConfig:
             raise ValueError(f"eval_size={self.eval_size}: need at least 2 test images")
         if not 0 < self.level < 1:
             raise ValueError(f"level={self.level}: must be in (0, 1)")
+        check_reporters(self.report_to, self.wandb_mode)
 
     @property
     def train_steps(self) -> int:
