@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.study.bootstrap import Bootstrap, Outcomes
+from pipeline.evaluation.bootstrap import Bootstrap, Outcomes
 from pipeline.study.plan import Cell, StudyConfig, plan_cells
 from pipeline.study.report import CONTRADICTS, SUPPORTS, UNDECIDED, CellResult, build_study_report, mean_r1, recall
 

@@ -1,8 +1,8 @@
 """The study's report: the defences table, the augmentation table, the augmentation-quality figure, and the
 paper's claims judged from the numbers.
 
-Every number comes from the per-query ranks of the evaluations (:class:`pipeline.study.bootstrap.Outcomes`), so the
-points equal the evaluation JSONs' metrics and the intervals come from the same data. Scores:
+Every number comes from the per-query ranks of the evaluations (:class:`pipeline.evaluation.bootstrap.Outcomes`),
+so the points equal the evaluation JSONs' metrics and the intervals come from the same data. Scores:
 
 - *robust score* of a cell: the mean over the multimodal attacks (Co-Attack, SGA; every attack run when none
   of them is) of (TR R@1 + IR R@1) / 2, in percent;
@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.study.bootstrap import Bootstrap, Interval, Outcomes, Statistic, spearman
+from pipeline.evaluation.bootstrap import Bootstrap, Interval, Outcomes, Statistic, spearman
 from pipeline.evaluation.report import ATTACK_LABELS, ATTACK_ORDER, MODE_LABELS
 from pipeline.core.fileio import atomic_write_json, atomic_write_text
 from pipeline.core.provenance import PROVENANCE_KEY, provenance

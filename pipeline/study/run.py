@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.attacks import ATTACKS
-from pipeline.study.bootstrap import Outcomes
+from pipeline.evaluation.bootstrap import Outcomes
 from pipeline.study.plan import (ATTACK_COST, CPU_STAGES, EVAL_COST_SCALE, MODE_COST, STAGE_KINDS, TRAIN_MODES, Cell,
                                  StudyConfig, eval_name, plan_cells)
 from pipeline.evaluation.resume import fingerprint, model_stamp
