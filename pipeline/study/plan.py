@@ -25,6 +25,7 @@ def _tag(tags: frozenset[str], choices: tuple[str, str]) -> str:
 
 #: stage -> (modality of its variants, cross-modal or intra-modal): the paper's two axes, from the stages' tags.
 STAGE_KINDS = {e.name: (_tag(e.tags, ("text", "image")), _tag(e.tags, ("cross", "intra"))) for e in STAGES.entries()}
+STAGE_LABELS = STAGES.labels()  # display names (the stage's name unless it registers a label)
 PAIRING = {"text": "1:N", "image": "N:1", "both": "N:N"}
 # Relative costs for the time-left estimate (a mode or attack missing here counts 1): training per step in FT
 # steps (bench: MAT step / FT step 4.3), evaluation per image in clean forwards (bench: attack_cost_*), and the
