@@ -428,8 +428,10 @@ def test_study_tables_as_csv_hold_the_json_numbers(tmp_path):
         assert all(_same(row[column(k)], v) for k, v in record.items()), record
     by_cell = {(r["cell"], r["attack"]): r for r in saved["defences"]}
     per_seed = {(r["cell"], r["seed"]): r["metrics"] for r in saved["records"]}
-    assert by_cell[("tecoa", "sga")]["tr_r1"] == per_seed[("tecoa", 0)]["sga"]["tr_r1"]
-    assert by_cell[("tecoa", "sga")]["ir_asr_r5"] == per_seed[("tecoa", 0)]["sga"]["ir_asr_r5"]
+    for (cell, attack), row in by_cell.items():  # one seed: the points are that seed's metrics
+        if cell != "ft":
+            metrics = per_seed[(cell, 0)][attack]
+            assert {k: row[k] for k in metrics} == pytest.approx(metrics, rel=1e-12), (cell, attack)
     assert by_cell[("tecoa", "clean")]["tr_asr"] is None and by_cell[("tecoa", "sga")]["tr_r1_sd"] is None
     ft = by_cell[("ft", "sga")]
     assert ft["seeds"] == 2 and ft["tr_r1_sd"] > 0 and ft["tr_r1_low"] <= ft["tr_r1"] <= ft["tr_r1_high"]
