@@ -259,6 +259,8 @@ def test_a_killed_study_resumes_without_redoing_done_units(toy_layout, tiny_mode
     assert {(r["cell"], r["seed"]) for r in report["records"]} == {("pretrained", 0), ("ft", 0)}
     plan = json.loads((toy_layout.manifests_dir / "toy" / "study" / "plan.json").read_text())
     assert [u["name"] for u in plan["units"]] == ["eval-pretrained-s0", "train-ft-s0", "eval-ft-s0"]
+    assert (toy_layout.runs_dir / "study-toy" / "ft-s0" / "tensorboard").is_dir()  # the study's default trackers
+    assert (toy_layout.manifests_dir / "toy" / "study" / "defences.csv").is_file()
     # a changed budget is a new fingerprint: the training reruns (its old folder set aside), the pretrained eval not
     again = _study(toy_layout, tiny_model_dirs, steps=3)
     out, _ = again.communicate(timeout=600)
