@@ -177,3 +177,29 @@ def test_filter_command_takes_a_config_file_and_set(scored, tmp_path) -> None:
     assert CliRunner().invoke(app, argv[:7] + ["--config", str(tmp_path / "bare.yaml")]).exit_code == 2
     result = CliRunner().invoke(app, argv[:7] + ["--config", str(tmp_path / "bare.yaml"), "--set", "max_shift=5"])
     assert result.exit_code == 0, result.output
+
+
+def test_frechet_figure_has_a_panel_per_modality_and_shows_zeros_and_gaps() -> None:
+    """Image and text distances on panels of their own (own y scales), each bar's value written, a distance of
+    0 drawn and written (i2t-human's text: the other human captions), n/a where a stage has no distance."""
+    from pipeline.core.figures import NA, pyplot
+    from pipeline.curate.stats import frechet_figure
+
+    fd = {"base": (None, None), "i2t-human": (None, 0.0), "eda": (None, 0.0213), "randaug": (0.352, None),
+          "t2i-sd": (1.91, None)}
+    rows = [{"stage": stage, "fd_image": image, "fd_text": text} for stage, (image, text) in fd.items()]
+    fig = frechet_figure(rows)
+    try:
+        image, text = fig.axes
+        assert "image" in image.get_ylabel() and "text" in text.get_ylabel()
+        assert not image.get_shared_y_axes().joined(image, text)
+        assert image.get_ylim()[1] > 1.91 and text.get_ylim()[1] < 0.1  # each on its own scale
+        for ax in (image, text):
+            assert [t.get_text() for t in ax.get_xticklabels()] == ["i2t-human", "eda", "randaug", "t2i-sd"]
+        assert [t.get_text() for t in image.texts] == [NA, NA, "0.3520", "1.9100"]
+        assert [t.get_text() for t in text.texts] == ["0.0000", "0.0213", NA, NA]
+        assert [p.get_height() for p in text.patches] == [0.0213]  # the zero is no bar of height 0 ...
+        zero = [c.get_segments()[0] for c in text.collections if len(c.get_segments()) == 1]
+        assert zero and np.allclose(zero[0][:, 1], 0) and np.allclose(zero[0][:, 0], [-0.3, 0.3])  # a line at 0
+    finally:
+        pyplot().close(fig)

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pipeline.core.config import DATASET_OPTION, check_choices, check_positive, option
 from pipeline.attacks import ATTACKS as ALL_ATTACKS
 from pipeline.core.paths import plain_name
+from pipeline.core.tracking import check_reporters, parse_report_to
+from pipeline.train.config import REPORT_TO_HELP, WANDB_MODE_HELP
 from pipeline.train.registry import MODES as TRAIN_MODES
 from stages import STAGES
 
@@ -24,6 +26,7 @@ def _tag(tags: frozenset[str], choices: tuple[str, str]) -> str:
 
 #: stage -> (modality of its variants, cross-modal or intra-modal): the paper's two axes, from the stages' tags.
 STAGE_KINDS = {e.name: (_tag(e.tags, ("text", "image")), _tag(e.tags, ("cross", "intra"))) for e in STAGES.entries()}
+STAGE_LABELS = STAGES.labels()  # display names (the stage's name unless it registers a label)
 PAIRING = {"text": "1:N", "image": "N:1", "both": "N:N"}
 # Relative costs for the time-left estimate (a mode or attack missing here counts 1): training per step in FT
 # steps (bench: MAT step / FT step 4.3), evaluation per image in clean forwards (bench: attack_cost_*), and the
@@ -89,6 +92,10 @@ class StudyConfig:
     data_workers: int = field(default=2, metadata=option("DATA_WORKERS", "Training loader workers."))
     # --set items for every training cell, as `make train` takes them, e.g. attack.text.variant=fast
     train_set: tuple[str, ...] = ()
+    # Trackers of every training cell (TrainConfig.report_to: tensorboard, wandb; () for none), written in each
+    # run's folder. Not part of a unit's fingerprint: changing them retrains nothing.
+    report_to: tuple[str, ...] = field(default=("tensorboard",), metadata=option("REPORT_TO", REPORT_TO_HELP + " (every training cell).", parse=parse_report_to))
+    wandb_mode: str = field(default="offline", metadata=option("WANDB_MODE", WANDB_MODE_HELP + "."))
 
     def __post_init__(self) -> None:
         plain_name(self.dataset, "dataset")
@@ -105,6 +112,7 @@ class StudyConfig:
             raise ValueError(f"eval_size={self.eval_size}: need at least 2 test images")
         if not 0 < self.level < 1:
             raise ValueError(f"level={self.level}: must be in (0, 1)")
+        check_reporters(self.report_to, self.wandb_mode)
 
     @property
     def train_steps(self) -> int:

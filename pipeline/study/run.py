@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.attacks import ATTACKS
-from pipeline.study.bootstrap import Outcomes
+from pipeline.evaluation.bootstrap import Outcomes
 from pipeline.study.plan import (ATTACK_COST, CPU_STAGES, EVAL_COST_SCALE, MODE_COST, STAGE_KINDS, TRAIN_MODES, Cell,
                                  StudyConfig, eval_name, plan_cells)
 from pipeline.evaluation.resume import fingerprint, model_stamp
@@ -105,7 +105,7 @@ def build_plan(cfg: StudyConfig, layout: Layout) -> tuple[list[Cell], list[Unit]
                 run_dir = runs_root / f"{cell.id}-s{seed}"
                 tcfg = TrainConfig(mode=cell.mode, dataset=cfg.dataset, clip=clip, mlm=mlm, steps=cell.steps,
                                    batch_size=cfg.batch_size, precision=cfg.precision, seed=seed, device=cfg.device,
-                                   run_dir=str(run_dir), report_to=(), optim=optim,
+                                   run_dir=str(run_dir), report_to=cfg.report_to, wandb_mode=cfg.wandb_mode, optim=optim,
                                    data=DataConfig(stages=cell.stages, num_workers=cfg.data_workers))
                 tcfg = apply_overrides(tcfg, cfg.train_set)
                 settings = train_settings(tcfg)
@@ -134,13 +134,20 @@ LEGACY_DEFAULT_ATTACK = {"eps": 2 / 255, "pgd_steps": 2, "step_size": None, "ran
                          "k": 10, "order": "text-first"}
 
 
+#: Settings that do not change the trained weights (trackers), fingerprinted as the study always set them
+#: before they became its options, so that choosing trackers retrains nothing.
+UNFINGERPRINTED = {"report_to": (), "wandb_mode": "offline"}
+
+
 def train_settings(tcfg: Any) -> dict[str, Any]:
-    """What a training unit's fingerprint covers: the TrainConfig less its run dir and device."""
+    """What a training unit's fingerprint covers: the TrainConfig less its run dir and device, its trackers at
+    their former values (:data:`UNFINGERPRINTED`)."""
     from pipeline.attacks.bert_attack import BERTAttack
     from pipeline.core.config import to_dict
     from pipeline.train.config import TrainAttackConfig
 
-    settings = {k: v for k, v in to_dict(tcfg).items() if k not in ("run_dir", "device")}
+    settings = {k: v for k, v in to_dict(dataclasses.replace(tcfg, **UNFINGERPRINTED)).items()
+                if k not in ("run_dir", "device")}
     legacy = TrainAttackConfig(text=BERTAttack(variant="fast"))
     attacks_texts = "mlm" in TRAIN_MODES.get(tcfg.mode).needs
     if tcfg.attack == legacy or (not attacks_texts and dataclasses.replace(tcfg.attack, text=legacy.text) == legacy):
