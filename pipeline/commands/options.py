@@ -52,6 +52,10 @@ class Declared:
         return "opt_" + self.path.replace(".", "__")
 
     @property
+    def is_list(self) -> bool:  # an empty value is the empty list (ATTACKS="": clean only)
+        return typing.get_origin(_unwrap_optional(self.hint, None)) in (tuple, frozenset)
+
+    @property
     def is_switch(self) -> bool:
         return _unwrap_optional(self.hint, None) is bool
 
@@ -151,7 +155,7 @@ def settings_command(cls: type, split_set: Callable[[Sequence[str]], tuple[list[
             options = {}
             for d in declared:
                 value = given.pop(d.param)
-                if value is None:
+                if value is None or (value == "" and not d.is_list):  # an empty variable: not given
                     continue
                 if d.option.parse is not None and isinstance(value, str):
                     try:
