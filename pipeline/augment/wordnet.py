@@ -82,11 +82,12 @@ APT_PACKAGES = ("wordnet-base", "wordnet-sense-index", "liblingua-en-tagger-perl
 DEBIAN_WORDNET_DIR = Path("/usr/share/wordnet")
 DEBIAN_TAGGER_DIR = Path("/usr/share/perl5/Lingua/EN/Tagger")
 ROUTES = ("auto", "debian", "portable")
-# What nltk's reader opens: the index and data file and the exception list of each part of speech.
+# What nltk's reader opens: the index and data file and the exception list of each part of speech, and the
+# sense index (nltk 3.10's reader maps sense keys between WordNet versions when it is built).
 WORDNET_FILES = tuple(f"{kind}.{pos}" for kind in ("data", "index") for pos in ("adj", "adv", "noun", "verb")) + \
-    tuple(f"{pos}.exc" for pos in ("adj", "adv", "noun", "verb"))
-# Copied when the source has them: sense keys (Lemma.key lookups), sense counts (Lemma.count), the licence.
-WORDNET_OPTIONAL = ("index.sense", "cntlist.rev", "LICENSE")
+    tuple(f"{pos}.exc" for pos in ("adj", "adv", "noun", "verb")) + ("index.sense",)
+# Copied when the source has them: sense counts (Lemma.count; not in the npm package), the licence.
+WORDNET_OPTIONAL = ("cntlist.rev", "LICENSE")
 LINGUA_FILES = ("tags.yml", "words.yml", "unknown.yml")
 BRILL_FILES = ("en-lexicon.txt", "en-morphology.txt", "en-context.txt", "en-entities.txt")
 TAGGER_FILES = {"lingua": LINGUA_FILES, "brill": BRILL_FILES}
