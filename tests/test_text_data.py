@@ -347,4 +347,6 @@ def test_brill_tagger_over_textblob_lexicon(tmp_path: Path) -> None:
     tags = dict(tagger.tag(["he", "is", "glorbing", "42", "zorps"]))
     assert tags["glorbing"] == "VBG" and tags["42"] == "CD"
     assert tagger.tag([]) == []
+    # A contextual rule: "walk" is VB in the lexicon, VBP after a plural noun.
+    assert dict(tagger.tag("people walk the dog".split()))["walk"] == "VBP"
     assert {"the", "a", "of", "and", "her"} <= tagger.function_words and "dog" not in tagger.function_words
