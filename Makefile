@@ -45,7 +45,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --no-deps -c constraints.txt torchattacks
 	@touch $@
 
-# No root needed: the route is chosen and explained there; to switch later, run it with --route ... --force.
+# No root needed: the route is chosen and explained there; to switch later: $(PY) -m pipeline.augment.wordnet --route ...
 $(NLTK_STAMP): | $(STAMP)
 	$(PY) -m pipeline.augment.wordnet
 

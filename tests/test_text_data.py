@@ -294,6 +294,17 @@ def test_root_without_a_clean_apt_takes_the_portable_route(offline_sources, monk
         wordnet.install("debian", offline_sources["data"], host=root, force=True)
 
 
+def test_auto_keeps_a_prepared_folder_a_named_route_replaces_it(offline_sources) -> None:
+    data, debian_host = offline_sources["data"], Host(dpkg_has_packages=True, is_root=True, has_apt=True)
+    wordnet.install("portable", data, host=debian_host)
+    wordnet.install("auto", data, host=debian_host)
+    assert wordnet.read_record(data)["route"] == "portable"
+    wordnet.install("auto", data, host=debian_host, force=True)
+    assert wordnet.read_record(data)["route"] == "debian"
+    wordnet.install("portable", data, host=debian_host)
+    assert wordnet.read_record(data)["route"] == "portable"
+
+
 def test_root_with_a_clean_apt_takes_the_debian_route(offline_sources, monkeypatch) -> None:
     installed = []
     monkeypatch.setattr(wordnet, "apt_install", lambda: installed.append(True))

