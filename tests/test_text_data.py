@@ -361,3 +361,38 @@ def test_brill_tagger_over_textblob_lexicon(tmp_path: Path) -> None:
     # A contextual rule: "walk" is VB in the lexicon, VBP after a plural noun.
     assert dict(tagger.tag("people walk the dog".split()))["walk"] == "VBP"
     assert {"the", "a", "of", "and", "her"} <= tagger.function_words and "dog" not in tagger.function_words
+
+
+def test_the_runner_fingerprints_a_stage_s_resources(tmp_path: Path) -> None:
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from pipeline.augment.stage import RunOptions, SampleResult, SettingsChanged, Stage, run_stage
+    from pipeline.core.paths import Layout
+    from pipeline.core.shards import list_shards, read_stats
+    from pipeline.data.ingest import IngestConfig, run_ingest
+
+    class Resourceful(Stage):
+        name: ClassVar[str] = "resourceful"
+        modality: ClassVar[str] = "text"
+        resources: ClassVar[dict] = {"pos_tagger": "brill sha256:ab"}
+
+        @dataclass(frozen=True)
+        class Config:
+            batch_size: int = 8
+
+        @classmethod
+        def resource_settings(cls, config):
+            return dict(cls.resources)
+
+        def augment_batch(self, samples):
+            return [SampleResult() for _ in samples]
+
+    layout = Layout(tmp_path / "shards", tmp_path / "manifests")
+    run_ingest(IngestConfig(dataset="synth", synth_size=8, shard_size=8), layout)
+    run_stage(Resourceful, Resourceful.Config(), StageContext("synth"), layout, RunOptions())
+    (shard,) = list_shards(layout.stage_dir("synth", "resourceful"))
+    assert read_stats(shard)["settings"]["resources"] == {"pos_tagger": "brill sha256:ab"}
+    Resourceful.resources = {}  # the other route: the finished shard is not mixed with it
+    with pytest.raises(SettingsChanged, match="resources.pos_tagger"):
+        run_stage(Resourceful, Resourceful.Config(), StageContext("synth"), layout, RunOptions())
