@@ -13,7 +13,8 @@ class. Robust accuracy: the same on adversarial images, crafted against this cla
   4/255 under AutoAttack's APGD-CE and APGD-T with 100 iterations (their evaluation script,
   chs20/RobustVLM CLIP_benchmark/clip_benchmark/cli.py: ``--attack aa``, ``--iterations_adv`` default 100);
 * APGD-CE and APGD-T (torchattacks' ``APGD`` / ``APGDT``, ``apgd_steps`` iterations, default 100), when
-  torchattacks is installed (the ``families`` extra); otherwise skipped and the JSON says why. Their robust
+  torchattacks is installed (``make setup``; by hand: the ``zeroshot`` extra, then torchattacks with
+  ``--no-deps``, see pyproject.toml); otherwise skipped and the JSON says why. Their robust
   accuracy counts an image correct only if it survives both (AutoAttack's worst case).
 
 Data: an ImageFolder layout (one folder per class; class name = folder name with ``_`` as space, sorted), a
@@ -274,8 +275,8 @@ def run_zeroshot(model: Any, data: LabelledImages, cfg: ZeroShotConfig, out: Pat
     except ImportError:
         apgd = False
         if cfg.apgd:
-            notes.append("APGD-CE / APGD-T skipped: torchattacks is not installed (pip install torchattacks, or "
-                         "the 'families' extra)")
+            notes.append("APGD-CE / APGD-T skipped: torchattacks is not installed (pip install --no-deps -c "
+                         "constraints.txt torchattacks, after the 'zeroshot' extra)")
     for eps in cfg.eps:
         key = f"eps{round(eps * 255, 3):g}/255"
         start = time.perf_counter()
