@@ -13,6 +13,10 @@ records; the progress lines). What changes is where a unit runs:
 3. once they have all ended, every evaluation that is not done is a task the same way: its fingerprint stamps the
    model its training wrote, so it is computed only now, in the driver.
 
+Ray is started (or joined: `RAY_ADDRESS`, as :func:`pipeline.core.ray_executor.ensure_ray` does for augmentation;
+else a local instance of WORKERS CPUs) when the first unit must run as a task: a rerun with every unit done starts
+none.
+
 A task runs the unit's own callable (``train(cfg, layout)`` or ``evaluate(cfg, layout)``, the settings the
 fingerprint covers) in the driver's folder, so relative SHARDS_DIR / MANIFESTS_DIR / RUNS_DIR / MODELS_DIR mean
 the same folders; on a cluster they must be on a file system every node sees. The driver writes a unit's record
@@ -37,7 +41,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayError
 
-from pipeline.core.ray_executor import ActorResources, enter_driver_folder, ensure_ray, pool_size, resources
+from pipeline.core.ray_executor import enter_driver_folder, ensure_ray, pool_size, resources
 from pipeline.study.plan import StudyConfig
 
 log = logging.getLogger(__name__)
@@ -78,32 +82,46 @@ def _error_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[-1]
 
 
+class _Tasks:
+    """The Ray task a unit runs as, sized for the cluster; Ray is started (or joined) when the first unit must run
+    as a task, so a rerun with every unit done starts none."""
+
+    def __init__(self, cfg: StudyConfig) -> None:
+        self.cfg, self.task = cfg, None
+
+    def start(self) -> "_Tasks":
+        if self.task is None:
+            ensure_ray(self.cfg.workers)
+            self.cluster = ray.cluster_resources()
+            self.wants = resources(uses_cuda(self.cfg.device, self.cluster))
+            pool_size(self.wants, 1, self.cluster)  # the cluster holds one unit at least, else a ValueError
+            self.task = ray.remote(_execute).options(num_cpus=self.wants.num_cpus, num_gpus=self.wants.num_gpus,
+                                                     max_retries=1)  # a dead worker once; an exception not
+        return self
+
+
 def run_plan_ray(runner: Any, cfg: StudyConfig) -> dict[str, str]:
     """Run `runner.units` (a :class:`~pipeline.study.run.PlanRunner`): prepare units here, trainings then
     evaluations as Ray tasks. Returns {unit: done|ran|taken}; raises :class:`UnitsFailed` after the rest ran
     when a task failed."""
-    ensure_ray(cfg.workers)
-    cluster = ray.cluster_resources()
-    wants = resources(uses_cuda(cfg.device, cluster))
-    pool_size(wants, 1, cluster)  # the cluster holds one unit at least, else a ValueError before any work
     cells = [u for u in runner.units if u.kind in PHASES]
     here = [u for u in runner.units if u.kind not in PHASES]
     for i, unit in enumerate(here):
         runner.run_here(unit, here[i + 1:] + cells)
-    task = ray.remote(_execute).options(num_cpus=wants.num_cpus, num_gpus=wants.num_gpus, max_retries=1)
+    tasks = _Tasks(cfg)
     failed: dict[str, str] = {}
     blocked: list[str] = []
     for kind in PHASES:
         batch = [u for u in cells if u.kind == kind]
         later = [u for u in cells if PHASES.index(u.kind) > PHASES.index(kind)]
-        _phase(runner, batch, later, task, wants, cluster, failed, blocked)
+        _phase(runner, batch, later, tasks, failed, blocked)
     if failed:
         raise UnitsFailed(failed, blocked)
     return runner.status
 
 
-def _phase(runner: Any, batch: list[Any], later: list[Any], task: Any, wants: ActorResources,
-           cluster: dict[str, float], failed: dict[str, str], blocked: list[str]) -> None:
+def _phase(runner: Any, batch: list[Any], later: list[Any], tasks: _Tasks, failed: dict[str, str],
+           blocked: list[str]) -> None:
     """Submit the units of `batch` that must run, report the others, and wait for every task submitted."""
     failed_outputs = {str(u.output) for u in runner.units if u.name in failed}
     to_run = []
@@ -120,30 +138,30 @@ def _phase(runner: Any, batch: list[Any], later: list[Any], task: Any, wants: Ac
             runner.report(unit, 0.0, [u for u, _ in to_run] + later)
     if not to_run:
         return
-    parallel = pool_size(wants, len(to_run), cluster)
+    task, wants = tasks.start().task, tasks.wants
+    parallel = pool_size(wants, len(to_run), tasks.cluster)
     threads = max(1, int(wants.num_cpus))
     driver_cwd = os.getcwd()
-    pending: dict[Any, tuple[Any, str | None]] = {}
+    pending: dict[Any, tuple[Any, str | None, float]] = {}  # task -> (unit, fingerprint, submitted at)
     try:
         for unit, fp in to_run:
             runner.before(unit, fp)
-            pending[task.remote(unit.run, driver_cwd, threads)] = (unit, fp)
+            pending[task.remote(unit.run, driver_cwd, threads)] = (unit, fp, time.perf_counter())
         log.info("%d %s unit(s) as Ray tasks of %g CPU / %g GPU, up to %d at a time", len(pending), batch[0].kind,
                  wants.num_cpus, wants.num_gpus, parallel)
-        started = time.perf_counter()
         while pending:
             [ref], _ = ray.wait(list(pending), num_returns=1)
-            unit, fp = pending.pop(ref)
+            unit, fp, submitted = pending.pop(ref)
             try:
                 seconds = ray.get(ref)
             except RayError as error:
                 failed[unit.name] = _error_line(error)
                 runner.status[unit.name] = "failed"
-                log.error("%s failed on Ray: %s", unit.name, error)
-                seconds = time.perf_counter() - started
+                log.error("%s failed on Ray:\n%s", unit.name, getattr(error, "traceback_str", None) or error)
+                seconds = time.perf_counter() - submitted  # queued and run
             else:
                 runner.finished(unit, fp, seconds)
-            runner.report(unit, seconds, [u for u, _ in pending.values()] + later, parallel, " on Ray")
+            runner.report(unit, seconds, [u for u, _, _ in pending.values()] + later, parallel, " on Ray")
     finally:
         for ref in pending:  # stopped (Ctrl-C, SIGTERM, an error here): the units still running end too
             ray.cancel(ref, force=True)
