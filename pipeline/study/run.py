@@ -18,6 +18,10 @@ skipped; a training run interrupted mid-way continues from its checkpoint (``tra
 interrupted evaluation from its finished batches. A training folder made under another fingerprint is moved
 aside (``<dir>.stale-<time>``), never resumed with other settings and never deleted.
 
+Executors (``StudyConfig.executor``): ``local`` runs the units in order in this process (:func:`run_plan`);
+``ray`` runs the trainings, then the evaluations, as Ray tasks (:mod:`pipeline.study.ray_units`). Both decide
+and record through :class:`PlanRunner`, so a study started with one resumes with the other.
+
 Outputs in ``MANIFESTS_DIR/<dataset>/study/``: ``plan.json`` (every unit, resolved), ``units/``, and the report
 (:mod:`pipeline.study.report`): ``report.md``, ``report.json``, ``augmentation_quality.png``.
 """
