@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from pipeline.core.fileio import atomic_write_json, sha256_file
-from pipeline.core.ledger import own_temps, remove_if_emptied, remove_own
+from pipeline.core.ledger import own_temps, remove_own
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +111,11 @@ class PartialStore:
                 remove_own(path)
 
     def remove(self) -> None:
-        """Remove every file of this evaluation (and the folder when nothing else is left in it)."""
+        """Remove every file of this evaluation. The folder stays (`make clean` removes it): evaluations running
+        at once (the study's Ray tasks) share it, and one removing it as another writes its first file there
+        would fail the other."""
         for path, _ in self._files():
             remove_own(path)
         for tmp in own_temps(self.folder):
             if tmp.name.startswith(f".{self.name}.{self.fp}."):
                 tmp.unlink()
-        remove_if_emptied(self.folder)

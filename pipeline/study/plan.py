@@ -6,8 +6,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from pipeline.core.config import DATASET_OPTION, check_choices, check_positive, option
+from pipeline.core.config import DATASET_OPTION, check_choice, check_choices, check_positive, option
 from pipeline.attacks import ATTACKS as ALL_ATTACKS
+from pipeline.core.executor import EXECUTORS
 from pipeline.core.paths import plain_name
 from pipeline.core.tracking import check_reporters, parse_report_to
 from pipeline.train.config import REPORT_TO_HELP, WANDB_MODE_HELP
@@ -88,7 +89,8 @@ class StudyConfig:
     resamples: int = field(default=1000, metadata=option("BOOTSTRAP_RESAMPLES", "Bootstrap resamples.", flag="--resamples"))
     level: float = 0.95
     device: str = field(default="auto", metadata=option("DEVICE", "auto, cpu, cuda or cuda:N."))
-    workers: int = field(default=2, metadata=option("WORKERS", "Augmentation processes, for the stages the study makes."))
+    workers: int = field(default=2, metadata=option("WORKERS", "Augmentation processes, for the stages the study makes; with EXECUTOR=ray and no RAY_ADDRESS, the CPUs of the local Ray instance."))
+    executor: str = field(default="local", metadata=option("EXECUTOR", "local: the units one after the other in this process | ray: the trainings, then the evaluations, as Ray tasks (one GPU each on CUDA; RAY_ADDRESS, else a local Ray of WORKERS CPUs); the optional ray extra."))
     data_workers: int = field(default=2, metadata=option("DATA_WORKERS", "Training loader workers."))
     # --set items for every training cell, as `make train` takes them, e.g. attack.text.variant=fast
     train_set: tuple[str, ...] = ()
@@ -108,6 +110,10 @@ class StudyConfig:
         check_choices("modes", self.modes, MODES)
         check_choices("mode_steps", [m for m, _ in self.mode_steps], MODES)
         check_choices("attacks", self.attacks, ATTACKS)
+        check_choice("executor", self.executor, EXECUTORS.names())
+        if self.executor == "ray" and self.device.startswith("cuda:"):
+            raise ValueError(f"device={self.device!r} with executor=ray: Ray gives each unit a GPU of its own; "
+                             "use device=cuda or auto")
         if self.eval_size is not None and self.eval_size < 2:
             raise ValueError(f"eval_size={self.eval_size}: need at least 2 test images")
         if not 0 < self.level < 1:
