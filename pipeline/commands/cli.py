@@ -360,9 +360,13 @@ def study(settings: StudyConfig) -> None:
     Output: MANIFESTS_DIR/<dataset>/study/{plan.json, units/, report.md, report.json, augmentation_quality.png};
     rerun the same command after an interruption and the finished units are skipped. Settings: StudyConfig
     (pipeline/study/plan.py)."""
+    from pipeline.study.ray_units import UnitsFailed
     from pipeline.study.run import run_study
 
-    result = _run(run_study, settings, layout(), echo=typer.echo)
+    try:
+        result = _run(run_study, settings, layout(), echo=typer.echo)
+    except UnitsFailed as error:  # the work failed (exit 1); a rerun redoes only the missing units
+        fail(f"{error}; rerun the same command to redo them", code=1)
     typer.echo(result["markdown"])
 
 
