@@ -1,7 +1,7 @@
 """`eval` across processes (torchrun; here 2 gloo processes on CPU started with torch.multiprocessing, each
-with torchrun's environment, calling `evaluate` as the CLI does): the same metrics and embedding digests as one process; a
-killed rank's finished batches are resumed by a rerun with the same number of processes; a rerun with another
-number of processes is refused."""
+with torchrun's environment, calling `evaluate` as the CLI does): the same metrics and embedding digests as one
+process; a killed rank's finished batches are resumed by a rerun with the same number of processes; a rerun with
+another number of processes is refused."""
 
 from __future__ import annotations
 

@@ -407,8 +407,8 @@ def evaluate(cfg: EvalConfig, layout: Layout | None = None) -> dict[str, Any]:
                                   source_data, keep, progress=env.is_main)
             gathered = gather_to_main(done)
             if env.is_main:
-                adv_image_emb, adv_text_emb, seconds = join_batches({i: d for part in gathered for i, d in part.items()},
-                                                                    total)
+                every = {index: batch for part in gathered for index, batch in part.items()}
+                adv_image_emb, adv_text_emb, seconds = join_batches(every, total)
                 start = time.perf_counter()
                 metrics = retrieval_metrics(adv_image_emb, adv_text_emb, data.txt2img)
                 if keep:
@@ -424,9 +424,10 @@ def evaluate(cfg: EvalConfig, layout: Layout | None = None) -> dict[str, Any]:
         store.drop_batches(attack)  # each rank its own (also those a kill left after the row was stored)
         barrier()  # before the next attack, and before rank 0 removes what is left
         results[attack] = row
-        log.info("%s %s: TR@1 %.1f IR@1 %.1f (ASR %.1f / %.1f) in %.0f s", name, attack, results[attack]["tr_r1"],
-                 results[attack]["ir_r1"], results[attack]["tr_asr"], results[attack]["ir_asr"],
-                 results[attack]["seconds"])
+        if env.is_main:
+            log.info("%s %s: TR@1 %.1f IR@1 %.1f (ASR %.1f / %.1f) in %.0f s", name, attack, results[attack]["tr_r1"],
+                     results[attack]["ir_r1"], results[attack]["tr_asr"], results[attack]["ir_asr"],
+                     results[attack]["seconds"])
     # 5. Write (rank 0), then every rank returns the record.
     record = None
     if env.is_main:
