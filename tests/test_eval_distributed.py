@@ -124,7 +124,7 @@ def test_two_processes_give_one_process_metrics_and_a_killed_rank_resumes(layout
     single = evaluate(_config(tiny_model_dirs, test_shard, "one"), layout)
     assert single["n_images"] == N_IMAGES
     cfg = _config(tiny_model_dirs, test_shard, "two")
-    # 1. Rank 1 dies after its first sga batch (mp.spawn then ends rank 0, as torchrun would).
+    # 1. Rank 1 dies after its first sga batch (torch.multiprocessing then ends rank 0, as torchrun would).
     with pytest.raises(mp.ProcessExitedException):
         _launch(cfg, layout, tmp_path / "killed", crash=True)
     left = _partials(layout, "two")
