@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -310,9 +311,10 @@ def eval_command(
         fail("CKPT: name the checkpoint(s) to evaluate (--ckpt, or checkpoint in the --config file)")
     if len(checkpoints) > 1 and settings.name:
         fail(f"EVAL_NAME={settings.name!r} names one evaluation, CKPT has {len(checkpoints)}: each is named after its run")
+    printing = os.environ.get("RANK", "0") == "0"  # under torchrun every rank returns the record; one prints it
     for one in checkpoints:
         record = _run(evaluate, dataclasses.replace(settings, checkpoint=one), layout())
-        for attack, m in record["metrics"].items():
+        for attack, m in (record["metrics"] if printing else {}).items():
             typer.echo(f"{record['name']:<32} {attack:<9} TR R@1/5/10 {m['tr_r1']:5.1f} {m['tr_r5']:5.1f} {m['tr_r10']:5.1f}"
                        f"  IR R@1/5/10 {m['ir_r1']:5.1f} {m['ir_r5']:5.1f} {m['ir_r10']:5.1f}  ASR {m['tr_asr']:5.1f} {m['ir_asr']:5.1f}")
 
