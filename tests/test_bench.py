@@ -49,13 +49,13 @@ def test_bench_runs_the_package_benchmarks_not_those_of_the_current_directory(pa
     _write_bench(cwd / "benchmarks", "fake", evil)
     _write_bench(cwd / "benchmarks", "evil", evil)
     monkeypatch.chdir(cwd)
-    monkeypatch.delenv("BENCH", raising=False)
-    result = CliRunner().invoke(app, ["bench"], env={"MANIFESTS_DIR": str(tmp_path / "manifests")})
+    monkeypatch.delenv("MAT_BENCH", raising=False)
+    result = CliRunner().invoke(app, ["bench"], env={"MAT_MANIFESTS_DIR": str(tmp_path / "manifests")})
     assert result.exit_code == 0, result.output
     figures = json.loads((tmp_path / "manifests" / "bench.json").read_text())
     assert _figures(figures) == {"fake_figure": 1.5, "other_figure": 2.0}  # gpu runs only when asked for
     assert not (cwd / MARKER).exists()
-    named = CliRunner().invoke(app, ["bench"], env={"MANIFESTS_DIR": str(tmp_path / "manifests"), "BENCH": "evil"})
+    named = CliRunner().invoke(app, ["bench"], env={"MAT_MANIFESTS_DIR": str(tmp_path / "manifests"), "MAT_BENCH": "evil"})
     assert named.exit_code != 0 and "evil" in named.output and not (cwd / MARKER).exists()
 
 
@@ -91,7 +91,7 @@ def test_the_real_benchmarks_folder_is_the_checkout_one():
 
 @pytest.mark.slow
 def test_gpu_bench_at_tiny_size_reports_every_figure(monkeypatch):
-    monkeypatch.setenv("GPU_BENCH_SIZE", "tiny")
+    monkeypatch.setenv("MAT_GPU_BENCH_SIZE", "tiny")
     module = bench._load("gpu", bench.available()["gpu"])
     figures = module.run()
     expected = set(module.expected_figures())

@@ -23,7 +23,7 @@ def test_every_command_explains_itself():
 
 
 def test_ingest_reads_make_variables_from_the_environment(tmp_path):
-    env = {"SHARDS_DIR": str(tmp_path / "s"), "MANIFESTS_DIR": str(tmp_path / "m"), "DATASET": "synth", "SYNTH_SIZE": "30", "WORKERS": "1"}
+    env = {"MAT_SHARDS_DIR": str(tmp_path / "s"), "MAT_MANIFESTS_DIR": str(tmp_path / "m"), "MAT_DATASET": "synth", "MAT_SYNTH_SIZE": "30", "MAT_WORKERS": "1"}
     result = runner.invoke(app, ["ingest"], env=env)
     assert result.exit_code == 0, result.output
     assert "30 written, 0 skipped of 30 input" in result.output
@@ -32,7 +32,7 @@ def test_ingest_reads_make_variables_from_the_environment(tmp_path):
 
 
 def test_missing_data_root_is_a_clear_error(tmp_path):
-    env = {"SHARDS_DIR": str(tmp_path / "s"), "MANIFESTS_DIR": str(tmp_path / "m")}
+    env = {"MAT_SHARDS_DIR": str(tmp_path / "s"), "MAT_MANIFESTS_DIR": str(tmp_path / "m")}
     result = runner.invoke(app, ["ingest", "--dataset", "coco"], env=env)
     assert result.exit_code == 2
     assert "needs DATA_ROOT" in result.output
@@ -41,10 +41,10 @@ def test_missing_data_root_is_a_clear_error(tmp_path):
 
 
 def test_augment_rejects_unknown_stage_and_bad_option(tmp_path):
-    env = {"SHARDS_DIR": str(tmp_path / "s"), "MANIFESTS_DIR": str(tmp_path / "m")}
+    env = {"MAT_SHARDS_DIR": str(tmp_path / "s"), "MAT_MANIFESTS_DIR": str(tmp_path / "m")}
     result = runner.invoke(app, ["augment", "--set", "nosuch.x=1"], env=env)
     assert result.exit_code == 2 and "unknown stage 'nosuch'" in result.output
-    result = runner.invoke(app, ["augment"], env={**env, "STAGES": "randaug", "STAGE_OPTS": "randaug.magnitude=99"})
+    result = runner.invoke(app, ["augment"], env={**env, "MAT_STAGES": "randaug", "MAT_STAGE_OPTS": "randaug.magnitude=99"})
     assert result.exit_code == 2 and "magnitude" in result.output
 
 
@@ -60,8 +60,8 @@ def _base_shards(shards: Path) -> dict[str, int]:
 
 
 def test_augment_ingests_a_missing_base_with_the_ingest_options_given(tmp_path):
-    env = {"SHARDS_DIR": str(tmp_path / "s"), "MANIFESTS_DIR": str(tmp_path / "m"), "SYNTH_SIZE": "90",
-           "SHARD_SIZE": "20", "STAGES": "i2t-human", "WORKERS": "1", "SCORER": "none"}
+    env = {"MAT_SHARDS_DIR": str(tmp_path / "s"), "MAT_MANIFESTS_DIR": str(tmp_path / "m"), "MAT_SYNTH_SIZE": "90",
+           "MAT_SHARD_SIZE": "20", "MAT_STAGES": "i2t-human", "MAT_WORKERS": "1", "MAT_SCORER": "none"}
     result = runner.invoke(app, ["augment"], env=env)
     assert result.exit_code == 0, result.output
     made = _base_shards(tmp_path / "s")
@@ -84,7 +84,7 @@ def test_augment_ingests_a_missing_base_with_the_ingest_options_given(tmp_path):
 
 def test_ingest_config_file_and_set(tmp_path):
     (tmp_path / "ingest.json").write_text(json.dumps({"synth_size": 24, "shard_size": 5, "fractions": {"train": 0.5, "val": 0.25, "test": 0.25}}))
-    env = {"SHARDS_DIR": str(tmp_path / "s"), "MANIFESTS_DIR": str(tmp_path / "m"), "WORKERS": "1"}
+    env = {"MAT_SHARDS_DIR": str(tmp_path / "s"), "MAT_MANIFESTS_DIR": str(tmp_path / "m"), "MAT_WORKERS": "1"}
     result = runner.invoke(app, ["ingest", "--config", str(tmp_path / "ingest.json"), "--set", "shard_size=6"], env=env)
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "m" / "synth" / "base.json").read_text())["config"]
@@ -94,8 +94,8 @@ def test_ingest_config_file_and_set(tmp_path):
 
 
 def test_generative_model_variables_reach_their_stages(tmp_path):
-    env = {"SHARDS_DIR": str(tmp_path / "s"), "MANIFESTS_DIR": str(tmp_path / "m"),
-           "I2T_MODEL": str(tmp_path / "no-internvl-here"), "T2I_MODEL": str(tmp_path / "no-sd-here")}
+    env = {"MAT_SHARDS_DIR": str(tmp_path / "s"), "MAT_MANIFESTS_DIR": str(tmp_path / "m"),
+           "MAT_I2T_MODEL": str(tmp_path / "no-internvl-here"), "MAT_T2I_MODEL": str(tmp_path / "no-sd-here")}
     result = runner.invoke(app, ["augment", "--stages", "i2t-internvl"], env=env)
     assert result.exit_code == 2 and "no-internvl-here" in result.output
     result = runner.invoke(app, ["augment", "--stages", "t2i-sd"], env=env)
@@ -103,14 +103,14 @@ def test_generative_model_variables_reach_their_stages(tmp_path):
 
 
 def test_folders_are_passed_not_written_to_the_environment(tmp_path, monkeypatch):
-    monkeypatch.delenv("SHARDS_DIR", raising=False)
+    monkeypatch.delenv("MAT_SHARDS_DIR", raising=False)
     result = runner.invoke(app, ["--shards-dir", str(tmp_path / "s"), "--manifests-dir", str(tmp_path / "m"),
                                  "ingest", "--synth-size", "12", "--workers", "1"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "m" / "synth" / "base.json").is_file() and _base_shards(tmp_path / "s")
     import os
 
-    assert "SHARDS_DIR" not in os.environ
+    assert "MAT_SHARDS_DIR" not in os.environ
 
 
 def test_demo_phases_write_into_the_demo_folders(tmp_path, monkeypatch):
@@ -122,7 +122,7 @@ def test_demo_phases_write_into_the_demo_folders(tmp_path, monkeypatch):
 
     monkeypatch.setattr(demo, "run_demo", one_phase)
     result = runner.invoke(app, ["--shards-dir", str(tmp_path / "s"), "--manifests-dir", str(tmp_path / "m"), "demo"],
-                           env={"SHARDS_DIR": str(tmp_path / "elsewhere")})
+                           env={"MAT_SHARDS_DIR": str(tmp_path / "elsewhere")})
     assert result.exit_code == 0, result.output
     assert sum(_base_shards(tmp_path / "s").values()) == 12 and not (tmp_path / "elsewhere").exists()
 
@@ -134,11 +134,12 @@ def _captured(monkeypatch) -> list:
     """The configs the training commands would run with (nothing is trained)."""
     seen = []
 
-    def capture(fn, cfg, layout):
+    def capture(cfg, layout, **options):
         seen.append(cfg)
         raise SystemExit(0)
 
-    monkeypatch.setattr("pipeline.commands.cli._run_training", capture)
+    monkeypatch.setattr("pipeline.train.main.train", capture)
+    monkeypatch.setattr("pipeline.train.pretrain.pretrain", capture)
     return seen
 
 
@@ -216,5 +217,5 @@ def test_help_shows_the_config_defaults():
     from pipeline.train.config import TrainConfig
 
     result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "300"})
-    assert f"default {TrainConfig().steps})" in result.output and "default 2/255" in result.output
+    assert f"(default {TrainConfig().steps})" in result.output and "(default 2/255)" in result.output
     assert "--config" in result.output and "--set" in result.output

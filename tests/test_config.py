@@ -185,8 +185,8 @@ def test_config_files_are_capped_in_size_and_alias_expansion(tmp_path):
 DEVICE_CONFIGS = [
     ("pipeline.train.config:TrainConfig", {}),
     ("pipeline.train.config:PretrainConfig", {}),
-    ("pipeline.evaluation.evaluate:EvalConfig", {}),
-    ("pipeline.evaluation.zeroshot:ZeroShotConfig", {}),
+    ("pipeline.evaluation.config:EvalConfig", {}),
+    ("pipeline.evaluation.config:ZeroShotConfig", {}),
     ("pipeline.study.plan:StudyConfig", {}),
     ("pipeline.augment.runner:AugmentConfig", {}),
     ("pipeline.augment.scoring:ScorerConfig", {"model": "some/clip"}),

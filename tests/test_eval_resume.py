@@ -74,8 +74,8 @@ def _run_to_end(layout: Layout, name: str) -> dict:
 
 
 def _env(layout: Layout) -> dict[str, str]:
-    return {**os.environ, "SHARDS_DIR": str(layout.shards_dir), "MANIFESTS_DIR": str(layout.manifests_dir),
-            "RUNS_DIR": str(layout.runs_dir), "MODELS_DIR": str(layout.models_dir), "HF_HUB_OFFLINE": "1",
+    return {**os.environ, "MAT_SHARDS_DIR": str(layout.shards_dir), "MAT_MANIFESTS_DIR": str(layout.manifests_dir),
+            "MAT_RUNS_DIR": str(layout.runs_dir), "MAT_MODELS_DIR": str(layout.models_dir), "HF_HUB_OFFLINE": "1",
             "OMP_NUM_THREADS": "1"}
 
 

@@ -154,11 +154,11 @@ def test_cli_turns_normalisation_off_and_sets_the_seed(trained, monkeypatch):
 
     from pipeline.commands.cli import app
 
-    for key, value in (("SHARDS_DIR", trained.shards_dir), ("MANIFESTS_DIR", trained.manifests_dir),
-                       ("RUNS_DIR", trained.runs_dir), ("MODELS_DIR", trained.models_dir)):
+    for key, value in (("MAT_SHARDS_DIR", trained.shards_dir), ("MAT_MANIFESTS_DIR", trained.manifests_dir),
+                       ("MAT_RUNS_DIR", trained.runs_dir), ("MAT_MODELS_DIR", trained.models_dir)):
         monkeypatch.setenv(key, str(value))
-    monkeypatch.setenv("CAPTION_NORMALISE", "0")
-    monkeypatch.setenv("ATTACK_CONSTRAINT", "synonyms")
+    monkeypatch.setenv("MAT_CAPTION_NORMALISE", "0")
+    monkeypatch.setenv("MAT_ATTACK_CONSTRAINT", "synonyms")
     result = CliRunner().invoke(app, ["eval", "--ckpt", str(trained.model_dir("synth", "clip")), "--name", "raw",
                                       "--size", "10", "--attacks", "", "--seed", "3"])
     assert result.exit_code == 0, result.output

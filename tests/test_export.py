@@ -117,8 +117,8 @@ def test_cli_export_and_clean_remove_it(layout, monkeypatch):
     from pipeline.commands.cli import app
     from pipeline.commands.clean import clean
 
-    monkeypatch.setenv("SHARDS_DIR", str(layout.shards_dir))
-    monkeypatch.setenv("MANIFESTS_DIR", str(layout.manifests_dir))
+    monkeypatch.setenv("MAT_SHARDS_DIR", str(layout.shards_dir))
+    monkeypatch.setenv("MAT_MANIFESTS_DIR", str(layout.manifests_dir))
     result = CliRunner().invoke(app, ["export", "--dataset", "toy", "--stages", "txt", "--shard-size", "20"])
     assert result.exit_code == 0, result.output
     assert "48 pairs of 12 images in 3 shards" in result.output and "txt: 36 of 36 variants kept" in result.output

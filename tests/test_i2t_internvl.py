@@ -228,12 +228,12 @@ def test_augment_cli_needs_trust_remote_code_for_a_hub_checkpoint_on_lmdeploy(tm
 
     from pipeline.commands.cli import app
 
-    env = {"SHARDS_DIR": str(tmp_path / "s"), "MANIFESTS_DIR": str(tmp_path / "m"), "TRUST_REMOTE_CODE": ""}
+    env = {"MAT_SHARDS_DIR": str(tmp_path / "s"), "MAT_MANIFESTS_DIR": str(tmp_path / "m"), "MAT_TRUST_REMOTE_CODE": ""}
     argv = ["augment", "--stages", "i2t-internvl", "--set", "i2t-internvl.backend=lmdeploy",
             "--set", "i2t-internvl.model=OpenGVLab/InternVL3-1B"]
     refused = CliRunner().invoke(app, argv, env=env)
     assert refused.exit_code == 2 and "--trust-remote-code" in " ".join(refused.output.split())
-    trusted = CliRunner().invoke(app, argv, env={**env, "TRUST_REMOTE_CODE": "1"})
+    trusted = CliRunner().invoke(app, argv, env={**env, "MAT_TRUST_REMOTE_CODE": "1"})
     assert trusted.exit_code == 2 and "trust_remote_code=True" not in " ".join(trusted.output.split())
     assert not (tmp_path / "s").exists()  # refused before any work
 
@@ -258,7 +258,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, monkeypatch):
 
 def test_model_comes_from_the_config_not_the_environment(monkeypatch, internvl_dir):
     # I2T_MODEL is read by the CLI (`augment --i2t-model`, tests/test_cli.py), which passes it as the model option.
-    monkeypatch.setenv("I2T_MODEL", internvl_dir)
+    monkeypatch.setenv("MAT_I2T_MODEL", internvl_dir)
     assert InternVLCaptionConfig().model == "OpenGVLab/InternVL3-1B-hf"
     assert InternVLCaptionStage.availability(InternVLCaptionConfig(model=internvl_dir)) == (True, "")
 

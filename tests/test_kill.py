@@ -51,7 +51,7 @@ class KillReport:
 
 
 def _env(cwd: Path, extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("SHARDS_DIR", "MANIFESTS_DIR", "RUNS_DIR", "MODELS_DIR")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAT_")}
     env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", SHARDS_DIR=str(cwd / "shards"),
                MANIFESTS_DIR=str(cwd / "manifests"), RUNS_DIR=str(cwd / "runs"), MODELS_DIR=str(cwd / "models"))
     return {**env, **extra}
@@ -160,9 +160,9 @@ def test_augmentation_on_ray_killed_at_random_moments_finishes_identical(tmp_pat
 def test_training_killed_at_random_moments_ends_with_the_same_weights(tiny_model_dirs, tmp_path):
     from pipeline.train.toy import write_toy_shards
 
-    settings = {"CLIP": tiny_model_dirs["clip"], "MLM": tiny_model_dirs["mlm"], "STEPS": "12", "BATCH_SIZE": "8",
-                "SAVE_EVERY": "2", "LOG_EVERY": "4", "PRECISION": "fp32", "DATA_WORKERS": "0",
-                "SHUFFLE_BUFFER": "8", "LR": "0.001", "WARMUP": "2", "RUN_DIR": "runs/run"}
+    settings = {"MAT_CLIP": tiny_model_dirs["clip"], "MAT_MLM": tiny_model_dirs["mlm"], "MAT_STEPS": "12", "MAT_BATCH_SIZE": "8",
+                "MAT_SAVE_EVERY": "2", "MAT_LOG_EVERY": "4", "MAT_PRECISION": "fp32", "MAT_DATA_WORKERS": "0",
+                "MAT_SHUFFLE_BUFFER": "8", "MAT_LR": "0.001", "MAT_WARMUP": "2", "MAT_RUN_DIR": "runs/run"}
     argv = ["train", "--dataset", "toy", "--mode", "tecoa"]
     reference, rerun = tmp_path / "reference", tmp_path / "killed"
     for root in (reference, rerun):

@@ -108,8 +108,8 @@ def test_export_into_the_base_shards_is_refused_and_they_stay(tmp_path, monkeypa
     _ingest(layout)
     base = layout.base_dir("synth")
     before = {p.name: p.read_bytes() for p in base.iterdir()}
-    for name, value in (("SHARDS_DIR", layout.shards_dir), ("MANIFESTS_DIR", layout.manifests_dir),
-                        ("EXPORT_DIR", base), ("STAGES", "base")):
+    for name, value in (("MAT_SHARDS_DIR", layout.shards_dir), ("MAT_MANIFESTS_DIR", layout.manifests_dir),
+                        ("MAT_EXPORT_DIR", base), ("MAT_STAGES", "base")):
         monkeypatch.setenv(name, str(value))
     result = CliRunner().invoke(app, ["export", "--dataset", "synth"])
     assert result.exit_code == 2 and f"refusing to export into {base}" in result.output

@@ -14,7 +14,7 @@ import torch
 from pipeline.core import provenance as prov
 from pipeline.core.manifests import build_manifest
 from pipeline.core.provenance import PROVENANCE_KEY, provenance, source_commit
-from pipeline.study.bootstrap import Outcomes
+from pipeline.evaluation.bootstrap import Outcomes
 from pipeline.study.compare import differences, main
 from pipeline.study.plan import Cell, StudyConfig
 from pipeline.study.report import CellResult, build_study_report

@@ -219,7 +219,7 @@ def test_gpu_stages_get_an_actor_per_gpu(ray_session, monkeypatch) -> None:
     assert task_needs_gpu(_job("cpu", config_device="auto", needs_gpu=True))
     assert task_needs_gpu(_job("cuda", config_device="auto"))
     assert actor_resources([("a", _job("cuda"))]) == ActorResources(num_cpus=1, num_gpus=1)
-    monkeypatch.setenv("RAY_GPUS_PER_ACTOR", "0.5")
+    monkeypatch.setenv("MAT_RAY_GPUS_PER_ACTOR", "0.5")
     assert actor_resources([("a", _job("cuda"))]).num_gpus == 0.5
 
     cluster = {"CPU": 128.0, "GPU": 8.0}

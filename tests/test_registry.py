@@ -64,8 +64,8 @@ def test_a_lazy_target_is_imported_only_by_load(tmp_path, monkeypatch):
 
 
 def test_listing_the_registries_loads_no_heavy_library():
-    """The CLI builds its help from every registry and config; none may import a model library or ray (torch
-    itself loads: the attacks' settings are the attack classes, see pipeline/attacks/pgd.py)."""
+    """The CLI builds its help from every registry and config; none may import a model library or ray (nor torch:
+    tests/test_cli_options.py)."""
     code = ("import sys, pipeline.commands.cli, pipeline.evaluation.report, pipeline.study.plan; "
             "print(sorted(m for m in ('transformers', 'diffusers', 'datasets', 'ray', 'open_clip') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,

@@ -53,8 +53,8 @@ def test_markdown_table_rows_and_columns(layout):
     header = table[0]
     assert header.split("|")[2:8] == [" Clean TR ", " Clean IR ", " PGD TR ", " PGD IR ", " SGA TR ", " SGA IR "]
     rows = {line.split("|")[1].strip(): line for line in table[2:6]}
-    # a mode used once is labelled by its name in the paper, duplicated modes by the evaluation name
-    assert set(rows) == {"pretrained", "ft-a", "ft-b", "MAT"}
+    # a mode used once is labelled by its name in the paper, duplicated modes by that name and the evaluation's
+    assert set(rows) == {"pretrained", "FT (ft-a)", "FT (ft-b)", "MAT"}
     assert rows["MAT"].split("|")[2:8] == [" 40.0 ", " 20.0 ", " 20.0 ", " 10.0 ", " 12.0 ", " 6.0 "]
 
 
@@ -103,3 +103,97 @@ def test_asr_at_r5_and_r10_reach_the_json_and_the_tables(tmp_path):
     assert ["31.0", "32.0"] in cells and ["21.0", "22.0"] in cells
     assert ["–", "–"] in [[c.strip() for c in line.split("|")[2:4]] for line in result["markdown"].splitlines()
                           if line.startswith("| FT ")]
+
+
+def _csv(path) -> list[dict[str, str]]:
+    import csv
+
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _with_ranks(ev: dict, seed: int) -> dict:
+    """Per-query ranks behind each attack's R@1 (2 captions per image), as evaluate writes them."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    ev = dict(ev, n_images=40, n_texts=80, captions_per_image=[2] * 40)
+    for m in ev["metrics"].values():
+        tr, ir = np.where(rng.random(40) < 0.5, 0, 9), np.where(rng.random(80) < 0.3, 0, 9)
+        m.update(tr_r1=100 * float((tr == 0).mean()), ir_r1=100 * float((ir == 0).mean()),
+                 per_query={"tr_rank": tr.tolist(), "ir_rank": ir.tolist()})
+    return ev
+
+
+def test_report_csv_holds_the_json_numbers_under_clip_benchmark_columns(layout):
+    """report.csv: one row per record, our keys under CLIP_benchmark's names (text_retrieval = TR, image → captions),
+    the numbers the JSON holds, a null as an empty field; written through the ledger like the JSON."""
+    from pipeline.core.ledger import is_recorded, remove_own_below
+    from pipeline.evaluation.columns import METRIC_COLUMNS
+
+    evals = layout.evals_dir("toy")
+    (evals / "mat-run.json").write_text(json.dumps(_with_ranks(json.loads((evals / "mat-run.json").read_text()), 1)))
+    result = build_report("toy", layout)
+    records, rows = json.loads(result["paths"]["json"].read_text()), _csv(result["paths"]["csv"])
+    assert METRIC_COLUMNS["tr_r1"] == "text_retrieval_recall@1" and METRIC_COLUMNS["ir_r10"] == "image_retrieval_recall@10"
+    assert {"text_retrieval_recall@1", "image_retrieval_recall@1", "text_retrieval_recall@1_ci_low",
+            "image_retrieval_asr@1", "text_retrieval_asr@10"} <= set(rows[0]) and "tr_r1" not in rows[0]
+    assert len(rows) == len(records) == 12
+    for record, row in zip(records, rows):
+        assert (row["name"], row["attack"], row["label"]) == (record["name"], record["attack"], record["label"])
+        for key, name in METRIC_COLUMNS.items():
+            if key in record:
+                assert row[name] == ("" if record[key] is None else str(record[key])), (key, record["name"])
+                assert record[key] is None or float(row[name]) == record[key]
+        for key in ("tr_r1_low", "ir_r1_high"):
+            got = row[METRIC_COLUMNS[key[:5]] + ("_ci_low" if key.endswith("low") else "_ci_high")]
+            assert got == ("" if record[key] is None else str(record[key]))
+    ranked = [r for r in records if r["name"] == "mat-run"]
+    assert all(r["tr_r1_low"] <= r["tr_r1"] <= r["tr_r1_high"] and r["ir_r1_low"] < r["ir_r1_high"] for r in ranked)
+    assert all(r["tr_r1_low"] is None for r in records if r["name"] != "mat-run")  # no per-query ranks: no interval
+    assert is_recorded(result["paths"]["csv"])
+    removed, _ = remove_own_below(layout.dataset_manifests("toy"))
+    assert result["paths"]["csv"] in removed and not result["paths"]["csv"].exists()
+
+
+def test_report_csv_never_replaces_a_file_it_did_not_write(layout):
+    from pipeline.core.ledger import ForeignFileError
+
+    mine = layout.dataset_manifests("toy") / "report.csv"
+    mine.write_text("my own table\n")
+    with pytest.raises(ForeignFileError, match="report.csv"):
+        build_report("toy", layout)
+    assert mine.read_text() == "my own table\n"
+
+
+def test_report_figure_labels_marks_missing_and_zero_and_draws_intervals(layout):
+    """Every bar is named by the registry's label of its mode (and the evaluation's name where modes repeat, never
+    the bare name beside a bare label); an attack an evaluation did not run is marked n/a on both panels; a zero
+    R@1 is drawn and written; evaluations with per-query ranks get error bars."""
+    from matplotlib.collections import LineCollection
+    from matplotlib.container import ErrorbarContainer
+
+    from pipeline.core.figures import NA, pyplot
+    from pipeline.evaluation.report import MODE_LABELS, report_figure
+
+    evals = layout.evals_dir("toy")
+    mat = _with_ranks(json.loads((evals / "mat-run.json").read_text()), 1)
+    del mat["metrics"]["pgd"]
+    (evals / "mat-run.json").write_text(json.dumps(mat))
+    records = build_report("toy", layout)["records"]
+    fig = report_figure(records)
+    try:
+        legend = [t.get_text() for t in fig.legends[0].get_texts()]
+        assert legend == ["pretrained", "FT (ft-a)", "FT (ft-b)", "MAT"]
+        assert all(label.split(" (")[0] in MODE_LABELS.values() for label in legend)
+        for ax in fig.axes:
+            texts = [t.get_text() for t in ax.texts]
+            assert texts.count(NA) == 1  # MAT under PGD
+            assert "0" in texts  # the pretrained model's SGA TR R@1 is 0.0 (IR: 0.0 / 2)
+            assert [c for c in ax.collections if isinstance(c, LineCollection)
+                    and all(max(abs(seg[:, 1])) == 0 for seg in c.get_segments())]  # drawn at 0, not a gap
+            bars_drawn = [e for e in ax.containers if isinstance(e, ErrorbarContainer)]
+            assert len(bars_drawn) == 1 and len(bars_drawn[0].lines[2][0].get_segments()) == 2  # MAT: clean, SGA
+        assert fig.axes[0].get_title().startswith("Text retrieval") and fig.axes[1].get_title().startswith("Image")
+    finally:
+        pyplot().close(fig)

@@ -80,24 +80,24 @@ def _text(output: str) -> str:
     "argv, env",
     [
         (["clean", "--dataset", ".."], {}),
-        (["clean"], {"DATASET": "../x"}),
-        (["stats"], {"DATASET": "/etc"}),
+        (["clean"], {"MAT_DATASET": "../x"}),
+        (["stats"], {"MAT_DATASET": "/etc"}),
         (["ingest", "--dataset", "a/b"], {}),
         (["report", "--dataset", ""], {}),
         (["filter", "--name", "../../x"], {}),
-        (["eval", "--ckpt", "somewhere"], {"EVAL_NAME": "../escape"}),
-        (["augment"], {"STAGES": "eda,../base"}),
+        (["eval", "--ckpt", "somewhere"], {"MAT_EVAL_NAME": "../escape"}),
+        (["augment"], {"MAT_STAGES": "eda,../base"}),
         (["stats", "--dataset", "x" * (NAME_MAX + 1)], {}),
-        (["eval", "--ckpt", "somewhere"], {"EVAL_SPLIT": "*"}),
-        (["eval", "--ckpt", "somewhere"], {"EVAL_SPLIT": "../../x/train"}),
-        (["eval", "--ckpt", "somewhere"], {"EVAL_SPLIT": "/data/x/train"}),
-        (["study"], {"EVAL_SPLIT": "*"}),
+        (["eval", "--ckpt", "somewhere"], {"MAT_EVAL_SPLIT": "*"}),
+        (["eval", "--ckpt", "somewhere"], {"MAT_EVAL_SPLIT": "../../x/train"}),
+        (["eval", "--ckpt", "somewhere"], {"MAT_EVAL_SPLIT": "/data/x/train"}),
+        (["study"], {"MAT_EVAL_SPLIT": "*"}),
         (["train", "--set", "data.split=../x"], {}),
     ],
 )
 def test_cli_refuses_bad_names_before_touching_anything(argv, env, tmp_path):
-    layout_env = {"SHARDS_DIR": str(tmp_path / "s"), "MANIFESTS_DIR": str(tmp_path / "m"),
-                  "RUNS_DIR": str(tmp_path / "r"), "MODELS_DIR": str(tmp_path / "models")}
+    layout_env = {"MAT_SHARDS_DIR": str(tmp_path / "s"), "MAT_MANIFESTS_DIR": str(tmp_path / "m"),
+                  "MAT_RUNS_DIR": str(tmp_path / "r"), "MAT_MODELS_DIR": str(tmp_path / "models")}
     result = CliRunner().invoke(app, argv, env={**layout_env, **env})
     assert result.exit_code == 2, result.output
     assert "not a plain name" in _text(result.output)
@@ -124,7 +124,7 @@ def _scratch_outputs(cwd: Path) -> None:
 
 
 def _cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("SHARDS_DIR", "MANIFESTS_DIR", "RUNS_DIR", "MODELS_DIR", "DATASET")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAT_")}
     env["PYTHONPATH"] = str(ROOT)
     return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env, capture_output=True, text=True)
 

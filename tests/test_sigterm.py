@@ -54,7 +54,7 @@ GRACE = 3.0
 def _signal_mid_run(argv: list[str], cwd: Path, started, sig: int) -> tuple[int, set[int], str]:
     """Start the command, wait until `started()` and it has 2+ worker processes, send it (only it) `sig`, wait for
     it to end; return its exit code, the workers alive GRACE seconds later, and its output."""
-    env = {k: v for k, v in os.environ.items() if k not in ("SHARDS_DIR", "MANIFESTS_DIR", "RUNS_DIR", "MODELS_DIR")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAT_")}
     env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", SHARDS_DIR=str(cwd / "shards"),
                MANIFESTS_DIR=str(cwd / "manifests"), RUNS_DIR=str(cwd / "runs"), MODELS_DIR=str(cwd / "models"))
     log_path = cwd / "command.log"

@@ -240,14 +240,14 @@ def test_cli_ingest_hf_with_limit(tmp_path, monkeypatch):
     rows = [{"img": {"bytes": jpeg((10 * i, 0, 0)), "path": f"p{i}.jpg"}, "text": f"picture {i}"} for i in range(6)]
     features = datasets.Features({"img": datasets.Image(), "text": datasets.Value("string")})
     datasets.Dataset.from_list(rows, features=features).to_parquet(str(tmp_path / "data.parquet"))
-    monkeypatch.setenv("SHARDS_DIR", str(tmp_path / "shards"))
-    monkeypatch.setenv("MANIFESTS_DIR", str(tmp_path / "manifests"))
-    env = {"FORMAT": "hf", "DATA_ROOT": str(tmp_path / "data.parquet"), "IMAGE_COLUMN": "img", "CAPTION_COLUMN": "text",
-           "LIMIT": "4"}
+    monkeypatch.setenv("MAT_SHARDS_DIR", str(tmp_path / "shards"))
+    monkeypatch.setenv("MAT_MANIFESTS_DIR", str(tmp_path / "manifests"))
+    env = {"MAT_FORMAT": "hf", "MAT_DATA_ROOT": str(tmp_path / "data.parquet"), "MAT_IMAGE_COLUMN": "img", "MAT_CAPTION_COLUMN": "text",
+           "MAT_LIMIT": "4"}
     result = CliRunner().invoke(app, ["ingest", "--dataset", "tiny"], env=env)
     assert result.exit_code == 0, result.output
     assert "4 written, 0 skipped of 4 input" in result.output
-    fallback = CliRunner().invoke(app, ["ingest", "--dataset", "tiny"], env={**env, "CAPTION_COLUMN": "caption_en"})
+    fallback = CliRunner().invoke(app, ["ingest", "--dataset", "tiny"], env={**env, "MAT_CAPTION_COLUMN": "caption_en"})
     assert fallback.exit_code == 0 and "4 written" in fallback.output  # 'text' is a fallback caption column
-    missing = CliRunner().invoke(app, ["ingest", "--dataset", "tiny"], env={**env, "IMAGE_COLUMN": "picture"})
+    missing = CliRunner().invoke(app, ["ingest", "--dataset", "tiny"], env={**env, "MAT_IMAGE_COLUMN": "picture"})
     assert missing.exit_code == 2 and "no image column 'picture'" in missing.output and "['img', 'text']" in missing.output

@@ -138,8 +138,8 @@ def test_a_manifest_never_mixes_settings(layout):
 
 
 def test_augment_cli_names_the_changed_option_and_offers_overwrite(tmp_path):
-    env = {"SHARDS_DIR": str(tmp_path / "s"), "MANIFESTS_DIR": str(tmp_path / "m"), "MODELS_DIR": str(tmp_path / "models"),
-           "SYNTH_SIZE": "20", "WORKERS": "1"}
+    env = {"MAT_SHARDS_DIR": str(tmp_path / "s"), "MAT_MANIFESTS_DIR": str(tmp_path / "m"), "MAT_MODELS_DIR": str(tmp_path / "models"),
+           "MAT_SYNTH_SIZE": "20", "MAT_WORKERS": "1"}
     runner = CliRunner()
     assert runner.invoke(app, ["augment", "--stages", "i2t-human"], env=env).exit_code == 0
     changed = runner.invoke(app, ["augment", "--stages", "i2t-human", "--set", "i2t-human.max_variants=1"], env=env)
@@ -147,7 +147,7 @@ def test_augment_cli_names_the_changed_option_and_offers_overwrite(tmp_path):
     assert changed.exit_code == 2 and "stage.max_variants: 0 -> 1" in text and "--overwrite" in text
     redone = runner.invoke(app, ["augment", "--stages", "i2t-human", "--set", "i2t-human.max_variants=1", "--overwrite"], env=env)
     assert redone.exit_code == 0, redone.output
-    manifest = json.loads((Path(env["MANIFESTS_DIR"]) / "synth" / "i2t-human.json").read_text())
+    manifest = json.loads((Path(env["MAT_MANIFESTS_DIR"]) / "synth" / "i2t-human.json").read_text())
     assert manifest["config"]["settings"]["stage"]["max_variants"] == 1
 
 

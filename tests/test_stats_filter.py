@@ -148,16 +148,16 @@ def test_cli_stats_and_filter(scored, monkeypatch) -> None:
     from pipeline.commands.cli import app
 
     layout, planted = scored
-    env = {"SHARDS_DIR": str(layout.shards_dir), "MANIFESTS_DIR": str(layout.manifests_dir), "DATASET": DATASET}
+    env = {"MAT_SHARDS_DIR": str(layout.shards_dir), "MAT_MANIFESTS_DIR": str(layout.manifests_dir), "MAT_DATASET": DATASET}
     runner = CliRunner()
     out = runner.invoke(app, ["stats"], env=env)
     assert out.exit_code == 0, out.output
     assert "| randaug | image |" in out.output and "frechet.png" in out.output
-    out = runner.invoke(app, ["filter"], env={**env, "FILTER": "cli", "TOP_FRACTION": "0.5", "FILTER_STAGES": "eda"})
+    out = runner.invoke(app, ["filter"], env={**env, "MAT_FILTER": "cli", "MAT_TOP_FRACTION": "0.5", "MAT_FILTER_STAGES": "eda"})
     assert out.exit_code == 0, out.output
     assert f"eda: kept {len(planted['eda']) // 2} of {len(planted['eda'])}" in out.output
     assert set(json.loads(filter_path(layout, DATASET, "cli").read_text())["stages"]) == {"eda"}
-    out = runner.invoke(app, ["filter"], env={**env, "FILTER": "bad"})
+    out = runner.invoke(app, ["filter"], env={**env, "MAT_FILTER": "bad"})
     assert out.exit_code != 0 and "at least one" in out.output
 
 
@@ -177,3 +177,29 @@ def test_filter_command_takes_a_config_file_and_set(scored, tmp_path) -> None:
     assert CliRunner().invoke(app, argv[:7] + ["--config", str(tmp_path / "bare.yaml")]).exit_code == 2
     result = CliRunner().invoke(app, argv[:7] + ["--config", str(tmp_path / "bare.yaml"), "--set", "max_shift=5"])
     assert result.exit_code == 0, result.output
+
+
+def test_frechet_figure_has_a_panel_per_modality_and_shows_zeros_and_gaps() -> None:
+    """Image and text distances on panels of their own (own y scales), each bar's value written, a distance of
+    0 drawn and written (i2t-human's text: the other human captions), n/a where a stage has no distance."""
+    from pipeline.core.figures import NA, pyplot
+    from pipeline.curate.stats import frechet_figure
+
+    fd = {"base": (None, None), "i2t-human": (None, 0.0), "eda": (None, 0.0213), "randaug": (0.352, None),
+          "t2i-sd": (1.91, None)}
+    rows = [{"stage": stage, "fd_image": image, "fd_text": text} for stage, (image, text) in fd.items()]
+    fig = frechet_figure(rows)
+    try:
+        image, text = fig.axes
+        assert "image" in image.get_ylabel() and "text" in text.get_ylabel()
+        assert not image.get_shared_y_axes().joined(image, text)
+        assert image.get_ylim()[1] > 1.91 and text.get_ylim()[1] < 0.1  # each on its own scale
+        for ax in (image, text):
+            assert [t.get_text() for t in ax.get_xticklabels()] == ["i2t-human", "eda", "randaug", "t2i-sd"]
+        assert [t.get_text() for t in image.texts] == [NA, NA, "0.3520", "1.9100"]
+        assert [t.get_text() for t in text.texts] == ["0.0000", "0.0213", NA, NA]
+        assert [p.get_height() for p in text.patches] == [0.0213]  # the zero is no bar of height 0 ...
+        zero = [c.get_segments()[0] for c in text.collections if len(c.get_segments()) == 1]
+        assert zero and np.allclose(zero[0][:, 1], 0) and np.allclose(zero[0][:, 0], [-0.3, 0.3])  # a line at 0
+    finally:
+        pyplot().close(fig)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.study.bootstrap import Bootstrap, Outcomes
+from pipeline.evaluation.bootstrap import Bootstrap, Outcomes
 from pipeline.study.plan import Cell, StudyConfig, plan_cells
 from pipeline.study.report import CONTRADICTS, SUPPORTS, UNDECIDED, CellResult, build_study_report, mean_r1, recall
 
@@ -155,9 +155,9 @@ def test_near_chance_clean_retrieval_is_called_meaningless(tmp_path):
     assert all(c["verdict"] == UNDECIDED for c in report["claims"])
 
 
-def test_augmentation_quality_claim_and_figure(tmp_path):
-    """Gains planted to rise with alignment and diversity and fall with Frechet distance: supported, and the
-    figure is drawn; the cross- vs intra-modal claim follows the planted gains too."""
+def _augmentation_cells() -> tuple[list[CellResult], dict[str, dict]]:
+    """MAT and four single-stage MAT+ cells whose gains are planted to rise with alignment and diversity and fall
+    with Frechet distance, with their stage statistics."""
     gains = {"eda": 0.3, "randaug": 0.4, "i2t-human": 0.55, "t2i-sd": 0.7}  # robust hit rates; MAT at 0.2
     cells = [CellResult(Cell("mat", "mat", tables=("augmentation",), attacks=ATTACKS),
                         {0: {"clean": planted(0.9, 1), **{a: planted(0.2, 2 + j) for j, a in enumerate(ATTACKS)}}})]
@@ -167,6 +167,13 @@ def test_augmentation_quality_claim_and_figure(tmp_path):
                                 {0: {"clean": planted(0.9, 20 + i), **{a: planted(p, 30 + 2 * i + j) for j, a in enumerate(ATTACKS)}}}))
         modality = "image" if stage in ("randaug", "t2i-sd") else "text"
         stats[stage] = {"alignment_mean": 0.3 + 0.1 * i, "diversity_mean": 0.2 + 0.05 * i, f"fd_{modality}": 0.5 - 0.1 * i}
+    return cells, stats
+
+
+def test_augmentation_quality_claim_and_figure(tmp_path):
+    """Gains planted to rise with alignment and diversity and fall with Frechet distance: supported, and the
+    figure is drawn; the cross- vs intra-modal claim follows the planted gains too."""
+    cells, stats = _augmentation_cells()
     report = build_study_report(cells, stats, StudyConfig(resamples=400), tmp_path)
     assert _claim(report, "good augmentations")["verdict"] == SUPPORTS
     assert _claim(report, "cross-modal")["verdict"] == SUPPORTS  # i2t-human, t2i-sd above eda, randaug
@@ -232,8 +239,8 @@ def test_a_study_on_a_gpu_this_machine_lacks_stops_before_its_plan(toy_layout, m
 
 
 def _study(layout, tiny_model_dirs, steps: int) -> subprocess.Popen:
-    env = {**os.environ, "SHARDS_DIR": str(layout.shards_dir), "MANIFESTS_DIR": str(layout.manifests_dir),
-           "RUNS_DIR": str(layout.runs_dir), "MODELS_DIR": str(layout.models_dir), "PRECISION": "fp32"}
+    env = {**os.environ, "MAT_SHARDS_DIR": str(layout.shards_dir), "MAT_MANIFESTS_DIR": str(layout.manifests_dir),
+           "MAT_RUNS_DIR": str(layout.runs_dir), "MAT_MODELS_DIR": str(layout.models_dir), "MAT_PRECISION": "fp32"}
     argv = [sys.executable, "-m", "pipeline", "study", "--dataset", "toy", "--clip", tiny_model_dirs["clip"],
             "--mlm", tiny_model_dirs["mlm"], "--modes", "ft", "--steps", str(steps), "--batch-size", "8",
             "--eval-size", "8", "--attacks", "pgd", "--no-augmentation", "--resamples", "50",
@@ -264,6 +271,8 @@ def test_a_killed_study_resumes_without_redoing_done_units(toy_layout, tiny_mode
     assert {(r["cell"], r["seed"]) for r in report["records"]} == {("pretrained", 0), ("ft", 0)}
     plan = json.loads((toy_layout.manifests_dir / "toy" / "study" / "plan.json").read_text())
     assert [u["name"] for u in plan["units"]] == ["eval-pretrained-s0", "train-ft-s0", "eval-ft-s0"]
+    assert (toy_layout.runs_dir / "study-toy" / "ft-s0" / "tensorboard").is_dir()  # the study's default trackers
+    assert (toy_layout.manifests_dir / "toy" / "study" / "defences.csv").is_file()
     # a changed budget is a new fingerprint: the training reruns (its old folder set aside), the pretrained eval not
     again = _study(toy_layout, tiny_model_dirs, steps=3)
     out, _ = again.communicate(timeout=600)
@@ -362,3 +371,128 @@ def test_study_train_set_reaches_every_training_cell(tmp_path):
 
     _, units = build_plan(dataclasses.replace(cfg, train_set=()), layout)
     assert [u.settings["attack"]["text"]["variant"] for u in units if u.kind == "train" and "mat" in u.name] == ["reference"]
+
+
+def test_study_trackers_reach_every_training_cell_and_keep_the_fingerprints(tmp_path, monkeypatch):
+    """REPORT_TO of the study reaches each training run's TrainConfig (TensorBoard by default, as `make train`),
+    while the units' fingerprints stay those the study had when it trained with no trackers: a study resumed
+    after the option came, or rerun with other trackers, retrains nothing."""
+    import pipeline.train.main
+    from pipeline.core.paths import Layout
+    from pipeline.evaluation.resume import fingerprint
+    from pipeline.study.run import build_plan
+    from pipeline.train.toy import write_toy_shards
+
+    write_toy_shards(tmp_path / "shards", "toy", shards=1, per_shard=4, split="test")
+    layout = Layout(tmp_path / "shards", tmp_path / "manifests", tmp_path / "runs", tmp_path / "models")
+    trained: list = []
+    monkeypatch.setattr(pipeline.train.main, "train", lambda tcfg, layout: trained.append(tcfg))
+
+    def plan(**change):
+        cfg = StudyConfig(dataset="toy", clip="c", mlm="m", modes=("ft", "mat"), augmentation=False, **change)
+        units = [u for u in build_plan(cfg, layout)[1] if u.kind == "train"]
+        trained.clear()
+        for unit in units:
+            unit.run()
+        return {u.name: fingerprint(u.settings) for u in units}, [t.report_to for t in trained]
+
+    default, reporters = plan()
+    assert StudyConfig().report_to == ("tensorboard",) and reporters == [("tensorboard",)] * 2
+    none, reporters = plan(report_to=())
+    assert reporters == [(), ()] and none == default
+    assert plan(report_to=("tensorboard",), wandb_mode="online")[0] == default
+    # the fingerprints these units had before the option existed (the study then trained with report_to=())
+    assert default == {"train-ft-s0": "b501f9e7a5ac44e51ee11a4a0e59d76ccd0ce6b738c27cad649a840551549644",
+                       "train-mat-s0": "12c774ba028d5cf9287c8a23408456fb92fd07355f1813ce4e7ce9e50532850a"}
+    with pytest.raises(ValueError, match="report_to"):
+        StudyConfig(report_to=("tensorbord",))
+
+
+def _csv(path) -> list[dict[str, str]]:
+    import csv
+
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _same(field: str, value) -> bool:
+    return field == ("" if value is None else "+".join(map(str, value)) if isinstance(value, list) else str(value))
+
+
+def test_study_tables_as_csv_hold_the_json_numbers(tmp_path):
+    """defences.csv and augmentation.csv: the rows of report.json's `defences` and `augmentation` tables, our metric
+    keys under CLIP_benchmark's column names (pipeline/evaluation/columns.py), the same numbers; a cell's points
+    are those of its per-seed records (one seed), with intervals and the spread of several seeds."""
+    from pipeline.core.ledger import is_recorded
+    from pipeline.evaluation.columns import column
+
+    cells, stats = _augmentation_cells()
+    seeds = {s: {"clean": planted(0.9, 60 + s), **{a: planted(0.4, 70 + 2 * s + j) for j, a in enumerate(ATTACKS)}}
+             for s in range(2)}
+    cells += [*_cells({"pretrained": 0.1, "tecoa": 0.2}), CellResult(Cell("ft", "ft", steps=10, tables=("defences",),
+                                                                           attacks=ATTACKS), seeds)]
+    report = build_study_report(cells, stats, StudyConfig(resamples=100, seeds=2), tmp_path)
+    saved = json.loads((tmp_path / "report.json").read_text())
+    defences, augmentation = _csv(tmp_path / "defences.csv"), _csv(tmp_path / "augmentation.csv")
+    assert {"text_retrieval_recall@1", "text_retrieval_recall@1_ci_low", "text_retrieval_recall@1_seed_sd",
+            "image_retrieval_recall@10", "image_retrieval_asr@5"} <= set(defences[0])
+    assert {"robust_mean_recall@1", "robust_mean_recall@1_gain_over_mat_ci_high"} <= set(augmentation[0])
+    assert len(defences) == len(saved["defences"]) == 3 * (1 + len(ATTACKS))
+    for row, record in zip(defences, saved["defences"]):
+        assert all(_same(row[column(k)], v) for k, v in record.items()), record
+    by_cell = {(r["cell"], r["attack"]): r for r in saved["defences"]}
+    per_seed = {(r["cell"], r["seed"]): r["metrics"] for r in saved["records"]}
+    for (cell, attack), row in by_cell.items():  # one seed: the points are that seed's metrics
+        if cell != "ft":
+            metrics = per_seed[(cell, 0)][attack]
+            assert {k: row[k] for k in metrics} == pytest.approx(metrics, rel=1e-12), (cell, attack)
+    assert by_cell[("tecoa", "clean")]["tr_asr"] is None and by_cell[("tecoa", "sga")]["tr_r1_sd"] is None
+    ft = by_cell[("ft", "sga")]
+    assert ft["seeds"] == 2 and ft["tr_r1_sd"] > 0 and ft["tr_r1_low"] <= ft["tr_r1"] <= ft["tr_r1_high"]
+    assert np.isclose(ft["ir_r5"], np.mean([per_seed[("ft", s)]["sga"]["ir_r5"] for s in range(2)]))
+    assert len(augmentation) == len(saved["augmentation"]) == 5
+    for row, record in zip(augmentation, saved["augmentation"]):
+        flat = {k: v for k, v in record.items() if k not in ("robust", "gain")}
+        for name in ("robust", "gain"):
+            flat |= {name: (record[name] or {}).get("point"), f"{name}_low": (record[name] or {}).get("low"),
+                     f"{name}_high": (record[name] or {}).get("high")}
+        assert all(_same(row[column(k)], v) for k, v in flat.items()), record
+        assert row["robust_attacks"] == "coattack+sga"
+    assert is_recorded(tmp_path / "defences.csv") and is_recorded(tmp_path / "augmentation.csv")
+    assert report["defences"] == saved["defences"]
+
+
+def test_quality_figure_panels_labels_gaps_and_one_colour_per_stage(tmp_path):
+    """Image and text Frechet distances in panels of their own; a stage without a value named n/a in its panel;
+    a stage in one colour and marker in every panel; the legend and points named by the stages' display labels."""
+    from matplotlib.colors import to_hex
+
+    from pipeline.core.figures import NA, pyplot
+    from pipeline.study.plan import STAGE_LABELS
+    from pipeline.study.report import augmentation_rows, quality_figure, Study
+
+    cells, stats = _augmentation_cells()
+    del stats["randaug"]["diversity_mean"], stats["i2t-human"]["fd_text"]
+    rows = augmentation_rows(Study(cells, resamples=50), [c.cell for c in cells], stats)
+    fig = quality_figure(rows, ATTACKS)
+    try:
+        xlabels = [ax.get_xlabel() for ax in fig.axes]
+        assert xlabels[:2] == ["alignment (cosine image-text)", "diversity (1 - cosine to the original)"]
+        assert xlabels[2:] == ["Frechet distance of image features", "Frechet distance of text features"]
+        points = [{t.get_text() for t in ax.texts} for ax in fig.axes]
+        assert points == [{"eda", "randaug", "i2t-human", "t2i-sd"}, {"eda", "i2t-human", "t2i-sd"},
+                          {"randaug", "t2i-sd"}, {"eda"}]
+        assert [ax.get_title(loc="right") for ax in fig.axes] == ["", f"{NA}: randaug", "", f"{NA}: i2t-human"]
+        colours: dict[str, set] = {}
+        for ax in fig.axes:
+            for bar, text in zip(ax.containers, ax.texts):  # an error bar per point, its label after it
+                line = bar.lines[0]
+                colours.setdefault(text.get_text(), set()).add((to_hex(line.get_color()), line.get_marker()))
+        assert all(len(c) == 1 for c in colours.values()) and len({next(iter(c)) for c in colours.values()}) == 4
+        assert colours["eda"].pop()[1] == "o" and colours["randaug"].pop()[1] == "s"  # text circle, image square
+        legend = [t.get_text() for t in fig.legends[0].get_texts()]
+        assert legend == [f"{STAGE_LABELS[s]} ({p})" for s, p in
+                          (("eda", "1:N"), ("randaug", "N:1"), ("i2t-human", "1:N"), ("t2i-sd", "N:1"))]
+        assert "Co-Attack / SGA" in fig._suptitle.get_text()
+    finally:
+        pyplot().close(fig)

@@ -174,15 +174,15 @@ def test_captions_and_train_augment_reach_the_config_from_env_and_options(monkey
 
     seen = []
 
-    def capture(fn, cfg, layout):
+    def capture(cfg, layout, **options):
         seen.append(cfg.data)
         raise SystemExit(0)
 
-    monkeypatch.setattr("pipeline.commands.cli._run_training", capture)
+    monkeypatch.setattr("pipeline.train.main.train", capture)
     runner = CliRunner()
-    runner.invoke(app, ["train"], env={"CAPTIONS": "all", "TRAIN_AUGMENT": "rrc"})
-    runner.invoke(app, ["train", "--captions", "primary"], env={"CAPTIONS": "all"})
-    runner.invoke(app, ["train"], env={"CAPTIONS": "", "TRAIN_AUGMENT": ""})
+    runner.invoke(app, ["train"], env={"MAT_CAPTIONS": "all", "MAT_TRAIN_AUGMENT": "rrc"})
+    runner.invoke(app, ["train", "--captions", "primary"], env={"MAT_CAPTIONS": "all"})
+    runner.invoke(app, ["train"], env={"MAT_CAPTIONS": "", "MAT_TRAIN_AUGMENT": ""})
     assert [(d.captions, d.augment) for d in seen] == [("all", "rrc"), ("primary", "none"), ("primary", "none")]
 
 

@@ -155,7 +155,7 @@ def test_cli_explains_itself_and_reports_an_empty_class_folder(tmp_path, tiny_mo
     assert runner.invoke(app, ["eval-zeroshot", "--help"]).exit_code == 0
     root = _folder(tmp_path / "f", {"red": 1, "green": 1})
     (root / "blue").mkdir()
-    monkeypatch.setenv("MANIFESTS_DIR", str(tmp_path / "manifests"))
+    monkeypatch.setenv("MAT_MANIFESTS_DIR", str(tmp_path / "manifests"))
     result = runner.invoke(app, ["eval-zeroshot", "--ckpt", tiny_model_dirs["clip"], "--data", str(root),
                                  "--device", "cpu"])
     assert result.exit_code == 2 and "has no images" in result.output

@@ -16,8 +16,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
+from pipeline.core.lazy import lazy_module, no_grad
+
+torch = lazy_module("torch")  # imported on first use: the CLI reads these settings without torch
 
 if TYPE_CHECKING:  # type hints only: importing transformers here would slow every command's start
     from pipeline.models.hf import CLIPBundle, MLMBundle
@@ -57,7 +58,7 @@ def group_texts(flat: list[str], texts_per_image: list[list[str]]) -> list[list[
 
 def kl_drift(adv_emb: torch.Tensor, ref_emb: torch.Tensor, reduction: str = "batchmean") -> torch.Tensor:
     """KL(softmax(ref) || softmax(adv)) over the embedding dimension: Co-Attack's embedding-distance loss."""
-    return F.kl_div(adv_emb.float().log_softmax(dim=-1), ref_emb.float().softmax(dim=-1), reduction=reduction)
+    return torch.nn.functional.kl_div(adv_emb.float().log_softmax(dim=-1), ref_emb.float().softmax(dim=-1), reduction=reduction)
 
 
 def pair_similarity_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, txt2img: torch.Tensor) -> torch.Tensor:
@@ -68,7 +69,7 @@ def pair_similarity_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, txt2im
     return -(image_emb[txt2img] * text_emb.to(image_emb.dtype)).sum(-1).float().mean()
 
 
-@torch.no_grad()
+@no_grad
 def embed_texts(clip: CLIPBundle, texts: list[str], batch_size: int = 512) -> torch.Tensor:
     """L2-normalised text embeddings [N, D] in chunks of ``batch_size`` texts (no gradient)."""
     if not texts:

@@ -60,8 +60,11 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
+from pipeline.core.lazy import lazy_module, no_grad
 
+torch = lazy_module("torch")  # imported on first use: the CLI reads these settings without torch
+
+from pipeline.core.config import option
 from pipeline.attacks.base import MultimodalAttack, check_positive, kl_drift
 from pipeline.attacks.text_parts import (FILTER_WORDS, STOP_WORDS, Caption, TokenEditor, embed_ids, piece_combinations,
                                         reference_ids, view_embed)
@@ -69,7 +72,7 @@ from pipeline.attacks.text_parts import (FILTER_WORDS, STOP_WORDS, Caption, Toke
 if TYPE_CHECKING:  # type hints only: importing transformers here would slow every command's start
     from pipeline.models.hf import CLIPBundle, MLMBundle
 
-TextGoal = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+TextGoal = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 VARIANTS = ("reference", "fast")
 CONSTRAINTS = (None, "synonyms")
 
@@ -109,8 +112,8 @@ class TextAttackResult:
 
 @dataclass(frozen=True)
 class BERTAttack:
-    n_words: int = 1
-    top_k: int = 10
+    n_words: int = field(default=1, metadata=option("N_WORDS", "BERT-Attack: words replaced per caption."))
+    top_k: int = field(default=10, metadata=option("TOP_K", "BERT-Attack: masked-LM candidates per word."))
     mlm_threshold: float | None = 0.3
     variant: str = "reference"
     max_length: int = 30  # reference: masked-LM tokens per caption (the reference's max_length)
@@ -136,7 +139,7 @@ class BERTAttack:
             return self.stop_words
         return FILTER_WORDS if self.variant == "reference" else STOP_WORDS
 
-    @torch.no_grad()
+    @no_grad
     def __call__(self, clip: CLIPBundle, mlm: MLMBundle, texts: list[str], goal: TextGoal) -> TextAttackResult:
         if self.variant == "reference":
             return self._reference(clip, mlm, texts, goal)

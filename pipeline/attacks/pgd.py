@@ -30,10 +30,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import torch
+from pipeline.core.lazy import lazy_module
 
+torch = lazy_module("torch")  # imported on first use: the CLI reads these settings without torch
+
+from pipeline.core.config import option
 from pipeline.attacks.base import (
     MultimodalAttack,
     check_positive,
@@ -45,15 +48,16 @@ from pipeline.attacks.base import (
 if TYPE_CHECKING:  # type hints only: importing transformers here would slow every command's start
     from pipeline.models.hf import CLIPBundle, MLMBundle
 
-LossFn = Callable[[torch.Tensor], torch.Tensor]
+LossFn = Callable[["torch.Tensor"], "torch.Tensor"]
 STARTS = ("symmetric", "positive")
 
 
 @dataclass(frozen=True)
 class PGD:
-    eps: float = 2 / 255
-    steps: int = 10
-    step_size: float | None = None  # None: follows eps, see step_length
+    eps: float = field(default=2 / 255, metadata=option("EPS", "L-inf budget on [0, 1] pixels (a fraction such as 4/255 works).", pixels=True))
+    steps: int = field(default=10, metadata=option("PGD_STEPS", "PGD steps.", flag="--pgd-steps"))
+    step_size: float | None = field(default=None, metadata=option(  # None: follows eps, see step_length
+        "PGD_STEP_SIZE", "PGD step size (default: EPS x step_ratio).", flag="--pgd-step-size", pixels=True))
     step_ratio: float = 0.25
     step_ratio_over_steps: bool = False
     random_start: bool = True

@@ -24,8 +24,9 @@ import itertools
 import re
 from dataclasses import dataclass, field
 
-import torch
-import torch.nn.functional as F
+from pipeline.core.lazy import lazy_module
+
+torch = lazy_module("torch")  # imported on first use: the CLI reads these settings without torch
 
 from pipeline.attacks.base import embed_texts
 
@@ -198,7 +199,7 @@ def piece_combinations(mlm: MLMBundle, top_ids: torch.Tensor) -> list[str]:
     rows = top_ids[:MAX_PIECES, :PIECE_TOP].tolist()
     combos = torch.tensor(list(itertools.islice(itertools.product(*rows), MAX_COMBINATIONS)), device=mlm.device)
     logits = mlm.model(input_ids=combos).logits.float()  # no special tokens and no mask, as the reference
-    nll = F.cross_entropy(logits.flatten(0, 1), combos.flatten(), reduction="none").view(combos.shape)
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), combos.flatten(), reduction="none").view(combos.shape)
     ranking = torch.sort(nll.mean(-1).exp(), stable=True).indices.tolist()
     # the reference's convert_tokens_to_string: pieces joined, "##" continuations glued to the previous piece
     return [" ".join(mlm.tokenizer.convert_ids_to_tokens(combos[j].tolist())).replace(" ##", "").strip()

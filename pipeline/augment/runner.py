@@ -7,14 +7,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.config import apply_overrides, check_device, check_non_negative, check_positive, to_dict
+from pipeline.core.config import apply_overrides, check_device, check_non_negative, check_positive, option, to_dict
 from pipeline.data.ingest import IngestConfig, run_ingest
 from pipeline.core.manifests import read_manifest, summary_lines
 from pipeline.core.paths import Layout, plain_name
 from pipeline.core.shards import list_shards, shard_is_done
 from pipeline.data.sources import SplitFractions
 from pipeline.augment.stage import StageContext, run_stage
-from pipeline.core.executor import RunOptions
+from pipeline.core.executor import EXECUTORS, RunOptions
 from pipeline.core.shard_urls import base_fingerprints, path_or_spec
 from stages import DEFAULT_STAGES, STAGES, get_stage_class
 
@@ -27,19 +27,18 @@ class AugmentConfig:
     are missing (an existing base is kept as it was made)."""
 
     ingest: IngestConfig = field(default_factory=IngestConfig)
-    stages: tuple[str, ...] | None = None  # None: every stage that can run here
+    stages: tuple[str, ...] | None = field(default=None, metadata=option("STAGES", "Comma-separated stages (default every stage that can run here: no downloaded model needed, or its model given)."))
     # stage -> option -> value, e.g. {"eda": {"variants_per_caption": 2}}; strings are converted by field type
     stage_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    scorer: str | None = None  # CLIP (hub id or dir); None: MODELS_DIR/<dataset>/clip when it exists; "none": off
-    seed: int = 0  # mixed into every per-sample seed
-    device: str = "cpu"  # of model-based stages
-    workers: int = 2
-    executor: str = "local"
-    retries: int = 1  # times a failed shard is retried before it is recorded
-    overwrite: bool = False  # redo every stage shard instead of resuming
-    # Base shard URLs (brace pattern, '::' list, pipe:; core/shard_urls.py) instead of SHARDS_DIR/<dataset>/base;
-    # nothing is ingested then, and the stage shards still go to SHARDS_DIR/<dataset>/<stage>/.
-    base_data: str | None = None
+    scorer: str | None = field(default=None, metadata=option("SCORER", "CLIP (HF id or local dir) that scores alignment / shift; default MODELS_DIR/<dataset>/clip when `make pretrain` made it; none: off."))
+    seed: int = field(default=0, metadata=option("SEED", "Global seed mixed into every per-sample seed."))
+    device: str = field(default="cpu", metadata=option("DEVICE", "cpu, cuda or cuda:N, for the model-based stages."))
+    workers: int = field(default=2, metadata=option("WORKERS", "Processes, one shard each at a time."))
+    executor: str = field(default="local", metadata=option("EXECUTOR", " | ".join(f"{e.name} ({e.description})" for e in EXECUTORS.entries()) + "."))
+    retries: int = field(default=1, metadata=option("RETRIES", "Times a failed shard is retried before it is recorded."))
+    overwrite: bool = field(default=False, metadata=option("OVERWRITE", "Redo every stage shard with the settings given instead of resuming.", flag="--overwrite/--resume"))
+    # Given, nothing is ingested, and the stage shards still go to SHARDS_DIR/<dataset>/<stage>/.
+    base_data: str | None = field(default=None, metadata=option("BASE_DATA", "Base shard URLs instead of SHARDS_DIR/<dataset>/base: a brace pattern (/data/coco/base/train-{000000..000009}.tar), a '::' list or pipe: commands; stage shards are those beside them, by the stage's name."))
 
     def __post_init__(self) -> None:
         for name in self.stages or ():

@@ -5,7 +5,7 @@ rest, once for every stage: read base shard i, batch, call the stage, score the 
 the same keys in the same order (tar, then stats file last, each atomically), resume, manifest.
 
 Every stage shard's stats file records the settings it was made with (`stage_settings`: the stage's options,
-the seed and the scorer) and the sha256 of the base shard it was made from. A rerun skips a finished shard only
+the seed, the scorer, and data outside the config the stage names, e.g. EDA's WordNet and tagger) and the sha256 of the base shard it was made from. A rerun skips a finished shard only
 when both still hold; a shard whose base changed is redone, and finished shards made with other settings stop
 the run with the differing settings named (`--overwrite` redoes them), so one manifest never mixes settings.
 
@@ -126,6 +126,12 @@ class Stage:
         """Facts for the manifest: model ids and revisions, library versions, settings not in the config."""
         return {}
 
+    @classmethod
+    def resource_settings(cls, config: Any) -> dict[str, Any]:
+        """Data outside the config that changes the output (e.g. EDA's WordNet and tagger), fingerprinted with
+        the settings as ``resources`` when not empty; called once per run in the main process."""
+        return {}
+
     def seed_for(self, key: str, variant: int) -> int:
         return derive_seed(self.context.dataset, self.name, key, variant, self.context.seed)
 
@@ -238,13 +244,18 @@ def _scorer_settings(scorer: Any) -> dict[str, Any] | None:
     return kept
 
 
-def stage_settings(config: Any, context: StageContext, scorer: Any = None) -> dict[str, Any]:
+def stage_settings(config: Any, context: StageContext, scorer: Any = None,
+                   resources: dict[str, Any] | None = None) -> dict[str, Any]:
     """The settings fingerprinted in every shard's stats file, as JSON values (tuples become lists).
 
-    A config field with `metadata={"fingerprint": False}` (whom to trust, not what to compute) is left out."""
+    A config field with `metadata={"fingerprint": False}` (whom to trust, not what to compute) is left out.
+    ``resources`` (``Stage.resource_settings``) is recorded only when not empty, so that stages without any keep
+    the fingerprints of shards made before it existed."""
     skipped = {f.name for f in dataclasses.fields(config) if not f.metadata.get("fingerprint", True)}
     options = {k: v for k, v in dataclasses.asdict(config).items() if k not in skipped}
     settings = {"stage": options, "seed": context.seed, "scorer": _scorer_settings(scorer)}
+    if resources:
+        settings["resources"] = resources
     return json.loads(json.dumps(settings, sort_keys=True, default=str))
 
 
@@ -308,7 +319,7 @@ def run_stage(
     remove_own_temps(out_dir)  # left by a killed run
 
     # 2. Plan: one job per base shard, skipping shards already done with these settings (unless overwriting).
-    settings = stage_settings(config, context, scorer)
+    settings = stage_settings(config, context, scorer, stage_cls.resource_settings(config))
     jobs, changed = [], {}
     for base in bases:
         out_tar = out_dir / base.name

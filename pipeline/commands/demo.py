@@ -20,9 +20,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from pipeline.core.config import check_positive
+from pipeline.core.config import check_positive, option
 from pipeline.core.paths import Layout
 from stages import STAGES
 
@@ -36,16 +36,17 @@ GENERATIVE_STAGES = {"i2t-internvl": "I2T_MODEL", "t2i-sd": "T2I_MODEL"}
 
 @dataclass(frozen=True)
 class DemoConfig:
-    # Sized for 20 minutes with set-up on 2 CPU cores without bf16 instructions (fp32: see README, "The demo").
-    size: int = 3000  # synth images (80 % train, 10 % val, 10 % test: about 300 test images)
-    pretrain_steps: int = 700
-    train_steps: int = 70  # every cell of both tables (the MAT+ i2t-human and MAT cells are shared by both)
-    modes: tuple[str, ...] = ("ft", "tecoa", "mat", "matplus")
-    eval_size: int = 150  # the first 150 test images (750 captions)
-    attacks: tuple[str, ...] = ("pgd", "bert", "coattack", "sga")
-    stages: tuple[str, ...] = CPU_STAGES  # augmentation table: one MAT+ cell per stage
-    seeds: int = 1
-    workers: int = 2
+    # Sized for 20 minutes with set-up on 2 CPU cores without bf16 instructions (fp32: README, "The demo's results").
+    size: int = field(default=3000, metadata=option("DEMO_SIZE", "Images in the embedded synth dataset, 80/10/10 split.", flag="--size"))
+    pretrain_steps: int = field(default=700, metadata=option("DEMO_PRETRAIN_STEPS", "CLIP pretraining steps.", flag="--pretrain-steps"))
+    # every cell of both tables (the MAT+ i2t-human and MAT cells are shared by both)
+    train_steps: int = field(default=70, metadata=option("DEMO_TRAIN_STEPS", "Fine-tuning steps of every cell.", flag="--train-steps"))
+    modes: tuple[str, ...] = field(default=("ft", "tecoa", "mat", "matplus"), metadata=option("DEMO_MODES", "Comma-separated training modes (add fare if wanted).", flag="--modes"))
+    eval_size: int = field(default=150, metadata=option("DEMO_EVAL_SIZE", "Test images per evaluation (150: 750 captions).", flag="--eval-size"))
+    attacks: tuple[str, ...] = field(default=("pgd", "bert", "coattack", "sga"), metadata=option("DEMO_ATTACKS", "Comma-separated attacks.", flag="--attacks"))
+    stages: tuple[str, ...] = field(default=CPU_STAGES, metadata=option("DEMO_STAGES", "Stages of the augmentation table, one MAT+ cell each.", flag="--stages"))
+    seeds: int = field(default=1, metadata=option("DEMO_SEEDS", "Seeds per cell.", flag="--seeds"))
+    workers: int = field(default=2, metadata=option("WORKERS", "Augmentation processes."))
 
     def __post_init__(self) -> None:
         check_positive(self, "size", "pretrain_steps", "train_steps", "eval_size", "seeds", "workers")
@@ -81,7 +82,7 @@ def run_demo(cfg: DemoConfig, run: Runner, layout: Layout, echo: Callable[[str],
     phase("pretrain", ["pretrain", *data, "--steps", str(cfg.pretrain_steps)])
     echo(f"generative stages skipped: {', '.join(GENERATIVE_STAGES)} (no generative models on this machine); "
          f"enable them with {' / '.join(f'{v}=<model dir or id>' for v in GENERATIVE_STAGES.values())} "
-         f"and `make augment STAGES={','.join(GENERATIVE_STAGES)}` (see README)")
+         f"and `make augment STAGES={','.join(GENERATIVE_STAGES)}` (see docs/stages.md)")
     phase("augment", ["augment", *data, "--stages", ",".join(CPU_STAGES), "--workers", str(cfg.workers)])
     phase("stats", ["stats", *data], optional=True)  # descriptive only: nothing downstream reads it
     phase("study", ["study", *data, "--modes", ",".join(cfg.modes), "--steps", str(cfg.train_steps),

@@ -261,6 +261,27 @@ def _set_path(cls: type, payload: dict[str, Any], path: list[str], value: Any, f
         payload[head] = parse_value(value, hint, full) if isinstance(value, str) else value
 
 
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """How a setting appears on the command line, declared once in its field's metadata (``option(...)``):
+    ``make NAME=value`` / ``MAT_NAME`` / ``--flag``. The CLI generates every command's options from these."""
+
+    name: str  # the make variable; the environment variable is MAT_<name>
+    help: str
+    flag: str | None = None  # default: "--" + the field's name with dashes; "--on/--off" for a switch
+    parse: Any = None  # str -> the field's value, where parse_value's comma lists do not fit (e.g. ft=500,mat=1000)
+    pixels: bool = False  # shown in 1/255 units in --help
+
+
+def option(name: str, help: str, **how: Any) -> dict[str, Option]:
+    """A field's metadata declaring its command-line option: ``field(default=..., metadata=option("LR", "..."))``."""
+    return {"option": Option(name, help, **how)}
+
+
+# The dataset every command works on; one declaration shared by their configs.
+DATASET_OPTION = option("DATASET", "Dataset name (a plain name: letters, digits, _ - .); synth is the embedded one.")
+
+
 def field_default(cls: type, name: str) -> Any:
     """A field's default (the CLI shows it in --help instead of repeating it)."""
     field = next(f for f in dataclasses.fields(cls) if f.name == name)

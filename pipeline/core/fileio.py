@@ -10,7 +10,9 @@ The temporary file a killed write leaves is what `make clean` and the resumable 
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -59,3 +61,12 @@ def atomic_write_json(path: Path, payload: Any) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
+    """A CSV file (RFC 4180 quoting, "\\n" line ends): ``None`` as an empty field, floats in full precision."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows([["" if value is None else value for value in row] for row in rows])
+    atomic_write_text(path, buffer.getvalue())

@@ -16,7 +16,9 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-import torch
+from pipeline.core.lazy import lazy_module
+
+torch = lazy_module("torch")  # loaded on first use, not by the CLI's settings
 from PIL import Image, ImageFile
 
 # Refuse to decode more than this many pixels (a decompression-bomb guard); a record over it is skipped.

@@ -59,10 +59,10 @@ class Layout:
     @classmethod
     def from_env(cls) -> "Layout":
         return cls(
-            shards_dir=Path(os.environ.get("SHARDS_DIR", "shards")),
-            manifests_dir=Path(os.environ.get("MANIFESTS_DIR", "manifests")),
-            runs_dir=Path(os.environ.get("RUNS_DIR", "runs")),
-            models_dir=Path(os.environ.get("MODELS_DIR", "models")),
+            shards_dir=Path(os.environ.get("MAT_SHARDS_DIR", "shards")),
+            manifests_dir=Path(os.environ.get("MAT_MANIFESTS_DIR", "manifests")),
+            runs_dir=Path(os.environ.get("MAT_RUNS_DIR", "runs")),
+            models_dir=Path(os.environ.get("MAT_MODELS_DIR", "models")),
         )
 
     def dataset_shards(self, dataset: str) -> Path:

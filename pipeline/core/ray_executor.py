@@ -13,8 +13,8 @@ Data would add a row-level execution plan and block-size tuning for nothing.
 
 Resources per actor: a task whose stage runs on CUDA (its config's `device`, or the run's `DEVICE` when the
 config says "auto"; or a stage class with `needs_gpu = True`) gets an actor per GPU (`num_gpus=1`, or
-`RAY_GPUS_PER_ACTOR`, e.g. 0.5 to pack two small models per GPU); otherwise one actor per CPU
-(`RAY_CPUS_PER_ACTOR`, default 1). The pool is as large as the cluster's resources allow, capped by the number of
+`MAT_RAY_GPUS_PER_ACTOR`, e.g. 0.5 to pack two small models per GPU); otherwise one actor per CPU
+(`MAT_RAY_CPUS_PER_ACTOR`, default 1). The pool is as large as the cluster's resources allow, capped by the number of
 shards. With no `RAY_ADDRESS` the executor starts a local instance with `workers` CPUs.
 
 Failures: a shard that returns ok=False or whose actor process dies (RayActorError) is re-queued up to
@@ -60,11 +60,17 @@ def task_needs_gpu(task: Any) -> bool:
     return device.startswith("cuda")
 
 
-def actor_resources(tasks: Sequence[tuple[str, Any]]) -> ActorResources:
-    cpus = float(os.environ.get("RAY_CPUS_PER_ACTOR", "1"))
-    if any(task_needs_gpu(task) for _, task in tasks):
-        return ActorResources(num_cpus=cpus, num_gpus=float(os.environ.get("RAY_GPUS_PER_ACTOR", "1")))
+def resources(gpu: bool) -> ActorResources:
+    """What one actor (or one of the study's tasks) asks for: `MAT_RAY_CPUS_PER_ACTOR` CPUs (default 1), and
+    `MAT_RAY_GPUS_PER_ACTOR` GPUs (default 1) when it runs on CUDA."""
+    cpus = float(os.environ.get("MAT_RAY_CPUS_PER_ACTOR", "1"))
+    if gpu:
+        return ActorResources(num_cpus=cpus, num_gpus=float(os.environ.get("MAT_RAY_GPUS_PER_ACTOR", "1")))
     return ActorResources(num_cpus=cpus)
+
+
+def actor_resources(tasks: Sequence[tuple[str, Any]]) -> ActorResources:
+    return resources(any(task_needs_gpu(task) for _, task in tasks))
 
 
 def pool_size(resources: ActorResources, shards: int, cluster: dict[str, float]) -> int:
@@ -96,16 +102,21 @@ def ensure_ray(workers: int) -> None:
         log.info("started a local Ray instance with %d CPU(s)", workers)
 
 
+def enter_driver_folder(driver_cwd: str, threads: int) -> None:
+    """Set up a Ray worker process like the driver: its folder as the working folder (relative SHARDS_DIR paths
+    mean the driver's folder; on a cluster it must be shared storage) and `threads` torch threads."""
+    if os.path.isdir(driver_cwd):
+        os.chdir(driver_cwd)
+    else:
+        log.warning("driver folder %s does not exist on this node: relative output paths will break", driver_cwd)
+    worker_init(threads)
+
+
 class ShardWorker:
     """A Ray actor: one worker process that runs shard tasks and keeps what the worker function caches."""
 
     def __init__(self, driver_cwd: str, threads: int):
-        # Relative SHARDS_DIR paths mean the driver's folder; on a cluster it must be shared storage.
-        if os.path.isdir(driver_cwd):
-            os.chdir(driver_cwd)
-        else:
-            log.warning("driver folder %s does not exist on this node: relative output paths will break", driver_cwd)
-        worker_init(threads)
+        enter_driver_folder(driver_cwd, threads)
 
     def run(self, worker: Callable[[Any], TaskResult], task: Any, task_id: str) -> TaskResult:
         return safe_call(worker, task, task_id)

@@ -29,7 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import webdataset as wds
+from pipeline.core.lazy import lazy_module
+
+wds = lazy_module("webdataset")  # imports torch: loaded on first use, not by the CLI's settings
 
 from pipeline.core.fileio import sha256_file
 from pipeline.core.paths import plain_name, sizes_path

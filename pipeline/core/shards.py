@@ -17,7 +17,9 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-import webdataset as wds
+from pipeline.core.lazy import lazy_module
+
+wds = lazy_module("webdataset")  # imports torch: loaded on first use, not by the CLI's settings
 
 from pipeline.core.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 from pipeline.core.paths import sizes_path

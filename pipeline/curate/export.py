@@ -31,11 +31,11 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.config import check_positive
+from pipeline.core.config import DATASET_OPTION, check_positive, option
 from pipeline.core import ledger
 from pipeline.core.paths import Layout, plain_name
 from pipeline.core.schema import base_record, stage_record
@@ -49,14 +49,19 @@ DONE_FILE = "export.json"
 OWNER = "export"  # the claim in the output folder's ledger
 
 
+def export_stages(spec: str) -> tuple[str, ...]:
+    """STAGES as export takes it: comma-separated; `base` (base pairs only) adds no stage."""
+    return tuple(s.strip() for s in spec.split(",") if s.strip() and s.strip() != "base")
+
+
 @dataclass(frozen=True)
 class ExportConfig:
-    dataset: str = "synth"
-    split: str = "train"
-    stages: tuple[str, ...] | None = None  # None: every augmented stage the dataset has a manifest for
-    filter: str | None = None  # a filter name (MANIFESTS_DIR/<dataset>/filters/) or path
-    shard_size: int = 1000  # pairs per output shard
-    out: Path | None = None  # default SHARDS_DIR/<dataset>/export-<split>
+    dataset: str = field(default="synth", metadata=DATASET_OPTION)
+    split: str = field(default="train", metadata=option("EXPORT_SPLIT", "Split to export.", flag="--split"))
+    stages: tuple[str, ...] | None = field(default=None, metadata=option("STAGES", "Comma-separated stages whose variants are exported (default every augmented stage of the dataset; `base`: base pairs only).", parse=export_stages))
+    filter: str | None = field(default=None, metadata=option("FILTER", "Filter manifest (path or name) that drops variants, as in training."))
+    shard_size: int = field(default=1000, metadata=option("SHARD_SIZE", "Pairs per output shard."))
+    out: Path | None = field(default=None, metadata=option("EXPORT_DIR", "Output folder, empty or the pipeline's (default SHARDS_DIR/<dataset>/export-<split>).", flag="--out"))
 
     def __post_init__(self) -> None:
         plain_name(self.dataset, "dataset")

@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.core.config import check_choice, check_positive, check_range
+from pipeline.core.config import check_choice, check_positive, check_range, option
 from pipeline.core.paths import Layout, is_plain_name, plain_name
 from pipeline.core.fileio import atomic_write_json
 from pipeline.core.provenance import PROVENANCE_KEY, provenance
@@ -29,13 +29,13 @@ SCOPES = ("stage", "global")
 
 @dataclass(frozen=True)
 class FilterConfig:
-    name: str = "default"
-    min_alignment: float | None = None
-    max_shift: float | None = None
-    shift_percentile: float | None = None  # drop variants farther than this percentile of the originals' own shift
-    top_fraction: float | None = None
-    scope: str = "stage"  # rank top_fraction within each stage, or over all stages together
-    stages: tuple[str, ...] = ()  # empty: every augmented stage of the dataset
+    name: str = field(default="default", metadata=option("FILTER", "Filter name: MANIFESTS_DIR/<dataset>/filters/<name>.json.", flag="--name"))
+    min_alignment: float | None = field(default=None, metadata=option("MIN_ALIGNMENT", "Keep variants with alignment >= this cosine."))
+    max_shift: float | None = field(default=None, metadata=option("MAX_SHIFT", "Keep variants with shift <= this (about 1 = a typical original)."))
+    shift_percentile: float | None = field(default=None, metadata=option("SHIFT_PERCENTILE", "Drop variants farther from the originals than this percentile (0-100] of the originals themselves."))
+    top_fraction: float | None = field(default=None, metadata=option("TOP_FRACTION", "Keep this fraction of variants with the highest alignment (DataComp style)."))
+    scope: str = field(default="stage", metadata=option("FILTER_SCOPE", "Rank TOP_FRACTION per stage or global (all stages together).", flag="--scope"))
+    stages: tuple[str, ...] = field(default=(), metadata=option("FILTER_STAGES", "Comma-separated stages to filter (default all).", flag="--stages"))
 
     def __post_init__(self) -> None:
         plain_name(self.name, "filter name")

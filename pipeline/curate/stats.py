@@ -20,6 +20,7 @@ from pipeline.core.schema import SCORES, stage_record
 from pipeline.core.shard_urls import expand_urls, read_url, stage_urls
 from pipeline.core.shards import list_shards
 from pipeline.core.fileio import atomic_write_json, atomic_write_text
+from pipeline.core.figures import NA, bars, pyplot, save
 from pipeline.core.ledger import claim_file
 from pipeline.core.provenance import PROVENANCE_KEY, provenance
 
@@ -169,22 +170,30 @@ def _plot_scatter(scores: list[StageScores], path: Path) -> None:
     plt.close(fig)
 
 
-def _plot_frechet(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib.pyplot as plt
+def frechet_figure(rows: list[dict[str, Any]]) -> Any:
+    """One panel per modality (image features, text features), each on its own scale: a stage's Frechet distance
+    to the originals, its value written above the bar (a zero drawn as a line with its value), n/a where the stage
+    has no distance in that modality."""
+    import numpy as np
 
+    plt = pyplot()
     rows = [r for r in rows if r.get("fd_image") is not None or r.get("fd_text") is not None]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(rows) + 2), 4))
     positions = np.arange(len(rows))
-    for offset, side in ((-0.2, "image"), (0.2, "text")):
-        values = [r.get(f"fd_{side}") or 0.0 for r in rows]
-        ax.bar(positions + offset, values, width=0.4, label=f"FD {side}")
-    ax.set_xticks(positions, [r["stage"] for r in rows])
-    ax.set(ylabel="Frechet distance to the originals", title="Distribution shift per stage (lower is closer)")
-    ax.legend()
+    for ax, side, color in zip(axes, ("image", "text"), ("tab:blue", "tab:orange")):
+        bars(ax, positions, [r.get(f"fd_{side}") for r in rows], 0.6, color, value_format="{:.4f}")
+        ax.set_xticks(positions, [r["stage"] for r in rows])
+        ax.set(title=f"{side} features", ylabel=f"Frechet distance of {side} features")
+        ax.set_ylim(0, max([r.get(f"fd_{side}") or 0.0 for r in rows] + [1e-3]) * 1.2)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"Distribution shift per stage: Frechet distance to the originals (lower is closer; {NA}: the "
+                 "stage has no distance in that modality)", fontsize=10)
     fig.tight_layout()
-    claim_file(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
+
+
+def _plot_frechet(rows: list[dict[str, Any]], path: Path) -> None:
+    save(frechet_figure(rows), path)
 
 
 def run_stats(dataset: str, layout: Layout, base_data: str | None = None) -> dict[str, Any]:

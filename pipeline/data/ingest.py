@@ -13,43 +13,52 @@ import itertools
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.config import check_positive
+from pipeline.core.config import DATASET_OPTION, check_positive, option
 from pipeline.core.executor import TaskResult, get_executor
 from pipeline.core.images import DEFAULT_MAX_PIXELS, ImageError, prepare_image
 from pipeline.core.manifests import build_manifest, write_manifest
 from pipeline.core.paths import Layout, plain_name
 from pipeline.core.ledger import make_dirs, remove_own, remove_own_temps
 from pipeline.core.schema import BaseRecord
-from pipeline.core.shard_urls import expand_urls, is_local
+from pipeline.core.shard_urls import expand_urls, is_local, path_or_spec
 from pipeline.core.shards import (list_shards, read_stats, sample_key, shard_is_done, shard_name, stats_path, write_sizes,
                                   write_stats, write_tar)
-from pipeline.data.sources import Record, Skip, SourceOptions, SplitFractions, detect_format, read_source
+from pipeline.data.sources import SOURCES, Record, Skip, SourceOptions, SplitFractions, detect_format, read_source
 from pipeline.core.executor import RunOptions
 
 log = logging.getLogger(__name__)
 
 
+def parse_fractions(spec: str) -> dict[str, float]:
+    """SPLIT_FRACTIONS: "0.8,0.1,0.1" -> the train, val and test fractions."""
+    parts = spec.split(",")
+    if len(parts) > 3:
+        raise ValueError("give train,val,test")
+    return {name: float(part) for name, part in zip(("train", "val", "test"), parts)}
+
+
 @dataclass(frozen=True)
 class IngestConfig:
-    dataset: str = "synth"
-    fmt: str | None = None  # auto-detected from data_root when None
-    data_root: Path | str | None = None  # a str: shard URLs (pipeline/core/shard_urls.py), read by FORMAT=wds
-    shard_size: int = 500
-    max_side: int | None = None  # resize only when asked
+    dataset: str = field(default="synth", metadata=DATASET_OPTION)
+    fmt: str | None = field(default=None, metadata=option("FORMAT", f"{' | '.join(SOURCES)} (detected from DATA_ROOT when empty).", flag="--format"))
+    # a str: shard URLs (pipeline/core/shard_urls.py), read by FORMAT=wds
+    data_root: Path | str | None = field(default=None, metadata=option("DATA_ROOT", "Dataset folder or annotation file; FORMAT=wds: also shard URLs (a brace pattern, a '::' list, pipe: commands).", parse=path_or_spec))
+    shard_size: int = field(default=500, metadata=option("SHARD_SIZE", "Images per shard."))
+    max_side: int | None = field(default=None, metadata=option("MAX_SIDE", "Resize images whose longer side exceeds this (default: keep as is)."))
     max_pixels: int = DEFAULT_MAX_PIXELS
-    fractions: SplitFractions = SplitFractions()
-    synth_size: int = 4000
-    synth_seed: int = 0
-    image_column: str = "image"
-    caption_column: str = "caption"
-    id_column: str | None = None
-    id_prefix: str | None = None
-    split_column: str = "split"
-    limit: int | None = None  # only the first N images the source yields (bad ones included), for a quick try
+    fractions: SplitFractions = field(default=SplitFractions(), metadata=option("SPLIT_FRACTIONS", "train,val,test fractions for sources without splits (default 0.8,0.1,0.1).", flag="--split-fractions", parse=parse_fractions))
+    synth_size: int = field(default=4000, metadata=option("SYNTH_SIZE", "Images in the embedded synth dataset."))
+    synth_seed: int = field(default=0, metadata=option("SYNTH_SEED", "Seed of the synth dataset."))
+    image_column: str = field(default="image", metadata=option("IMAGE_COLUMN", "CSV/TSV/hf: the image column (hf: an Image feature, bytes or paths)."))
+    caption_column: str = field(default="caption", metadata=option("CAPTION_COLUMN", "CSV/TSV/imagefolder/hf: the caption column (hf: a list, or one caption per row)."))
+    id_column: str | None = field(default=None, metadata=option("ID_COLUMN", "hf: the column naming the image (rows sharing it are one image); default the image path."))
+    id_prefix: str | None = field(default=None, metadata=option("ID_PREFIX", "hf/wds: prefix of the image ids they form (default hf / wds)."))
+    split_column: str = field(default="split", metadata=option("SPLIT_COLUMN", "hf: a column holding each row's split, used when present."))
+    limit: int | None = field(default=None, metadata=option("LIMIT", "Only the first N images of the source, bad ones included (a quick try on a big dataset)."))
 
     def __post_init__(self) -> None:
         check_positive(self, "limit", "shard_size", "max_pixels", "synth_size")

@@ -27,6 +27,17 @@ resolved options, seed, size, batch size, device, precision, caption normalisati
 kill skips the finished attacks and batches and gives the same JSON metrics as an uninterrupted run; the partial
 files go once the JSON is written, and those of other settings under the same name when a run starts.
 
+Several processes (``torchrun --nproc-per-node N -m pipeline eval ...``; gloo on CPU, nccl on CUDA): the batches
+stay the ones of a single process (batch i: images i*B to (i+1)*B-1, with all their captions, attacked with
+batch i's seed) and are dealt out whole, round-robin: rank r of W attacks batches r, r+W, r+2W, .... Each rank
+stores its finished batches under names that hold its rank and W; after each attack rank 0 gathers every rank's
+adversarial embeddings, puts them back in batch order and computes the row, which is therefore the single
+process's (the same metrics and ``embeddings_sha256``; ``seconds`` sums the batches' times over the ranks). Rank 0
+alone computes the clean row, writes the partial rows, the JSON, the saved config and the trackers; every rank
+returns the record. A rerun with the same W resumes each rank's batches; batch files of another W are refused
+(:func:`check_world_size`): rerun with that W, or remove them as the message says. ITM re-ranking (``itm_k``)
+needs every adversarial image in one process and runs in one process only.
+
 Memory: retrieval keeps one images x captions float32 matrix and compares it in slices
 (:mod:`pipeline.evaluation.retrieval`): COCO's 5,000 x 25,010 needs about 0.7 GB, not the 2.5 GB captions x captions
 matrix of a direct implementation.
@@ -48,7 +59,8 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from datetime import timedelta
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -72,6 +84,8 @@ from pipeline.core.shards import require_shards
 from pipeline.core.config import check_choice, check_device, check_positive, save_config
 from pipeline.core.fileio import atomic_write_json
 from pipeline.core.provenance import PROVENANCE_KEY, provenance
+from pipeline.evaluation.config import DEFAULT_ATTACKS, EvalConfig  # noqa: F401  (EvalConfig: its settings)
+from pipeline.train.distributed import DistEnv, barrier, broadcast_from_main, gather_to_main, init_distributed
 
 if TYPE_CHECKING:  # type hints only: transformers loads when a model does, not with the CLI
     from pipeline.models.hf import CLIPBundle, MLMBundle
@@ -79,65 +93,14 @@ if TYPE_CHECKING:  # type hints only: transformers loads when a model does, not 
 log = logging.getLogger(__name__)
 
 CLEAN = "clean"
-DEFAULT_ATTACKS = ATTACKS.names()
 KS = (1, 5, 10)
 MAX_WORDS = 30  # SGA's paired_dataset (max_words=30)
+# Several processes: how long a rank waits in a collective for the others. A resumed rank with all its batches
+# stored waits for the ranks that still attack theirs (their share of one attack), longer than torch's 10 min
+# (nccl); a rank that dies ends the others through torchrun, not through this timeout.
+DIST_TIMEOUT = timedelta(hours=12)
 _DELETED = re.compile(r"[,.'!?\"()*#:;~]")
 _SPACE_RUNS = re.compile(r"\s{2,}")
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """One evaluation. ``checkpoint`` (required by :func:`evaluate`): a training run dir (its ``clip/``), or any
-    CLIP dir / hub id."""
-
-    checkpoint: str = ""
-    dataset: str = "synth"
-    mlm: str | None = None  # masked LM of the text attacks; default MODELS_DIR/<dataset>/mlm
-    name: str | None = None  # output file name; default the run dir / model dir name
-    mode: str | None = None  # row label; default the run's training mode, "pretrained" for a bare CLIP dir
-    split: str = "test"
-    data: str | None = None  # test shard URLs (pipeline/core/shard_urls.py) instead of SHARDS_DIR/<dataset>/base/<split>-*
-    size: int | None = None  # first N test images (None: all)
-    batch_size: int = 64  # images attacked together (with all their captions)
-    attacks: tuple[str, ...] = DEFAULT_ATTACKS
-    # Overrides of every attack's defaults (None keeps the published defaults of each attack):
-    eps: float | None = None
-    steps: int | None = None
-    step_size: float | None = None
-    top_k: int | None = None
-    n_words: int | None = None
-    mlm_threshold: float | None = None
-    constraint: str | None = None  # BERT-Attack candidates: "synonyms" (WordNet); None: unfiltered, as the reference
-    precision: str = "fp32"  # the reference evaluations run fp32; "auto" / "bf16" trade fidelity for speed
-    device: str = "auto"
-    seed: int = 0
-    normalise_captions: bool = True  # the reference's pre_caption (normalise_caption); False: captions as stored
-    report_to: tuple[str, ...] = ("tensorboard",)  # trackers of the metrics (pipeline/core/tracking.py); () for none
-    wandb_mode: str = "offline"
-    itm_k: int = 0  # BLIP: re-rank each query's contrastive top k with the ITM head (pipeline/evaluation/itm.py)
-    attack_source: str | None = None  # transfer: craft the attacks on this model (spec / run dir), evaluate ours
-
-    def attack_options(self) -> dict[str, Any]:
-        options = {"eps": self.eps, "steps": self.steps, "step_size": self.step_size, "top_k": self.top_k,
-                   "n_words": self.n_words, "mlm_threshold": self.mlm_threshold, "constraint": self.constraint}
-        return {k: v for k, v in options.items() if v is not None}
-
-    def __post_init__(self) -> None:
-        plain_name(self.split, "split")  # a shard-name prefix: '*', '../x' or '/abs' would read other shards
-        check_reporters(self.report_to, self.wandb_mode)
-        unknown = [a for a in self.attacks if a not in ATTACKS]
-        if unknown:
-            raise ValueError(f"attacks={unknown}: unknown; valid: {sorted(ATTACKS)}")
-        if self.size is not None and self.size < 2:
-            raise ValueError(f"size={self.size}: need at least 2 test images")
-        check_positive(self, "batch_size")
-        check_choice("precision", self.precision, PRECISIONS)
-        check_device("device", self.device)
-        if self.eps is not None and not 0 <= self.eps <= 1:
-            raise ValueError(f"eps={self.eps}: must be in [0, 1] (pixels in [0, 1]; 2/255 = {2 / 255:.5f})")
-        if self.itm_k < 0:
-            raise ValueError(f"itm_k={self.itm_k}: must be >= 0 (0: contrastive ranking only)")
 
 
 def normalise_caption(caption: str, max_words: int = MAX_WORDS) -> str:
@@ -171,10 +134,18 @@ class TestSet:
         """All images as float [0, 1] pixels."""
         return self.images_u8.float().div_(255.0)
 
+    def n_batches(self, batch_size: int) -> int:
+        return -(-len(self.keys) // batch_size)
+
+    def batch(self, index: int, batch_size: int) -> tuple[torch.Tensor, list[list[str]]]:
+        """(float [0, 1] pixels, captions per image) of batch ``index``: images ``index * batch_size`` on."""
+        start = index * batch_size
+        return self.images_u8[start:start + batch_size].float().div_(255.0), self.captions[start:start + batch_size]
+
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, list[list[str]]]]:
         """(float [0, 1] pixels, captions per image) of consecutive images."""
-        for start in range(0, len(self.keys), batch_size):
-            yield self.images_u8[start:start + batch_size].float().div_(255.0), self.captions[start:start + batch_size]
+        for index in range(self.n_batches(batch_size)):
+            yield self.batch(index, batch_size)
 
 
 def load_test_set(base_dir: Path, split: str, clip: CLIPBundle, size: int | None = None,
@@ -292,33 +263,77 @@ def attacked_embeddings(clip: CLIPBundle, mlm: MLMBundle | None, data: TestSet, 
     ``source_data`` (the same images at its size); adversarial images of another size are resized to ours
     (:func:`to_target_size`). ``keep`` collects each batch's adversarial images and captions (ITM re-ranking).
     """
-    image_emb, text_emb, seconds, reused = [], [], 0.0, 0
-    total = -(-len(data.keys) // cfg.batch_size)
+    done = attack_batches(clip, mlm, data, attack, cfg, range(data.n_batches(cfg.batch_size)), store, source,
+                          source_data, keep)
+    return join_batches(done, data.n_batches(cfg.batch_size))
+
+
+def attack_batches(clip: CLIPBundle, mlm: MLMBundle | None, data: TestSet, attack: str, cfg: EvalConfig,
+                   indices: Iterable[int], store: PartialStore | None = None, source: Any = None,
+                   source_data: TestSet | None = None, keep: list | None = None,
+                   progress: bool = True) -> dict[int, tuple[torch.Tensor, torch.Tensor, float]]:
+    """{batch index: (adversarial image embeddings, adversarial caption embeddings, seconds)} of the batches
+    ``indices`` (global indices: batch i is the same images with any number of processes), as
+    :func:`attacked_embeddings` makes them."""
+    indices = list(indices)
+    out: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    reused = 0
     attacked = source if source is not None else clip
-    batches = tqdm((source_data or data).batches(cfg.batch_size), total=total, desc=f"eval {attack}", unit="batch",
-                   leave=False)
-    for index, (images, captions) in enumerate(batches):
+    for index in tqdm(indices, desc=f"eval {attack}", unit="batch", leave=False, disable=not progress):
         done = store.load_batch(attack, index) if store is not None else None
         if done is None:
+            images, captions = (source_data or data).batch(index, cfg.batch_size)
             start = time.perf_counter()
             attacker = build_attack(attack, **cfg.attack_options(), seed=batch_seed(cfg.seed, index))
             with autocast(clip.device, cfg.precision):
-                out = attacker(attacked, mlm, images, captions)
-                adv = to_target_size(out.images, clip.image_size)
+                result = attacker(attacked, mlm, images, captions)
+                adv = to_target_size(result.images, clip.image_size)
                 if keep is not None:
-                    keep.append((adv.cpu(), [t for group in out.texts for t in group]))
-                img, txt = embed(clip, adv, [t for group in out.texts for t in group], cfg.batch_size)
+                    keep.append((adv.cpu(), [t for group in result.texts for t in group]))
+                img, txt = embed(clip, adv, [t for group in result.texts for t in group], cfg.batch_size)
             done = img, txt, time.perf_counter() - start
             if store is not None:
                 store.save_batch(attack, index, *done)
         else:
             reused += 1
-        image_emb.append(done[0])
-        text_emb.append(done[1])
-        seconds += done[2]
+        out[index] = done
     if reused:
-        log.info("%s: %d of %d batches taken from an interrupted run", attack, reused, total)
-    return torch.cat(image_emb), torch.cat(text_emb), seconds
+        log.info("%s: %d of %d batches taken from an interrupted run", attack, reused, len(indices))
+    return out
+
+
+def join_batches(done: dict[int, tuple[torch.Tensor, torch.Tensor, float]],
+                 total: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The batches 0 .. total-1 of :func:`attack_batches` (from one rank or all) put together in batch order:
+    (image embeddings, caption embeddings, summed seconds)."""
+    missing = sorted(set(range(total)) - set(done))
+    if missing or len(done) != total:
+        raise RuntimeError(f"batches missing from the attacked set: {missing[:10]} (of {total})")
+    ordered = [done[i] for i in range(total)]
+    return (torch.cat([d[0] for d in ordered]), torch.cat([d[1] for d in ordered]),
+            sum(d[2] for d in ordered))
+
+
+def rank_batches(total: int, env: DistEnv) -> range:
+    """The global batches rank ``env.rank`` of ``env.world_size`` attacks: whole batches, dealt round-robin."""
+    return range(env.rank, total, env.world_size)
+
+
+def check_world_size(store: PartialStore, env: DistEnv) -> None:
+    """Refuse to start over batch files stored by a run with another number of processes (ValueError on every
+    rank: rank 0 looks, the others take its answer). They are valid results, so they are neither reused under
+    another split nor removed: rerun with their number of processes to resume them, or remove them."""
+    others = broadcast_from_main(store.other_world_sizes() if env.is_main else None)
+    if not others:
+        return
+    world = max(others, key=lambda w: len(others[w]))
+    how = "one process" if world == 1 else f"{world} processes (torchrun: nodes x --nproc-per-node = {world})"
+    files = [path for paths in others.values() for path in paths]
+    raise ValueError(
+        f"evaluation {store.name!r} was interrupted in a run of {' and '.join(map(str, sorted(others)))} "
+        f"process(es), whose {len(files)} finished batch file(s) this run of {env.world_size} does not read: "
+        f"rerun with {how} to resume them, or remove them to start the unfinished attacks over: "
+        f"rm {' '.join(store.batch_patterns(files))}")
 
 
 def to_target_size(images01: torch.Tensor, size: int) -> torch.Tensor:
@@ -380,12 +395,16 @@ def model_specs(cfg: EvalConfig, layout: Layout, clip_dir: str) -> tuple[str | N
 
 
 def evaluate(cfg: EvalConfig, layout: Layout | None = None) -> dict[str, Any]:
-    """Run one evaluation and write its JSON; returns the record written."""
+    """Run one evaluation and write its JSON; returns the record written (on every rank, under torchrun)."""
     # 1. Resolve (the config validated itself when built).
     if not cfg.checkpoint:
         raise ValueError("checkpoint: required (CKPT=<training run dir, CLIP dir or hub id>)")
     layout = layout or Layout.from_env()
-    device = str(resolve_device(cfg.device))
+    env = init_distributed(cfg.device, timeout=DIST_TIMEOUT)
+    if env.distributed and cfg.itm_k:
+        raise ValueError(f"itm_k={cfg.itm_k}: ITM re-ranking needs every adversarial image in one process; "
+                         f"run it in one process, not {env.world_size}")
+    device = str(resolve_device(cfg.device))  # as a single process names it: the same fingerprint on every rank
     clip_dir, _, default_mode = resolve_checkpoint(cfg.checkpoint)
     name, mode = cfg.name or default_eval_name(cfg.checkpoint, cfg.dataset, layout), cfg.mode or default_mode
     out = eval_path(layout, cfg.dataset, name)  # refuses a name that is not plain before any work
@@ -398,10 +417,10 @@ def evaluate(cfg: EvalConfig, layout: Layout | None = None) -> dict[str, Any]:
     from pipeline.models.hf import load_mlm
     from pipeline.models.loading import load_model
 
-    clip = load_model(clip_dir, device=device)
+    clip = load_model(clip_dir, device=env.device)
     check_itm(clip, cfg.itm_k)
-    source = load_model(source_dir, device=device) if source_dir else None
-    mlm = load_mlm(mlm_dir, device=device) if mlm_dir else None
+    source = load_model(source_dir, device=env.device) if source_dir else None
+    mlm = load_mlm(mlm_dir, device=env.device) if mlm_dir else None
     def load_data(model: Any) -> TestSet:
         if cfg.data:
             return load_test_urls(expand_urls(cfg.data), model, cfg.size, cfg.normalise_captions)
@@ -410,57 +429,87 @@ def evaluate(cfg: EvalConfig, layout: Layout | None = None) -> dict[str, Any]:
     data = load_data(clip)
     # Transfer from a model of another input size: it attacks the images preprocessed at its own size.
     source_data = load_data(source) if source is not None and source.image_size != clip.image_size else None
-    store = PartialStore(layout.eval_partial_dir(cfg.dataset), name,
-                         resume_fingerprint(cfg, device, precision, clip_dir, mlm_dir, data))
-    store.drop_stale()
-    save_config(cfg, layout.eval_tracking_dir(cfg.dataset, name) / "config.json",
-                resolved={"name": name, "mode": mode, "model_dir": clip_dir, "mlm_dir": mlm_dir, "device": device,
-                          "precision": precision})
+    settings_fp = resume_fingerprint(cfg, device, precision, clip_dir, mlm_dir, data)
+    check_same_settings(settings_fp, env)
+    store = PartialStore(layout.eval_partial_dir(cfg.dataset), name, settings_fp, env.rank, env.world_size)
+    if env.is_main:
+        store.drop_stale()
+        save_config(cfg, layout.eval_tracking_dir(cfg.dataset, name) / "config.json",
+                    resolved={"name": name, "mode": mode, "model_dir": clip_dir, "mlm_dir": mlm_dir, "device": device,
+                              "precision": precision})
+    check_world_size(store, env)
     texts = [t for group in data.captions for t in group]
-    log.info("eval %s (%s): %d images, %d captions, attacks %s", name, mode, len(data.keys), len(texts), cfg.attacks)
-    # 3. Clean retrieval.
-    start = time.perf_counter()
-    with autocast(device, cfg.precision):
-        image_emb = torch.cat([embed(clip, images, [], cfg.batch_size)[0] for images, _ in data.batches(cfg.batch_size)])
-        _, text_emb = embed(clip, torch.empty(0, 3, clip.image_size, clip.image_size), texts, cfg.batch_size)
-        clean = retrieval_metrics(image_emb, text_emb, data.txt2img)
-        if cfg.itm_k:
-            clean = itm_retrieval_metrics(clip, data.images, texts, image_emb, text_emb, data.txt2img, cfg.itm_k,
-                                          KS, cfg.batch_size)
-    results = {CLEAN: _row(clean, None, time.perf_counter() - start, len(data.keys))}
-    # 4. Each attack.
+    total = data.n_batches(cfg.batch_size)
+    mine = rank_batches(total, env)
+    log.info("eval %s (%s): %d images, %d captions, attacks %s%s", name, mode, len(data.keys), len(texts),
+             cfg.attacks, f"; rank {env.rank} of {env.world_size}: {len(mine)} of {total} batches"
+             if env.distributed else "")
+    # 3. Clean retrieval (rank 0; the other ranks start on their batches meanwhile).
+    results: dict[str, Any] = {}
+    if env.is_main:
+        start = time.perf_counter()
+        with autocast(env.device, cfg.precision):
+            image_emb = torch.cat([embed(clip, images, [], cfg.batch_size)[0]
+                                   for images, _ in data.batches(cfg.batch_size)])
+            _, text_emb = embed(clip, torch.empty(0, 3, clip.image_size, clip.image_size), texts, cfg.batch_size)
+            clean = retrieval_metrics(image_emb, text_emb, data.txt2img)
+            if cfg.itm_k:
+                clean = itm_retrieval_metrics(clip, data.images, texts, image_emb, text_emb, data.txt2img, cfg.itm_k,
+                                              KS, cfg.batch_size)
+        results[CLEAN] = _row(clean, None, time.perf_counter() - start, len(data.keys))
+    # 4. Each attack: every rank its own batches, then rank 0 the row from all of them.
     for attack in cfg.attacks:
-        row = store.finished(attack)
+        row = broadcast_from_main(store.finished(attack) if env.is_main else None)
         if row is None:
             keep = [] if cfg.itm_k else None  # ITM re-ranking needs the adversarial images: no per-batch resume
-            adv_image_emb, adv_text_emb, seconds = attacked_embeddings(
-                clip, mlm, data, attack, cfg, store if keep is None else None, source, source_data, keep)
-            start = time.perf_counter()
-            metrics = retrieval_metrics(adv_image_emb, adv_text_emb, data.txt2img)
-            if keep:
-                metrics = itm_retrieval_metrics(clip, torch.cat([k[0] for k in keep]), [t for _, ts in keep for t in ts],
-                                                adv_image_emb, adv_text_emb, data.txt2img, cfg.itm_k, KS, cfg.batch_size)
-            row = _row(metrics, clean, seconds + time.perf_counter() - start, len(data.keys))
-            row["setting"] = "transfer" if source is not None else "white-box"
-            store.finish(attack, row)
+            done = attack_batches(clip, mlm, data, attack, cfg, mine, store if keep is None else None, source,
+                                  source_data, keep, progress=env.is_main)
+            gathered = gather_to_main(done)
+            if env.is_main:
+                every = {index: batch for part in gathered for index, batch in part.items()}
+                adv_image_emb, adv_text_emb, seconds = join_batches(every, total)
+                start = time.perf_counter()
+                metrics = retrieval_metrics(adv_image_emb, adv_text_emb, data.txt2img)
+                if keep:
+                    metrics = itm_retrieval_metrics(clip, torch.cat([k[0] for k in keep]),
+                                                    [t for _, ts in keep for t in ts], adv_image_emb, adv_text_emb,
+                                                    data.txt2img, cfg.itm_k, KS, cfg.batch_size)
+                row = _row(metrics, clean, seconds + time.perf_counter() - start, len(data.keys))
+                row["setting"] = "transfer" if source is not None else "white-box"
+                store.finish(attack, row)
+            row = broadcast_from_main(row)  # the row is stored: the other ranks may drop their batch files
         else:
             log.info("%s: finished in an interrupted run with the same settings", attack)
+        store.drop_batches(attack)  # each rank its own (also those a kill left after the row was stored)
+        barrier()  # before the next attack, and before rank 0 removes what is left
         results[attack] = row
-        log.info("%s %s: TR@1 %.1f IR@1 %.1f (ASR %.1f / %.1f) in %.0f s", name, attack, results[attack]["tr_r1"],
-                 results[attack]["ir_r1"], results[attack]["tr_asr"], results[attack]["ir_asr"],
-                 results[attack]["seconds"])
-    # 5. Write.
-    record = {"name": name, "mode": mode, "checkpoint": str(cfg.checkpoint), "model_dir": clip_dir,
-              "dataset": cfg.dataset, "split": cfg.split, "n_images": len(data.keys), "n_texts": len(texts),
-              "captions_per_image": [len(group) for group in data.captions], "precision": precision,
-              "settings": dataclasses.asdict(cfg), "attack_options": cfg.attack_options(), "metrics": results,
-              "time": time.strftime("%Y-%m-%d %H:%M:%S"), **transfer_fields(cfg, clip, source, source_dir),
-              PROVENANCE_KEY: provenance(device, precision)}
-    atomic_write_json(out, record)
-    store.remove()
-    log.info("wrote %s", out)
-    track(record, cfg, layout.eval_tracking_dir(cfg.dataset, name))
-    return record
+        if env.is_main:
+            log.info("%s %s: TR@1 %.1f IR@1 %.1f (ASR %.1f / %.1f) in %.0f s", name, attack, results[attack]["tr_r1"],
+                     results[attack]["ir_r1"], results[attack]["tr_asr"], results[attack]["ir_asr"],
+                     results[attack]["seconds"])
+    # 5. Write (rank 0), then every rank returns the record.
+    record = None
+    if env.is_main:
+        record = {"name": name, "mode": mode, "checkpoint": str(cfg.checkpoint), "model_dir": clip_dir,
+                  "dataset": cfg.dataset, "split": cfg.split, "n_images": len(data.keys), "n_texts": len(texts),
+                  "captions_per_image": [len(group) for group in data.captions], "precision": precision,
+                  "settings": dataclasses.asdict(cfg), "attack_options": cfg.attack_options(), "metrics": results,
+                  "time": time.strftime("%Y-%m-%d %H:%M:%S"), **transfer_fields(cfg, clip, source, source_dir),
+                  PROVENANCE_KEY: {**provenance(device, precision), "processes": env.world_size}}
+        atomic_write_json(out, record)
+        store.remove()
+        log.info("wrote %s", out)
+        track(record, cfg, layout.eval_tracking_dir(cfg.dataset, name))
+    return broadcast_from_main(record)
+
+
+def check_same_settings(settings_fp: str, env: DistEnv) -> None:
+    """Every rank loaded the same models and test data with the same settings (ValueError on every rank if not:
+    a node that sees other files would attack other images)."""
+    seen = broadcast_from_main(gather_to_main(settings_fp))
+    if len(set(seen)) > 1:
+        raise ValueError("the ranks disagree on the evaluation's models, data or settings (fingerprints "
+                         f"{', '.join(fp[:16] for fp in seen)}): every node must see the same files")
 
 
 def transfer_fields(cfg: EvalConfig, clip: Any, source: Any, source_dir: str | None) -> dict[str, Any]:

@@ -13,7 +13,8 @@ class. Robust accuracy: the same on adversarial images, crafted against this cla
   4/255 under AutoAttack's APGD-CE and APGD-T with 100 iterations (their evaluation script,
   chs20/RobustVLM CLIP_benchmark/clip_benchmark/cli.py: ``--attack aa``, ``--iterations_adv`` default 100);
 * APGD-CE and APGD-T (torchattacks' ``APGD`` / ``APGDT``, ``apgd_steps`` iterations, default 100), when
-  torchattacks is installed (the ``families`` extra); otherwise skipped and the JSON says why. Their robust
+  torchattacks is installed (``make setup``; by hand: the ``zeroshot`` extra, then torchattacks with
+  ``--no-deps``, see pyproject.toml); otherwise skipped and the JSON says why. Their robust
   accuracy counts an image correct only if it survives both (AutoAttack's worst case).
 
 Data: an ImageFolder layout (one folder per class; class name = folder name with ``_`` as space, sorted), a
@@ -41,59 +42,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.core.config import check_choice, check_device, check_positive
+from pipeline.core.config import check_choice, check_positive
 from pipeline.core.fileio import atomic_write_bytes, atomic_write_json
 from pipeline.core.paths import Layout, as_plain_name
 from pipeline.core.provenance import PROVENANCE_KEY, provenance
+from pipeline.evaluation.config import EPS, SYNTH_LABELS, TEMPLATES, ZeroShotConfig  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 #: A short prompt ensemble (from the CLIP ImageNet templates); ``templates`` replaces it.
-TEMPLATES = ("a photo of a {}.", "a photo of the {}.", "a picture of a {}.", "an image of a {}.",
-             "a photo of a small {}.", "a photo of a large {}.")
-EPS = (1 / 255, 2 / 255, 4 / 255)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
-SYNTH_LABELS = ("shape", "colour")
 ZEROSHOT_DIR = "zeroshot"
-
-
-@dataclass(frozen=True)
-class ZeroShotConfig:
-    checkpoint: str | None = None  # any model spec load_model reads, or a training run dir (required to run)
-    data: str | None = None  # ImageFolder dir or a save_to_disk dataset; None with synth_labels: synth
-    synth_labels: str | None = None  # "shape" or "colour": build the labelled set from the synth generator
-    synth_images: int = 200
-    dataset: str = "synth"  # where the JSON goes (MANIFESTS_DIR/<dataset>/evals/zeroshot/)
-    name: str | None = None
-    split: str = "test"  # datasets: the split of a DatasetDict
-    image_column: str = "image"
-    label_column: str = "label"
-    size: int | None = None  # first N images (None: all)
-    templates: tuple[str, ...] = TEMPLATES
-    eps: tuple[float, ...] = EPS
-    pgd_steps: int = 100
-    apgd: bool = True
-    apgd_steps: int = 100
-    batch_size: int = 64
-    device: str = "auto"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.synth_labels is not None:
-            check_choice("synth_labels", self.synth_labels, SYNTH_LABELS)
-        if not self.templates or any("{}" not in t for t in self.templates):
-            raise ValueError("templates: every template needs a '{}' for the class name")
-        if any(not 0 < e <= 1 for e in self.eps):
-            raise ValueError(f"eps={self.eps}: each must be in (0, 1] (pixels in [0, 1])")
-        check_positive(self, "pgd_steps", "apgd_steps", "batch_size", "synth_images", "size")
-        check_device("device", self.device)
-
-    def check_runnable(self) -> None:
-        """What a run needs beyond valid values (a config file may leave these to the command line)."""
-        if not self.checkpoint:
-            raise ValueError("checkpoint: required (CKPT=<training run dir, model dir or spec>)")
-        if self.data is None and self.synth_labels is None:
-            raise ValueError("give data (an ImageFolder or a saved datasets dataset) or synth_labels (shape|colour)")
 
 
 @dataclass
@@ -316,8 +275,8 @@ def run_zeroshot(model: Any, data: LabelledImages, cfg: ZeroShotConfig, out: Pat
     except ImportError:
         apgd = False
         if cfg.apgd:
-            notes.append("APGD-CE / APGD-T skipped: torchattacks is not installed (pip install torchattacks, or "
-                         "the 'families' extra)")
+            notes.append("APGD-CE / APGD-T skipped: torchattacks is not installed (pip install --no-deps -c "
+                         "constraints.txt torchattacks, after the 'zeroshot' extra)")
     for eps in cfg.eps:
         key = f"eps{round(eps * 255, 3):g}/255"
         start = time.perf_counter()

@@ -16,7 +16,7 @@ and an output object holding it as ``pooler_output`` in 5.x; :func:`projected` a
 4.50.0, 4.57.6 and 5.24 give bit-identical embeddings, training losses and attacks on the same model dir;
 loading keeps the global RNG untouched, which 4.x's loading otherwise advances).
 Only :func:`train_tokenizers` (tokenizers from an empty vocabulary: ``make pretrain``, the tests' tiny models)
-needs 5.x.
+needs 5.x (the ``pretrain`` extra): 4.x's ``CLIPTokenizer`` / ``BertTokenizer`` require vocab and merges files.
 """
 
 from __future__ import annotations
@@ -100,8 +100,8 @@ def train_tokenizers(captions: Iterable[str], vocab_size: int) -> tuple[CLIPToke
     if int(TRANSFORMERS_VERSION.split(".")[0]) < 5:
         # 4.x tokenizer classes cannot start from an empty vocabulary (they need vocab/merges files).
         raise RuntimeError(f"training tokenizers from scratch (make pretrain, the test suite's tiny models) needs "
-                           f"transformers>=5; installed: {TRANSFORMERS_VERSION}. Loading, training and "
-                           f"evaluating saved or hub models works with 4.50 and later.")
+                           f"transformers>=5; installed: {TRANSFORMERS_VERSION} (the 'pretrain' extra brings 5). Loading, "
+                           f"training and evaluating saved or hub models works with 4.50 and later.")
     captions = list(captions)
     # The merges are learned by learn_merges, not by the tokenizers trainers, whose alphabet order (a randomly
     # seeded hash map) made every `make pretrain` a different vocabulary. Words are cut as each tokenizer cuts them.

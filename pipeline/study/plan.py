@@ -4,11 +4,14 @@ attacks), shared by the runner (pipeline/study/run.py) and the report (pipeline/
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from pipeline.core.config import check_choices, check_device, check_positive
+from pipeline.core.config import DATASET_OPTION, check_choice, check_choices, check_device, check_positive, option
 from pipeline.attacks import ATTACKS as ALL_ATTACKS
+from pipeline.core.executor import EXECUTORS
 from pipeline.core.paths import plain_name
+from pipeline.core.tracking import check_reporters, parse_report_to
+from pipeline.train.config import REPORT_TO_HELP, WANDB_MODE_HELP
 from pipeline.train.registry import MODES as TRAIN_MODES
 from stages import STAGES
 
@@ -24,6 +27,7 @@ def _tag(tags: frozenset[str], choices: tuple[str, str]) -> str:
 
 #: stage -> (modality of its variants, cross-modal or intra-modal): the paper's two axes, from the stages' tags.
 STAGE_KINDS = {e.name: (_tag(e.tags, ("text", "image")), _tag(e.tags, ("cross", "intra"))) for e in STAGES.entries()}
+STAGE_LABELS = STAGES.labels()  # display names (the stage's name unless it registers a label)
 PAIRING = {"text": "1:N", "image": "N:1", "both": "N:N"}
 # Relative costs for the time-left estimate (a mode or attack missing here counts 1): training per step in FT
 # steps (bench: MAT step / FT step 4.3), evaluation per image in clean forwards (bench: attack_cost_*), and the
@@ -37,38 +41,63 @@ DEFAULT_STEPS = 2000
 PAPER_STEPS = {"coco": 10_000, "mscoco": 10_000, "flickr30k": 5_000, "f30k": 5_000}
 
 
+def parse_mode_steps(spec: str) -> tuple[tuple[str, int], ...]:
+    """STUDY_MODE_STEPS: `ft=500,mat=1000` -> (("ft", 500), ("mat", 1000))."""
+    pairs = []
+    for item in (v.strip() for v in spec.split(",") if v.strip()):
+        mode, sep, number = item.partition("=")
+        if not sep or not number.strip().isdigit():
+            raise ValueError(f"want mode=steps pairs, got {item!r}")
+        pairs.append((mode.strip(), int(number)))
+    return tuple(pairs)
+
+
+def parse_combos(spec: str) -> tuple[tuple[str, ...], ...] | None:
+    """STUDY_COMBOS: `eda+randaug,i2t-internvl+t2i-sd` -> N:N cells; `none` -> no N:N cell; empty -> auto."""
+    if not spec.strip():
+        return None
+    if spec.strip() == "none":
+        return ()
+    return tuple(tuple(s.strip() for s in combo.split("+") if s.strip()) for combo in spec.split(",") if combo.strip())
+
+
 @dataclass(frozen=True)
 class StudyConfig:
     """Budgets and choices of a study; defaults are sized for a GPU run on COCO / Flickr30k."""
 
-    dataset: str = "synth"
-    clip: str | None = None  # default: the stand-in MODELS_DIR/<dataset>/clip (pretrained when missing)
-    mlm: str | None = None
-    seeds: int = 1
-    modes: tuple[str, ...] = MODES
-    steps: int | None = None  # training steps of every mode; None: see train_steps
-    mode_steps: tuple[tuple[str, int], ...] = ()  # per-mode overrides, e.g. (("ft", 500),)
-    aug_steps: int | None = None  # steps of the augmentation table's cells; default the matplus steps
-    batch_size: int = 128
-    lr: float | None = None  # default TrainConfig's
-    precision: str = "auto"
-    eval_size: int | None = None  # first N test images; None = all (the published protocol)
-    eval_split: str | None = None  # None: "test", or "val" for datasets without a test split (COCO's own splits)
-    eval_batch: int = 64
+    dataset: str = field(default="synth", metadata=DATASET_OPTION)
+    clip: str | None = field(default=None, metadata=option("CLIP", "CLIP to fine-tune and evaluate (HF id or dir); default the stand-in MODELS_DIR/<dataset>/clip, pretrained first when missing."))
+    mlm: str | None = field(default=None, metadata=option("MLM", "Masked LM of the text attacks (default MODELS_DIR/<dataset>/mlm)."))
+    seeds: int = field(default=1, metadata=option("SEEDS", "Seeds per cell (3 gives a mean and spread)."))
+    modes: tuple[str, ...] = field(default=MODES, metadata=option("STUDY_MODES", "Defences to train, comma-separated.", flag="--modes"))
+    steps: int | None = field(default=None, metadata=option("STUDY_STEPS", f"Training steps of every mode (default {DEFAULT_STEPS}; with CLIP= the paper's budget by dataset: {', '.join(f'{d} {n}' for d, n in PAPER_STEPS.items())}).", flag="--steps"))
+    mode_steps: tuple[tuple[str, int], ...] = field(default=(), metadata=option("STUDY_MODE_STEPS", "Per-mode steps, e.g. ft=500,mat=1000.", flag="--mode-steps", parse=parse_mode_steps))
+    aug_steps: int | None = field(default=None, metadata=option("STUDY_AUG_STEPS", "Steps of the augmentation table's cells (default the matplus steps).", flag="--aug-steps"))
+    batch_size: int = field(default=128, metadata=option("BATCH_SIZE", "Training batch per process."))
+    lr: float | None = field(default=None, metadata=option("LR", "Peak learning rate (default train's; e.g. 1e-5 for ViT-B/16)."))
+    precision: str = field(default="auto", metadata=option("PRECISION", "Training precision: auto, bf16 or fp32."))
+    eval_size: int | None = field(default=None, metadata=option("EVAL_SIZE", "First N test images (default all: the published protocol)."))
+    eval_split: str | None = field(default=None, metadata=option("EVAL_SPLIT", "Split to evaluate on (default test; val when the dataset has no test split)."))
+    eval_batch: int = field(default=64, metadata=option("EVAL_BATCH", "Images attacked together."))
     eval_steps: int | None = None  # the attacks' iterations in evaluation; None = each attack's default
     eval_top_k: int | None = None  # BERT-Attack's candidates per word in evaluation; None = its default
-    attacks: tuple[str, ...] = ATTACKS
-    stages: tuple[str, ...] | None = None  # augmentation table; None = every stage whose shards exist (+ CPU ones)
-    combos: tuple[tuple[str, ...], ...] | None = None  # N:N cells; None = auto (a text stage with an image stage)
-    augmentation: bool = True  # the augmentation table at all
-    pretrain_steps: int = 1200  # only when the stand-ins are missing
-    resamples: int = 1000
+    attacks: tuple[str, ...] = field(default=ATTACKS, metadata=option("ATTACKS", "Attacks of the defences table, comma-separated."))
+    stages: tuple[str, ...] | None = field(default=None, metadata=option("STUDY_STAGES", "Stages of the augmentation table (default every available one).", flag="--stages"))
+    combos: tuple[tuple[str, ...], ...] | None = field(default=None, metadata=option("STUDY_COMBOS", "N:N cells as text+image stage pairs, e.g. eda+randaug; none; default auto.", flag="--combos", parse=parse_combos))
+    augmentation: bool = field(default=True, metadata=option("STUDY_AUGMENTATION", "Build the augmentation table.", flag="--augmentation/--no-augmentation"))
+    pretrain_steps: int = field(default=1200, metadata=option("PRETRAIN_STEPS", "Steps of the stand-in CLIP when it must be pretrained."))
+    resamples: int = field(default=1000, metadata=option("BOOTSTRAP_RESAMPLES", "Bootstrap resamples.", flag="--resamples"))
     level: float = 0.95
-    device: str = "auto"
-    workers: int = 2
-    data_workers: int = 2
+    device: str = field(default="auto", metadata=option("DEVICE", "auto, cpu, cuda or cuda:N."))
+    workers: int = field(default=2, metadata=option("WORKERS", "Augmentation processes, for the stages the study makes; with EXECUTOR=ray and no RAY_ADDRESS, the CPUs of the local Ray instance."))
+    executor: str = field(default="local", metadata=option("EXECUTOR", "local: the units one after the other in this process | ray: the trainings, then the evaluations, as Ray tasks (one GPU each on CUDA; RAY_ADDRESS, else a local Ray of WORKERS CPUs); the optional ray extra."))
+    data_workers: int = field(default=2, metadata=option("DATA_WORKERS", "Training loader workers."))
     # --set items for every training cell, as `make train` takes them, e.g. attack.text.variant=fast
     train_set: tuple[str, ...] = ()
+    # Trackers of every training cell (TrainConfig.report_to: tensorboard, wandb; () for none), written in each
+    # run's folder. Not part of a unit's fingerprint: changing them retrains nothing.
+    report_to: tuple[str, ...] = field(default=("tensorboard",), metadata=option("REPORT_TO", REPORT_TO_HELP + " (every training cell).", parse=parse_report_to))
+    wandb_mode: str = field(default="offline", metadata=option("WANDB_MODE", WANDB_MODE_HELP + "."))
 
     def __post_init__(self) -> None:
         plain_name(self.dataset, "dataset")
@@ -81,10 +110,15 @@ class StudyConfig:
         check_choices("modes", self.modes, MODES)
         check_choices("mode_steps", [m for m, _ in self.mode_steps], MODES)
         check_choices("attacks", self.attacks, ATTACKS)
+        check_choice("executor", self.executor, EXECUTORS.names())
+        if self.executor == "ray" and self.device.startswith("cuda:"):
+            raise ValueError(f"device={self.device!r} with executor=ray: Ray gives each unit a GPU of its own; "
+                             "use device=cuda or auto")
         if self.eval_size is not None and self.eval_size < 2:
             raise ValueError(f"eval_size={self.eval_size}: need at least 2 test images")
         if not 0 < self.level < 1:
             raise ValueError(f"level={self.level}: must be in (0, 1)")
+        check_reporters(self.report_to, self.wandb_mode)
         check_device("device", self.device)
 
     @property

@@ -1,8 +1,8 @@
 """The study's report: the defences table, the augmentation table, the augmentation-quality figure, and the
 paper's claims judged from the numbers.
 
-Every number comes from the per-query ranks of the evaluations (:class:`pipeline.study.bootstrap.Outcomes`), so the
-points equal the evaluation JSONs' metrics and the intervals come from the same data. Scores:
+Every number comes from the per-query ranks of the evaluations (:class:`pipeline.evaluation.bootstrap.Outcomes`),
+so the points equal the evaluation JSONs' metrics and the intervals come from the same data. Scores:
 
 - *robust score* of a cell: the mean over the multimodal attacks (Co-Attack, SGA; every attack run when none
   of them is) of (TR R@1 + IR R@1) / 2, in percent;
@@ -34,12 +34,13 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.study.bootstrap import Bootstrap, Interval, Outcomes, Statistic, spearman
+from pipeline.evaluation.bootstrap import Bootstrap, Interval, Outcomes, Statistic, spearman
 from pipeline.evaluation.report import ATTACK_LABELS, ATTACK_ORDER, MODE_LABELS
 from pipeline.core.fileio import atomic_write_json, atomic_write_text
 from pipeline.core.provenance import PROVENANCE_KEY, provenance
-from pipeline.study.plan import MULTIMODAL_ATTACKS, STAGE_KINDS, Cell, StudyConfig
-from pipeline.core.ledger import claim_file
+from pipeline.core.figures import note_missing, pyplot, save
+from pipeline.evaluation.columns import write_csv
+from pipeline.study.plan import MULTIMODAL_ATTACKS, STAGE_KINDS, STAGE_LABELS, Cell, StudyConfig
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,8 @@ def _iv(iv: Interval, digits: int = 1) -> str:
 
 def _label(cell: Cell) -> str:
     base = MODE_LABELS.get(cell.mode, cell.mode)
-    return base + (f" ({'+'.join(cell.stages)})" if cell.stages else "") + (f" @{cell.steps}" if "steps" in cell.id else "")
+    stages = "+".join(STAGE_LABELS.get(s, s) for s in cell.stages)
+    return base + (f" ({stages})" if stages else "") + (f" @{cell.steps}" if "steps" in cell.id else "")
 
 
 def judge_claims(study: Study, cells: list[Cell], stage_stats: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], bool]:
@@ -215,23 +217,52 @@ def quality_claim(study: Study, aug: list[Cell], stage_stats: dict[str, dict[str
     return {"claim": claim, "verdict": found, "why": why, "comparisons": {k: v.as_dict() for k, v in comparisons.items()}}
 
 
-def _r1(study: Study, cell: str, attack: str, side: str) -> str:
-    stat = recall(attack, side, 1)
-    iv, sd = study.value(cell, f"{attack}-{side}1", stat), study.spread(cell, stat)
-    return f"{iv.point:.1f}" + (f" ± {sd:.1f}" if sd is not None else "") + f" [{iv.low:.1f}, {iv.high:.1f}]"
+def defences_rows(study: Study, cells: list[Cell]) -> list[dict[str, Any]]:
+    """The defences table's rows, one per cell and attack (clean first): R@1 / R@5 / R@10 (mean over seeds), R@1's
+    interval (``tr_r1_low`` / ``tr_r1_high``, resampling images and seeds) and spread across seeds (``tr_r1_sd``,
+    None for one seed), the ASR at R@1 / R@5 / R@10 (None for clean); what report.json's ``defences`` and
+    defences.csv hold and report.md shows."""
+    rows = []
+    for cell in (c for c in cells if "defences" in c.tables):
+        seeds = study.seeds(cell.id)
+        for attack in ("clean", *[a for a in ATTACK_ORDER if a in cell.attacks]):
+            row: dict[str, Any] = {"cell": cell.id, "label": _label(cell), "mode": cell.mode, "stages": list(cell.stages),
+                                   "steps": cell.steps, "seeds": len(seeds), "n_images": study.n_images, "attack": attack}
+            for side in ("tr", "ir"):
+                stat = recall(attack, side, 1)
+                iv = study.value(cell.id, f"{attack}-{side}1", stat)
+                row |= {f"{side}_r1": iv.point, f"{side}_r1_low": iv.low, f"{side}_r1_high": iv.high,
+                        f"{side}_r1_sd": study.spread(cell.id, stat)}
+                row |= {f"{side}_r{k}": study.boot.point(seeds, recall(attack, side, k)) for k in (5, 10)}
+            for side in ("tr", "ir"):
+                for k, key in ((1, f"{side}_asr"), (5, f"{side}_asr_r5"), (10, f"{side}_asr_r10")):
+                    row[key] = study.boot.point(seeds, asr(attack, side, k)) if attack != "clean" else None
+            rows.append(row)
+    return rows
 
 
-def defences_table(study: Study, cells: list[Cell]) -> str:
-    head = ["model", "attack", "TR R@1 [95% CI]", "TR R@5", "TR R@10", "IR R@1 [95% CI]", "IR R@5", "IR R@10",
+DEFENCES_CSV = ("cell", "label", "mode", "stages", "steps", "seeds", "n_images", "attack",
+                *(f"{side}_{m}" for side in ("tr", "ir") for m in ("r1", "r1_low", "r1_high", "r1_sd", "r5", "r10")),
+                *(f"{side}_{m}" for side in ("tr", "ir") for m in ("asr", "asr_r5", "asr_r10")))
+
+
+def _r1(row: dict[str, Any], side: str) -> str:
+    sd = row[f"{side}_r1_sd"]
+    return (f"{row[f'{side}_r1']:.1f}" + (f" ± {sd:.1f}" if sd is not None else "")
+            + f" [{row[f'{side}_r1_low']:.1f}, {row[f'{side}_r1_high']:.1f}]")
+
+
+def defences_table(rows: list[dict[str, Any]], level: float = 0.95) -> str:
+    ci = f"[{level:.0%} CI]"
+    head = ["model", "attack", f"TR R@1 {ci}", "TR R@5", "TR R@10", f"IR R@1 {ci}", "IR R@5", "IR R@10",
             "TR ASR @1 / @5 / @10", "IR ASR @1 / @5 / @10"]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
-    for cell in (c for c in cells if "defences" in c.tables):
-        for attack in ("clean", *[a for a in ATTACK_ORDER if a in cell.attacks]):
-            at = [f"{study.boot.point(study.seeds(cell.id), recall(attack, s, k)):.1f}" for s in ("tr", "ir") for k in (5, 10)]
-            rates = [" / ".join(f"{study.boot.point(study.seeds(cell.id), asr(attack, s, k)):.1f}" for k in (1, 5, 10))
-                     if attack != "clean" else "–" for s in ("tr", "ir")]
-            lines.append("| " + " | ".join([_label(cell), ATTACK_LABELS.get(attack, attack), _r1(study, cell.id, attack, "tr"),
-                                            *at[:2], _r1(study, cell.id, attack, "ir"), *at[2:], *rates]) + " |")
+    for row in rows:
+        at = [f"{row[f'{s}_r{k}']:.1f}" for s in ("tr", "ir") for k in (5, 10)]
+        rates = [" / ".join(f"{row[key]:.1f}" for key in (f"{s}_asr", f"{s}_asr_r5", f"{s}_asr_r10"))
+                 if row["attack"] != "clean" else "–" for s in ("tr", "ir")]
+        lines.append("| " + " | ".join([row["label"], ATTACK_LABELS.get(row["attack"], row["attack"]), _r1(row, "tr"),
+                                        *at[:2], _r1(row, "ir"), *at[2:], *rates]) + " |")
     return "\n".join(lines)
 
 
@@ -242,8 +273,8 @@ def augmentation_rows(study: Study, cells: list[Cell], stage_stats: dict[str, di
     rows = []
     for cell in aug:
         quality = [stage_quality(s, stage_stats.get(s, {})) for s in cell.stages]
-        row = {"cell": cell.id, "label": _label(cell), "stages": list(cell.stages), "pairing": cell.pairing,
-               "kind": "+".join(dict.fromkeys(STAGE_KINDS[s][1] for s in cell.stages)) or "–",
+        row = {"cell": cell.id, "label": _label(cell), "stages": list(cell.stages), "modality": cell.modality,
+               "pairing": cell.pairing, "kind": "+".join(dict.fromkeys(STAGE_KINDS[s][1] for s in cell.stages)) or "–",
                **{q: quality[0][q] if len(quality) == 1 else None for q in ("alignment", "diversity", "shift", "frechet")},
                "clean_r1": study.clean_r1(cell.id), "robust": study.value(cell.id, "robust", score).as_dict(),
                "gain": None}
@@ -251,6 +282,23 @@ def augmentation_rows(study: Study, cells: list[Cell], stage_stats: dict[str, di
             row["gain"] = study.difference([cell.id], [base.id], "robust", score).as_dict()
         rows.append(row)
     return rows
+
+
+AUGMENTATION_CSV = ("cell", "label", "stages", "modality", "pairing", "kind", "alignment", "diversity", "shift",
+                    "frechet", "clean_r1", "robust", "robust_low", "robust_high", "gain", "gain_low", "gain_high",
+                    "robust_attacks")
+
+
+def augmentation_csv_rows(rows: list[dict[str, Any]], attacks: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The augmentation table's rows with their intervals flattened (``robust``, ``robust_low``, ...)."""
+    flat = []
+    for r in rows:
+        row = {k: v for k, v in r.items() if k not in ("robust", "gain")} | {"robust_attacks": list(attacks)}
+        for name in ("robust", "gain"):
+            iv = r[name] or {}
+            row |= {name: iv.get("point"), f"{name}_low": iv.get("low"), f"{name}_high": iv.get("high")}
+        flat.append(row)
+    return flat
 
 
 def augmentation_table(rows: list[dict[str, Any]], attacks: tuple[str, ...]) -> str:
@@ -268,33 +316,57 @@ def augmentation_table(rows: list[dict[str, Any]], attacks: tuple[str, ...]) -> 
     return "\n".join(lines)
 
 
-def plot_quality(rows: list[dict[str, Any]], path: Path) -> bool:
-    """Gain over MAT against alignment, diversity and Frechet distance, one point per single-stage cell."""
+#: The figure's panels: (quality, modality of the stages it shows or "" for all, x label).
+QUALITY_PANELS = (("alignment", "", "alignment (cosine image-text)"),
+                  ("diversity", "", "diversity (1 - cosine to the original)"),
+                  ("frechet", "image", "Frechet distance of image features"),
+                  ("frechet", "text", "Frechet distance of text features"))
+MODALITY_MARKERS = {"text": "o", "image": "s"}
+
+
+def quality_figure(rows: list[dict[str, Any]], attacks: tuple[str, ...] = (), level: float = 0.95) -> Any:
+    """Gain over MAT against each quality, one point per single-stage cell with its interval, in one colour per
+    stage across the panels (a circle for a text stage, a square for an image stage); the Frechet distances of
+    image and text stages in panels of their own (different features, different scales); a panel names the
+    stages it has no value for (n/a)."""
+    from matplotlib.lines import Line2D
+
+    plt = pyplot()
     points = [r for r in rows if len(r["stages"]) == 1 and r["gain"] is not None]
-    if not points:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
-    for ax, quality, label in zip(axes, ("alignment", "diversity", "frechet"),
-                                  ("alignment (cosine)", "diversity (1 - cosine to the original)", "Frechet distance")):
-        for r in (p for p in points if p[quality] is not None):
+    colors = plt.get_cmap("tab10").colors
+    style = {r["cell"]: (colors[i % len(colors)], MODALITY_MARKERS.get(STAGE_KINDS.get(r["stages"][0], ("",))[0], "D"))
+             for i, r in enumerate(points)}
+    fig, axes = plt.subplots(1, len(QUALITY_PANELS), figsize=(4 * len(QUALITY_PANELS), 4.3), sharey=True)
+    for ax, (quality, modality, label) in zip(axes, QUALITY_PANELS):
+        shown = [r for r in points if not modality or STAGE_KINDS.get(r["stages"][0], ("",))[0] == modality]
+        for r in (p for p in shown if p[quality] is not None):
             g = r["gain"]
-            ax.errorbar(r[quality], g["point"], yerr=[[g["point"] - g["low"]], [g["high"] - g["point"]]], fmt="o", capsize=3)
-            ax.annotate(f"{r['stages'][0]} ({r['pairing']})", (r[quality], g["point"]), fontsize=8,
+            color, marker = style[r["cell"]]
+            ax.errorbar(r[quality], g["point"], yerr=[[g["point"] - g["low"]], [g["high"] - g["point"]]], fmt=marker,
+                        color=color, capsize=3)
+            ax.annotate(STAGE_LABELS.get(r["stages"][0], r["stages"][0]), (r[quality], g["point"]), fontsize=8,
                         xytext=(4, 4), textcoords="offset points")
+        note_missing(ax, [STAGE_LABELS.get(r["stages"][0], r["stages"][0]) for r in shown if r[quality] is None])
         ax.axhline(0, color="grey", linewidth=0.8)
         ax.set(xlabel=label)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("robust R@1 gain over MAT (points, 95% CI)")
-    fig.suptitle("Augmentation quality and robustness (one point per stage)")
-    fig.tight_layout()
-    claim_file(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    axes[0].set_ylabel(f"robust R@1 gain over MAT (points, {level:.0%} CI)")
+    robust = " / ".join(ATTACK_LABELS.get(a, a) for a in attacks)
+    fig.suptitle("Augmentation quality and robustness: one point per MAT+ stage; 0 = MAT"
+                 + (f"; robust R@1 = mean over {robust} of (TR R@1 + IR R@1) / 2" if robust else ""), fontsize=10)
+    handles = [Line2D([], [], color=style[r["cell"]][0], marker=style[r["cell"]][1], linestyle="none",
+                      label=f"{STAGE_LABELS.get(r['stages'][0], r['stages'][0])} ({r['pairing']})") for r in points]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return fig
+
+
+def plot_quality(rows: list[dict[str, Any]], path: Path, attacks: tuple[str, ...] = (), level: float = 0.95) -> bool:
+    """augmentation_quality.png (:func:`quality_figure`); False, and nothing written, without a single-stage cell
+    that has a gain."""
+    if not any(len(r["stages"]) == 1 and r["gain"] is not None for r in rows):
+        return False
+    save(quality_figure(rows, attacks, level), path)
     return True
 
 
@@ -317,15 +389,17 @@ def records(study: Study, cells: list[Cell]) -> list[dict[str, Any]]:
 
 def build_study_report(results: list[CellResult], stage_stats: dict[str, dict[str, Any]], cfg: StudyConfig,
                        out_dir: Path) -> dict[str, Any]:
-    """Write report.md, report.json and augmentation_quality.png to ``out_dir``; return what was written."""
+    """Write report.md, report.json, defences.csv, augmentation.csv (when the study has that table) and
+    augmentation_quality.png to ``out_dir``; return what was written."""
     study = Study(results, cfg.resamples, cfg.level)
     cells = [r.cell for r in results]
     claims, meaningless = judge_claims(study, cells, stage_stats)
+    defences = defences_rows(study, cells)
     aug_rows = augmentation_rows(study, cells, stage_stats)
     aug_attacks = robust_attacks([c for c in cells if "augmentation" in c.tables])
     out_dir.mkdir(parents=True, exist_ok=True)
     figure = out_dir / "augmentation_quality.png"
-    has_figure = plot_quality(aug_rows, figure)
+    has_figure = plot_quality(aug_rows, figure, aug_attacks, cfg.level)
     seeds = f"{cfg.seeds} seeds (mean ± sd across seeds; intervals resample seeds and images)" if cfg.seeds > 1 else \
         "1 seed (intervals: bootstrap over test images with their captions)"
     parts = [f"# Study on {cfg.dataset}",
@@ -341,7 +415,7 @@ def build_study_report(results: list[CellResult], stage_stats: dict[str, dict[st
     parts.append("## The paper's claims\n\n" + "\n".join(
         f"- **{c['verdict']}**: {c['claim']}. {c['why']}." for c in claims))
     parts.append("## Defences\n\nR@K (%) clean and under each attack; ASR (%) at R@1 / R@5 / R@10: the share of "
-                 "clean hits at K the attack pushes out of the top K (SGA's three).\n\n" + defences_table(study, cells))
+                 "clean hits at K the attack pushes out of the top K (SGA's three).\n\n" + defences_table(defences, cfg.level))
     if aug_rows:
         parts.append("## Augmentations\n\nMAT+ with one stage (its pairing: text variants 1:N, image variants N:1, "
                      "both N:N) next to MAT; stage statistics from the stage manifests (diversity = 1 - src_sim; "
@@ -351,9 +425,13 @@ def build_study_report(results: list[CellResult], stage_stats: dict[str, dict[st
     markdown = "\n\n".join(parts) + "\n"
     atomic_write_text(out_dir / "report.md", markdown)
     payload = {"dataset": cfg.dataset, "n_images": study.n_images, "chance_r1": study.chance_r1,
-               "meaningless": meaningless, "claims": claims, "augmentation": aug_rows, "records": records(study, cells),
-               PROVENANCE_KEY: provenance()}
+               "meaningless": meaningless, "claims": claims, "defences": defences, "augmentation": aug_rows,
+               "records": records(study, cells), PROVENANCE_KEY: provenance()}
     atomic_write_json(out_dir / "report.json", payload)
+    if defences:
+        write_csv(out_dir / "defences.csv", defences, list(DEFENCES_CSV))
+    if aug_rows:
+        write_csv(out_dir / "augmentation.csv", augmentation_csv_rows(aug_rows, aug_attacks), list(AUGMENTATION_CSV))
     log.info("study report: %s", out_dir / "report.md")
     return {"markdown": markdown, "claims": claims, "meaningless": meaningless, "figure": figure if has_figure else None,
             **payload}

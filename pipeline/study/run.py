@@ -18,6 +18,10 @@ skipped; a training run interrupted mid-way continues from its checkpoint (``tra
 interrupted evaluation from its finished batches. A training folder made under another fingerprint is moved
 aside (``<dir>.stale-<time>``), never resumed with other settings and never deleted.
 
+Executors (``StudyConfig.executor``): ``local`` runs the units in order in this process (:func:`run_plan`);
+``ray`` runs the trainings, then the evaluations, as Ray tasks (:mod:`pipeline.study.ray_units`). Both decide
+and record through :class:`PlanRunner`, so a study started with one resumes with the other.
+
 Outputs in ``MANIFESTS_DIR/<dataset>/study/``: ``plan.json`` (every unit, resolved), ``units/``, and the report
 (:mod:`pipeline.study.report`): ``report.md``, ``report.json``, ``augmentation_quality.png``.
 """
@@ -25,6 +29,7 @@ Outputs in ``MANIFESTS_DIR/<dataset>/study/``: ``plan.json`` (every unit, resolv
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -36,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.attacks import ATTACKS
-from pipeline.study.bootstrap import Outcomes
+from pipeline.evaluation.bootstrap import Outcomes
 from pipeline.study.plan import (ATTACK_COST, CPU_STAGES, EVAL_COST_SCALE, MODE_COST, STAGE_KINDS, TRAIN_MODES, Cell,
                                  StudyConfig, eval_name, plan_cells)
 from pipeline.evaluation.resume import fingerprint, model_stamp
@@ -104,13 +109,13 @@ def build_plan(cfg: StudyConfig, layout: Layout) -> tuple[list[Cell], list[Unit]
                 run_dir = runs_root / f"{cell.id}-s{seed}"
                 tcfg = TrainConfig(mode=cell.mode, dataset=cfg.dataset, clip=clip, mlm=mlm, steps=cell.steps,
                                    batch_size=cfg.batch_size, precision=cfg.precision, seed=seed, device=cfg.device,
-                                   run_dir=str(run_dir), report_to=(), optim=optim,
+                                   run_dir=str(run_dir), report_to=cfg.report_to, wandb_mode=cfg.wandb_mode, optim=optim,
                                    data=DataConfig(stages=cell.stages, num_workers=cfg.data_workers))
                 tcfg = apply_overrides(tcfg, cfg.train_set)
                 settings = train_settings(tcfg)
                 units.append(Unit(f"train-{cell.id}-s{seed}", "train", settings, run_dir / "clip",
                                   inputs={"clip": clip, "mlm": mlm, **{f"stage:{s}": s for s in cell.stages}},
-                                  cost=cell.steps * MODE_COST.get(cell.mode, 1.0), run=_trainer(tcfg, layout, train)))
+                                  cost=cell.steps * MODE_COST.get(cell.mode, 1.0), run=functools.partial(train, tcfg, layout)))
                 checkpoint, inputs = str(run_dir), {"clip": str(run_dir / "clip")}
             ecfg = EvalConfig(checkpoint=checkpoint, dataset=cfg.dataset, mlm=mlm, name=eval_name(cell, seed),
                               mode=cell.mode, split=split, size=cfg.eval_size, batch_size=cfg.eval_batch, attacks=cell.attacks,
@@ -122,7 +127,7 @@ def build_plan(cfg: StudyConfig, layout: Layout) -> tuple[list[Cell], list[Unit]
                               layout.eval_path(cfg.dataset, ecfg.name),
                               inputs=inputs,
                               cost=EVAL_COST_SCALE * n_images * (1 + sum(ATTACK_COST.get(a, 1.0) for a in cell.attacks)),
-                              run=lambda ecfg=ecfg: evaluate(ecfg, layout)))
+                              run=functools.partial(evaluate, ecfg, layout)))
     return cells, units
 
 
@@ -133,13 +138,20 @@ LEGACY_DEFAULT_ATTACK = {"eps": 2 / 255, "pgd_steps": 2, "step_size": None, "ran
                          "k": 10, "order": "text-first"}
 
 
+#: Settings that do not change the trained weights (trackers), fingerprinted as the study always set them
+#: before they became its options, so that choosing trackers retrains nothing.
+UNFINGERPRINTED = {"report_to": (), "wandb_mode": "offline"}
+
+
 def train_settings(tcfg: Any) -> dict[str, Any]:
-    """What a training unit's fingerprint covers: the TrainConfig less its run dir and device."""
+    """What a training unit's fingerprint covers: the TrainConfig less its run dir and device, its trackers at
+    their former values (:data:`UNFINGERPRINTED`)."""
     from pipeline.attacks.bert_attack import BERTAttack
     from pipeline.core.config import to_dict
     from pipeline.train.config import TrainAttackConfig
 
-    settings = {k: v for k, v in to_dict(tcfg).items() if k not in ("run_dir", "device")}
+    settings = {k: v for k, v in to_dict(dataclasses.replace(tcfg, **UNFINGERPRINTED)).items()
+                if k not in ("run_dir", "device")}
     legacy = TrainAttackConfig(text=BERTAttack(variant="fast"))
     attacks_texts = "mlm" in TRAIN_MODES.get(tcfg.mode).needs
     if tcfg.attack == legacy or (not attacks_texts and dataclasses.replace(tcfg.attack, text=legacy.text) == legacy):
@@ -152,13 +164,8 @@ def _augmenter(cfg: StudyConfig, layout: Layout, stage: str) -> Callable[[], Non
         from pipeline.augment.runner import AugmentConfig, run_augment
         from pipeline.data.ingest import IngestConfig
 
-        run_augment(AugmentConfig(ingest=IngestConfig(dataset=cfg.dataset), stages=(stage,), workers=cfg.workers), layout)
-    return run
-
-
-def _trainer(tcfg: Any, layout: Layout, train: Callable) -> Callable[[], None]:
-    def run() -> None:
-        train(tcfg, layout)
+        run_augment(AugmentConfig(ingest=IngestConfig(dataset=cfg.dataset), stages=(stage,), workers=cfg.workers,
+                                  executor=cfg.executor), layout)
     return run
 
 
@@ -207,43 +214,81 @@ def write_plan(cfg: StudyConfig, cells: list[Cell], units: list[Unit], path: Pat
     })
 
 
-def run_plan(units: list[Unit], layout: Layout, dataset: str, echo: Callable[[str], None] = log.info) -> dict[str, str]:
-    """Run the units in order, skipping the done ones; a progress line per unit. Returns {unit: done|ran|taken}."""
-    records = layout.study_dir(dataset) / "units"
-    records.mkdir(parents=True, exist_ok=True)
-    stamps, status = Stamps(layout, dataset), {}
-    start, spent = time.perf_counter(), {}  # kind -> [cost, seconds] of the units run by this call
-    for i, unit in enumerate(units, 1):
-        record_path = records / f"{unit.name}.json"
-        t0 = time.perf_counter()
+class PlanRunner:
+    """What every executor shares: which units are done (records and fingerprints), the records of the units
+    run, and a progress line per unit with the time left. An executor runs the units it is told to run."""
+
+    def __init__(self, units: list[Unit], layout: Layout, dataset: str, echo: Callable[[str], None] = log.info) -> None:
+        self.units, self.echo = units, echo
+        self.records = layout.study_dir(dataset) / "units"
+        self.records.mkdir(parents=True, exist_ok=True)
+        self.stamps, self.status = Stamps(layout, dataset), {}
+        self.start, self.spent = time.perf_counter(), {}  # kind -> [cost, seconds] of the units run by this call
+        self.reported = 0
+
+    def todo(self, unit: Unit) -> tuple[bool, str | None]:
+        """(True, fingerprint) when the unit must run (the fingerprint None for a prepare unit); (False, None)
+        when it is skipped, its status then set: taken (a prepare unit's output exists) or done (its record
+        holds this fingerprint and its output exists). A unit's fingerprint covers its inputs' stamps, so ask
+        once the units that make its inputs have run."""
         if unit.prepare and unit.output.exists():
-            status[unit.name] = "taken"
-        else:
-            fp = None if unit.prepare else stamps.fingerprint(unit)
-            old = json.loads(record_path.read_text()) if record_path.is_file() else {}
-            if fp is not None and old.get("fingerprint") == fp and unit.output.exists():
-                status[unit.name] = "done"
-            else:
-                if unit.kind == "train":
-                    _set_aside_stale_run(unit, fp)
-                unit.run()
-                seconds = time.perf_counter() - t0
-                totals = spent.setdefault(unit.kind, [0.0, 0.0])
-                totals[0] += unit.cost
-                totals[1] += seconds
-                atomic_write_json(record_path, {"name": unit.name, "kind": unit.kind, "fingerprint": fp,
-                                                "output": str(unit.output), "seconds": round(seconds, 1),
-                                                "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
-                status[unit.name] = "ran"
-        eta = _time_left(units[i:], spent)
-        echo(f"[{i}/{len(units)}] {unit.kind} {unit.name}: {status[unit.name]} in {time.perf_counter() - t0:.0f} s; "
-             f"elapsed {(time.perf_counter() - start) / 60:.1f} min, {eta}")
-    return status
+            self.status[unit.name] = "taken"
+            return False, None
+        fp = None if unit.prepare else self.stamps.fingerprint(unit)
+        record_path = self.records / f"{unit.name}.json"
+        old = json.loads(record_path.read_text()) if record_path.is_file() else {}
+        if fp is not None and old.get("fingerprint") == fp and unit.output.exists():
+            self.status[unit.name] = "done"
+            return False, None
+        return True, fp
+
+    def before(self, unit: Unit, fp: str | None) -> None:
+        """What the driver does before a unit runs, wherever it runs: a training folder made under another
+        fingerprint is moved aside."""
+        if unit.kind == "train":
+            _set_aside_stale_run(unit, fp)
+
+    def finished(self, unit: Unit, fp: str | None, seconds: float) -> None:
+        """Record a unit that ran to its end (its record makes a rerun skip it)."""
+        totals = self.spent.setdefault(unit.kind, [0.0, 0.0])
+        totals[0] += unit.cost
+        totals[1] += seconds
+        atomic_write_json(self.records / f"{unit.name}.json", {
+            "name": unit.name, "kind": unit.kind, "fingerprint": fp, "output": str(unit.output),
+            "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+        self.status[unit.name] = "ran"
+
+    def report(self, unit: Unit, seconds: float, left: list[Unit], parallel: int = 1, where: str = "") -> None:
+        """The progress line of a unit whose status is set; `left`: the units still to come."""
+        self.reported += 1
+        self.echo(f"[{self.reported}/{len(self.units)}] {unit.kind} {unit.name}: {self.status[unit.name]}{where} in "
+                  f"{seconds:.0f} s; elapsed {(time.perf_counter() - self.start) / 60:.1f} min, "
+                  f"{_time_left(left, self.spent, parallel)}")
+
+    def run_here(self, unit: Unit, left: list[Unit]) -> None:
+        """Run a unit in this process unless it is skipped, then report it."""
+        t0 = time.perf_counter()
+        must, fp = self.todo(unit)
+        if must:
+            self.before(unit, fp)
+            unit.run()
+            self.finished(unit, fp, time.perf_counter() - t0)
+        self.report(unit, time.perf_counter() - t0, left)
 
 
-def _time_left(units: list[Unit], spent: dict[str, list[float]]) -> str:
+def run_plan(units: list[Unit], layout: Layout, dataset: str, echo: Callable[[str], None] = log.info) -> dict[str, str]:
+    """Run the units in order in this process, skipping the done ones; a progress line per unit. Returns {unit:
+    done|ran|taken}."""
+    runner = PlanRunner(units, layout, dataset, echo)
+    for i, unit in enumerate(units, 1):
+        runner.run_here(unit, units[i:])
+    return runner.status
+
+
+def _time_left(units: list[Unit], spent: dict[str, list[float]], parallel: int = 1) -> str:
     """Seconds per cost unit measured on each kind run so far; a training or evaluation kind not yet run takes
-    the other's rate (their costs share a scale: FT-step equivalents), prepare units count only once measured."""
+    the other's rate (their costs share a scale: FT-step equivalents), prepare units count only once measured.
+    `parallel` units at a time divide it (the Ray executor)."""
     if not units:
         return "nothing left"
     measured = {kind: s / c for kind, (c, s) in spent.items() if c}
@@ -251,7 +296,18 @@ def _time_left(units: list[Unit], spent: dict[str, list[float]]) -> str:
     if not shared:
         return "time left: known after the first training or evaluation"
     left = sum(u.cost * measured.get(u.kind, shared[0]) for u in units if u.kind in measured or not u.prepare)
-    return f"about {left / 60:.1f} min left"
+    return f"about {left / max(parallel, 1) / 60:.1f} min left"
+
+
+def _run_units(units: list[Unit], layout: Layout, cfg: StudyConfig, echo: Callable[[str], None]) -> dict[str, str]:
+    """Run the units with the study's executor: `local` in this process, `ray` as Ray tasks."""
+    if cfg.executor == "local":
+        return run_plan(units, layout, cfg.dataset, echo)
+    try:
+        from pipeline.study.ray_units import run_plan_ray
+    except ImportError as error:
+        raise ValueError(f"executor {cfg.executor!r} needs the optional extra: pip install 'mat-pipeline[ray]' ({error})") from error
+    return run_plan_ray(PlanRunner(units, layout, cfg.dataset, echo), cfg)
 
 
 def load_outcomes(path: Path) -> dict[str, Outcomes]:
@@ -277,7 +333,7 @@ def run_study(cfg: StudyConfig, layout: Layout | None = None, echo: Callable[[st
     write_plan(cfg, cells, units, out / "plan.json")
     echo(f"study {cfg.dataset}: {len(cells)} cells x {cfg.seeds} seed(s), {len(units)} units; {cfg.train_steps} training "
          f"steps per mode ({cfg.steps_source}); plan: {out / 'plan.json'}")
-    run_plan(units, layout, cfg.dataset, echo)
+    _run_units(units, layout, cfg, echo)
     results = [CellResult(cell, {seed: load_outcomes(layout.eval_path(cfg.dataset, eval_name(cell, seed)))
                                  for seed in range(cfg.seeds)}) for cell in cells]
     stage_stats = {}

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pipeline.train.registry import MODES
 from pipeline.attacks.bert_attack import BERTAttack
 from pipeline.attacks.pgd import PGD
-from pipeline.core.config import check_choice, check_device, check_non_negative, check_positive, check_range
+from pipeline.core.config import check_choice, check_device, check_non_negative, check_positive, check_range, option, DATASET_OPTION
 from pipeline.core.paths import plain_name
-from pipeline.core.tracking import check_reporters
+from pipeline.core.tracking import check_reporters, parse_report_to
 
 # "auto": bf16 where the hardware runs it natively, fp32 elsewhere (pipeline.models.resolve_precision).
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -32,18 +32,23 @@ CAPTIONS = ("primary", "all")
 # none: the evaluation's preprocessing (resize + centre crop); rrc: open_clip's training RandomResizedCrop.
 AUGMENTS = ("none", "rrc")
 RESUME = ("auto", "latest", "never")
+PRECISION_HELP = ("auto (bf16 where the hardware runs it natively: CUDA with bf16, a CPU with AVX512-BF16/AMX; "
+                  "else fp32), bf16 (autocast) or fp32")
+DEVICE_HELP = "auto, cpu, cuda or cuda:N"
+REPORT_TO_HELP = "Trackers: tensorboard, wandb, both comma-separated, or none"
+WANDB_MODE_HELP = "W&B mode: offline (no network needed; `wandb sync` later), online or disabled"
 
 
 @dataclass(frozen=True)
 class OptimConfig:
     """Optimiser and schedule: AdamW, linear warm-up then cosine decay to `min_lr_ratio * lr`."""
 
-    lr: float = 1e-4
-    weight_decay: float = 0.1
+    lr: float = field(default=1e-4, metadata=option("LR", "Peak learning rate (e.g. 1e-5 for ViT-B/16)."))
+    weight_decay: float = field(default=0.1, metadata=option("WEIGHT_DECAY", "AdamW weight decay."))
     beta1: float = 0.9
     beta2: float = 0.98
     eps: float = 1e-6
-    warmup: int = 20
+    warmup: int = field(default=20, metadata=option("WARMUP", "Warm-up steps."))
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
 
@@ -71,7 +76,8 @@ class TrainAttackConfig:
 
     image: PGD = field(default_factory=training_pgd)
     text: BERTAttack = field(default_factory=training_bert_attack)
-    order: str = "text-first"  # MAT: text-first (the paper's), image-first, or joint (both from clean inputs)
+    order: str = field(default="text-first", metadata=option(  # MAT: the paper's order is text-first
+        "ATTACK_ORDER", "text-first | image-first | joint (both attacks from the clean inputs).", flag="--order"))
 
     def __post_init__(self) -> None:
         check_range("attack.image.eps", self.image.eps, 0, 1)
@@ -85,15 +91,15 @@ class DataConfig:
     split: str = "train"
     # Shard URLs (brace pattern, '::' list, pipe: command; pipeline/core/shard_urls.py) instead of
     # SHARDS_DIR/<dataset>/base/<split>-*.tar; stage shards sit beside them in folders named after the stage.
-    urls: str | None = None
-    num_samples: int | None = None  # samples in `urls` when no sizes.json lies beside them (logging only)
-    stages: tuple[str, ...] = ()  # augmentation stages zipped with the base shards (MAT+)
-    filter: str | None = None  # filter manifest: a path, or a name under MANIFESTS_DIR/<dataset>/filters/
-    shuffle_buffer: int = 1000
-    resampled: bool = True  # draw shards with replacement (open_clip's --dataset-resampled)
-    num_workers: int = 2
-    captions: str = "primary"  # CAPTIONS
-    augment: str = "none"  # AUGMENTS
+    urls: str | None = field(default=None, metadata=option("TRAIN_DATA", "Base shard URLs instead of SHARDS_DIR/<dataset>/base: a brace pattern (/data/coco/base/train-{000000..000226}.tar), a '::' list or pipe: commands; stage shards are found beside them by the stage's name.", flag="--train-data"))
+    num_samples: int | None = field(default=None, metadata=option("TRAIN_NUM_SAMPLES", "Samples in TRAIN_DATA when no sizes.json lies beside the shards (logged only).", flag="--train-num-samples"))
+    stages: tuple[str, ...] = field(default=(), metadata=option("STAGES", "Comma-separated augmentation stages zipped with the base shards (modes that need them; default the mode's own: matplus i2t-human)."))
+    filter: str | None = field(default=None, metadata=option("FILTER", "Filter manifest (path, or name under MANIFESTS_DIR/<dataset>/filters/) that drops variants."))
+    shuffle_buffer: int = field(default=1000, metadata=option("SHUFFLE_BUFFER", "Samples in the shuffle buffer."))
+    resampled: bool = field(default=True, metadata=option("RESAMPLED", "Draw shards with replacement (open_clip's --dataset-resampled) or read epochs split by rank and worker.", flag="--resampled/--epochs"))
+    num_workers: int = field(default=2, metadata=option("DATA_WORKERS", "Loader worker processes.", flag="--data-workers"))
+    captions: str = field(default="primary", metadata=option("CAPTIONS", "primary (the primary caption per image) | all (every human caption its own pair; no STAGES)."))
+    augment: str = field(default="none", metadata=option("TRAIN_AUGMENT", "none (the evaluation's resize + centre crop) | rrc (open_clip's RandomResizedCrop, scale 0.9-1).", flag="--train-augment"))
 
     def __post_init__(self) -> None:
         plain_name(self.split, "data.split")
@@ -109,25 +115,23 @@ class DataConfig:
 class TrainConfig:
     """A fine-tuning run (`make train`). `batch_size` is per process; the global batch is batch_size x world size."""
 
-    mode: str = "mat"
-    dataset: str = "synth"
-    clip: str | None = None  # HF id or local dir; default MODELS_DIR/<dataset>/clip (made by `make pretrain`)
-    mlm: str | None = None  # masked LM for BERT-Attack; default MODELS_DIR/<dataset>/mlm
-    steps: int = 150
-    batch_size: int = 128
-    accum_steps: int = 1
-    precision: str = "auto"
-    seed: int = 0
-    log_every: int = 10
-    save_every: int = 50
+    mode: str = field(default="mat", metadata=option("MODE", " | ".join(MODES) + "."))
+    dataset: str = field(default="synth", metadata=DATASET_OPTION)
+    clip: str | None = field(default=None, metadata=option("CLIP", "CLIP to fine-tune: HF id or local dir (default MODELS_DIR/<dataset>/clip, made by `make pretrain`)."))
+    mlm: str | None = field(default=None, metadata=option("MLM", "Masked LM of BERT-Attack (default MODELS_DIR/<dataset>/mlm)."))
+    steps: int = field(default=150, metadata=option("STEPS", "Optimiser steps."))
+    batch_size: int = field(default=128, metadata=option("BATCH_SIZE", "Batch per process (the global batch is this x world size)."))
+    accum_steps: int = field(default=1, metadata=option("ACCUM_STEPS", "Gradient-accumulation micro-batches per step."))
+    precision: str = field(default="auto", metadata=option("PRECISION", PRECISION_HELP + "."))
+    seed: int = field(default=0, metadata=option("SEED", "Random seed."))
+    log_every: int = field(default=10, metadata=option("LOG_EVERY", "Log every N steps."))
+    save_every: int = field(default=50, metadata=option("SAVE_EVERY", "Checkpoint every N steps and at the end."))
     keep_checkpoints: int = 2
-    # auto: continue from the newest checkpoint of `run_dir` if it has one; latest: reuse the newest
-    # RUNS_DIR/<mode>-<dataset>-* run and continue it; never: always start fresh
-    resume: str = "auto"
-    run_dir: str | None = None  # default RUNS_DIR/<mode>-<dataset>-<YYYYmmdd-HHMMSS>
-    device: str = "auto"
-    report_to: tuple[str, ...] = ("tensorboard",)  # tensorboard, wandb (pipeline/core/tracking.py); () for none
-    wandb_mode: str = "offline"
+    resume: str = field(default="auto", metadata=option("RESUME", "auto (continue RUN_DIR's newest checkpoint) | latest (continue the newest RUNS_DIR/<mode>-<dataset>-* run) | never (start fresh)."))
+    run_dir: str | None = field(default=None, metadata=option("RUN_DIR", "Run folder (default RUNS_DIR/<mode>-<dataset>-<YYYYmmdd-HHMMSS>)."))
+    device: str = field(default="auto", metadata=option("DEVICE", DEVICE_HELP + "."))
+    report_to: tuple[str, ...] = field(default=("tensorboard",), metadata=option("REPORT_TO", REPORT_TO_HELP + ".", parse=parse_report_to))
+    wandb_mode: str = field(default="offline", metadata=option("WANDB_MODE", WANDB_MODE_HELP + "."))
     optim: OptimConfig = field(default_factory=OptimConfig)
     attack: TrainAttackConfig = field(default_factory=TrainAttackConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -154,24 +158,24 @@ class PretrainConfig:
     About 6 minutes on 2 CPU cores with the defaults (the small CLIP at ~3.5 steps/s, batch 128).
     """
 
-    dataset: str = "synth"
-    clip_preset: str = "small"
-    mlm_preset: str = "small"
-    vocab_size: int = 1000
-    steps: int = 1200
-    batch_size: int = 128
-    lr: float = 1e-3
-    warmup: int = 100
-    mlm_steps: int = 300
+    dataset: str = field(default="synth", metadata=DATASET_OPTION)
+    clip_preset: str = field(default="small", metadata=option("CLIP_PRESET", "CLIP size: tiny | small."))
+    mlm_preset: str = field(default="small", metadata=option("MLM_PRESET", "Masked-LM size: tiny | small."))
+    vocab_size: int = field(default=1000, metadata=option("VOCAB_SIZE", "Tokenizer vocabulary size."))
+    steps: int = field(default=1200, metadata=option("STEPS", "CLIP training steps (~6 min on 2 CPU cores at the default)."))
+    batch_size: int = field(default=128, metadata=option("BATCH_SIZE", "CLIP batch size."))
+    lr: float = field(default=1e-3, metadata=option("LR", "CLIP peak learning rate."))
+    warmup: int = field(default=100, metadata=option("WARMUP", "Warm-up steps."))
+    mlm_steps: int = field(default=300, metadata=option("MLM_STEPS", "Masked-LM training steps."))
     mlm_batch_size: int = 64
     mlm_lr: float = 1e-3
     mask_prob: float = 0.15
-    precision: str = "auto"
-    seed: int = 0
-    num_workers: int = 2
-    device: str = "auto"
-    report_to: tuple[str, ...] = ("tensorboard",)
-    wandb_mode: str = "offline"
+    precision: str = field(default="auto", metadata=option("PRECISION", PRECISION_HELP + "."))
+    seed: int = field(default=0, metadata=option("SEED", "Random seed."))
+    num_workers: int = field(default=2, metadata=option("DATA_WORKERS", "Loader worker processes.", flag="--data-workers"))
+    device: str = field(default="auto", metadata=option("DEVICE", DEVICE_HELP + "."))
+    report_to: tuple[str, ...] = field(default=("tensorboard",), metadata=option("REPORT_TO", REPORT_TO_HELP + ".", parse=parse_report_to))
+    wandb_mode: str = field(default="offline", metadata=option("WANDB_MODE", WANDB_MODE_HELP + "."))
 
     def __post_init__(self) -> None:
         check_positive(self, "vocab_size", "steps", "batch_size", "mlm_batch_size", "lr", "mlm_lr")

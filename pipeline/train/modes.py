@@ -27,8 +27,8 @@ changed: eps 2/255, 2 signed steps of 1/255 from a uniform [-eps, eps] start, th
 - mat / matplus (Waseda et al., arXiv 2405.18770): the paper's latest abstract names its code,
   CyberAgentAILab/multimodal-adversarial-training, which could not be read here; the order, the BERT-Attack goal
   and the InfoNCE on the adversarial pairs follow the paper's description. That code would settle the order, the
-  text attack's variant, the inner PGD's steps and eps, the loss and the pairing of 1:N / N:1 pairs (README,
-  "MAT's public code").
+  text attack's variant, the inner PGD's steps and eps, the loss and the pairing of 1:N / N:1 pairs
+  (docs/evaluation.md, "MAT's public code").
 """
 
 from __future__ import annotations
