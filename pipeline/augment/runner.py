@@ -32,7 +32,7 @@ class AugmentConfig:
     stage_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     scorer: str | None = field(default=None, metadata=option("SCORER", "CLIP (HF id or local dir) that scores alignment / shift; default MODELS_DIR/<dataset>/clip when `make pretrain` made it; none: off."))
     seed: int = field(default=0, metadata=option("SEED", "Global seed mixed into every per-sample seed."))
-    device: str = field(default="cpu", metadata=option("DEVICE", "cpu, cuda or cuda:N, for the model-based stages."))
+    device: str = field(default="cpu", metadata=option("DEVICE", "cpu, cuda, cuda:N or mps, for the model-based stages."))
     workers: int = field(default=2, metadata=option("WORKERS", "Processes, one shard each at a time."))
     executor: str = field(default="local", metadata=option("EXECUTOR", " | ".join(f"{e.name} ({e.description})" for e in EXECUTORS.entries()) + "."))
     retries: int = field(default=1, metadata=option("RETRIES", "Times a failed shard is retried before it is recorded."))

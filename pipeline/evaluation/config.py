@@ -41,7 +41,7 @@ class EvalConfig:
     checkpoint: str = ""  # the command's --ckpt (which takes several, comma-separated)
     dataset: str = field(default="synth", metadata=DATASET_OPTION)
     mlm: str | None = field(default=None, metadata=option("MLM", "Masked LM of the text attacks (default MODELS_DIR/<dataset>/mlm)."))
-    name: str | None = field(default=None, metadata=option("EVAL_NAME", "Output name, evals/<name>.json (default the run / model folder's name).", flag="--name"))
+    name: str | None = field(default=None, metadata=option("EVAL_NAME", "Output name, evals/<name>.json (default the model's name, with -on-<dataset> when the model was made on another dataset).", flag="--name"))
     mode: str | None = field(default=None, metadata=option("EVAL_MODE", "Row label (default the run's training mode, 'pretrained' for a bare CLIP dir).", flag="--mode"))
     split: str = field(default="test", metadata=option("EVAL_SPLIT", "Split to evaluate on.", flag="--split"))
     data: str | None = field(default=None, metadata=option("EVAL_DATA", "Test shard URLs (brace pattern, '::' list, pipe: commands) instead of SHARDS_DIR/<dataset>/base/<split>-*.tar.", flag="--eval-data"))

@@ -11,7 +11,7 @@ from pipeline.attacks import ATTACKS as ALL_ATTACKS
 from pipeline.core.executor import EXECUTORS
 from pipeline.core.paths import plain_name
 from pipeline.core.tracking import check_reporters, parse_report_to
-from pipeline.train.config import REPORT_TO_HELP, WANDB_MODE_HELP
+from pipeline.train.config import DEVICE_HELP, REPORT_TO_HELP, WANDB_MODE_HELP
 from pipeline.train.registry import MODES as TRAIN_MODES
 from stages import STAGES
 
@@ -88,7 +88,7 @@ class StudyConfig:
     pretrain_steps: int = field(default=1200, metadata=option("PRETRAIN_STEPS", "Steps of the stand-in CLIP when it must be pretrained."))
     resamples: int = field(default=1000, metadata=option("BOOTSTRAP_RESAMPLES", "Bootstrap resamples.", flag="--resamples"))
     level: float = 0.95
-    device: str = field(default="auto", metadata=option("DEVICE", "auto, cpu, cuda or cuda:N."))
+    device: str = field(default="auto", metadata=option("DEVICE", DEVICE_HELP + "."))
     workers: int = field(default=2, metadata=option("WORKERS", "Augmentation processes, for the stages the study makes; with EXECUTOR=ray and no RAY_ADDRESS, the CPUs of the local Ray instance."))
     executor: str = field(default="local", metadata=option("EXECUTOR", "local: the units one after the other in this process | ray: the trainings, then the evaluations, as Ray tasks (one GPU each on CUDA; RAY_ADDRESS, else a local Ray of WORKERS CPUs); the optional ray extra."))
     data_workers: int = field(default=2, metadata=option("DATA_WORKERS", "Training loader workers."))

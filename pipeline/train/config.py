@@ -34,7 +34,7 @@ AUGMENTS = ("none", "rrc")
 RESUME = ("auto", "latest", "never")
 PRECISION_HELP = ("auto (bf16 where the hardware runs it natively: CUDA with bf16, a CPU with AVX512-BF16/AMX; "
                   "else fp32), bf16 (autocast) or fp32")
-DEVICE_HELP = "auto, cpu, cuda or cuda:N"
+DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps"
 REPORT_TO_HELP = "Trackers: tensorboard, wandb, both comma-separated, or none"
 WANDB_MODE_HELP = "W&B mode: offline (no network needed; `wandb sync` later), online or disabled"
 
