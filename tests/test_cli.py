@@ -138,6 +138,8 @@ def _captured(monkeypatch) -> list:
         seen.append(cfg)
         raise SystemExit(0)
 
+    import pipeline.train.pretrain  # noqa: F401  (imported first: it binds main.train, which must stay the real one)
+
     monkeypatch.setattr("pipeline.train.main.train", capture)
     monkeypatch.setattr("pipeline.train.pretrain.pretrain", capture)
     return seen

@@ -120,6 +120,8 @@ def test_every_declared_setting_is_an_option_of_its_command(command):
 
 
 def test_unprefixed_variables_left_in_a_shell_change_nothing(monkeypatch, tmp_path):
+    import pipeline.train.pretrain  # noqa: F401  (imported first: it binds main.train, which must stay the real one)
+
     seen = []
     monkeypatch.setattr("pipeline.train.main.train", lambda cfg, layout, **kw: seen.append(cfg) or (_ for _ in ()).throw(SystemExit(0)))
     leaked = {"MODE": "ft", "STEPS": "3", "DATASET": "nosuch", "LR": "0.5", "FORMAT": "json", "SET": "seed=9"}

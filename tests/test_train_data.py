@@ -178,6 +178,8 @@ def test_captions_and_train_augment_reach_the_config_from_env_and_options(monkey
         seen.append(cfg.data)
         raise SystemExit(0)
 
+    import pipeline.train.pretrain  # noqa: F401  (imported first: it binds main.train, which must stay the real one)
+
     monkeypatch.setattr("pipeline.train.main.train", capture)
     runner = CliRunner()
     runner.invoke(app, ["train"], env={"MAT_CAPTIONS": "all", "MAT_TRAIN_AUGMENT": "rrc"})
