@@ -78,7 +78,7 @@ def test_a_declared_field_is_an_option_with_its_flag_type_env_and_default(tmp_pa
     assert result.exit_code == 0, result.output
     assert seen[-1][0] == Toy(name="opt", count=4, inner=Inner(hidden=8))
     help_text = runner.invoke(toy, ["run", "--help"], env={"COLUMNS": "200"}).output
-    assert "A count. (default 2)" in help_text and "MAT_COUNT" in help_text and "--hidden" not in help_text
+    assert "A count (default 2)." in help_text and "MAT_COUNT" in help_text and "--hidden" not in help_text
 
 
 def test_a_bad_value_is_one_line_naming_the_setting():

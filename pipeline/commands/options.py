@@ -102,7 +102,10 @@ _METAVARS = {int: "INT", float: "NUMBER", bool: "BOOL", Path: "PATH"}
 def _typer_parameter(declared: Declared) -> inspect.Parameter:
     option = declared.option
     default_text = shown(declared.default, option.pixels)
-    help_text = f"{option.help} (default {default_text})" if default_text else option.help
+    help_text = option.help
+    if default_text:
+        body, stop = (help_text[:-1], ".") if help_text.endswith(".") else (help_text, "")
+        help_text = f"{body} (default {default_text}){stop}"
     common = dict(envvar=env(option.name), help=help_text, show_default=False)
     if declared.is_switch:
         name = declared.path.rsplit(".", 1)[-1].replace("_", "-")
