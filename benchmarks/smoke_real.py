@@ -6,7 +6,7 @@ SD 1.5's UNet + VAE + text encoder, InternVL3-1B), saved to a temporary models f
 runs as a user runs it (``python -m pipeline <command> ...``, one subprocess each, so each has its own peak
 resident set) on a tiny synth dataset:
 
-1. ``ingest`` (``--synth-size 24``) and ``augment`` of MAT+'s stages (i2t-human, randaug) for training;
+1. ``ingest`` (``--synth-size 24``, half of it test images) and ``augment`` of MAT+'s stages (i2t-human, randaug) for training;
 2. ``train`` of every mode (ft, tecoa, fare, mat, matplus on i2t-human + randaug), 2 steps at batch 2, fp32;
 3. ``eval`` of the MAT run under every attack at the evaluation defaults on 4 test images;
 4. ``eval-zeroshot`` on 4 synth images (one eps, 10 PGD / APGD steps: the defaults' 100 steps at three
@@ -132,7 +132,8 @@ def smoke(root: Path, only: set[str] | None = None, generative: bool = True) -> 
     fp32 = ["--precision", "fp32", "--report-to", "none"]
 
     run("build-clip-mlm", [__file__, "--build", "clip-mlm", "--models", str(models)], cli=False)
-    run("ingest", ["ingest", "--dataset", DATASET, "--format", "synth", "--synth-size", "24", "--workers", "1"])
+    run("ingest", ["ingest", "--dataset", DATASET, "--format", "synth", "--synth-size", "24",
+                   "--split-fractions", "0.5,0,0.5", "--workers", "1"])  # the default 0.8,0.1,0.1 leaves 1 test image
     if wanted("train") or wanted("study"):
         run("augment-matplus", ["augment", "--dataset", DATASET, "--stages", MATPLUS_STAGES, "--scorer", clip,
                                 "--workers", "1"])
