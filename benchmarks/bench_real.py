@@ -24,6 +24,7 @@ attack's cost at real size, not a prediction of a trained pair's exact share.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import sys
 import time
 from pathlib import Path
@@ -35,6 +36,8 @@ import torch
 from pipeline.train.config import TrainConfig
 from pipeline.train.loop import train_step
 from pipeline.train.modes import DualEncoder, build_mode
+
+log = logging.getLogger(__name__)
 
 MODES = ("ft", "tecoa", "mat")
 BATCH = 8
@@ -80,6 +83,8 @@ def step_seconds(size: str = "real", batch: int = BATCH, repeats: int = 3) -> di
             row = train_step(net, mode, [{"images": images, "texts": captions}], bf16=False, device=device)
             optimizer.step()
             seconds = time.process_time() - start
+            log.info("real bench round %d/%d: %s step %.1f CPU s %s", index, repeats, name, seconds,
+                     {k: round(v, 1) for k, v in row.items() if k.endswith("_s")})
             if index and seconds < best[name]:  # the first round warms up allocators and tokenizer caches
                 best[name] = seconds
                 if name == "mat":
@@ -108,4 +113,5 @@ def run(repeats: int = 3) -> dict[str, float]:
 if __name__ == "__main__":
     import json
 
+    logging.basicConfig(level=logging.INFO)
     print(json.dumps(run(), indent=1))
