@@ -45,9 +45,10 @@ BATCH = 8
 
 def bench_gpu() -> ModuleType:
     """The sibling `bench_gpu.py` (its sizes and model builders), loaded as `make bench` loads benchmarks."""
-    name = "_mat_benchmarks.bench_gpu"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("bench_gpu.py"))
+    name, path = "_mat_benchmarks.bench_gpu", Path(__file__).with_name("bench_gpu.py")
+    loaded = sys.modules.get(name)
+    if loaded is None or Path(getattr(loaded, "__file__", "")) != path:  # not another folder's bench_gpu
+        spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
