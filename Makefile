@@ -97,6 +97,11 @@ demo: setup
 bench: setup
 	$(CLI) bench
 
+# Every user command once at real model sizes on the CPU (CLIP ViT-B/16, bert-base, SD 1.5, InternVL3-1B from their
+# configs, random weights) on a tiny synth dataset: time and peak RSS per command -> MANIFESTS_DIR/smoke_real.json.
+smoke-real: setup
+	$(PY) $(CURDIR)/benchmarks/smoke_real.py
+
 test: setup
 	$(PY) -m pytest -q
 

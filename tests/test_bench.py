@@ -87,6 +87,16 @@ def test_the_real_benchmarks_folder_is_the_checkout_one():
     assert bench.BENCHMARKS_DIR == Path(__file__).resolve().parents[1] / "benchmarks"
     assert {"gpu", "precision", "eda_randaug", "generative", "train"} <= names.keys()
     assert "gpu" in names and "gpu" not in bench.select(names, None)
+    assert "real" in names and "real" not in bench.select(names, None)  # minutes on a CPU: only when named
+
+
+@pytest.mark.slow
+def test_real_bench_runs_the_three_modes_interleaved_at_tiny_size():
+    module = bench._load("real", bench.available()["real"])
+    measured = module.step_seconds("tiny", batch=2, repeats=1)
+    assert set(measured["steps"]) == {"ft", "tecoa", "mat"}
+    assert all(math.isfinite(s) and s > 0 for s in measured["steps"].values())
+    assert measured["timings"]["text_attack_s"] > 0 and measured["timings"]["image_attack_s"] > 0
 
 
 @pytest.mark.slow

@@ -4,8 +4,8 @@ The benchmarks are the ``bench_*.py`` files of the ``benchmarks/`` folder beside
 source checkout that ``pip install -e .`` points at), found from this file's location, never from the current
 directory: running ``make bench`` from elsewhere must not execute whatever ``benchmarks/`` lies there. Each
 module's ``run()`` returns a dict of named figures; the file also holds this run's ``provenance``. ``BENCH=name1,name2`` runs only those (and updates the
-existing file); benchmarks in ``ON_REQUEST`` (``gpu``: real-size models, minutes on a GPU, hours on a CPU) run
-only when named.
+existing file); benchmarks in ``ON_REQUEST`` (``gpu``: real-size models, minutes on a GPU, hours on a CPU;
+``real``: real-size training step ratios on the CPU, minutes) run only when named.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pipeline.models.device import resolve_device
 log = logging.getLogger(__name__)
 
 BENCHMARKS_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
-ON_REQUEST = frozenset({"gpu"})
+ON_REQUEST = frozenset({"gpu", "real"})
 
 
 def available(directory: Path | None = None) -> dict[str, Path]:
