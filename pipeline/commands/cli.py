@@ -398,7 +398,7 @@ def demo(settings: DemoConfig) -> None:
 
 @app.command()
 def bench(
-    only: Annotated[Optional[str], typer.Option(envvar=env("BENCH"), help="Comma-separated benchmark names (e.g. ingest,train); default all but gpu (real-size models: BENCH=gpu).")] = None,
+    only: Annotated[Optional[str], typer.Option(envvar=env("BENCH"), help="Comma-separated benchmark names (e.g. ingest,train); default all but the real-size ones, gpu and real (BENCH=gpu, BENCH=real).")] = None,
 ) -> None:
     """Run the package's own benchmarks/bench_*.py (not the current directory's) and write MANIFESTS_DIR/bench.json."""
     from pipeline.commands.bench import run_benchmarks
