@@ -12,7 +12,10 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import linalg
+
+from pipeline.core.lazy import lazy_module
+
+linalg = lazy_module("scipy.linalg")  # a quarter second to import: loaded when a distance is computed, not by --help
 
 logger = logging.getLogger(__name__)
 
