@@ -121,7 +121,12 @@ def _partials(layout: Layout, name: str) -> list[str]:
 def test_two_processes_give_one_process_metrics_and_a_killed_rank_resumes(layout, tiny_model_dirs, test_shard,
                                                                         tmp_path, monkeypatch):
     monkeypatch.setattr("tqdm.tqdm.monitor_interval", 0)  # no monitor thread in the process the ranks fork from
-    single = evaluate(_config(tiny_model_dirs, test_shard, "one"), layout)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank: on a CPU the float sums depend on the thread count
+    try:
+        single = evaluate(_config(tiny_model_dirs, test_shard, "one"), layout)
+    finally:
+        torch.set_num_threads(threads)
     assert single["n_images"] == N_IMAGES
     cfg = _config(tiny_model_dirs, test_shard, "two")
     # 1. Rank 1 dies after its first sga batch (torch.multiprocessing then ends rank 0, as torchrun would).
