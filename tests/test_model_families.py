@@ -184,6 +184,74 @@ def test_every_training_mode_steps_on_every_family(family, mode_name, family_dir
         assert any(g is not None and g.abs().sum() > 0 for g in text_grads)
 
 
+# ----------------------------------------------------------------------------- BLIP's ITM loss (issue 24)
+
+
+def test_hard_negatives_follow_the_contrastive_similarity_and_never_the_positive():
+    from pipeline.train.losses import hard_negatives
+
+    count = 6
+    hardest = torch.tensor([(i + 1) % count for i in range(count)])
+    similarity = torch.zeros(count, count)
+    similarity[torch.arange(count), hardest] = 6.0  # one far more similar non-matching column per row (logits)
+    similarity.fill_diagonal_(7.0)  # the positive: the most similar of all, never drawn
+    draws = torch.stack([hard_negatives(similarity, torch.Generator().manual_seed(s)) for s in range(200)])
+    assert not (draws == torch.arange(count)).any()
+    assert (draws == hardest).float().mean() > 0.9  # uniform draws would hit it 1 time in 5
+
+
+def test_itm_pairs_are_the_positives_then_a_negative_image_per_text_and_a_negative_text_per_image():
+    from pipeline.train.losses import itm_pairs
+
+    features = torch.nn.functional.normalize(torch.randn(5, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    images, texts, labels = itm_pairs(features, features, 1 / 0.07, torch.Generator().manual_seed(1))
+    rows = torch.arange(5)
+    assert labels.tolist() == [1] * 5 + [0] * 10
+    assert torch.equal(images[:5], rows) and torch.equal(texts[:5], rows)
+    assert torch.equal(texts[5:10], rows) and not (images[5:10] == rows).any()
+    assert torch.equal(images[10:], rows) and not (texts[10:] == rows).any()
+
+
+@pytest.mark.parametrize("mode_name", ["tecoa", "mat"])
+def test_blip_trains_the_itm_loss_on_the_adversarial_pairs(mode_name, family_dirs, mlm, tiny_captions):
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.loop import train_step
+    from pipeline.train.modes import DualEncoder, build_mode
+
+    torch.manual_seed(0)
+    model = load_model(family_dirs["blip"])
+    cfg = TrainConfig(mode=mode_name, losses=("contrastive", "itm"))
+    mode = build_mode(cfg, model, mlm if mode_name == "mat" else None)
+    mode.prepare(model.model)
+    net = DualEncoder(model).train()
+    seen = []
+    forward = net.forward
+    net.forward = lambda **kw: seen.append(kw) or forward(**kw)
+    clean = _images(model)
+    row = train_step(net, mode, [{"images": clean, "texts": tiny_captions[:4]}], bf16=False, device=torch.device("cpu"))
+    assert row["itm"] == row["itm"] and row["itm"] > 0 and row["contrastive"] > 0
+    assert seen[-1]["itm"] and not torch.equal(seen[-1]["pixels01"], clean)  # matched on the attacked images
+    head = [p.grad for name, p in model.model.named_parameters() if name.startswith("itm_head")]
+    assert all(g is not None and g.abs().sum() > 0 for g in head) == (mode_name == "mat")  # TeCoA: image tower only
+    image_grads = [p.grad for _, p in model.tower_parameters("image")]
+    assert any(g is not None and g.abs().sum() > 0 for g in image_grads)
+
+
+def test_the_itm_loss_is_refused_where_it_cannot_run(family_dirs):
+    from pipeline.study.run import train_settings
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.modes import build_mode
+
+    with pytest.raises(ValueError, match="matching head"):
+        build_mode(TrainConfig(mode="ft", losses=("contrastive", "itm")), load_model(family_dirs["clip"]))
+    with pytest.raises(ValueError, match="contrastive loss is always trained"):
+        TrainConfig(mode="ft", losses=("itm",))
+    with pytest.raises(ValueError, match="fare"):
+        TrainConfig(mode="fare", losses=("contrastive", "itm"))
+    # the default keeps the study's fingerprints of units trained before `losses` existed
+    assert "losses" not in train_settings(TrainConfig()) and "losses" in train_settings(TrainConfig(losses=("contrastive", "itm")))
+
+
 # --------------------------------------------------------------------------------------------- evaluation
 
 

@@ -96,12 +96,15 @@ class BLIPBundle(ImageTextModel):
             super().itm_scores(pixels01, texts)
         if len(pixels01) != len(texts):
             raise ValueError(f"{len(pixels01)} images for {len(texts)} texts: itm_scores takes aligned pairs")
-        tokens = self.image_tokens(pixels01)
-        batch = self.tokenize(texts)
-        mask = torch.ones(tokens.shape[:-1], dtype=torch.long, device=tokens.device)
-        out = self.model.text_encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                      encoder_hidden_states=tokens, encoder_attention_mask=mask)
-        return self.model.itm_head(out.last_hidden_state[:, 0, :])[:, 1]
+        return self.itm_logits(self.image_tokens(pixels01), self.tokenize(texts))[:, 1]
+
+    def itm_logits(self, image_tokens: torch.Tensor, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The ITM head's (no match, match) logits [N, 2] of aligned rows: image tokens [N, P, H] (from
+        :meth:`image_tokens`) and tokenized texts; differentiable (training's ITM loss)."""
+        mask = torch.ones(image_tokens.shape[:-1], dtype=torch.long, device=image_tokens.device)
+        out = self.model.text_encoder(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+                                      encoder_hidden_states=image_tokens, encoder_attention_mask=mask)
+        return self.model.itm_head(out.last_hidden_state[:, 0, :])
 
     def image_processor(self) -> BlipImageProcessor:
         size = self.image_size

@@ -152,6 +152,8 @@ def train_settings(tcfg: Any) -> dict[str, Any]:
 
     settings = {k: v for k, v in to_dict(dataclasses.replace(tcfg, **UNFINGERPRINTED)).items()
                 if k not in ("run_dir", "device")}
+    if tuple(tcfg.losses) == ("contrastive",):  # units fingerprinted before `losses` existed trained exactly this
+        settings.pop("losses")
     legacy = TrainAttackConfig(text=BERTAttack(variant="fast"))
     attacks_texts = "mlm" in TRAIN_MODES.get(tcfg.mode).needs
     if tcfg.attack == legacy or (not attacks_texts and dataclasses.replace(tcfg.attack, text=legacy.text) == legacy):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pipeline.train.registry import MODES
 from pipeline.attacks.bert_attack import BERTAttack
 from pipeline.attacks.pgd import PGD
-from pipeline.core.config import check_choice, check_device, check_non_negative, check_positive, check_range, option, DATASET_OPTION
+from pipeline.core.config import check_choice, check_choices, check_device, check_non_negative, check_positive, check_range, option, DATASET_OPTION
 from pipeline.core.paths import plain_name
 from pipeline.core.tracking import check_reporters, parse_report_to
 
@@ -32,6 +32,8 @@ CAPTIONS = ("primary", "all")
 # none: the evaluation's preprocessing (resize + centre crop); rrc: open_clip's training RandomResizedCrop.
 AUGMENTS = ("none", "rrc")
 RESUME = ("auto", "latest", "never")
+# contrastive: symmetric InfoNCE; itm: BLIP / ALBEF's image-text matching on hard negatives (BLIP models only)
+LOSSES = ("contrastive", "itm")
 PRECISION_HELP = ("auto (bf16 where the hardware runs it natively: CUDA with bf16, a CPU with AVX512-BF16/AMX; "
                   "else fp32), bf16 (autocast) or fp32")
 DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps"
@@ -132,6 +134,7 @@ class TrainConfig:
     device: str = field(default="auto", metadata=option("DEVICE", DEVICE_HELP + "."))
     report_to: tuple[str, ...] = field(default=("tensorboard",), metadata=option("REPORT_TO", REPORT_TO_HELP + ".", parse=parse_report_to))
     wandb_mode: str = field(default="offline", metadata=option("WANDB_MODE", WANDB_MODE_HELP + "."))
+    losses: tuple[str, ...] = field(default=("contrastive",), metadata=option("LOSSES", "Loss terms on the (adversarial) pairs: contrastive, and itm for BLIP's image-text matching with hard negatives mined from the contrastive similarities (BLIP's recipe: contrastive,itm)."))
     optim: OptimConfig = field(default_factory=OptimConfig)
     attack: TrainAttackConfig = field(default_factory=TrainAttackConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -144,6 +147,11 @@ class TrainConfig:
         check_choice("resume", self.resume, RESUME)
         check_device("device", self.device)
         check_reporters(self.report_to, self.wandb_mode)
+        check_choices("losses", self.losses, LOSSES)
+        if "contrastive" not in self.losses:
+            raise ValueError(f"losses={','.join(self.losses)}: the contrastive loss is always trained (add itm to it)")
+        if self.mode == "fare" and "itm" in self.losses:
+            raise ValueError("losses=itm: fare trains the image embedding alone (its own loss), with no pairs to match")
         mode = MODES.get(self.mode)
         if not self.data.stages and mode.default("stages"):
             dataclasses.replace(self.data, stages=mode.default("stages"))  # checks captions='all' against them

@@ -37,6 +37,29 @@ class ClipLoss(nn.Module):
         return {"contrastive": info_nce(gather_features(image_features), gather_features(text_features), logit_scale)}
 
 
+def hard_negatives(similarity: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """For each row i, a column j != i drawn with probability softmax(similarity[i]) over the others: the hard
+    negatives BLIP and ALBEF mine from the contrastive logits (ALBEF adds 1e-4 to the weights, so a row whose
+    others all have weight ~0 still draws one)."""
+    weights = similarity.detach().float().softmax(dim=1) + 1e-4
+    weights.fill_diagonal_(0)
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+
+
+def itm_pairs(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor | float,
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row indices (images, texts) of BLIP's 3B matching pairs and their labels: the B positives (i, i), then
+    each text with a hard negative image, then each image with a hard negative text; label 1 = match. The
+    similarities are the contrastive logits (cosine / temperature), as BLIP and ALBEF mine them."""
+    similarity = logit_scale * image_features @ text_features.t()
+    count = similarity.shape[0]
+    rows = torch.arange(count, device=similarity.device)
+    images = torch.cat([rows, hard_negatives(similarity.t(), generator), rows])
+    texts = torch.cat([rows, rows, hard_negatives(similarity, generator)])
+    labels = torch.cat([torch.ones(count, dtype=torch.long), torch.zeros(2 * count, dtype=torch.long)])
+    return images, texts, labels.to(similarity.device)
+
+
 class FareLoss(nn.Module):
     """FARE (Schlarmann et al. 2024): squared L2 between the adversarial image embedding and the frozen
     original model's embedding of the clean image, summed over dimensions, averaged over the batch."""

@@ -40,10 +40,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from pipeline.attacks import image_similarity_goal
 from pipeline.train.config import TrainConfig
-from pipeline.train.losses import ClipLoss, FareLoss, info_nce
+from pipeline.train.losses import ClipLoss, FareLoss, info_nce, itm_pairs
 from pipeline.train.registry import MODES
 
 if TYPE_CHECKING:  # type hints only: importing transformers here would slow every command's start
@@ -62,9 +63,19 @@ class DualEncoder(nn.Module):
         self.bundle = bundle
 
     def forward(
-        self, pixels01: torch.Tensor | None = None, tokens: dict[str, torch.Tensor] | None = None, raw: bool = False
+        self, pixels01: torch.Tensor | None = None, tokens: dict[str, torch.Tensor] | None = None, raw: bool = False,
+        itm: bool = False,
     ) -> dict[str, torch.Tensor]:
         out = {"logit_scale": self.bundle.logit_scale}
+        if itm:  # BLIP: the image tokens serve both the contrastive features and the matching head
+            image_tokens = self.bundle.image_tokens(pixels01)
+            out["image"] = F.normalize(self.bundle.model.vision_proj(image_tokens[:, 0, :]), dim=-1)
+            out["text"] = self.bundle.encode_texts(tokens)
+            images, texts, out["itm_labels"] = itm_pairs(out["image"].detach(), out["text"].detach(),
+                                                         out["logit_scale"].detach())
+            pairs = {key: value[texts] for key, value in tokens.items()}
+            out["itm_logits"] = self.bundle.itm_logits(image_tokens[images], pairs)
+            return out
         if pixels01 is not None:
             out["image"] = self.bundle.image_features(pixels01) if raw else self.bundle.encode_images(pixels01)
         if tokens is not None:
@@ -107,9 +118,14 @@ class Mode:
         return self._timed("image_attack", lambda: attack(images, loss_fn).detach())
 
     def _contrastive(self, net: nn.Module, images: torch.Tensor, texts: list[str]) -> Terms:
-        out = net(pixels01=images, tokens=self.clip.tokenize(texts))
+        """The pair losses of `cfg.losses` on (images, texts): InfoNCE, and BLIP's ITM with hard negatives."""
+        itm = "itm" in self.cfg.losses
+        out = net(pixels01=images, tokens=self.clip.tokenize(texts), itm=itm)
         text = out["text"] if self.trains_text else out["text"].detach()
-        return self.clip_loss(out["image"], text, out["logit_scale"])
+        terms = self.clip_loss(out["image"], text, out["logit_scale"])
+        if itm:
+            terms["itm"] = F.cross_entropy(out["itm_logits"].float(), out["itm_labels"])
+        return terms
 
     def _text_features(self, texts: list[str]) -> torch.Tensor:
         with torch.no_grad():
@@ -207,4 +223,7 @@ class MATPlus(MAT):
 
 
 def build_mode(cfg: TrainConfig, clip: CLIPBundle, mlm: MLMBundle | None = None) -> Mode:
+    if "itm" in cfg.losses and not clip.has_itm:
+        raise ValueError(f"losses={','.join(cfg.losses)}: the ITM loss needs an image-text matching head, which "
+                         f"{clip.family} models have not (a BLIP retrieval model has one)")
     return MODES.load(cfg.mode)(cfg, clip, mlm)
