@@ -33,7 +33,7 @@ from pipeline.core.images import decode_rgb
 from pipeline.core.metrics import FeatureStats, MahalanobisReference, RunningGaussian
 from pipeline.core.paths import Layout
 from pipeline.core.schema import base_record
-from pipeline.models.errors import ModelNotFoundError, looks_like_path, missing_folder
+from pipeline.models.errors import ModelNotFoundError, check_local
 
 log = logging.getLogger(__name__)
 
@@ -341,8 +341,7 @@ def load_scorer(spec: str | None, dataset: str, layout: Layout, **options: Any) 
             return None  # the caller says scoring was skipped and how to enable it
         spec = str(default)
     local = Path(spec).expanduser()
-    if looks_like_path(spec) and not local.is_dir():
-        raise missing_folder(spec, "scorer")
+    check_local(spec, "scorer")
     if local.is_dir() and not (local / "config.json").exists():
         raise ModelNotFoundError(f"scorer {spec!r} is not a model directory (no config.json): "
                                   "pass SCORER=<save_pretrained dir or hub id>, or run `make pretrain`")

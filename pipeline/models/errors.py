@@ -32,6 +32,15 @@ def looks_like_path(spec: str) -> bool:
     return bool(sep) and Path(head).is_dir()
 
 
+def check_local(spec: str, what: str = "model") -> bool:
+    """Whether ``spec`` means a local folder (:func:`looks_like_path`); when it does and no folder is there,
+    ModelNotFoundError at once (:func:`missing_folder`), before any hub request."""
+    local = looks_like_path(spec)
+    if local and not Path(str(spec)).expanduser().is_dir():
+        raise missing_folder(spec, what)
+    return local
+
+
 def missing_folder(spec: str, what: str = "model") -> ModelNotFoundError:
     """The error for a spec meant as a folder that is not one: it names the spec and, for a path with nothing
     there, what the nearest existing folder above it holds (the run or model folder meant is often among them)."""

@@ -45,7 +45,7 @@ from transformers import (
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import __version__ as TRANSFORMERS_VERSION
 
-from pipeline.models.errors import ModelNotFoundError, looks_like_path, missing_folder
+from pipeline.models.errors import ModelNotFoundError, check_local
 from pipeline.models.vocab import learn_merges
 from pipeline.models.base import ImageTextModel
 from pipeline.core.ledger import own_tree
@@ -294,9 +294,7 @@ def _loading(name: str) -> Iterator[dict[str, Any]]:
 
     The global CPU RNG is left as it was: transformers 4.x draws from it while loading (5.x does not), which
     would shift every later random draw of a seeded run."""
-    looks_local = looks_like_path(name)
-    if looks_local and not Path(name).expanduser().is_dir():
-        raise missing_folder(name)
+    looks_local = check_local(name)
     kwargs = {"local_files_only": looks_local or _hub_offline()}
     try:
         with torch.random.fork_rng(devices=[]):

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from pipeline.models.base import ImageTextModel
-from pipeline.models.errors import looks_like_path, missing_folder
+from pipeline.models.errors import check_local
 from pipeline.models.hf import _loading, load_clip
 from pipeline.models.openclip import CONFIG_FILE, PREFIX, load_open_clip
 
@@ -58,8 +58,8 @@ def check_model_spec(spec: str | Path) -> str:
     """``spec``, unless it means a local folder (:func:`pipeline.models.errors.looks_like_path`) that is not there:
     then ModelNotFoundError at once, naming it, before any hub request. What runs load checks them first."""
     spec = str(spec)
-    if not spec.startswith(PREFIX) and looks_like_path(spec) and not Path(spec).expanduser().is_dir():
-        raise missing_folder(spec)
+    if not spec.startswith(PREFIX):
+        check_local(spec)
     return spec
 
 
