@@ -81,7 +81,11 @@ class BLIPBundle(ImageTextModel):
         return self.model.vision_model(pixel_values=pixels).last_hidden_state
 
     def image_features(self, pixels01: torch.Tensor) -> torch.Tensor:
-        return self.model.vision_proj(self.image_tokens(pixels01)[:, 0, :])
+        return self.project_image_tokens(self.image_tokens(pixels01))
+
+    def project_image_tokens(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """The contrastive image features of :meth:`image_tokens`' output: ``vision_proj`` of the CLS token."""
+        return self.model.vision_proj(image_tokens[:, 0, :])
 
     def text_features(self, texts: list[str] | dict[str, torch.Tensor]) -> torch.Tensor:
         batch = self._features(texts)

@@ -69,7 +69,7 @@ class DualEncoder(nn.Module):
         out = {"logit_scale": self.bundle.logit_scale}
         if itm:  # BLIP: the image tokens serve both the contrastive features and the matching head
             image_tokens = self.bundle.image_tokens(pixels01)
-            out["image"] = F.normalize(self.bundle.model.vision_proj(image_tokens[:, 0, :]), dim=-1)
+            out["image"] = F.normalize(self.bundle.project_image_tokens(image_tokens), dim=-1)
             out["text"] = self.bundle.encode_texts(tokens)
             images, texts, out["itm_labels"] = itm_pairs(out["image"].detach(), out["text"].detach(),
                                                          out["logit_scale"].detach())
