@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.evaluation.evaluate import DEFAULT_ATTACKS, EvalConfig, attacked_embeddings, embed, load_test_set
+from pipeline.evaluation.config import DEFAULT_ATTACKS
+from pipeline.evaluation.evaluate import EvalConfig, attacked_embeddings, embed, load_test_set
 from pipeline.data.ingest import IngestConfig, run_ingest
 from pipeline.models.device import autocast
 from pipeline.models.hf import build_clip, build_mlm, train_tokenizers

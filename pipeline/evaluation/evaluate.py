@@ -84,7 +84,7 @@ from pipeline.core.shards import require_shards
 from pipeline.core.config import check_choice, check_device, check_positive, save_config
 from pipeline.core.fileio import atomic_write_json
 from pipeline.core.provenance import PROVENANCE_KEY, provenance
-from pipeline.evaluation.config import DEFAULT_ATTACKS, EvalConfig  # noqa: F401  (EvalConfig: its settings)
+from pipeline.evaluation.config import EvalConfig
 from pipeline.train.distributed import DistEnv, barrier, broadcast_from_main, gather_to_main, init_distributed
 
 if TYPE_CHECKING:  # type hints only: transformers loads when a model does, not with the CLI
@@ -192,8 +192,8 @@ def resolve_checkpoint(checkpoint: str) -> tuple[str, str, str]:
     path = Path(checkpoint)
     if (path / "clip").is_dir():  # a training run
         return str(path / "clip"), path.name, _run_config(path).get("mode", path.name)
-    if path.name == "clip" and _run_config(path.parent):  # a training run's clip/
-        return str(checkpoint), path.parent.name, _run_config(path.parent)["mode"]
+    if path.name == "clip" and (run := _run_config(path.parent)):  # a training run's clip/
+        return str(checkpoint), path.parent.name, run["mode"]
     if checkpoint.startswith(OPEN_CLIP_PREFIX):
         parts = checkpoint[len(OPEN_CLIP_PREFIX):].split(":")
         name = "-".join(part.rsplit("/", 1)[-1] for part in parts if part and part != "hf-hub")
@@ -207,8 +207,8 @@ def model_dataset(checkpoint: str, layout: Layout) -> str | None:
     MODELS_DIR/<dataset>/clip (`make pretrain`'s); None for anything else (a hub id, another folder)."""
     path = Path(checkpoint).expanduser()
     for run in (path, path.parent if path.name == "clip" else None):
-        if run is not None and (run / "clip").is_dir() and _run_config(run).get("dataset"):
-            return str(_run_config(run)["dataset"])
+        if run is not None and (run / "clip").is_dir() and (dataset := _run_config(run).get("dataset")):
+            return str(dataset)
     if path.name == "clip" and path.parent.parent.resolve() == Path(layout.models_dir).resolve():
         return path.parent.name
     return None

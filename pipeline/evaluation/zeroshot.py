@@ -1,9 +1,10 @@
 """`make eval-zeroshot`: zero-shot classification, clean and under L-inf image attacks (TeCoA's / FARE's metric).
 
-Protocol: each class name is put into every prompt template (:data:`TEMPLATES`), the prompts are embedded, their
-L2-normalised embeddings averaged per class and normalised again (CLIP's prompt ensembling, Radford et al. 2021);
-an image's logits are ``logit_scale * cos(image, class)``; accuracy = share of images whose top logit is their
-class. Robust accuracy: the same on adversarial images, crafted against this classifier (white-box):
+Protocol: each class name is put into every prompt template (``TEMPLATES`` in pipeline/evaluation/config.py), the
+prompts are embedded, their L2-normalised embeddings averaged per class and normalised again (CLIP's prompt
+ensembling, Radford et al. 2021); an image's logits are ``logit_scale * cos(image, class)``; accuracy = share of
+images whose top logit is their class. Robust accuracy: the same on adversarial images, crafted against this
+classifier (white-box):
 
 * PGD on the cross-entropy, eps 1/255, 2/255 and 4/255 (L-inf on [0, 1] pixels), random start, signed steps of
   eps / 4, ``pgd_steps`` steps (default 100). The papers' settings: TeCoA (Mao et al., "Understanding Zero-Shot
@@ -46,7 +47,7 @@ from pipeline.core.config import check_choice, check_positive
 from pipeline.core.fileio import atomic_write_bytes, atomic_write_json
 from pipeline.core.paths import Layout, as_plain_name
 from pipeline.core.provenance import PROVENANCE_KEY, provenance
-from pipeline.evaluation.config import EPS, SYNTH_LABELS, TEMPLATES, ZeroShotConfig  # noqa: F401
+from pipeline.evaluation.config import SYNTH_LABELS, ZeroShotConfig
 
 log = logging.getLogger(__name__)
 
