@@ -61,13 +61,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pipeline.core.lazy import lazy_module, no_grad
-
-torch = lazy_module("torch")  # imported on first use: the CLI reads these settings without torch
-
 from pipeline.core.config import option
 from pipeline.attacks.base import MultimodalAttack, check_positive, kl_drift
 from pipeline.attacks.text_parts import (FILTER_WORDS, STOP_WORDS, Caption, TokenEditor, embed_ids, piece_combinations,
                                         reference_ids, view_embed)
+
+torch = lazy_module("torch")  # imported on first use: the CLI reads these settings without torch
 
 if TYPE_CHECKING:  # type hints only: importing transformers here would slow every command's start
     from pipeline.models.hf import CLIPBundle, MLMBundle

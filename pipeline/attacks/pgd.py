@@ -33,9 +33,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pipeline.core.lazy import lazy_module
-
-torch = lazy_module("torch")  # imported on first use: the CLI reads these settings without torch
-
 from pipeline.core.config import option
 from pipeline.attacks.base import (
     MultimodalAttack,
@@ -44,6 +41,8 @@ from pipeline.attacks.base import (
     make_generator,
     pair_similarity_loss,
 )
+
+torch = lazy_module("torch")  # imported on first use: the CLI reads these settings without torch
 
 if TYPE_CHECKING:  # type hints only: importing transformers here would slow every command's start
     from pipeline.models.hf import CLIPBundle, MLMBundle

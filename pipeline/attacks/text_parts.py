@@ -25,10 +25,9 @@ import re
 from dataclasses import dataclass, field
 
 from pipeline.core.lazy import lazy_module
+from pipeline.attacks.base import embed_texts
 
 torch = lazy_module("torch")  # imported on first use: the CLI reads these settings without torch
-
-from pipeline.attacks.base import embed_texts
 
 if TYPE_CHECKING:  # type hints only: importing transformers here would slow every command's start
     from pipeline.models.hf import CLIPBundle, MLMBundle

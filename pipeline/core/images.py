@@ -16,10 +16,11 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image, ImageFile
+
 from pipeline.core.lazy import lazy_module
 
 torch = lazy_module("torch")  # loaded on first use, not by the CLI's settings
-from PIL import Image, ImageFile
 
 # Refuse to decode more than this many pixels (a decompression-bomb guard); a record over it is skipped.
 DEFAULT_MAX_PIXELS = 64_000_000

@@ -29,13 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.lazy import lazy_module
-
-wds = lazy_module("webdataset")  # imports torch: loaded on first use, not by the CLI's settings
-
 from pipeline.core.fileio import sha256_file
+from pipeline.core.lazy import lazy_module
 from pipeline.core.paths import plain_name, sizes_path
 from pipeline.core.shards import ShardError, read_stats, read_tar, read_tar_bytes
+
+wds = lazy_module("webdataset")  # imports torch: loaded on first use, not by the CLI's settings
 
 BASE_FOLDER = "base"
 _BASE_SEGMENT = re.compile(rf"(?<=/){BASE_FOLDER}(?=/[^/\s]+\.tar\b)")

@@ -17,12 +17,11 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 from pipeline.core.lazy import lazy_module
+from pipeline.core.paths import sizes_path
 
 wds = lazy_module("webdataset")  # imports torch: loaded on first use, not by the CLI's settings
-
-from pipeline.core.fileio import atomic_write_bytes, atomic_write_json, sha256_file
-from pipeline.core.paths import sizes_path
 
 log = logging.getLogger(__name__)
 
