@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pipeline.train.registry import MODES
 from pipeline.attacks.bert_attack import BERTAttack
 from pipeline.attacks.pgd import PGD
-from pipeline.core.config import check_choice, check_choices, check_device, check_non_negative, check_positive, check_range, option, DATASET_OPTION
+from pipeline.core.config import check_choice, check_choices, check_device, check_non_negative, check_positive, check_range, option, DATASET_OPTION, DEVICE_CHOICES
 from pipeline.core.paths import plain_name
 from pipeline.core.tracking import check_reporters, parse_report_to
 
@@ -36,7 +36,7 @@ RESUME = ("auto", "latest", "never")
 LOSSES = ("contrastive", "itm")
 PRECISION_HELP = ("auto (bf16 where the hardware runs it natively: CUDA with bf16, a CPU with AVX512-BF16/AMX; "
                   "else fp32), bf16 (autocast) or fp32")
-DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps"
+DEVICE_HELP = f"One of {DEVICE_CHOICES}"
 REPORT_TO_HELP = "Trackers: tensorboard, wandb, both comma-separated, or none"
 WANDB_MODE_HELP = "W&B mode: offline (no network needed; `wandb sync` later), online or disabled"
 
