@@ -223,7 +223,7 @@ class PlanRunner:
     def __init__(self, units: list[Unit], layout: Layout, dataset: str, echo: Callable[[str], None] = log.info) -> None:
         self.units, self.echo = units, echo
         self.records = layout.study_dir(dataset) / "units"
-        self.records.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.records)
         self.stamps, self.status = Stamps(layout, dataset), {}
         self.start, self.spent = time.perf_counter(), {}  # kind -> [cost, seconds] of the units run by this call
         self.reported = 0
