@@ -23,7 +23,6 @@ attack's cost at real size, not a prediction of a trained pair's exact share.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import sys
 import time
@@ -33,6 +32,7 @@ from typing import Any
 
 import torch
 
+from pipeline.commands.bench import load_benchmark
 from pipeline.train.config import TrainConfig
 from pipeline.train.loop import train_step
 from pipeline.train.modes import DualEncoder, build_mode
@@ -45,14 +45,11 @@ BATCH = 8
 
 def bench_gpu() -> ModuleType:
     """The sibling `bench_gpu.py` (its sizes and model builders), loaded as `make bench` loads benchmarks."""
-    name, path = "_mat_benchmarks.bench_gpu", Path(__file__).with_name("bench_gpu.py")
-    loaded = sys.modules.get(name)
+    path = Path(__file__).with_name("bench_gpu.py")
+    loaded = sys.modules.get("_mat_benchmarks.bench_gpu")
     if loaded is None or Path(getattr(loaded, "__file__", "")) != path:  # not another folder's bench_gpu
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+        loaded = load_benchmark("gpu", path)
+    return loaded
 
 
 def step_seconds(size: str = "real", batch: int = BATCH, repeats: int = 3) -> dict[str, Any]:

@@ -57,24 +57,19 @@ def _available_gb() -> float:
 def _cpu() -> str:
     import torch
 
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor()
+    from pipeline.models.device import cpu_info
+
+    model = cpu_info().get("model name") or platform.processor()
     return f"{model} ({torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores)"
 
 
 def build(what: str, models: Path) -> None:
     """Build and save real-size models (run in a subprocess of its own: its memory is returned at exit)."""
-    import importlib.util
-
     import torch
 
-    spec = importlib.util.spec_from_file_location("_mat_benchmarks.bench_gpu", BENCHMARKS / "bench_gpu.py")
-    gpu = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = gpu
-    spec.loader.exec_module(gpu)
+    from pipeline.commands.bench import load_benchmark
+
+    gpu = load_benchmark("gpu", BENCHMARKS / "bench_gpu.py")
     size = gpu.SIZES["real"]
     done = {"clip-mlm": models / DATASET / "mlm", "sd": models / "sd", "internvl": models / "internvl"}.get(what)
     if done is not None and ((done / "config.json").exists() or (done / "model_index.json").exists()):

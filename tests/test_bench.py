@@ -92,7 +92,7 @@ def test_the_real_benchmarks_folder_is_the_checkout_one():
 
 @pytest.mark.slow
 def test_real_bench_runs_the_three_modes_interleaved_at_tiny_size():
-    module = bench._load("real", bench.available()["real"])
+    module = bench.load_benchmark("real", bench.available()["real"])
     measured = module.step_seconds("tiny", batch=2, repeats=1)
     assert set(measured["steps"]) == {"ft", "tecoa", "mat"}
     assert all(math.isfinite(s) and s > 0 for s in measured["steps"].values())
@@ -102,7 +102,7 @@ def test_real_bench_runs_the_three_modes_interleaved_at_tiny_size():
 @pytest.mark.slow
 def test_gpu_bench_at_tiny_size_reports_every_figure(monkeypatch):
     monkeypatch.setenv("MAT_GPU_BENCH_SIZE", "tiny")
-    module = bench._load("gpu", bench.available()["gpu"])
+    module = bench.load_benchmark("gpu", bench.available()["gpu"])
     figures = module.run()
     expected = set(module.expected_figures())
     assert expected <= figures.keys(), sorted(expected - figures.keys())

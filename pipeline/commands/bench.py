@@ -50,7 +50,9 @@ def select(names: dict[str, Path], only: str | None) -> list[str]:
     return wanted
 
 
-def _load(name: str, path: Path) -> Any:
+def load_benchmark(name: str, path: Path) -> Any:
+    """The benchmark file `path` as the module `_mat_benchmarks.bench_<name>` (also for one benchmark using another's
+    builders)."""
     module_name = f"_mat_benchmarks.bench_{name}"  # private: never shadows or reuses an importable module
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
@@ -68,7 +70,7 @@ def run_benchmarks(output: Path, only: str | None = None, directory: Path | None
         log.info("benchmark %s ...", name)
         started = time.perf_counter()
         try:
-            results = _load(name, names[name]).run()
+            results = load_benchmark(name, names[name]).run()
         except Exception as error:  # one broken benchmark must not hide the others' figures
             log.exception("benchmark %s failed", name)
             results = {f"{name}_error": f"{type(error).__name__}: {error}"}
