@@ -15,6 +15,8 @@ class Recorder:
         self.layout, self.fail = layout, fail
 
     def __call__(self, argv: list[str]) -> int:
+        assert argv[:2] == ["--threads", "1"]  # every phase at one torch thread: the same numbers on any machine
+        argv = argv[2:]
         self.calls.append(argv)
         if argv[0] == "study":
             path = self.layout.dataset_manifests("synth") / "study" / "report.md"
@@ -41,6 +43,7 @@ def test_phases_run_in_order_with_the_budgets(tmp_path):
     assert [_option(study, o) for o in ("--modes", "--steps", "--eval-size", "--attacks", "--stages", "--seeds")] == \
         ["ft,mat", "3", "20", "pgd", "eda", "2"]
     assert _option(study, "--combos") == "none"  # one MAT+ cell per stage, no N:N cell: the demo's budget
+    assert [_option(study, o) for o in ("--parallel", "--unit-threads")] == [str(cfg.parallel), "1"]
     assert any("generative stages skipped" in line and "I2T_MODEL" in line for line in lines)
     assert markdown == "| model |\n"
 
@@ -57,11 +60,20 @@ def test_the_study_command_accepts_the_demo_options(tmp_path, monkeypatch):
     layout = Layout(tmp_path / "s", tmp_path / "m", tmp_path / "r", tmp_path / "models")
     run = Recorder(layout)
     run_demo(DemoConfig(train_steps=4, stages=("eda", "randaug")), run, layout, echo=lambda line: None)
-    result = CliRunner().invoke(app, run.calls[-1])
+    import torch
+
+    threads = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the CLI sets it: put back as it was after the test
+    try:
+        result = CliRunner().invoke(app, ["--threads", "1", *run.calls[-1]])
+        assert torch.get_num_threads() == 1  # the global --threads reached torch
+    finally:
+        torch.set_num_threads(threads)
     assert result.exit_code == 0, result.output
     cfg = seen["cfg"]
     assert (cfg.steps, cfg.stages, cfg.combos, cfg.eval_size, cfg.modes) == (4, ("eda", "randaug"), (), DemoConfig().eval_size,
                                                                           ("ft", "tecoa", "mat", "matplus"))
+    assert (cfg.parallel, cfg.unit_threads) == (DemoConfig().parallel, 1)
 
 
 def test_a_failed_phase_stops_the_demo_but_stats_is_optional(tmp_path):
@@ -73,7 +85,7 @@ def test_a_failed_phase_stops_the_demo_but_stats_is_optional(tmp_path):
         run_demo(DemoConfig(modes=("ft",)), Recorder(layout, fail="study"), layout, echo=lines.append)
 
 
-@pytest.mark.parametrize("change", [{"size": 0}, {"train_steps": 0}, {"modes": ()}, {"seeds": 0}])
+@pytest.mark.parametrize("change", [{"size": 0}, {"train_steps": 0}, {"modes": ()}, {"seeds": 0}, {"parallel": 0}])
 def test_bad_config_raises(change):
     with pytest.raises(ValueError):
         DemoConfig(**change)

@@ -84,8 +84,14 @@ def main_options(
     manifests_dir: Annotated[Path, typer.Option(envvar=env("MANIFESTS_DIR"), help="Where manifests, stats, filters and reports go.")] = Path("manifests"),
     runs_dir: Annotated[Path, typer.Option(envvar=env("RUNS_DIR"), help="Where training runs (checkpoints, logs) go.")] = Path("runs"),
     models_dir: Annotated[Path, typer.Option(envvar=env("MODELS_DIR"), help="Where `pretrain` saves the dataset's CLIP and masked LM.")] = Path("models"),
+    threads: Annotated[Optional[int], typer.Option("--threads", envvar=env("THREADS"), min=1, help="Torch threads of this command (default one per core); a training's or an evaluation's numbers depend on it, so fix it to get the same numbers on another machine.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
+    if threads is not None:  # this process and the ones it starts (augmentation workers set their own share)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        import torch
+
+        torch.set_num_threads(threads)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     global _layout
     _layout = Layout(shards_dir=shards_dir, manifests_dir=manifests_dir, runs_dir=runs_dir, models_dir=models_dir)
@@ -362,7 +368,7 @@ def study(settings: StudyConfig) -> None:
     Output: MANIFESTS_DIR/<dataset>/study/{plan.json, units/, report.md, report.json, augmentation_quality.png};
     rerun the same command after an interruption and the finished units are skipped. Settings: StudyConfig
     (pipeline/study/plan.py)."""
-    from pipeline.study.ray_units import UnitsFailed
+    from pipeline.study.failures import UnitsFailed
     from pipeline.study.run import run_study
 
     try:

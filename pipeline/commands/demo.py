@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pipeline.core.config import check_positive, option
+from pipeline.core.executor import default_workers
 from pipeline.core.paths import Layout
 from stages import STAGES
 
@@ -47,9 +48,12 @@ class DemoConfig:
     stages: tuple[str, ...] = field(default=CPU_STAGES, metadata=option("DEMO_STAGES", "Stages of the augmentation table, one MAT+ cell each.", flag="--stages"))
     seeds: int = field(default=1, metadata=option("DEMO_SEEDS", "Seeds per cell.", flag="--seeds"))
     workers: int = field(default=2, metadata=option("WORKERS", "Augmentation processes."))
+    # Every phase runs at one torch thread (`--threads 1`), so the demo's numbers are the same on any machine of the
+    # same CPU kind; the study runs this many units at a time instead (small models use a second thread poorly).
+    parallel: int = field(default_factory=default_workers, metadata=option("STUDY_PARALLEL", "Study units at a time, each a one-thread process (default one per core).", flag="--parallel"))
 
     def __post_init__(self) -> None:
-        check_positive(self, "size", "pretrain_steps", "train_steps", "eval_size", "seeds", "workers")
+        check_positive(self, "size", "pretrain_steps", "train_steps", "eval_size", "seeds", "workers", "parallel")
         if not self.modes:
             raise ValueError("modes is empty: give at least one training mode")
 
@@ -68,6 +72,7 @@ def run_demo(cfg: DemoConfig, run: Runner, layout: Layout, echo: Callable[[str],
     timings: dict[str, float] = {}
 
     def phase(name: str, argv: list[str], optional: bool = False) -> None:
+        argv = ["--threads", "1", *argv]
         echo(f"== {name}: mat-pipeline {' '.join(argv)}")
         start = time.perf_counter()
         code = run(argv)
@@ -87,7 +92,8 @@ def run_demo(cfg: DemoConfig, run: Runner, layout: Layout, echo: Callable[[str],
     phase("stats", ["stats", *data], optional=True)  # descriptive only: nothing downstream reads it
     phase("study", ["study", *data, "--modes", ",".join(cfg.modes), "--steps", str(cfg.train_steps),
                     "--eval-size", str(cfg.eval_size), "--attacks", ",".join(cfg.attacks),
-                    "--stages", ",".join(cfg.stages), "--combos", "none", "--seeds", str(cfg.seeds)])
+                    "--stages", ",".join(cfg.stages), "--combos", "none", "--seeds", str(cfg.seeds),
+                    "--parallel", str(cfg.parallel), "--unit-threads", "1"])
     echo("\n== phase times: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
          + f"; total {sum(timings.values()) / 60:.1f} min")
     return (layout.study_dir(DATASET) / "report.md").read_text()

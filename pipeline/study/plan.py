@@ -91,6 +91,8 @@ class StudyConfig:
     device: str = field(default="auto", metadata=option("DEVICE", DEVICE_HELP + "."))
     workers: int = field(default=2, metadata=option("WORKERS", "Augmentation processes, for the stages the study makes; with EXECUTOR=ray and no RAY_ADDRESS, the CPUs of the local Ray instance."))
     executor: str = field(default="local", metadata=option("EXECUTOR", "local: the units one after the other in this process | ray: the trainings, then the evaluations, as Ray tasks (one GPU each on CUDA; RAY_ADDRESS, else a local Ray of WORKERS CPUs); the optional ray extra."))
+    parallel: int = field(default=1, metadata=option("STUDY_PARALLEL", "EXECUTOR=local: trainings and evaluations N at a time, each in a worker process of its own (1: one after the other in this process).", flag="--parallel"))
+    unit_threads: int | None = field(default=None, metadata=option("UNIT_THREADS", "Torch threads of each unit in a worker process (default the cores / STUDY_PARALLEL, at least 1); fixed, the numbers are the same on any machine.", flag="--unit-threads"))
     data_workers: int = field(default=2, metadata=option("DATA_WORKERS", "Training loader workers."))
     # --set items for every training cell, as `make train` takes them, e.g. attack.text.variant=fast
     train_set: tuple[str, ...] = ()
@@ -111,6 +113,10 @@ class StudyConfig:
         check_choices("mode_steps", [m for m, _ in self.mode_steps], MODES)
         check_choices("attacks", self.attacks, ATTACKS)
         check_choice("executor", self.executor, EXECUTORS.names())
+        check_positive(self, "parallel", "unit_threads")
+        if self.parallel > 1 and self.executor != "local":
+            raise ValueError(f"parallel={self.parallel} is for executor=local; executor={self.executor!r} runs as many "
+                             "units at a time as it holds")
         if self.executor == "ray" and self.device.startswith("cuda:"):
             raise ValueError(f"device={self.device!r} with executor=ray: Ray gives each unit a GPU of its own; "
                              "use device=cuda or auto")

@@ -42,23 +42,12 @@ import ray
 from ray.exceptions import RayError
 
 from pipeline.core.ray_executor import enter_driver_folder, ensure_ray, pool_size, resources
+from pipeline.study.failures import UnitsFailed, error_line
 from pipeline.study.plan import StudyConfig
 
 log = logging.getLogger(__name__)
 
 PHASES = ("train", "eval")  # the kinds that run as tasks, in this order; the others run in the driver
-
-
-class UnitsFailed(RuntimeError):
-    """Units whose tasks failed (name -> error), and the evaluations not run because their training failed."""
-
-    def __init__(self, failed: dict[str, str], blocked: list[str]) -> None:
-        self.failed, self.blocked = failed, blocked
-        lines = [f"{len(failed)} unit(s) failed: " + "; ".join(f"{name} ({error})" for name, error in failed.items())]
-        if blocked:
-            lines.append(f"not run, their training failed: {', '.join(blocked)}")
-        lines.append("rerun the same command to redo only these (finished units are kept)")
-        super().__init__("\n".join(lines))
 
 
 def uses_cuda(device: str, cluster: dict[str, float]) -> bool:
@@ -73,13 +62,6 @@ def _execute(run: Callable[[], Any], driver_cwd: str, threads: int) -> float:
     start = time.perf_counter()
     run()
     return time.perf_counter() - start
-
-
-def _error_line(error: Exception) -> str:
-    cause = getattr(error, "cause", None)
-    if isinstance(cause, BaseException):
-        return f"{type(cause).__name__}: {cause}".splitlines()[0]
-    return (str(error).strip().splitlines() or [type(error).__name__])[-1]
 
 
 class _Tasks:
@@ -155,7 +137,7 @@ def _phase(runner: Any, batch: list[Any], later: list[Any], tasks: _Tasks, faile
             try:
                 seconds = ray.get(ref)
             except RayError as error:
-                failed[unit.name] = _error_line(error)
+                failed[unit.name] = error_line(error)
                 runner.status[unit.name] = "failed"
                 log.error("%s failed on Ray:\n%s", unit.name, getattr(error, "traceback_str", None) or error)
                 seconds = time.perf_counter() - submitted  # queued and run

@@ -302,8 +302,19 @@ def _time_left(units: list[Unit], spent: dict[str, list[float]], parallel: int =
 
 
 def _run_units(units: list[Unit], layout: Layout, cfg: StudyConfig, echo: Callable[[str], None]) -> dict[str, str]:
-    """Run the units with the study's executor: `local` in this process, `ray` as Ray tasks."""
+    """Run the units with the study's executor: `local` in this process (or in `parallel` worker processes),
+    `ray` as Ray tasks."""
+    if cfg.executor == "local" and cfg.parallel > 1:
+        from pipeline.core.executor import default_workers
+        from pipeline.study.process_units import run_plan_processes
+
+        threads = cfg.unit_threads or max(1, default_workers() // cfg.parallel)
+        return run_plan_processes(PlanRunner(units, layout, cfg.dataset, echo), cfg.parallel, threads)
     if cfg.executor == "local":
+        if cfg.unit_threads:
+            import torch
+
+            torch.set_num_threads(cfg.unit_threads)
         return run_plan(units, layout, cfg.dataset, echo)
     try:
         from pipeline.study.ray_units import run_plan_ray
