@@ -66,6 +66,12 @@ def _write(path: str) -> None:
     Path(path).write_text("made\n")
 
 
+def _evaluate(model: str, path: str) -> None:
+    if not Path(model).is_file():
+        raise RuntimeError("evaluated before its training ended")
+    _write(path)
+
+
 def _planted_failure() -> None:
     raise RuntimeError("planted failure")
 
@@ -83,11 +89,11 @@ def test_a_failed_unit_fails_the_study_and_a_rerun_redoes_only_it(tmp_path):
                 Unit("train-b", "train", {"seed": 1}, out["b"],
                      run=_planted_failure if b_fails else functools.partial(_write, str(out["b"]))),
                 *(Unit(f"eval-{n}", "eval", {}, evals[n], inputs={"clip": str(out[n])},
-                       run=functools.partial(_write, str(evals[n]))) for n in ("a", "b"))]
+                       run=functools.partial(_evaluate, str(out[n]), str(evals[n]))) for n in ("a", "b"))]
 
     lines: list[str] = []
     with pytest.raises(UnitsFailed) as failure:
-        run_plan_processes(PlanRunner(units(b_fails=True), layout, "toy", lines.append), parallel=2, threads=1)
+        run_plan_processes(PlanRunner(units(b_fails=True), layout, "toy", lines.append), parallel=4, threads=1)
     assert failure.value.failed == {"train-b": "RuntimeError: planted failure"}
     assert failure.value.blocked == ["eval-b"] and "rerun" in str(failure.value)
     assert any("train-b: failed" in line for line in lines) and any("eval-b: not run" in line for line in lines)
@@ -96,7 +102,7 @@ def test_a_failed_unit_fails_the_study_and_a_rerun_redoes_only_it(tmp_path):
     assert out["a"].is_file() and evals["a"].is_file() and not evals["b"].exists()
     kept = {p: p.stat().st_mtime_ns for p in (out["a"], evals["a"])}
 
-    status = run_plan_processes(PlanRunner(units(b_fails=False), layout, "toy", lines.append), parallel=2, threads=1)
+    status = run_plan_processes(PlanRunner(units(b_fails=False), layout, "toy", lines.append), parallel=4, threads=1)
     assert status == {"train-a": "done", "train-b": "ran", "eval-a": "done", "eval-b": "ran"}
     assert {p: p.stat().st_mtime_ns for p in kept} == kept and evals["b"].is_file()
 
