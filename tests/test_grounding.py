@@ -23,6 +23,7 @@ from pipeline.data.sources.synth import COLORS, POSITIONS, SHAPES, SIZES, render
 from pipeline.evaluation.config import GroundingConfig
 from pipeline.evaluation.grounding import (
     box_iou,
+    box_scores,
     check_groundable,
     gradcam,
     grounding_path,
@@ -63,6 +64,14 @@ def test_a_constant_map_picks_the_largest_synth_box_first():
     expected = 100.0 * sum(i.referred_index == k for i, k in zip(items, largest)) / len(items)
     assert split_accuracy(items, [is_right(flat, i) for i in items])["all"] == pytest.approx(expected)
     assert 0 < expected < 100
+
+
+def test_a_box_scores_the_map_inside_it_over_the_root_of_its_area():
+    heatmap = torch.zeros(16, 16)
+    heatmap[:4, :4] = 1.0
+    tight, loose, elsewhere = (0.0, 0.0, 4.0, 4.0), (0.0, 0.0, 8.0, 8.0), (8.0, 8.0, 4.0, 4.0)
+    assert box_scores(heatmap, (tight, loose, elsewhere)).tolist() == [4.0, 2.0, 0.0]  # 16 / 4, 16 / 8, 0
+    assert predicted_box(heatmap, (loose, tight)) == 1
 
 
 def test_right_means_iou_at_least_one_half():
