@@ -241,6 +241,20 @@ def test_end_to_end_on_a_tiny_blip_writes_per_split_accuracy(tmp_path, blip_dirs
         row = record["metrics"][attack]
         assert set(row["accuracy"]) == {"val", "testA", "testB", "all"}
         assert len(row["correct"]) == 9 and set(row["correct"]) <= {0, 1}
-        assert row["accuracy"]["all"] == pytest.approx(100 * sum(row["correct"]) / 9)
+        for split in ("val", "testA", "testB", "all"):
+            hits = [c for c, e in zip(row["correct"], record["expressions"]) if split in ("all", e["split"])]
+            assert row["accuracy"][split] == pytest.approx(100 * sum(hits) / len(hits))
     assert sorted(e["split"] for e in record["expressions"]) == ["testA"] * 3 + ["testB"] * 3 + ["val"] * 3
     assert record["provenance"]["device"] == "cpu" and record["layer"] == 1
+    # clean correctness, one expression at a time, lines up with the record's expressions
+    from pipeline.evaluation.grounding import load_batch, load_items, upsample
+    from pipeline.models.loading import load_model
+
+    model = load_model(blip_dirs["blip"])
+    items, _ = load_items(GroundingConfig(synth_images=6, size=3))
+    assert [i.item_id for i in items] == [e["id"] for e in record["expressions"]]
+    alone = []
+    for item in items:
+        pixels, [shape] = load_batch([item], model.image_size)
+        alone.append(int(is_right(upsample(gradcam(model, pixels, [item.expression], 1)[0], *shape), item)))
+    assert alone == record["metrics"]["clean"]["correct"]
