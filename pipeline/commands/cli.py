@@ -28,7 +28,7 @@ from pipeline.core.paths import Layout, plain_name
 from pipeline.curate.export import ExportConfig
 from pipeline.curate.filters import FilterConfig
 from pipeline.data.ingest import IngestConfig
-from pipeline.evaluation.config import EvalConfig, ZeroShotConfig
+from pipeline.evaluation.config import EvalConfig, GroundingConfig, ZeroShotConfig
 from pipeline.study.plan import StudyConfig
 from pipeline.train.config import PretrainConfig, TrainConfig
 
@@ -345,6 +345,20 @@ def eval_zeroshot_command(settings: ZeroShotConfig) -> None:
             typer.echo(f"  {key:<10} PGD-{row['pgd_steps']} {row['pgd_accuracy']:5.1f}%{apgd_text}")
     for note in record["notes"]:
         typer.echo(f"  note: {note}")
+
+
+@app.command(name="eval-grounding")
+@settings_command(GroundingConfig)
+def eval_grounding_command(settings: GroundingConfig) -> None:
+    """Weakly supervised grounding (Grad-CAM of a BLIP's ITM cross-attention, ALBEF's protocol): accuracy per
+    split, clean and under PGD on the ITM score, Co-Attack and SGA; writes evals/grounding/<name>.json."""
+    from pipeline.evaluation.grounding import evaluate_grounding
+
+    record = _run(evaluate_grounding, settings, layout())
+    for attack, row in record["metrics"].items():
+        splits = "  ".join(f"{split} {accuracy:5.1f}" for split, accuracy in row["accuracy"].items())
+        typer.echo(f"{record['name']:<32} {attack:<9} {splits}  ({record['n_expressions']} expressions, "
+                   f"{row['seconds']:.0f} s)")
 
 
 @app.command()

@@ -1,6 +1,7 @@
 """The evaluations' settings, apart from the code that runs them so that the CLI builds its options and checks
-a value without importing torch: `EvalConfig` (`make eval`, pipeline/evaluation/evaluate.py) and
-`ZeroShotConfig` (`make eval-zeroshot`, pipeline/evaluation/zeroshot.py)."""
+a value without importing torch: `EvalConfig` (`make eval`, pipeline/evaluation/evaluate.py),
+`ZeroShotConfig` (`make eval-zeroshot`, pipeline/evaluation/zeroshot.py) and `GroundingConfig`
+(`make eval-grounding`, pipeline/evaluation/grounding.py)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ TEMPLATES = ("a photo of a {}.", "a photo of the {}.", "a picture of a {}.", "an
              "a photo of a small {}.", "a photo of a large {}.")
 EPS = (1 / 255, 2 / 255, 4 / 255)
 SYNTH_LABELS = ("shape", "colour")
+# Grounding: PGD on the ITM match logit (the image-only attack), then the multimodal attacks with the expression.
+GROUNDING_ATTACKS = ("pgd", *ATTACKS.names(tags={"image", "text"}))
 
 
 @dataclass(frozen=True)
@@ -126,3 +129,52 @@ class ZeroShotConfig:
             raise ValueError("give data (an ImageFolder or a saved datasets dataset) or synth_labels (shape|colour)")
 
 
+
+
+@dataclass(frozen=True)
+class GroundingConfig:
+    """`make eval-grounding`: weakly supervised grounding by Grad-CAM of a BLIP's ITM cross-attention."""
+
+    checkpoint: str | None = field(default=None, metadata=option("CKPT", "A BLIP with an ITM head: a training run dir or a BLIP model dir / hub id.", flag="--ckpt"))
+    data: str | None = field(default=None, metadata=option("GROUNDING_DATA", "A folder with RefCOCO+ as JSON in ALBEF's layout (docs/grounding.md); default on DATASET=synth: synth referring expressions.", flag="--data"))
+    dataset: str = field(default="synth", metadata=DATASET_OPTION)  # the JSON goes to MANIFESTS_DIR/<dataset>/evals/grounding/
+    synth_images: int = field(default=150, metadata=option("GROUNDING_SYNTH_IMAGES", "Images of the synth set (a third per split, one expression per shape).", flag="--synth-images"))
+    synth_seed: int = field(default=0, metadata=option("GROUNDING_SYNTH_SEED", "Seed of the synth set.", flag="--synth-seed"))
+    name: str | None = field(default=None, metadata=option("EVAL_NAME", "Output name (evals/grounding/<name>.json; default the model's name, with the data folder's).", flag="--name"))
+    mode: str | None = field(default=None, metadata=option("EVAL_MODE", "Row label (default the run's training mode, 'pretrained' for a model dir).", flag="--mode"))
+    mlm: str | None = field(default=None, metadata=option("MLM", "Masked LM of the text attacks (default MODELS_DIR/<dataset>/mlm)."))
+    size: int | None = field(default=None, metadata=option("EVAL_SIZE", "First N expressions of each split (default all).", flag="--size"))
+    batch_size: int = field(default=32, metadata=option("EVAL_BATCH", "Expressions per forward / attack batch.", flag="--batch-size"))
+    attacks: tuple[str, ...] = field(default=GROUNDING_ATTACKS, metadata=option("ATTACKS", "Comma-separated: pgd (PGD on the ITM match logit) and the multimodal attacks, with the expression as the text; an empty value: clean only."))
+    eps: float | None = field(default=None, metadata=option("EPS", "L-inf budget on [0, 1] pixels of every image attack (default each attack's, 2/255)."))
+    steps: int | None = field(default=None, metadata=option("ATTACK_STEPS", "PGD steps of every image attack (default each attack's; PGD 10).", flag="--steps"))
+    step_size: float | None = field(default=None, metadata=option("ATTACK_STEP_SIZE", "PGD step size of every image attack (default each attack's).", flag="--step-size"))
+    top_k: int | None = field(default=None, metadata=option("TOP_K", "BERT-Attack masked-LM candidates (default 10)."))
+    n_words: int | None = field(default=None, metadata=option("N_WORDS", "BERT-Attack words replaced (default 1)."))
+    layer: int | None = field(default=None, metadata=option("GROUNDING_LAYER", "Text-encoder layer whose cross-attention Grad-CAM reads (0-based; default two thirds deep: 8 of 12, ALBEF's block_num).", flag="--layer"))
+    device: str = field(default="auto", metadata=option("DEVICE", DEVICE_HELP + "."))
+    seed: int = field(default=0, metadata=option("EVAL_SEED", "Seed of the attacks' random starts and noise; batch i uses a seed derived from it and i.", flag="--seed"))
+
+    def attack_options(self) -> dict[str, Any]:
+        options = {"eps": self.eps, "steps": self.steps, "step_size": self.step_size, "top_k": self.top_k,
+                   "n_words": self.n_words}
+        return {k: v for k, v in options.items() if v is not None}
+
+    def __post_init__(self) -> None:
+        unknown = [a for a in self.attacks if a not in GROUNDING_ATTACKS]
+        if unknown:
+            raise ValueError(f"attacks={unknown}: unknown for grounding; valid: {list(GROUNDING_ATTACKS)}")
+        check_positive(self, "batch_size", "synth_images", "size")
+        check_device("device", self.device)
+        if self.eps is not None and not 0 <= self.eps <= 1:
+            raise ValueError(f"eps={self.eps}: must be in [0, 1] (pixels in [0, 1]; 2/255 = {2 / 255:.5f})")
+        if self.layer is not None and self.layer < 0:
+            raise ValueError(f"layer={self.layer}: a 0-based layer index, >= 0")
+
+    def check_runnable(self) -> None:
+        """What a run needs beyond valid values (a config file may leave these to the command line)."""
+        if not self.checkpoint:
+            raise ValueError("checkpoint: required (CKPT=<BLIP training run dir or BLIP model dir>)")
+        if self.data is None and self.dataset != "synth":
+            raise ValueError(f"GROUNDING_DATA: required for DATASET={self.dataset} (a folder with RefCOCO+ as JSON, "
+                             "docs/grounding.md); without it, grounding runs on synth expressions (DATASET=synth)")

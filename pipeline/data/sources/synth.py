@@ -74,6 +74,17 @@ class SynthImage:
         return render(self)
 
 
+def shape_radius(size: str) -> int:
+    return SIZES[size][0] // 2 + 2
+
+
+def shape_box(shape: tuple) -> tuple[int, int, int, int]:
+    """[x, y, w, h] in pixels of a drawn shape ``(kind, colour, size, position)``: PIL fills both ends of the
+    box it is given, so a shape of radius r covers 2r + 1 pixels."""
+    (cx, cy), radius = POSITIONS[shape[3]][0], shape_radius(shape[2])
+    return cx - radius, cy - radius, 2 * radius + 1, 2 * radius + 1
+
+
 def render(image: SynthImage) -> bytes:
     noise_seed, background, tone, shapes = image.params
     rng = np.random.default_rng(noise_seed)
@@ -90,7 +101,7 @@ def render(image: SynthImage) -> bytes:
     picture = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(picture)
     for shape, color, size, position in shapes:
-        (cx, cy), radius, fill = POSITIONS[position][0], SIZES[size][0] // 2 + 2, COLORS[color][0]
+        (cx, cy), radius, fill = POSITIONS[position][0], shape_radius(size), COLORS[color][0]
         box = (cx - radius, cy - radius, cx + radius, cy + radius)
         if shape == "circle":
             draw.ellipse(box, fill=fill)
