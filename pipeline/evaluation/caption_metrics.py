@@ -9,7 +9,8 @@ after PTB tokenisation (lower case, punctuation removed), reported x 100 as BLIP
 * BLEU-4, ROUGE-L, CIDEr: pycocoevalcap's pure-Python scorers. CIDEr is CIDEr-D (clipped n-gram counts, a
   Gaussian length penalty, x 10) with document frequencies from the evaluated images' references, so an image's
   score depends on the other images in the set.
-* METEOR: pycocoevalcap's ``meteor-1.5.jar`` (java); without java it is None and a note says why.
+* METEOR: pycocoevalcap's ``meteor-1.5.jar`` (java; one process per scorer, about 20 s to load its paraphrase
+  table); without java, or turned off, it is None and a note says why.
 * SPICE: not computed. pycocoevalcap's SPICE needs the Stanford CoreNLP 3.6.0 jars, which its
   ``spice/get_stanford_models.py`` downloads from nlp.stanford.edu on first use (they are not in the pip package,
   nor on a package registry); offline it cannot run. None, with that note.
@@ -81,12 +82,16 @@ def tokenize(captions: dict[int, list[str]], java: bool) -> dict[int, list[str]]
 class CaptionScorer:
     """Scores candidate captions against fixed references (tokenised once): ``references[i]`` are image i's."""
 
-    def __init__(self, references: list[list[str]], java: bool | None = None):
+    def __init__(self, references: list[list[str]], java: bool | None = None, meteor: bool = True):
         if not references or any(not refs for refs in references):
             raise ValueError("every image needs at least one reference caption")
         self.java = java_available() if java is None else java
+        self.meteor = meteor and self.java
+        self._meteor = None  # one METEOR process for every score() call: it loads its paraphrase table (~20 s)
         self.references = tokenize(dict(enumerate(references)), self.java)
         self.notes = [SPICE_NOTE] + ([] if self.java else [METEOR_NOTE, PYTHON_TOKENIZER_NOTE])
+        if self.java and not meteor:
+            self.notes.append("METEOR not computed: turned off (CAPTION_METEOR=0)")
 
     def score(self, candidates: list[str]) -> dict[str, Any]:
         """Corpus metrics x 100 (``bleu4``, ``meteor``, ``rouge_l``, ``cider``; ``spice`` None) and ``per_image``:
@@ -107,10 +112,11 @@ class CaptionScorer:
                                "cider": 100 * float(cider), "spice": None}
         per_image = {"bleu4": [100 * s for s in bleu_per[3]], "rouge_l": [100 * float(s) for s in rouge_per],
                      "cider": [100 * float(s) for s in cider_per]}
-        if self.java:
+        if self.meteor:
             from pycocoevalcap.meteor.meteor import Meteor
 
-            meteor, meteor_per = Meteor().compute_score(gts, res)
+            self._meteor = self._meteor or Meteor()
+            meteor, meteor_per = self._meteor.compute_score(gts, res)
             out["meteor"], per_image["meteor"] = 100 * meteor, [100 * s for s in meteor_per]
         out["per_image"] = {k: [round(v, 4) for v in values] for k, values in per_image.items()}
         return out
