@@ -230,6 +230,21 @@ def test_the_cli_gives_one_line_for_a_captioner_without_decoder(trained):
     assert len(errors) == 1 and "no text decoder weights" in errors[0] and "Traceback" not in out.output, out.output
 
 
+def test_the_vision_encoder_comes_from_the_retrieval_model(trained):
+    from transformers import AutoTokenizer
+
+    from pipeline.models.blip_captioning import build_captioner, with_vision_from
+    from pipeline.models.loading import load_model
+
+    blip = load_model(trained["blip"])
+    torch.manual_seed(1)  # another draw than the retrieval model's
+    captioner = build_captioner("tiny", AutoTokenizer.from_pretrained(trained["blip"]))
+    mine, theirs = captioner.model.vision_model.state_dict(), blip.model.vision_model.state_dict()
+    assert not torch.equal(mine["encoder.layers.0.self_attn.qkv.weight"], theirs["encoder.layers.0.self_attn.qkv.weight"])
+    with_vision_from(captioner, blip)
+    assert all(torch.equal(v, theirs[k]) for k, v in captioner.model.vision_model.state_dict().items())
+
+
 def test_a_vision_encoder_of_another_shape_is_refused(trained):
     from transformers import AutoTokenizer, BlipConfig
 
