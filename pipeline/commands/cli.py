@@ -28,7 +28,7 @@ from pipeline.core.paths import Layout, plain_name
 from pipeline.curate.export import ExportConfig
 from pipeline.curate.filters import FilterConfig
 from pipeline.data.ingest import IngestConfig
-from pipeline.evaluation.config import EvalConfig, GroundingConfig, ZeroShotConfig
+from pipeline.evaluation.config import CaptioningConfig, EvalConfig, GroundingConfig, ZeroShotConfig
 from pipeline.study.plan import StudyConfig
 from pipeline.train.config import PretrainConfig, TrainConfig
 
@@ -359,6 +359,27 @@ def eval_grounding_command(settings: GroundingConfig) -> None:
         splits = "  ".join(f"{split} {accuracy:5.1f}" for split, accuracy in row["accuracy"].items())
         typer.echo(f"{record['name']:<32} {attack:<9} {splits}  ({record['n_expressions']} expressions, "
                    f"{row['seconds']:.0f} s)")
+
+
+@app.command(name="eval-captioning")
+@settings_command(CaptioningConfig)
+def eval_captioning_command(settings: CaptioningConfig) -> None:
+    """BLIP image captioning (BLEU-4, METEOR, ROUGE-L, CIDEr) clean, under PGD on the captioner's loss and under
+    image attacks transferred from ATTACK_SOURCE; CKPT's vision encoder in the captioner; writes
+    evals/captioning/<name>.json."""
+    from pipeline.evaluation.captioning import evaluate_captioning
+
+    try:
+        record = evaluate_captioning(settings, layout())
+    except _user_errors() as error:
+        fail(str(error))
+    typer.echo(f"{record['name']}: {record['n_images']} images, {record['seconds']:.0f} s")
+    for attack, m in record["metrics"].items():
+        meteor = "  n/a" if m["meteor"] is None else f"{m['meteor']:5.1f}"
+        typer.echo(f"{record['name']:<32} {attack:<9} BLEU-4 {m['bleu4']:5.1f}  METEOR {meteor}  ROUGE-L "
+                   f"{m['rouge_l']:5.1f}  CIDEr {m['cider']:6.1f}  ({m['setting']}, {m['seconds']:.0f} s)")
+    for note in record["notes"]:
+        typer.echo(f"  note: {note}")
 
 
 @app.command()

@@ -1,7 +1,8 @@
 """The evaluations' settings, apart from the code that runs them so that the CLI builds its options and checks
 a value without importing torch: `EvalConfig` (`make eval`, pipeline/evaluation/evaluate.py),
-`ZeroShotConfig` (`make eval-zeroshot`, pipeline/evaluation/zeroshot.py) and `GroundingConfig`
-(`make eval-grounding`, pipeline/evaluation/grounding.py)."""
+`ZeroShotConfig` (`make eval-zeroshot`, pipeline/evaluation/zeroshot.py), `GroundingConfig` (`make
+eval-grounding`, pipeline/evaluation/grounding.py) and `CaptioningConfig` (`make eval-captioning`,
+pipeline/evaluation/captioning.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pipeline.core.tracking import check_reporters, parse_report_to
 from pipeline.train.config import DEVICE_HELP, PRECISIONS, REPORT_TO_HELP, WANDB_MODE_HELP
 
 DEFAULT_ATTACKS = ATTACKS.names()
+IMAGE_ATTACKS = ATTACKS.names(tags={"image"})  # what a captioner can be attacked with: it sees only the image
 
 
 def read_templates(path: str) -> tuple[str, ...]:
@@ -178,3 +180,56 @@ class GroundingConfig:
         if self.data is None and self.dataset != "synth":
             raise ValueError(f"GROUNDING_DATA: required for DATASET={self.dataset} (a folder with RefCOCO+ as JSON, "
                              "docs/grounding.md); without it, grounding runs on synth expressions (DATASET=synth)")
+
+
+@dataclass(frozen=True)
+class CaptioningConfig:
+    """One captioning evaluation (:mod:`pipeline.evaluation.captioning`); the attack options mean what they mean
+    in :class:`EvalConfig`."""
+
+    checkpoint: str | None = field(default=None, metadata=option("CKPT", "BLIP training run dir or BLIP model dir / hub id whose vision encoder the captioner uses (default: the captioner as it is).", flag="--ckpt"))
+    caption_model: str | None = field(default=None, metadata=option("CAPTION_MODEL", "BLIP captioning model (BlipForConditionalGeneration dir or cached hub id; default MODELS_DIR/<dataset>/blip-captioning)."))
+    dataset: str = field(default="synth", metadata=DATASET_OPTION)
+    name: str | None = field(default=None, metadata=option("EVAL_NAME", "Output name, evals/captioning/<name>.json (default the model's name).", flag="--name"))
+    split: str = field(default="test", metadata=option("EVAL_SPLIT", "Split to evaluate on.", flag="--split"))
+    data: str | None = field(default=None, metadata=option("EVAL_DATA", "Test shard URLs instead of SHARDS_DIR/<dataset>/base/<split>-*.tar.", flag="--eval-data"))
+    size: int | None = field(default=None, metadata=option("EVAL_SIZE", "First N test images (default all).", flag="--size"))
+    batch_size: int = field(default=16, metadata=option("EVAL_BATCH", "Images captioned and attacked together.", flag="--batch-size"))
+    white_box: bool = field(default=True, metadata=option("CAPTION_PGD", "White-box PGD on the captioner's LM loss of the reference captions.", flag="--white-box/--no-white-box"))
+    attacks: tuple[str, ...] = field(default=IMAGE_ATTACKS, metadata=option("ATTACKS", "Image attacks crafted on ATTACK_SOURCE and transferred (SGA's cross-task protocol); an empty value: none."))
+    attack_source: str | None = field(default=None, metadata=option("ATTACK_SOURCE", "Retrieval model the transferred attacks are crafted on (dir, run dir, open_clip:... spec); without it no transfer rows."))
+    mlm: str | None = field(default=None, metadata=option("MLM", "Masked LM of the multimodal attacks' text part (default MODELS_DIR/<dataset>/mlm)."))
+    eps: float | None = field(default=None, metadata=option("EPS", "L-inf budget on [0, 1] pixels of every image attack (default 2/255)."))
+    steps: int | None = field(default=None, metadata=option("ATTACK_STEPS", "PGD steps of every image attack (default 10).", flag="--steps"))
+    step_size: float | None = field(default=None, metadata=option("ATTACK_STEP_SIZE", "PGD step size of every image attack (default each attack's; PGD eps / 4).", flag="--step-size"))
+    top_k: int | None = field(default=None, metadata=option("TOP_K", "BERT-Attack masked-LM candidates (default 10)."))
+    n_words: int | None = field(default=None, metadata=option("N_WORDS", "BERT-Attack words replaced (default 1)."))
+    mlm_threshold: float | None = None
+    constraint: str | None = field(default=None, metadata=option("ATTACK_CONSTRAINT", "BERT-Attack candidate filter: synonyms; default none.", flag="--constraint"))
+    num_beams: int = field(default=3, metadata=option("CAPTION_BEAMS", "Beam search width (BLIP: 3).", flag="--beams"))
+    max_length: int = field(default=20, metadata=option("CAPTION_MAX_LENGTH", "Most tokens of a caption with the prompt (BLIP: 20).", flag="--max-length"))
+    min_length: int = field(default=5, metadata=option("CAPTION_MIN_LENGTH", "Fewest tokens of a caption with the prompt (BLIP: 5).", flag="--min-length"))
+    prompt: str = field(default="a picture of ", metadata=option("CAPTION_PROMPT", "Decoder prompt, removed from the output (BLIP: 'a picture of ').", flag="--prompt"))
+    meteor: bool = field(default=True, metadata=option("CAPTION_METEOR", "METEOR through java (about 20 s to start; skipped with a note without java).", flag="--meteor/--no-meteor"))
+    device: str = field(default="auto", metadata=option("DEVICE", DEVICE_HELP + "."))
+    seed: int = field(default=0, metadata=option("EVAL_SEED", "Seed of the attacks' random starts and noise; batch i uses a seed derived from it and i.", flag="--seed"))
+    normalise_captions: bool = field(default=True, metadata=option("CAPTION_NORMALISE", "Feed the attacks' losses the captions normalised as the reference evaluations do (the metrics always use the captions as stored).", flag="--normalise-captions/--no-normalise-captions"))
+
+    def attack_options(self) -> dict[str, Any]:
+        options = {"eps": self.eps, "steps": self.steps, "step_size": self.step_size, "top_k": self.top_k,
+                   "n_words": self.n_words, "mlm_threshold": self.mlm_threshold, "constraint": self.constraint}
+        return {k: v for k, v in options.items() if v is not None}
+
+    def __post_init__(self) -> None:
+        plain_name(self.split, "split")
+        wrong = [a for a in self.attacks if a not in IMAGE_ATTACKS]
+        if wrong:
+            raise ValueError(f"attacks={wrong}: a captioner sees only images; image attacks: {list(IMAGE_ATTACKS)}")
+        if self.size is not None and self.size < 1:
+            raise ValueError(f"size={self.size}: need at least 1 test image")
+        check_positive(self, "batch_size", "num_beams", "max_length")
+        if not 0 <= self.min_length <= self.max_length:
+            raise ValueError(f"min_length={self.min_length}: must be in [0, max_length={self.max_length}]")
+        check_device("device", self.device)
+        if self.eps is not None and not 0 <= self.eps <= 1:
+            raise ValueError(f"eps={self.eps}: must be in [0, 1] (pixels in [0, 1]; 2/255 = {2 / 255:.5f})")
