@@ -36,6 +36,7 @@ MODE_COST = {"ft": 1.0, "tecoa": 2.0, "fare": 2.0, "mat": 4.3, "matplus": 4.3}
 ATTACK_COST = {"pgd": 7.8, "bert": 10.2, "coattack": 17.2, "sga": 56.9}
 EVAL_COST_SCALE = 0.0067  # one clean-forward-image in FT steps (demo: 0.23 s per FT step, 43 s per eval of 300)
 DEFAULT_STEPS = 2000
+TASKS = ("retrieval", "captioning", "grounding")  # the paper's three (pipeline/study/tasks.py)
 #: The paper's training budget, by dataset name, taken when a released CLIP (``clip``) is fine-tuned and no steps
 #: are given: 5k steps on Flickr30k, 10k on COCO (Waseda et al. 2024, implementation details).
 PAPER_STEPS = {"coco": 10_000, "mscoco": 10_000, "flickr30k": 5_000, "f30k": 5_000}
@@ -94,6 +95,9 @@ class StudyConfig:
     parallel: int = field(default=1, metadata=option("STUDY_PARALLEL", "EXECUTOR=local: trainings and evaluations N at a time, each in a worker process of its own (1: one after the other in this process).", flag="--parallel"))
     unit_threads: int | None = field(default=None, metadata=option("UNIT_THREADS", "Torch threads of each unit in a worker process (default the cores / STUDY_PARALLEL, at least 1); fixed, the numbers are the same on any machine.", flag="--unit-threads"))
     data_workers: int = field(default=2, metadata=option("DATA_WORKERS", "Training loader workers."))
+    tasks: tuple[str, ...] = field(default=("retrieval",), metadata=option("STUDY_TASKS", "Tasks the defences are evaluated on: retrieval (always), captioning, grounding (these two need CLIP=<a BLIP>).", flag="--tasks"))
+    caption_model: str | None = field(default=None, metadata=option("CAPTION_MODEL", "BLIP captioner of STUDY_TASKS=captioning (default MODELS_DIR/<dataset>/blip-captioning)."))
+    grounding_data: str | None = field(default=None, metadata=option("GROUNDING_DATA", "RefCOCO+ as JSON for STUDY_TASKS=grounding (docs/grounding.md); default on synth: synth referring expressions."))
     # --set items for every training cell, as `make train` takes them, e.g. attack.text.variant=fast
     train_set: tuple[str, ...] = ()
     # Trackers of every training cell (TrainConfig.report_to: tensorboard, wandb; () for none), written in each
@@ -112,6 +116,7 @@ class StudyConfig:
         check_choices("modes", self.modes, MODES)
         check_choices("mode_steps", [m for m, _ in self.mode_steps], MODES)
         check_choices("attacks", self.attacks, ATTACKS)
+        check_choices("tasks", self.tasks, TASKS)
         check_choice("executor", self.executor, EXECUTORS.names())
         check_positive(self, "parallel", "unit_threads")
         if self.parallel > 1 and self.executor != "local":

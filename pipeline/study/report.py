@@ -388,9 +388,10 @@ def records(study: Study, cells: list[Cell]) -> list[dict[str, Any]]:
 
 
 def build_study_report(results: list[CellResult], stage_stats: dict[str, dict[str, Any]], cfg: StudyConfig,
-                       out_dir: Path) -> dict[str, Any]:
+                       out_dir: Path, tasks: list[tuple[str, str, dict[str, Any]]] = ()) -> dict[str, Any]:
     """Write report.md, report.json, defences.csv, augmentation.csv (when the study has that table) and
-    augmentation_quality.png to ``out_dir``; return what was written."""
+    augmentation_quality.png to ``out_dir``; return what was written. ``tasks``: the other tasks' sections
+    (task, Markdown, report.json part; :mod:`pipeline.study.tasks`), after the retrieval tables."""
     study = Study(results, cfg.resamples, cfg.level)
     cells = [r.cell for r in results]
     claims, meaningless = judge_claims(study, cells, stage_stats)
@@ -422,11 +423,13 @@ def build_study_report(results: list[CellResult], stage_stats: dict[str, dict[st
                      "Frechet distance on the stage's modality). `*`: the gain's interval excludes zero.\n\n"
                      + augmentation_table(aug_rows, aug_attacks)
                      + (f"\n\n![augmentation quality]({figure.name})" if has_figure else ""))
+    parts.extend(section for _, section, _ in tasks)
     markdown = "\n\n".join(parts) + "\n"
     atomic_write_text(out_dir / "report.md", markdown)
     payload = {"dataset": cfg.dataset, "n_images": study.n_images, "chance_r1": study.chance_r1,
                "meaningless": meaningless, "claims": claims, "defences": defences, "augmentation": aug_rows,
-               "records": records(study, cells), PROVENANCE_KEY: provenance()}
+               "records": records(study, cells), **({"tasks": {task: part for task, _, part in tasks}} if tasks else {}),
+               PROVENANCE_KEY: provenance()}
     atomic_write_json(out_dir / "report.json", payload)
     if defences:
         write_csv(out_dir / "defences.csv", defences, list(DEFENCES_CSV))

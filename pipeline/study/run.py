@@ -45,6 +45,7 @@ from pipeline.evaluation.bootstrap import Outcomes
 from pipeline.study.plan import (ATTACK_COST, CPU_STAGES, EVAL_COST_SCALE, MODE_COST, STAGE_KINDS, TRAIN_MODES, Cell,
                                  StudyConfig, eval_name, plan_cells)
 from pipeline.evaluation.resume import fingerprint, model_stamp
+from pipeline.study.tasks import check_tasks, extra_tasks, load_task_scores, task_section, task_unit_specs
 from pipeline.core.paths import Layout
 from pipeline.core.shards import list_shards, require_shards
 from pipeline.core.fileio import atomic_write_json, atomic_write_text
@@ -90,6 +91,7 @@ def build_plan(cfg: StudyConfig, layout: Layout) -> tuple[list[Cell], list[Unit]
         pcfg = PretrainConfig(dataset=cfg.dataset, steps=cfg.pretrain_steps, device=cfg.device, report_to=())
         units.append(Unit("pretrain", "pretrain", to_dict(pcfg), Path(clip), cost=cfg.pretrain_steps * 1.5,
                           run=lambda: pretrain(pcfg, layout), prepare=True))
+    check_tasks(cfg, clip, layout)
     stages = available_stages(layout, cfg.dataset)
     cells = plan_cells(cfg, stages)
     needed = sorted({s for c in cells for s in c.stages})
@@ -128,6 +130,9 @@ def build_plan(cfg: StudyConfig, layout: Layout) -> tuple[list[Cell], list[Unit]
                               inputs=inputs,
                               cost=EVAL_COST_SCALE * n_images * (1 + sum(ATTACK_COST.get(a, 1.0) for a in cell.attacks)),
                               run=functools.partial(evaluate, ecfg, layout)))
+            for spec in task_unit_specs(cfg, layout, cell, seed, checkpoint, inputs["clip"], mlm, split):
+                units.append(Unit(f"eval-{spec['name']}", "eval", spec["settings"], spec["output"], inputs=spec["inputs"],
+                                  cost=spec["cost"], run=spec["run"]))
     return cells, units
 
 
@@ -353,4 +358,10 @@ def run_study(cfg: StudyConfig, layout: Layout | None = None, echo: Callable[[st
     for stage in sorted({s for c in cells for s in c.stages}):
         manifest = json.loads(layout.manifest_path(cfg.dataset, stage).read_text())
         stage_stats[stage] = stage_row(manifest, read_stage_scores(stage, layout.stage_dir(cfg.dataset, stage)))
-    return build_study_report(results, stage_stats, cfg, out)
+    sections = []
+    for task in extra_tasks(cfg):
+        scores = {cell.id: {seed: load_task_scores(task, unit.output) for seed in range(cfg.seeds)
+                            for unit in units if unit.name == f"eval-{task}-{cell.id}-s{seed}"}
+                  for cell in cells if "defences" in cell.tables}
+        sections.append((task, *task_section(task, cells, scores, cfg.resamples, cfg.level)))
+    return build_study_report(results, stage_stats, cfg, out, tasks=sections)
