@@ -90,7 +90,7 @@ def task_unit_specs(cfg: StudyConfig, layout: Layout, cell: Cell, seed: int, che
         from pipeline.evaluation.config import GroundingConfig
         from pipeline.evaluation.grounding import evaluate_grounding, grounding_path
 
-        gcfg = GroundingConfig(checkpoint=checkpoint, data=cfg.grounding_data, mode=cell.mode, **common)
+        gcfg = GroundingConfig(checkpoint=checkpoint, data=cfg.grounding_data, mode=cell.mode, size=cfg.eval_size, **common)
         specs.append({"name": f"grounding-{cell.id}-s{seed}", "settings": _settings(gcfg),
                       "output": grounding_path(layout, cfg.dataset, name),
                       "inputs": {"clip": model_dir, "mlm": mlm}, "cost": 0.02 * 450 * (1 + len(gcfg.attacks)),
