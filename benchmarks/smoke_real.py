@@ -18,7 +18,8 @@ resident set) on a tiny synth dataset:
 
 It prints each command's wall time and peak RSS and writes them to a JSON file (``--out``, default
 ``MANIFESTS_DIR/smoke_real.json``); the temporary work folder is removed unless ``--keep``. Exit 1 when a command failed.
-About an hour on 2 cores; ``--only train,eval`` runs a subset (the models and the data are always made).
+About two hours on 2 cores, the study half of it; ``--only train,eval`` runs a subset (the models and the data are
+always made); ``--size tiny`` runs it all with bench_gpu's tiny models, to check the script itself in minutes.
 """
 
 from __future__ import annotations
