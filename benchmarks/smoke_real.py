@@ -18,7 +18,8 @@ resident set) on a tiny synth dataset:
 
 It prints each command's wall time and peak RSS and writes them to a JSON file (``--out``, default
 ``MANIFESTS_DIR/smoke_real.json``); the temporary work folder is removed unless ``--keep``. Exit 1 when a command failed.
-About an hour on 2 cores; ``--only train,eval`` runs a subset (the models and the data are always made).
+About two hours on 2 cores, the study half of it; ``--only train,eval`` runs a subset (the models and the data are
+always made); ``--size tiny`` runs it all with bench_gpu's tiny models, to check the script itself in minutes.
 """
 
 from __future__ import annotations
@@ -63,14 +64,15 @@ def _cpu() -> str:
     return f"{model} ({torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores)"
 
 
-def build(what: str, models: Path) -> None:
-    """Build and save real-size models (run in a subprocess of its own: its memory is returned at exit)."""
+def build(what: str, models: Path, size_name: str = "real") -> None:
+    """Build and save the models of bench_gpu's size `size_name` (run in a subprocess of its own: its memory is
+    returned at exit)."""
     import torch
 
     from pipeline.commands.bench import load_benchmark
 
     gpu = load_benchmark("gpu", BENCHMARKS / "bench_gpu.py")
-    size = gpu.SIZES["real"]
+    size = gpu.SIZES[size_name]
     done = {"clip-mlm": models / DATASET / "mlm", "sd": models / "sd", "internvl": models / "internvl"}.get(what)
     if done is not None and ((done / "config.json").exists() or (done / "model_index.json").exists()):
         return  # built by an earlier run into the same --dir
@@ -122,14 +124,15 @@ class Runner:
         self.results[name] = {"skipped": reason}
 
 
-def smoke(root: Path, only: set[str] | None = None, generative: bool = True) -> dict[str, Any]:
+def smoke(root: Path, only: set[str] | None = None, generative: bool = True, size: str = "real") -> dict[str, Any]:
     run = Runner(root)
     models = root / "models"
     clip, mlm = str(models / DATASET / "clip"), str(models / DATASET / "mlm")
     wanted = lambda group: only is None or group in only  # noqa: E731
     fp32 = ["--precision", "fp32", "--report-to", "none"]
 
-    run("build-clip-mlm", [__file__, "--build", "clip-mlm", "--models", str(models)], cli=False)
+    built = ["--models", str(models), "--size", size]
+    run("build-clip-mlm", [__file__, "--build", "clip-mlm", *built], cli=False)
     run("ingest", ["ingest", "--dataset", DATASET, "--format", "synth", "--synth-size", "24",
                    "--split-fractions", "0.5,0,0.5", "--workers", "1"])  # the default 0.8,0.1,0.1 leaves 1 test image
     if wanted("train") or wanted("study"):
@@ -171,7 +174,7 @@ def smoke(root: Path, only: set[str] | None = None, generative: bool = True) -> 
                 run.skip(f"augment-{stage}", f"{available:.1f} GiB available, {GENERATIVE_MEMORY_GB[stage]:.0f} "
                                              f"GiB wanted")
                 continue
-            if run(f"build-{build_name}", [__file__, "--build", build_name, "--models", str(models)], cli=False):
+            if run(f"build-{build_name}", [__file__, "--build", build_name, *built], cli=False):
                 run(f"augment-{stage}", ["augment", "--dataset", AUG_DATASET, "--format", "synth", "--synth-size", "2",
                                          "--split-fractions", "1,0,0", "--stages", stage, "--scorer", clip,
                                          "--workers", "1", *extra])
@@ -189,19 +192,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="Keep the work folder")
     parser.add_argument("--only", help="Comma-separated groups: train, eval, eval-zeroshot, augment, generative, study")
     parser.add_argument("--no-generative", action="store_true", help="Skip the generative stages")
+    parser.add_argument("--size", choices=("real", "tiny"), default="real",
+                        help="Model sizes (bench_gpu's SIZES): real, or tiny to check the script itself in seconds")
     parser.add_argument("--build", help=argparse.SUPPRESS)
     parser.add_argument("--models", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.build:
-        build(args.build, args.models)
+        build(args.build, args.models, args.size)
         return 0
     root = args.dir or Path(tempfile.mkdtemp(prefix="mat-smoke-real-"))
     only = {g.strip() for g in args.only.split(",") if g.strip()} if args.only else None
     started = time.perf_counter()
     try:
-        results = smoke(root, only, generative=not args.no_generative)
-        summary = {"cpu": _cpu(), "torch_threads": _threads(), "total_seconds": round(time.perf_counter() - started, 1),
-                   "commands": results}
+        results = smoke(root, only, generative=not args.no_generative, size=args.size)
+        summary = {"cpu": _cpu(), "torch_threads": _threads(), "size": args.size,
+                   "total_seconds": round(time.perf_counter() - started, 1), "commands": results}
         out = args.out or Path(os.environ.get("MAT_MANIFESTS_DIR", "manifests")) / "smoke_real.json"
         make_dirs(out.parent)
         atomic_write_json(out, summary)  # through the ledger: a smoke_real.json the pipeline did not write stays
