@@ -119,3 +119,26 @@ def tiny_family_dirs(tmp_path_factory, tiny_model_dirs) -> dict[str, str]:
     blip = tiny_blip(AutoTokenizer.from_pretrained(tiny_model_dirs["mlm"]))
     return {"clip": tiny_model_dirs["clip"], "mlm": tiny_model_dirs["mlm"],
             "open_clip": str(oc.save(root / "open_clip")), "blip": str(blip.save(root / "blip"))}
+
+
+def tiny_study(root, tiny_model_dirs: dict[str, str], monkeypatch, **settings):
+    """A tiny study (pretrained, FT, TeCoA; 2 steps, 8 test images, PGD) on toy shards in ``root`` with relative
+    folders, as make gives them, so the paths recorded in two runs' results are the same; ``settings``: more
+    StudyConfig fields (the executor's). Returns ``root``."""
+    from pathlib import Path
+
+    from pipeline.core.paths import Layout
+    from pipeline.study.plan import StudyConfig
+    from pipeline.study.run import run_study
+    from pipeline.train.toy import write_toy_shards
+
+    layout = Layout(Path("shards"), Path("manifests"), Path("runs"), Path("models"))
+    root.mkdir()
+    monkeypatch.chdir(root)
+    write_toy_shards(layout.shards_dir, "toy", shards=1, per_shard=16)
+    write_toy_shards(layout.shards_dir, "toy", shards=1, per_shard=8, split="test", seed=1)
+    cfg = StudyConfig(dataset="toy", clip=tiny_model_dirs["clip"], mlm=tiny_model_dirs["mlm"], modes=("ft", "tecoa"),
+                      steps=2, batch_size=8, precision="fp32", eval_size=8, eval_batch=8, eval_steps=2,
+                      attacks=("pgd",), augmentation=False, resamples=50, data_workers=0, device="cpu", **settings)
+    run_study(cfg, layout)
+    return root

@@ -9,28 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import tiny_study
 from pipeline.core.paths import Layout
 from pipeline.study.compare import differences
 from pipeline.study.failures import UnitsFailed
 from pipeline.study.plan import StudyConfig
-
-LAYOUT = Layout(Path("shards"), Path("manifests"), Path("runs"), Path("models"))  # relative, as make gives them
-
-
-def _tiny_study(root: Path, tiny_model_dirs: dict[str, str], parallel: int, monkeypatch) -> Path:
-    from pipeline.study.run import run_study
-    from pipeline.train.toy import write_toy_shards
-
-    root.mkdir()
-    monkeypatch.chdir(root)
-    write_toy_shards(LAYOUT.shards_dir, "toy", shards=1, per_shard=16)
-    write_toy_shards(LAYOUT.shards_dir, "toy", shards=1, per_shard=8, split="test", seed=1)
-    cfg = StudyConfig(dataset="toy", clip=tiny_model_dirs["clip"], mlm=tiny_model_dirs["mlm"], modes=("ft", "tecoa"),
-                      steps=2, batch_size=8, precision="fp32", eval_size=8, eval_batch=8, eval_steps=2,
-                      attacks=("pgd",), augmentation=False, resamples=50, data_workers=0, device="cpu",
-                      parallel=parallel, unit_threads=1)
-    run_study(cfg, LAYOUT)
-    return root
 
 
 def test_units_in_worker_processes_give_the_in_process_results(tmp_path, tiny_model_dirs, monkeypatch):
@@ -38,11 +21,11 @@ def test_units_in_worker_processes_give_the_in_process_results(tmp_path, tiny_mo
 
     threads = torch.get_num_threads()
     try:
-        here = _tiny_study(tmp_path / "here", tiny_model_dirs, 1, monkeypatch)
+        here = tiny_study(tmp_path / "here", tiny_model_dirs, monkeypatch, parallel=1, unit_threads=1)
         assert torch.get_num_threads() == 1  # UNIT_THREADS holds in this process too
     finally:
         torch.set_num_threads(threads)
-    workers = _tiny_study(tmp_path / "workers", tiny_model_dirs, 2, monkeypatch)
+    workers = tiny_study(tmp_path / "workers", tiny_model_dirs, monkeypatch, parallel=2, unit_threads=1)
 
     study = Path("manifests/toy/study")
     report = json.loads((workers / study / "report.json").read_text())

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import tiny_study
 from pipeline.core.paths import Layout
 from pipeline.study.compare import differences
 from pipeline.study.plan import StudyConfig
@@ -36,27 +37,6 @@ def ray_session():
     ray.shutdown()
 
 
-# Relative folders, as `make` gives them: each run works in its own folder (the Ray tasks in the driver's), so
-# the paths recorded in the results (checkpoints, outputs) are the same in both runs.
-LAYOUT = Layout(Path("shards"), Path("manifests"), Path("runs"), Path("models"))
-
-
-def _tiny_study(root: Path, tiny_model_dirs: dict[str, str], executor: str, monkeypatch) -> Path:
-    from pipeline.study.run import run_study
-    from pipeline.train.toy import write_toy_shards
-
-    root.mkdir()
-    monkeypatch.chdir(root)
-    write_toy_shards(LAYOUT.shards_dir, "toy", shards=1, per_shard=16)
-    write_toy_shards(LAYOUT.shards_dir, "toy", shards=1, per_shard=8, split="test", seed=1)
-    cfg = StudyConfig(dataset="toy", clip=tiny_model_dirs["clip"], mlm=tiny_model_dirs["mlm"], modes=("ft", "tecoa"),
-                      steps=2, batch_size=8, precision="fp32", eval_size=8, eval_batch=8, eval_steps=2,
-                      attacks=("pgd",), augmentation=False, resamples=50, data_workers=0, device="cpu",
-                      executor=executor)
-    run_study(cfg, LAYOUT)
-    return root
-
-
 def _files(root: Path, pattern: str) -> dict[str, Path]:
     return {str(p.relative_to(root)): p for p in sorted(root.glob(pattern))}
 
@@ -67,10 +47,10 @@ def test_a_study_on_ray_gives_the_local_results(ray_session, tmp_path, tiny_mode
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as many threads as a Ray task of 1 CPU: the float sums are then the same
     try:
-        local = _tiny_study(tmp_path / "local", tiny_model_dirs, "local", monkeypatch)
+        local = tiny_study(tmp_path / "local", tiny_model_dirs, monkeypatch, executor="local")
     finally:
         torch.set_num_threads(threads)
-    remote = _tiny_study(tmp_path / "ray", tiny_model_dirs, "ray", monkeypatch)
+    remote = tiny_study(tmp_path / "ray", tiny_model_dirs, monkeypatch, executor="ray")
 
     study = Path("manifests/toy/study")
     report = json.loads((remote / study / "report.json").read_text())

@@ -31,6 +31,11 @@ BLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # BLIP normalises with OpenAI C
 BLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def blip_image_processor(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> BlipImageProcessor:
+    """The processor saved beside a BLIP (retrieval or captioning): square resize to ``size``, its normalisation."""
+    return BlipImageProcessor(size={"height": size, "width": size}, image_mean=list(mean), image_std=list(std))
+
+
 def _ensure_scale(model: BlipForImageTextRetrieval) -> None:
     if not isinstance(getattr(model, "logit_scale", None), torch.nn.Parameter):
         value = float(model.config.logit_scale_init_value)
@@ -111,9 +116,7 @@ class BLIPBundle(ImageTextModel):
         return self.model.itm_head(out.last_hidden_state[:, 0, :])
 
     def image_processor(self) -> BlipImageProcessor:
-        size = self.image_size
-        return BlipImageProcessor(size={"height": size, "width": size}, image_mean=list(self.mean),
-                                  image_std=list(self.std))
+        return blip_image_processor(self.image_size, self.mean, self.std)
 
     def save(self, directory: str | Path) -> Path:
         directory = own_tree(Path(directory))  # refuses a folder of someone else's

@@ -27,7 +27,7 @@ from transformers import AddedToken, AutoTokenizer, BlipConfig, BlipForCondition
 
 from pipeline.core.images import model_pixels
 from pipeline.core.ledger import own_tree
-from pipeline.models.blip import BLIP_MEAN, BLIP_STD
+from pipeline.models.blip import BLIP_MEAN, BLIP_STD, blip_image_processor
 from pipeline.models.errors import check_local
 from pipeline.models.hf import _loading
 
@@ -126,9 +126,7 @@ class BLIPCaptioner:
         return [self.tokenizer.decode(ids[start:], skip_special_tokens=True).strip() for ids in out]
 
     def image_processor(self) -> BlipImageProcessor:
-        size = self.image_size
-        return BlipImageProcessor(size={"height": size, "width": size}, image_mean=list(self.mean),
-                                  image_std=list(self.std))
+        return blip_image_processor(self.image_size, self.mean, self.std)
 
     def save(self, directory: str | Path) -> Path:
         directory = own_tree(Path(directory))  # refuses a folder of someone else's
