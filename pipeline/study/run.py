@@ -90,6 +90,8 @@ def build_plan(cfg: StudyConfig, layout: Layout) -> tuple[list[Cell], list[Unit]
         pcfg = PretrainConfig(dataset=cfg.dataset, steps=cfg.pretrain_steps, device=cfg.device, report_to=())
         units.append(Unit("pretrain", "pretrain", to_dict(pcfg), Path(clip), cost=cfg.pretrain_steps * 1.5,
                           run=lambda: pretrain(pcfg, layout), prepare=True))
+    if "itm" in cfg.losses:
+        _check_itm_model(clip, cfg.clip is None)
     stages = available_stages(layout, cfg.dataset)
     cells = plan_cells(cfg, stages)
     needed = sorted({s for c in cells for s in c.stages})
@@ -108,6 +110,7 @@ def build_plan(cfg: StudyConfig, layout: Layout) -> tuple[list[Cell], list[Unit]
             if cell.mode != "pretrained":
                 run_dir = runs_root / f"{cell.id}-s{seed}"
                 tcfg = TrainConfig(mode=cell.mode, dataset=cfg.dataset, clip=clip, mlm=mlm, steps=cell.steps,
+                                   losses=("contrastive",) if cell.mode == "fare" else cfg.losses,
                                    batch_size=cfg.batch_size, precision=cfg.precision, seed=seed, device=cfg.device,
                                    run_dir=str(run_dir), report_to=cfg.report_to, wandb_mode=cfg.wandb_mode, optim=optim,
                                    data=DataConfig(stages=cell.stages, num_workers=cfg.data_workers))
@@ -129,6 +132,16 @@ def build_plan(cfg: StudyConfig, layout: Layout) -> tuple[list[Cell], list[Unit]
                               cost=EVAL_COST_SCALE * n_images * (1 + sum(ATTACK_COST.get(a, 1.0) for a in cell.attacks)),
                               run=functools.partial(evaluate, ecfg, layout)))
     return cells, units
+
+
+def _check_itm_model(clip: str, stand_in: bool) -> None:
+    """losses=contrastive,itm: the model must be a BLIP (an ITM head), refused before any unit runs."""
+    from pipeline.models.loading import model_family
+
+    family = "clip (the stand-in MODELS_DIR/<dataset>/clip)" if stand_in else model_family(clip)
+    if family != "blip":
+        raise ValueError(f"losses=contrastive,itm: the ITM loss needs a BLIP model with its matching head, and {clip} "
+                         f"is {family}; name one with CLIP= (`make pretrain FAMILY=blip` saves MODELS_DIR/<dataset>/blip)")
 
 
 # Training's attack settings as they were fingerprinted before they became the attacks' own configs (PGD,
