@@ -272,7 +272,7 @@ def pretrain(settings: PretrainConfig) -> None:
     from pipeline.train.pretrain import pretrain as run_pretrain
 
     result = _run(run_pretrain, settings, layout())
-    typer.echo("\n".join(f"{name + ':':6}{path}" for name, path in result.items()))
+    typer.echo("\n".join(f"{name}: {path}" for name, path in result.items()))
 
 
 @app.command()
