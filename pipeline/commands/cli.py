@@ -273,11 +273,12 @@ def export_command(settings: ExportConfig) -> None:
 @app.command()
 @settings_command(PretrainConfig)
 def pretrain(settings: PretrainConfig) -> None:
-    """Train the small CLIP and masked LM that stand in for pretrained models (MODELS_DIR/<dataset>/{clip,mlm})."""
+    """Train the small CLIP (or BLIP: FAMILY=blip) and masked LM that stand in for pretrained models
+    (MODELS_DIR/<dataset>/{clip or blip,mlm})."""
     from pipeline.train.pretrain import pretrain as run_pretrain
 
     result = _run(run_pretrain, settings, layout())
-    typer.echo(f"clip: {result['clip']}\nmlm:  {result['mlm']}\nrun:  {result['run_dir']}")
+    typer.echo("\n".join(f"{name}: {path}" for name, path in result.items()))
 
 
 @app.command()

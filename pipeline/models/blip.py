@@ -18,17 +18,39 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoTokenizer, BlipConfig, BlipForImageTextRetrieval, BlipImageProcessor
 
 from pipeline.models.base import ImageTextModel
+from pipeline.models.hf import _preset, _set_max_length
 from pipeline.core.ledger import own_tree
 
 log = logging.getLogger(__name__)
 
 BLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # BLIP normalises with OpenAI CLIP's constants
 BLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# initializer_range (every weight's std): transformers' BLIP init (BERT's 0.02; the vision tower's class and
+# position embeddings at 1e-10) suits loading released weights, not training from scratch: the CLS token starts at
+# ~0 and the small weights average the patches uniformly, so a random BLIP's CLS embeddings are the same for every
+# image (mean cosine 1.0 between random images at the small preset) and every text, and the losses have nothing to
+# tell pairs apart by. About 1 / sqrt(width) works. Measured on synth (small preset, 150 steps, 150 test images):
+# 0.1 reaches TR / IR R@1 47 / 49 % with no gap to the train images, 0.05 45 / 48 %, while 0.2 memorises the train
+# images (TR R@1 45 % there, 5 % on test after 300 steps); at the tiny preset (tests) 0.1 leaves the ITM head
+# near chance after 60 steps on toy shards, 0.2 does not.
+#: Random-init BLIP retrieval configurations, sized like ``CLIP_PRESETS`` (``make pretrain FAMILY=blip`` trains
+#: them; real runs load e.g. "Salesforce/blip-itm-base-coco"). ``layers`` serve both towers; the text tower
+#: cross-attends to the image tokens for the ITM head.
+BLIP_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"layers": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            initializer_range=0.2),
+             "image_size": 32, "patch_size": 8, "max_position_embeddings": 64, "image_text_hidden_size": 32},
+    "small": {"layers": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                             initializer_range=0.1),
+              "image_size": 64, "patch_size": 8, "max_position_embeddings": 64, "image_text_hidden_size": 128},
+}
 
 
 def blip_image_processor(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> BlipImageProcessor:
@@ -152,8 +174,22 @@ def load_blip(name: str, kwargs: dict, device: str | torch.device = "cpu",
     return bundle.to(device)
 
 
+def blip_config(preset: str, tokenizer) -> BlipConfig:
+    """The BlipConfig of ``BLIP_PRESETS[preset]`` sized to ``tokenizer`` (a BERT WordPiece one: its [CLS] starts
+    a text, its [SEP] ends it), every weight initialised with the preset's std."""
+    spec = _preset(BLIP_PRESETS, preset)
+    layers = spec["layers"]
+    text = dict(layers, vocab_size=len(tokenizer), max_position_embeddings=spec["max_position_embeddings"],
+                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id,
+                sep_token_id=tokenizer.sep_token_id)
+    vision = dict(layers, image_size=spec["image_size"], patch_size=spec["patch_size"])
+    _set_max_length(tokenizer, text["max_position_embeddings"])
+    return BlipConfig(text_config=text, vision_config=vision, image_text_hidden_size=spec["image_text_hidden_size"],
+                      initializer_range=layers["initializer_range"])
+
+
 def build_blip(config: BlipConfig, tokenizer, image_size: int | None = None) -> BLIPBundle:
-    """A randomly initialised BLIP retrieval model (tests)."""
+    """A randomly initialised BLIP retrieval model (``make pretrain FAMILY=blip``, tests)."""
     with torch.random.fork_rng(devices=[]):
         model = BlipForImageTextRetrieval(config)
     size = image_size or config.vision_config.image_size

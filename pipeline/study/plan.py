@@ -11,7 +11,7 @@ from pipeline.attacks import ATTACKS as ALL_ATTACKS
 from pipeline.core.executor import EXECUTORS
 from pipeline.core.paths import plain_name
 from pipeline.core.tracking import check_reporters, parse_report_to
-from pipeline.train.config import DEVICE_HELP, REPORT_TO_HELP, WANDB_MODE_HELP
+from pipeline.train.config import DEVICE_HELP, LOSSES, REPORT_TO_HELP, WANDB_MODE_HELP
 from pipeline.train.registry import MODES as TRAIN_MODES
 from stages import STAGES
 
@@ -72,6 +72,7 @@ class StudyConfig:
     seeds: int = field(default=1, metadata=option("SEEDS", "Seeds per cell (3 gives a mean and spread)."))
     modes: tuple[str, ...] = field(default=MODES, metadata=option("STUDY_MODES", "Defences to train, comma-separated.", flag="--modes"))
     steps: int | None = field(default=None, metadata=option("STUDY_STEPS", f"Training steps of every mode (default {DEFAULT_STEPS}; with CLIP= the paper's budget by dataset: {', '.join(f'{d} {n}' for d, n in PAPER_STEPS.items())}).", flag="--steps"))
+    losses: tuple[str, ...] = field(default=("contrastive",), metadata=option("STUDY_LOSSES", "Loss terms of every training cell but FARE's (its own loss): contrastive, or contrastive,itm for a BLIP model (BLIP's recipe: ITM on hard negatives).", flag="--losses"))
     mode_steps: tuple[tuple[str, int], ...] = field(default=(), metadata=option("STUDY_MODE_STEPS", "Per-mode steps, e.g. ft=500,mat=1000.", flag="--mode-steps", parse=parse_mode_steps))
     aug_steps: int | None = field(default=None, metadata=option("STUDY_AUG_STEPS", "Steps of the augmentation table's cells (default the matplus steps).", flag="--aug-steps"))
     batch_size: int = field(default=128, metadata=option("BATCH_SIZE", "Training batch per process."))
@@ -115,6 +116,9 @@ class StudyConfig:
             raise ValueError(f"modes=(): choose among {', '.join(MODES)}")
         check_choices("modes", self.modes, MODES)
         check_choices("mode_steps", [m for m, _ in self.mode_steps], MODES)
+        check_choices("losses", self.losses, LOSSES)
+        if "contrastive" not in self.losses:
+            raise ValueError(f"losses={','.join(self.losses)}: the contrastive loss is always trained (add itm to it)")
         check_choices("attacks", self.attacks, ATTACKS)
         check_choices("tasks", self.tasks, TASKS)
         check_choice("executor", self.executor, EXECUTORS.names())
@@ -213,6 +217,16 @@ def plan_cells(cfg: StudyConfig, stages: list[str]) -> list[Cell]:
             merged = tuple(a for a in ATTACKS if a in old.attacks or a in attacks)
             cells[key] = dataclasses.replace(old, tables=tuple(dict.fromkeys(old.tables + (table,))), attacks=merged)
     return list(cells.values())
+
+
+def require_blip(cfg: StudyConfig, clip: str, what: str) -> None:
+    """ValueError, before any unit runs, unless the study fine-tunes a BLIP (``what`` needs one)."""
+    from pipeline.models.loading import model_family
+
+    family = model_family(clip) if cfg.clip else "clip (the stand-in MODELS_DIR/<dataset>/clip)"
+    if family != "blip":
+        raise ValueError(f"{what}: needs a BLIP to fine-tune, and this study fine-tunes {family}; name one with "
+                         f"CLIP=<BLIP dir or hub id> (`make pretrain FAMILY=blip` saves MODELS_DIR/{cfg.dataset}/blip)")
 
 
 def eval_name(cell: Cell, seed: int) -> str:

@@ -43,7 +43,7 @@ import numpy as np
 from pipeline.attacks import ATTACKS
 from pipeline.evaluation.bootstrap import Outcomes
 from pipeline.study.plan import (ATTACK_COST, CPU_STAGES, EVAL_COST_SCALE, MODE_COST, STAGE_KINDS, TRAIN_MODES, Cell,
-                                 StudyConfig, eval_name, plan_cells)
+                                 StudyConfig, eval_name, plan_cells, require_blip)
 from pipeline.evaluation.resume import fingerprint, model_stamp
 from pipeline.study.tasks import check_tasks, extra_tasks, load_task_scores, task_section, task_unit_specs
 from pipeline.core.paths import Layout
@@ -92,6 +92,8 @@ def build_plan(cfg: StudyConfig, layout: Layout) -> tuple[list[Cell], list[Unit]
         units.append(Unit("pretrain", "pretrain", to_dict(pcfg), Path(clip), cost=cfg.pretrain_steps * 1.5,
                           run=lambda: pretrain(pcfg, layout), prepare=True))
     check_tasks(cfg, clip, layout)
+    if "itm" in cfg.losses:
+        require_blip(cfg, clip, "losses=contrastive,itm (the ITM loss needs BLIP's matching head)")
     stages = available_stages(layout, cfg.dataset)
     cells = plan_cells(cfg, stages)
     needed = sorted({s for c in cells for s in c.stages})
@@ -110,6 +112,7 @@ def build_plan(cfg: StudyConfig, layout: Layout) -> tuple[list[Cell], list[Unit]
             if cell.mode != "pretrained":
                 run_dir = runs_root / f"{cell.id}-s{seed}"
                 tcfg = TrainConfig(mode=cell.mode, dataset=cfg.dataset, clip=clip, mlm=mlm, steps=cell.steps,
+                                   losses=("contrastive",) if cell.mode == "fare" else cfg.losses,
                                    batch_size=cfg.batch_size, precision=cfg.precision, seed=seed, device=cfg.device,
                                    run_dir=str(run_dir), report_to=cfg.report_to, wandb_mode=cfg.wandb_mode, optim=optim,
                                    data=DataConfig(stages=cell.stages, num_workers=cfg.data_workers))

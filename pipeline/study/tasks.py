@@ -29,7 +29,7 @@ import numpy as np
 from pipeline.core.paths import Layout
 from pipeline.evaluation.bootstrap import Bootstrap, Interval
 from pipeline.evaluation.report import ATTACK_LABELS, MODE_LABELS
-from pipeline.study.plan import MULTIMODAL_ATTACKS, Cell, StudyConfig, eval_name
+from pipeline.study.plan import MULTIMODAL_ATTACKS, Cell, StudyConfig, eval_name, require_blip
 from pipeline.study.report import SUPPORTS, UNDECIDED, _iv, _label, verdict
 
 RETRIEVAL = "retrieval"
@@ -48,12 +48,7 @@ def check_tasks(cfg: StudyConfig, clip: str, layout: Layout) -> None:
     tasks = extra_tasks(cfg)
     if not tasks:
         return
-    from pipeline.models.loading import model_family
-
-    family = model_family(clip) if cfg.clip else "clip (the stand-in CLIP)"
-    if family != "blip":
-        raise ValueError(f"STUDY_TASKS={','.join(tasks)} needs a BLIP to fine-tune (CLIP=<a BLIP dir or hub id>, e.g. "
-                         f"MODELS_DIR/{cfg.dataset}/blip from `make pretrain FAMILY=blip`); this study fine-tunes {family}")
+    require_blip(cfg, clip, f"STUDY_TASKS={','.join(tasks)}")
     if "captioning" in tasks and cfg.caption_model is None:
         from pipeline.models.errors import default_model
 

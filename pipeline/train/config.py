@@ -32,6 +32,11 @@ CAPTIONS = ("primary", "all")
 # none: the evaluation's preprocessing (resize + centre crop); rrc: open_clip's training RandomResizedCrop.
 AUGMENTS = ("none", "rrc")
 RESUME = ("auto", "latest", "never")
+# The model families `make pretrain` trains a stand-in of (names as pipeline.models.loading.FAMILIES), and each
+# one's default steps: a few minutes on 2 CPU cores; a BLIP step costs ~3.5 CLIP steps (its ITM loss runs the
+# text tower with cross-attention on 3 pairs per image).
+PRETRAIN_FAMILIES = ("clip", "blip")
+PRETRAIN_STEPS = {"clip": 1200, "blip": 300}
 # contrastive: symmetric InfoNCE; itm: BLIP / ALBEF's image-text matching on hard negatives (BLIP models only)
 LOSSES = ("contrastive", "itm")
 PRECISION_HELP = ("auto (bf16 where the hardware runs it natively: CUDA with bf16, a CPU with AVX512-BF16/AMX; "
@@ -161,23 +166,29 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    """`make pretrain`: a small CLIP and a small BERT masked LM from scratch, standing in for pretrained ones.
+    """`make pretrain`: a small CLIP (or BLIP) and a small BERT masked LM from scratch, standing in for pretrained
+    ones.
 
-    About 6 minutes on 2 CPU cores with the defaults (the small CLIP at ~3.5 steps/s, batch 128).
+    About 6 minutes on 2 CPU cores with the defaults (the small CLIP at ~3.5 steps/s, batch 128); FAMILY=blip
+    about 5 (the small BLIP at ~1.1 steps/s in fp32 on an AVX2 EPYC, 300 steps, after 35 s of masked LM).
     """
 
     dataset: str = field(default="synth", metadata=DATASET_OPTION)
-    clip_preset: str = field(default="small", metadata=option("CLIP_PRESET", "CLIP size: tiny | small."))
+    family: str = field(default="clip", metadata=option("FAMILY", f"Retrieval model to train: {' | '.join(PRETRAIN_FAMILIES)} (BLIP with its ITM head, on losses contrastive,itm, saved to MODELS_DIR/<dataset>/blip; its tokenizer the masked LM's)."))
+    clip_preset: str = field(default="small", metadata=option("CLIP_PRESET", "Retrieval model size (CLIP_PRESETS, or BLIP_PRESETS with FAMILY=blip): tiny | small."))
     mlm_preset: str = field(default="small", metadata=option("MLM_PRESET", "Masked-LM size: tiny | small."))
     vocab_size: int = field(default=1000, metadata=option("VOCAB_SIZE", "Tokenizer vocabulary size."))
-    steps: int = field(default=1200, metadata=option("STEPS", "CLIP training steps (~6 min on 2 CPU cores at the default)."))
-    batch_size: int = field(default=128, metadata=option("BATCH_SIZE", "CLIP batch size."))
-    lr: float = field(default=1e-3, metadata=option("LR", "CLIP peak learning rate."))
+    steps: int | None = field(default=None, metadata=option("STEPS", f"Retrieval model training steps (default by FAMILY: {', '.join(f'{f} {n}' for f, n in PRETRAIN_STEPS.items())}; ~6 min on 2 CPU cores for CLIP)."))
+    batch_size: int = field(default=128, metadata=option("BATCH_SIZE", "Retrieval model (CLIP / BLIP) batch size."))
+    lr: float = field(default=1e-3, metadata=option("LR", "Retrieval model (CLIP / BLIP) peak learning rate."))
     warmup: int = field(default=100, metadata=option("WARMUP", "Warm-up steps."))
     mlm_steps: int = field(default=300, metadata=option("MLM_STEPS", "Masked-LM training steps."))
     mlm_batch_size: int = 64
     mlm_lr: float = 1e-3
     mask_prob: float = 0.15
+    caption_steps: int = field(default=300, metadata=option("CAPTION_STEPS", "FAMILY=blip: steps of the captioner's decoder (BLIP's captioner on the BLIP's frozen vision encoder, saved to MODELS_DIR/<dataset>/blip-captioning; 0: none)."))
+    caption_batch_size: int = 64
+    caption_lr: float = 2e-3
     precision: str = field(default="auto", metadata=option("PRECISION", PRECISION_HELP + "."))
     seed: int = field(default=0, metadata=option("SEED", "Random seed."))
     num_workers: int = field(default=2, metadata=option("DATA_WORKERS", "Loader worker processes.", flag="--data-workers"))
@@ -186,13 +197,20 @@ class PretrainConfig:
     wandb_mode: str = field(default="offline", metadata=option("WANDB_MODE", WANDB_MODE_HELP + "."))
 
     def __post_init__(self) -> None:
+        check_choice("family", self.family, PRETRAIN_FAMILIES)
         check_positive(self, "vocab_size", "steps", "batch_size", "mlm_batch_size", "lr", "mlm_lr")
-        check_non_negative(self, "mlm_steps", "warmup")
+        check_non_negative(self, "mlm_steps", "warmup", "caption_steps")
+        check_positive(self, "caption_batch_size", "caption_lr")
         check_reporters(self.report_to, self.wandb_mode)
         if not 0 < self.mask_prob < 1:
             raise ValueError(f"mask_prob={self.mask_prob}: must be in (0, 1)")
         check_choice("precision", self.precision, PRECISIONS)
         check_device("device", self.device)
+
+    @property
+    def train_steps(self) -> int:
+        """``steps``, or the family's default (:data:`PRETRAIN_STEPS`)."""
+        return PRETRAIN_STEPS[self.family] if self.steps is None else self.steps
 
 
 def resolve_stages(cfg: TrainConfig) -> TrainConfig:
