@@ -1,10 +1,11 @@
 """`make study STUDY_PARALLEL=N`: the study's trainings and evaluations, N at a time, each in a worker process of
 its own on this machine (EXECUTOR=local).
 
-Small models use two torch threads poorly: on 2 CPU cores a demo training spent about twice the CPU time at two
-threads as at one (README, "The demo's results"), so two one-thread units at a time finish sooner than one
-two-thread unit after the other. And a unit's numbers depend on its thread count (the order of float sums), so
-`UNIT_THREADS` fixes it, whatever the machine: the demo's units run at one thread each on any number of cores.
+A second torch thread speeds a demo-sized unit up by less than a second process does: on 2 AVX2 cores a MAT
+training of 12 steps took 48 s at one thread and 32 s at two, an evaluation of 40 images 29 s and 21 s, so two
+one-thread units at a time do about 1.3x the work of one two-thread unit after the other (the demo's study: 884 s
+against 1084 s). And a unit's numbers depend on its thread count (the order of float sums), so `UNIT_THREADS`
+fixes it, whatever the machine: the demo's units run at one thread each on any number of cores.
 
 The decisions are the local ones, taken in the driver by the :class:`~pipeline.study.run.PlanRunner` (which unit
 is done, fingerprints, records, progress lines); the prepare units (pretrain, augment) run in the driver first.

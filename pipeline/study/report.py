@@ -130,6 +130,20 @@ def verdict(intervals: list[Interval], expected: int = 1) -> str:
     return SUPPORTS if signs and all(s == expected for s in signs) else UNDECIDED
 
 
+def claim_entry(claim: str, comparisons: dict[str, Interval], expected: int = 1, missing: str = "",
+                meaningless: bool = False) -> dict[str, Any]:
+    """One claim of a report: its verdict from the comparisons' intervals, and why; undecided with ``missing``
+    (what the study lacks to judge it) or when the comparison is ``meaningless`` (clean retrieval near chance)."""
+    if missing:
+        return {"claim": claim, "verdict": UNDECIDED, "why": missing, "comparisons": {}}
+    found = verdict(list(comparisons.values()), expected)
+    why = "; ".join(f"{k}: {_iv(v)}" + (" (significant)" if v.excludes_zero else " (within noise)")
+                    for k, v in comparisons.items())
+    if meaningless:
+        found, why = UNDECIDED, "clean retrieval is near chance, so the robustness comparison is meaningless; " + why
+    return {"claim": claim, "verdict": found, "why": why, "comparisons": {k: v.as_dict() for k, v in comparisons.items()}}
+
+
 def _iv(iv: Interval, digits: int = 1) -> str:
     return f"{iv.point:+.{digits}f} [{iv.low:+.{digits}f}, {iv.high:+.{digits}f}]"
 
@@ -151,16 +165,7 @@ def judge_claims(study: Study, cells: list[Cell], stage_stats: dict[str, dict[st
     claims: list[dict[str, Any]] = []
 
     def add(claim: str, comparisons: dict[str, Interval], expected: int = 1, missing: str = "") -> None:
-        if missing:
-            claims.append({"claim": claim, "verdict": UNDECIDED, "why": missing, "comparisons": {}})
-            return
-        found = verdict(list(comparisons.values()), expected)
-        why = "; ".join(f"{k}: {_iv(v)}" + (" (significant)" if v.excludes_zero else " (within noise)")
-                        for k, v in comparisons.items())
-        if meaningless:
-            found, why = UNDECIDED, "clean retrieval is near chance, so the robustness comparison is meaningless; " + why
-        claims.append({"claim": claim, "verdict": found, "why": why,
-                       "comparisons": {k: v.as_dict() for k, v in comparisons.items()}})
+        claims.append(claim_entry(claim, comparisons, expected, missing, meaningless))
 
     unimodal = [m for m in ("tecoa", "fare") if m in defences]
     add("multimodal adversarial training (MAT) beats unimodal defences under multimodal attacks",

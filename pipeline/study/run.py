@@ -45,7 +45,8 @@ from pipeline.evaluation.bootstrap import Outcomes
 from pipeline.study.plan import (ATTACK_COST, CPU_STAGES, EVAL_COST_SCALE, MODE_COST, STAGE_KINDS, TRAIN_MODES, Cell,
                                  StudyConfig, eval_name, plan_cells, require_blip)
 from pipeline.evaluation.resume import fingerprint, model_stamp
-from pipeline.study.tasks import check_tasks, extra_tasks, load_task_scores, task_section, task_unit_specs
+from pipeline.study.tasks import (check_tasks, extra_tasks, load_task_scores, task_output, task_section,
+                                  task_unit_specs)
 from pipeline.core.paths import Layout
 from pipeline.core.shards import list_shards, require_shards
 from pipeline.core.fileio import atomic_write_json, atomic_write_text
@@ -363,8 +364,8 @@ def run_study(cfg: StudyConfig, layout: Layout | None = None, echo: Callable[[st
         stage_stats[stage] = stage_row(manifest, read_stage_scores(stage, layout.stage_dir(cfg.dataset, stage)))
     sections = []
     for task in extra_tasks(cfg):
-        scores = {cell.id: {seed: load_task_scores(task, unit.output) for seed in range(cfg.seeds)
-                            for unit in units if unit.name == f"eval-{task}-{cell.id}-s{seed}"}
+        scores = {cell.id: {seed: load_task_scores(task, task_output(task, layout, cfg.dataset, eval_name(cell, seed)))
+                            for seed in range(cfg.seeds)}
                   for cell in cells if "defences" in cell.tables}
         sections.append((task, *task_section(task, cells, scores, cfg.resamples, cfg.level)))
     return build_study_report(results, stage_stats, cfg, out, tasks=sections)

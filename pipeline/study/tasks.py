@@ -30,12 +30,11 @@ from pipeline.core.paths import Layout
 from pipeline.evaluation.bootstrap import Bootstrap, Interval
 from pipeline.evaluation.report import ATTACK_LABELS, MODE_LABELS
 from pipeline.study.plan import MULTIMODAL_ATTACKS, Cell, StudyConfig, eval_name, require_blip
-from pipeline.study.report import SUPPORTS, UNDECIDED, _iv, _label, verdict
+from pipeline.study.report import SUPPORTS, _label, claim_entry
 
 RETRIEVAL = "retrieval"
 #: task -> (score, its unit) of the tables
 SCORES = {"captioning": ("CIDEr", ""), "grounding": ("accuracy", "%")}
-CLEAN = {"captioning": "clean", "grounding": "clean"}
 ROW_LABELS = {"pgd-lm": "PGD on the captioner's loss (white-box)"}
 
 
@@ -70,27 +69,38 @@ def task_unit_specs(cfg: StudyConfig, layout: Layout, cell: Cell, seed: int, che
     common = dict(dataset=cfg.dataset, name=name, mlm=mlm, device=cfg.device, seed=seed, steps=cfg.eval_steps,
                   top_k=cfg.eval_top_k)
     if "captioning" in cfg.tasks:
-        from pipeline.evaluation.captioning import captioning_path, evaluate_captioning
+        from pipeline.evaluation.captioning import evaluate_captioning
         from pipeline.evaluation.config import CaptioningConfig
 
         captioner = caption_model(cfg, layout)
         ccfg = CaptioningConfig(checkpoint=checkpoint, caption_model=captioner, split=split, size=cfg.eval_size,
                                 attack_source=checkpoint, **common)
         specs.append({"name": f"captioning-{cell.id}-s{seed}", "settings": _settings(ccfg),
-                      "output": captioning_path(layout, cfg.dataset, name),
+                      "output": task_output("captioning", layout, cfg.dataset, name),
                       "inputs": {"clip": model_dir, "caption_model": captioner, "mlm": mlm},
                       "cost": 0.02 * (cfg.eval_size or 1000) * (2 + len(ccfg.attacks)),
                       "run": functools.partial(evaluate_captioning, ccfg, layout)})
     if "grounding" in cfg.tasks:
         from pipeline.evaluation.config import GroundingConfig
-        from pipeline.evaluation.grounding import evaluate_grounding, grounding_path
+        from pipeline.evaluation.grounding import evaluate_grounding
 
         gcfg = GroundingConfig(checkpoint=checkpoint, data=cfg.grounding_data, mode=cell.mode, size=cfg.eval_size, **common)
         specs.append({"name": f"grounding-{cell.id}-s{seed}", "settings": _settings(gcfg),
-                      "output": grounding_path(layout, cfg.dataset, name),
+                      "output": task_output("grounding", layout, cfg.dataset, name),
                       "inputs": {"clip": model_dir, "mlm": mlm}, "cost": 0.02 * 450 * (1 + len(gcfg.attacks)),
                       "run": functools.partial(evaluate_grounding, gcfg, layout)})
     return specs
+
+
+def task_output(task: str, layout: Layout, dataset: str, name: str) -> Path:
+    """Where the evaluation ``name`` of ``task`` writes its JSON."""
+    if task == "captioning":
+        from pipeline.evaluation.captioning import captioning_path
+
+        return captioning_path(layout, dataset, name)
+    from pipeline.evaluation.grounding import grounding_path
+
+    return grounding_path(layout, dataset, name)
 
 
 def _settings(config: Any) -> dict[str, Any]:
@@ -162,13 +172,7 @@ def task_section(task: str, cells: list[Cell], scores: dict[str, dict[int, dict[
         return boot.interval(pa - pb, ra - rb)
 
     def add(claim: str, comparisons: dict[str, Interval], missing: str) -> None:
-        if missing:
-            claims.append({"claim": claim, "verdict": UNDECIDED, "why": missing, "comparisons": {}})
-            return
-        why = "; ".join(f"{k}: {_iv(v)}" + (" (significant)" if v.excludes_zero else " (within noise)")
-                        for k, v in comparisons.items())
-        claims.append({"claim": claim, "verdict": verdict(list(comparisons.values())), "why": why,
-                       "comparisons": {k: v.as_dict() for k, v in comparisons.items()}})
+        claims.append(claim_entry(claim, comparisons, missing=missing))
 
     unimodal = [m for m in ("tecoa", "fare") if m in defences]
     ok = "mat" in defences and unimodal and robust
